@@ -1,0 +1,245 @@
+//! Wiring: load capture, start the admin endpoint, follow the configuration, run until a
+//! signal arrives.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use weft_netns::NetNs;
+
+use crate::admin::{self, AdminState, ConfigStatus};
+use crate::capture::{Capture, CaptureOptions};
+use crate::config::LocalConfig;
+use crate::events::{self, EventLog};
+use crate::pods::PodManager;
+use crate::proxy::ProxyContext;
+
+/// Agent settings (from the command line; see `main.rs`).
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node: String,
+    pub config: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub socket_mark: u32,
+    pub cgroup_root: Option<PathBuf>,
+    pub trace_unenrolled: bool,
+    pub ebpf_log_level: u8,
+    pub config_poll: Duration,
+    pub connect_timeout: Duration,
+    pub worker_threads: usize,
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let prometheus = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    crate::metrics::describe();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.worker_threads.max(1))
+        .thread_name("weft-data")
+        .enable_all()
+        .build()
+        .context("starting the data-path runtime")?;
+
+    let (capture, orig, ring, logger) = Capture::load(&CaptureOptions {
+        cgroup_root: cfg.cgroup_root.clone(),
+        socket_mark: cfg.socket_mark,
+        trace_unenrolled: cfg.trace_unenrolled,
+        ebpf_log_level: cfg.ebpf_log_level,
+    })?;
+    tracing::info!(node = %cfg.node, cgroup = %capture.cgroup().display(), mark = format!("{:#x}", cfg.socket_mark), "capture programs attached");
+    let capture = Arc::new(Mutex::new(capture));
+    let orig = Arc::new(orig);
+    let events_log = Arc::new(EventLog::default());
+    let ctx = Arc::new(ProxyContext {
+        home: NetNs::current().context("opening the agent's own network namespace")?,
+        orig: orig.clone(),
+        socket_mark: cfg.socket_mark,
+        connect_timeout: cfg.connect_timeout,
+    });
+    let pods = Arc::new(Mutex::new(PodManager::new(
+        cfg.node.clone(),
+        capture.clone(),
+        ctx,
+        events_log.clone(),
+        runtime.handle().clone(),
+    )));
+    let config_status = Arc::new(Mutex::new(ConfigStatus {
+        source: cfg.config.display().to_string(),
+        ..Default::default()
+    }));
+    let admin_state = Arc::new(AdminState {
+        node: cfg.node.clone(),
+        prometheus,
+        capture: capture.clone(),
+        events: events_log.clone(),
+        pods: pods.clone(),
+        config: config_status.clone(),
+        ready: false.into(),
+        orig,
+    });
+
+    // Admin: its own thread and single-threaded runtime.
+    let admin_listener = admin::bind(cfg.admin_addr).with_context(|| {
+        format!(
+            "binding the admin endpoint on {} (in use by another agent? pick another with --admin-addr)",
+            cfg.admin_addr
+        )
+    })?;
+    {
+        let state = admin_state.clone();
+        std::thread::Builder::new()
+            .name("weft-admin".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin runtime failed to start");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match tokio::net::TcpListener::from_std(admin_listener) {
+                        Ok(l) => admin::serve(l, state).await,
+                        Err(e) => tracing::error!(error = %e, "admin listener unusable"),
+                    }
+                });
+            })
+            .context("starting the admin thread")?;
+    }
+    tracing::info!(addr = %cfg.admin_addr, "admin endpoint listening");
+
+    runtime.block_on(async move {
+        tokio::spawn({
+            let log = events_log.clone();
+            async move {
+                if let Err(e) = events::run(ring, log).await {
+                    tracing::error!(error = %e, "capture event reader stopped");
+                }
+            }
+        });
+        if let Some(logger) = logger {
+            tokio::spawn(forward_kernel_logs(logger));
+        }
+        let source = LocalConfig::new(&cfg.config);
+        let follow = follow_config(source, cfg.config_poll, pods.clone(), config_status, admin_state.clone());
+        tokio::select! {
+            () = follow => {},
+            r = shutdown_signal() => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "cannot listen for signals");
+                }
+            }
+        }
+        tracing::info!("shutting down: unenrolling pods");
+        admin_state.ready.store(false, Ordering::Release);
+        match pods.lock() {
+            Ok(mut p) => p.clear(),
+            Err(p) => p.into_inner().clear(),
+        }
+    });
+    // Dropping the capture handle closes every program, link and map.
+    drop(capture);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn follow_config(
+    source: LocalConfig,
+    every: Duration,
+    pods: Arc<Mutex<PodManager>>,
+    status: Arc<Mutex<ConfigStatus>>,
+    admin: Arc<AdminState>,
+) {
+    let mut last_text = None;
+    let mut last_good = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = source.read().and_then(|files| {
+            if last_text.as_ref() == Some(&files) {
+                return Ok(None);
+            }
+            let state = LocalConfig::parse(&files);
+            last_text = Some(files);
+            state.map(Some)
+        });
+        match result {
+            Ok(Some(state)) => {
+                last_good = Some(state);
+                let mut s = match status.lock() {
+                    Ok(s) => s,
+                    Err(p) => p.into_inner(),
+                };
+                s.applied += 1;
+                s.last_error = None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let msg = e.to_string();
+                let mut s = match status.lock() {
+                    Ok(s) => s,
+                    Err(p) => p.into_inner(),
+                };
+                if s.last_error.as_ref() != Some(&msg) {
+                    tracing::error!(error = %msg, "configuration rejected; keeping the last good one");
+                    metrics::counter!("weft_config_rejected_total").increment(1);
+                }
+                s.last_error = Some(msg);
+            }
+        }
+        // Reconcile every tick (cheap when nothing changed): retries failed enrolments.
+        if let Some(state) = &last_good {
+            match pods.lock() {
+                Ok(mut p) => p.reconcile(state),
+                Err(p) => p.into_inner().reconcile(state),
+            }
+            admin.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring-buffer fd, which stays open and unchanged for as long
+    // as the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "kernel log reader unavailable");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel log reader stopped");
+                return;
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The Weft node agent: loads the capture programs, enrols this node's meshed pods, and proxies
+//! their TCP. See docs/architecture.md for the packet path.
+
+pub mod admin;
+pub mod app;
+pub mod capture;
+pub mod config;
+pub mod events;
+pub mod metrics;
+pub mod pods;
+pub mod proxy;

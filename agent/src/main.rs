@@ -1,0 +1,131 @@
+//! `weft-agent`: the node agent binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use weft_agent::app::{AgentConfig, run};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Weft node agent: captures the TCP of this node's meshed pods with eBPF and proxies it.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Name of this node; the agent serves the workloads whose `spec.node` matches.
+    #[arg(long, env = "WEFT_NODE")]
+    node: String,
+    /// Local configuration: a YAML file, or a directory of YAML files, of Namespaces and
+    /// Workloads (the development stand-in for the control plane). Re-read when it changes.
+    #[arg(long, env = "WEFT_CONFIG")]
+    config: PathBuf,
+    /// Admin HTTP endpoint (/ready, /metrics, /debug/capture, /config_dump).
+    #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Socket mark (SO_MARK) of the agent's own connections, which capture skips. Pick a value
+    /// your CNI does not use. Decimal or 0x-prefixed hex.
+    #[arg(long, env = "WEFT_SOCKET_MARK", default_value = "0x574546", value_parser = parse_mark)]
+    socket_mark: u32,
+    /// cgroup v2 directory to attach connect4/6 and sock_ops to. Default: the cgroup v2 mount
+    /// point found in /proc/self/mountinfo.
+    #[arg(long, env = "WEFT_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// Also report not-enrolled connects in /debug/capture (every connect on the node: for
+    /// debugging only; they are always counted).
+    #[arg(long, env = "WEFT_TRACE_UNENROLLED")]
+    trace_unenrolled: bool,
+    /// Kernel-side log level (aya-log): off, error, warn, info, debug, trace.
+    #[arg(long, env = "WEFT_EBPF_LOG_LEVEL", default_value = "warn", value_parser = parse_level)]
+    ebpf_log_level: u8,
+    /// How often to check the configuration for changes, in milliseconds.
+    #[arg(long, env = "WEFT_CONFIG_POLL_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    config_poll_ms: u64,
+    /// Upstream connect timeout, in milliseconds.
+    #[arg(long, env = "WEFT_CONNECT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    connect_timeout_ms: u64,
+    /// Data-path worker threads.
+    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
+    worker_threads: u64,
+    /// Log format (access logs use the `weft::access` target).
+    #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse::<u32>(),
+    }
+    .map_err(|e| format!("`{s}` is not a 32-bit mark ({e}); e.g. 0x574546"))?;
+    if v == 0 {
+        return Err("the mark must not be 0 (unmarked sockets would be skipped)".into());
+    }
+    Ok(v)
+}
+
+fn parse_level(s: &str) -> Result<u8, String> {
+    Ok(match s {
+        "off" => 0,
+        "error" => 1,
+        "warn" => 2,
+        "info" => 3,
+        "debug" => 4,
+        "trace" => 5,
+        _ => return Err(format!("`{s}` is not one of off, error, warn, info, debug, trace")),
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    let cfg = AgentConfig {
+        node: args.node,
+        config: args.config,
+        admin_addr: args.admin_addr,
+        socket_mark: args.socket_mark,
+        cgroup_root: args.cgroup_root,
+        trace_unenrolled: args.trace_unenrolled,
+        ebpf_log_level: args.ebpf_log_level,
+        config_poll: Duration::from_millis(args.config_poll_ms),
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        worker_threads: args.worker_threads as usize,
+    };
+    match run(cfg) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("weft-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_and_zero_is_refused() {
+        assert_eq!(parse_mark("0x574546"), Ok(0x574546));
+        assert_eq!(parse_mark("42"), Ok(42));
+        assert!(parse_mark("0").is_err());
+        assert!(parse_mark("0xzz").unwrap_err().contains("0xzz"));
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,324 @@
+//! Enrolment: the one place that turns the desired state (which pods on this node are meshed)
+//! into kernel state (map entries, sk_lookup links) and listeners. Single mutator, like
+//! ztunnel's state updates: everything goes through [`PodManager::reconcile`].
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::task::AbortHandle;
+use weft_api::{MeshState, WorkloadInfo};
+use weft_ebpf_common::{PORT_INBOUND, PORT_OUTBOUND};
+use weft_netns::NetNs;
+
+use crate::capture::{Capture, CaptureError, PodCapture};
+use crate::events::EventLog;
+use crate::proxy::{self, PodMeta, ProxyContext};
+
+/// Why a pod could not be enrolled. It is retried on the next reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    #[error("pod {pod}: {source}")]
+    NetNs {
+        pod: String,
+        source: weft_netns::NetNsError,
+    },
+    #[error(
+        "pod {pod}: cannot listen on port {port} inside its network namespace: {source} (is another agent or process using it?)"
+    )]
+    Listen {
+        pod: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// A pod the agent currently serves.
+struct Enrolled {
+    capture: PodCapture,
+    netns_path: std::path::PathBuf,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Enrolled {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What `/config_dump` shows about one pod.
+#[derive(Clone, Debug, Serialize)]
+pub struct PodStatus {
+    pub pod_id: u32,
+    pub name: String,
+    pub netns: String,
+    pub netns_cookie: u64,
+    pub ips: Vec<IpAddr>,
+    pub opted_out: bool,
+    pub exclusions: weft_api::Exclusions,
+}
+
+/// Enrols and unenrols this node's pods.
+pub struct PodManager {
+    node: String,
+    capture: Arc<Mutex<Capture>>,
+    ctx: Arc<ProxyContext>,
+    events: Arc<EventLog>,
+    runtime: tokio::runtime::Handle,
+    pods: BTreeMap<String, Enrolled>,
+    errors: BTreeMap<String, String>,
+    next_id: u32,
+}
+
+impl PodManager {
+    pub fn new(
+        node: String,
+        capture: Arc<Mutex<Capture>>,
+        ctx: Arc<ProxyContext>,
+        events: Arc<EventLog>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            node,
+            capture,
+            ctx,
+            events,
+            runtime,
+            pods: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Brings kernel state and listeners in line with `state`. Pods that fail are reported
+    /// (and retried next time); the others are unaffected.
+    pub fn reconcile(&mut self, state: &MeshState) {
+        let node = self.node.clone();
+        let desired: BTreeMap<String, &WorkloadInfo> = state
+            .workloads_on_node(&node)
+            .filter(|w| w.capture.namespace_meshed)
+            .map(|w| (w.key(), w))
+            .collect();
+
+        // Unenrol first: stale pods, and pods whose network namespace or addresses changed.
+        let stale: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(k, p)| match desired.get(*k) {
+                None => true,
+                Some(w) => {
+                    p.netns_path != w.netns || p.capture.ip4 != w.ip4 || p.capture.ip6 != w.ip6
+                }
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            self.unenrol(&key);
+        }
+        self.errors.retain(|k, _| desired.contains_key(k));
+
+        for (key, w) in desired {
+            let result = match self.pods.get(&key) {
+                Some(p) => {
+                    let next = PodCapture {
+                        opted_out: w.capture.opted_out,
+                        exclusions: w.capture.exclusions.clone(),
+                        ..p.capture.clone()
+                    };
+                    if next == p.capture {
+                        continue;
+                    }
+                    self.update(&key, next)
+                }
+                None => self.enrol(w),
+            };
+            match result {
+                Ok(()) => {
+                    self.errors.remove(&key);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.errors.get(&key) != Some(&msg) {
+                        tracing::error!(pod = %key, error = %msg, "enrolment failed; will retry");
+                    }
+                    self.errors.insert(key, msg);
+                }
+            }
+        }
+        metrics::gauge!("weft_enrolled_pods").set(self.pods.len() as f64);
+        metrics::gauge!("weft_enrolment_errors").set(self.errors.len() as f64);
+    }
+
+    fn lock_capture(&self) -> std::sync::MutexGuard<'_, Capture> {
+        match self.capture.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn update(&mut self, key: &str, next: PodCapture) -> Result<(), EnrolError> {
+        let Some(pod) = self.pods.get(key) else {
+            return Ok(());
+        };
+        let prev = pod.capture.clone();
+        self.lock_capture().upsert_pod(&next, Some(&prev))?;
+        tracing::info!(pod = %key, opted_out = next.opted_out, exclusions = ?next.exclusions, "capture settings updated");
+        if let Some(pod) = self.pods.get_mut(key) {
+            pod.capture = next;
+        }
+        Ok(())
+    }
+
+    fn enrol(&mut self, w: &WorkloadInfo) -> Result<(), EnrolError> {
+        let name = w.key();
+        let netns = NetNs::open(&w.netns).map_err(|source| EnrolError::NetNs {
+            pod: name.clone(),
+            source,
+        })?;
+        let netns_cookie = netns.cookie().map_err(|source| EnrolError::NetNs {
+            pod: name.clone(),
+            source,
+        })?;
+        let listen = |port| {
+            proxy::listen_in(&self.ctx.home, &netns, port).map_err(|source| EnrolError::Listen {
+                pod: name.clone(),
+                port,
+                source,
+            })
+        };
+        let outbound = listen(PORT_OUTBOUND)?;
+        let inbound = listen(PORT_INBOUND)?;
+        let pod_id = self.allocate_id();
+        let capture = PodCapture {
+            pod_id,
+            name: name.clone(),
+            netns_cookie,
+            ip4: w.ip4,
+            ip6: w.ip6,
+            opted_out: w.capture.opted_out,
+            exclusions: w.capture.exclusions.clone(),
+        };
+        {
+            let mut cap = self.lock_capture();
+            // Listener registered and sk_lookup attached before the pod appears in the maps,
+            // so no connection is ever steered to a socket that does not exist yet.
+            let attached = cap
+                .attach_inbound(&capture, &netns, &inbound)
+                .and_then(|()| cap.upsert_pod(&capture, None));
+            if let Err(e) = attached {
+                cap.remove_pod(&capture);
+                return Err(e.into());
+            }
+        }
+        let meta = Arc::new(PodMeta {
+            pod_id,
+            name: name.clone(),
+            namespace: w.namespace.clone(),
+            netns,
+            netns_cookie,
+            ips: w
+                .ip4
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(w.ip6.map(IpAddr::V6))
+                .collect(),
+        });
+        let _guard = self.runtime.enter();
+        let spawn = |listener: std::net::TcpListener, outbound: bool| -> Result<AbortHandle, EnrolError> {
+            let l = tokio::net::TcpListener::from_std(listener).map_err(|source| EnrolError::Listen {
+                pod: name.clone(),
+                port: if outbound { PORT_OUTBOUND } else { PORT_INBOUND },
+                source,
+            })?;
+            let (m, c) = (meta.clone(), self.ctx.clone());
+            let h = if outbound {
+                self.runtime.spawn(proxy::run_outbound(l, m, c))
+            } else {
+                self.runtime.spawn(proxy::run_inbound(l, m, c))
+            };
+            Ok(h.abort_handle())
+        };
+        let tasks = match (spawn(outbound, true), spawn(inbound, false)) {
+            (Ok(a), Ok(b)) => vec![a, b],
+            (a, b) => {
+                for h in [&a, &b].into_iter().flatten() {
+                    h.abort();
+                }
+                self.lock_capture().remove_pod(&capture);
+                return Err(a.and(b).err().unwrap_or_else(|| EnrolError::Listen {
+                    pod: name.clone(),
+                    port: 0,
+                    source: std::io::Error::other("listener setup failed"),
+                }));
+            }
+        };
+        self.events.set_pod_name(pod_id, Some(name.clone()));
+        tracing::info!(pod = %name, pod_id, netns_cookie, opted_out = capture.opted_out, "pod enrolled");
+        self.pods.insert(
+            name,
+            Enrolled {
+                capture,
+                netns_path: w.netns.clone(),
+                tasks,
+            },
+        );
+        Ok(())
+    }
+
+    fn unenrol(&mut self, key: &str) {
+        if let Some(pod) = self.pods.remove(key) {
+            // Map entries go first: capture stops before the listeners close.
+            self.lock_capture().remove_pod(&pod.capture);
+            self.events.set_pod_name(pod.capture.pod_id, None);
+            tracing::info!(pod = %key, "pod unenrolled");
+            drop(pod);
+        }
+    }
+
+    /// Unenrols everything (shutdown).
+    pub fn clear(&mut self) {
+        let keys: Vec<String> = self.pods.keys().cloned().collect();
+        for k in keys {
+            self.unenrol(&k);
+        }
+    }
+
+    fn allocate_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1).max(1);
+            if id != u32::MAX && !self.pods.values().any(|p| p.capture.pod_id == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Current pods, for `/config_dump`.
+    pub fn status(&self) -> (Vec<PodStatus>, BTreeMap<String, String>) {
+        let pods = self
+            .pods
+            .values()
+            .map(|p| PodStatus {
+                pod_id: p.capture.pod_id,
+                name: p.capture.name.clone(),
+                netns: p.netns_path.display().to_string(),
+                netns_cookie: p.capture.netns_cookie,
+                ips: p
+                    .capture
+                    .ip4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(p.capture.ip6.map(IpAddr::V6))
+                    .collect(),
+                opted_out: p.capture.opted_out,
+                exclusions: p.capture.exclusions.clone(),
+            })
+            .collect();
+        (pods, self.errors.clone())
+    }
+}

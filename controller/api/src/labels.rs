@@ -1,0 +1,21 @@
+//! Every label and annotation Weft reads. Documented in docs/labels.md.
+
+/// Namespace label: `enabled` puts the namespace's pods in the mesh. On a pod: `disabled` opts
+/// that one pod out (its traffic is never captured).
+pub const MESH: &str = "weft.dev/mesh";
+/// Value of [`MESH`] that enrols a namespace.
+pub const MESH_ENABLED: &str = "enabled";
+/// Value of [`MESH`] that opts a pod out.
+pub const MESH_DISABLED: &str = "disabled";
+
+/// Pod annotation: comma-separated destination ports never captured on the way out
+/// (e.g. `"5432,6379"`).
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "weft.dev/exclude-outbound-ports";
+/// Pod annotation: comma-separated local ports never captured on the way in (e.g. `"9090"`).
+pub const EXCLUDE_INBOUND_PORTS: &str = "weft.dev/exclude-inbound-ports";
+/// Pod annotation: comma-separated destination CIDRs never captured on the way out
+/// (e.g. `"203.0.113.0/24,2001:db8::/32"`).
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "weft.dev/exclude-outbound-cidrs";
+/// Pod annotation: comma-separated source CIDRs whose connections are never captured on the way
+/// in (e.g. `"198.18.0.0/15"`).
+pub const EXCLUDE_INBOUND_CIDRS: &str = "weft.dev/exclude-inbound-cidrs";

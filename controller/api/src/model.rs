@@ -1,0 +1,346 @@
+//! The validated internal model. Documents are converted into it once; nothing downstream
+//! re-parses labels or annotations.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::labels;
+use crate::resource::{Namespace, Resource, Workload};
+
+/// A model-level problem (the documents parsed, but they do not make sense together).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelError {
+    #[error("workload {namespace}/{name}: missing `metadata.namespace`")]
+    NoNamespace { namespace: String, name: String },
+    #[error(
+        "workload {namespace}/{name}: annotation {annotation}: `{value}` is not a valid {what} ({hint})"
+    )]
+    BadAnnotation {
+        namespace: String,
+        name: String,
+        annotation: &'static str,
+        value: String,
+        what: &'static str,
+        hint: &'static str,
+    },
+    #[error(
+        "workload {namespace}/{name}: `spec.ips` must hold at most one IPv4 and one IPv6 address, and at least one"
+    )]
+    BadIps { namespace: String, name: String },
+    #[error("workload {namespace}/{name} is defined twice")]
+    Duplicate { namespace: String, name: String },
+    #[error(
+        "workloads {first} and {second} both claim address {ip}; each address belongs to one workload"
+    )]
+    DuplicateIp {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+    #[error("label {label} on {object}: `{value}` is not one of `enabled`, `disabled`")]
+    BadMeshLabel {
+        object: String,
+        label: &'static str,
+        value: String,
+    },
+}
+
+/// What capture should skip for one workload.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Exclusions {
+    pub outbound_ports: Vec<u16>,
+    pub inbound_ports: Vec<u16>,
+    pub outbound_cidrs: Vec<IpNet>,
+    pub inbound_cidrs: Vec<IpNet>,
+}
+
+/// How a workload takes part in capture.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CaptureSettings {
+    /// The namespace is meshed (`weft.dev/mesh=enabled`).
+    pub namespace_meshed: bool,
+    /// The pod opted out (`weft.dev/mesh=disabled` on the pod).
+    pub opted_out: bool,
+    pub exclusions: Exclusions,
+}
+
+impl CaptureSettings {
+    /// Whether the agent should capture this workload's traffic at all.
+    pub fn captured(&self) -> bool {
+        self.namespace_meshed && !self.opted_out
+    }
+}
+
+/// A validated workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WorkloadInfo {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ip4: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    pub netns: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub capture: CaptureSettings,
+}
+
+impl WorkloadInfo {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Everything known about the mesh, validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MeshState {
+    /// Namespaces by name, with whether they are meshed.
+    pub namespaces: BTreeMap<String, bool>,
+    /// Workloads by `namespace/name`.
+    pub workloads: BTreeMap<String, WorkloadInfo>,
+}
+
+impl MeshState {
+    /// Builds the state from parsed documents. All problems are collected, not just the first.
+    pub fn from_resources(resources: &[Resource]) -> Result<Self, Vec<ModelError>> {
+        let mut errors = Vec::new();
+        let mut namespaces = BTreeMap::new();
+        for r in resources {
+            if let Resource::Namespace(ns) = r {
+                match namespace_meshed(ns) {
+                    Ok(m) => {
+                        namespaces.insert(ns.metadata.name.clone(), m);
+                    }
+                    Err(e) => errors.push(e),
+                }
+            }
+        }
+        let mut workloads = BTreeMap::new();
+        let mut by_ip: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for r in resources {
+            let Resource::Workload(w) = r else { continue };
+            let info = match workload_info(w, &namespaces) {
+                Ok(i) => i,
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let key = info.key();
+            for ip in info
+                .ip4
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(info.ip6.map(IpAddr::V6))
+            {
+                if let Some(first) = by_ip.insert(ip, key.clone()) {
+                    errors.push(ModelError::DuplicateIp {
+                        ip,
+                        first,
+                        second: key.clone(),
+                    });
+                }
+            }
+            if workloads.insert(key, info.clone()).is_some() {
+                errors.push(ModelError::Duplicate {
+                    namespace: info.namespace,
+                    name: info.name,
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self {
+                namespaces,
+                workloads,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Workloads served by `node`.
+    pub fn workloads_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a WorkloadInfo> {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+}
+
+fn namespace_meshed(ns: &Namespace) -> Result<bool, ModelError> {
+    match ns.metadata.labels.get(labels::MESH).map(String::as_str) {
+        None => Ok(false),
+        Some(labels::MESH_ENABLED) => Ok(true),
+        Some(labels::MESH_DISABLED) => Ok(false),
+        Some(v) => Err(ModelError::BadMeshLabel {
+            object: format!("namespace {}", ns.metadata.name),
+            label: labels::MESH,
+            value: v.to_string(),
+        }),
+    }
+}
+
+fn workload_info(
+    w: &Workload,
+    namespaces: &BTreeMap<String, bool>,
+) -> Result<WorkloadInfo, ModelError> {
+    let name = w.metadata.name.clone();
+    let Some(namespace) = w.metadata.namespace.clone() else {
+        return Err(ModelError::NoNamespace {
+            namespace: "?".into(),
+            name,
+        });
+    };
+    let mut ip4 = None;
+    let mut ip6 = None;
+    for ip in &w.spec.ips {
+        let dup = match ip {
+            IpAddr::V4(a) => ip4.replace(*a).is_some(),
+            IpAddr::V6(a) => ip6.replace(*a).is_some(),
+        };
+        if dup {
+            return Err(ModelError::BadIps { namespace, name });
+        }
+    }
+    if ip4.is_none() && ip6.is_none() {
+        return Err(ModelError::BadIps { namespace, name });
+    }
+    let opted_out = match w.metadata.labels.get(labels::MESH).map(String::as_str) {
+        None | Some(labels::MESH_ENABLED) => false,
+        Some(labels::MESH_DISABLED) => true,
+        Some(v) => {
+            return Err(ModelError::BadMeshLabel {
+                object: format!("workload {namespace}/{name}"),
+                label: labels::MESH,
+                value: v.to_string(),
+            });
+        }
+    };
+    let ann = &w.metadata.annotations;
+    let ports = |a: &'static str| -> Result<Vec<u16>, ModelError> {
+        parse_list(ann.get(a), |s| s.parse::<u16>().ok().filter(|p| *p != 0)).map_err(|value| {
+            ModelError::BadAnnotation {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                annotation: a,
+                value,
+                what: "port list",
+                hint: "comma-separated ports 1-65535, e.g. \"5432,6379\"",
+            }
+        })
+    };
+    let cidrs = |a: &'static str| -> Result<Vec<IpNet>, ModelError> {
+        parse_list(ann.get(a), |s| {
+            s.parse::<IpNet>()
+                .ok()
+                .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+                .map(|n| n.trunc())
+        })
+        .map_err(|value| ModelError::BadAnnotation {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            annotation: a,
+            value,
+            what: "CIDR list",
+            hint: "comma-separated CIDRs or addresses, e.g. \"203.0.113.0/24,2001:db8::/32\"",
+        })
+    };
+    let exclusions = Exclusions {
+        outbound_ports: ports(labels::EXCLUDE_OUTBOUND_PORTS)?,
+        inbound_ports: ports(labels::EXCLUDE_INBOUND_PORTS)?,
+        outbound_cidrs: cidrs(labels::EXCLUDE_OUTBOUND_CIDRS)?,
+        inbound_cidrs: cidrs(labels::EXCLUDE_INBOUND_CIDRS)?,
+    };
+    Ok(WorkloadInfo {
+        capture: CaptureSettings {
+            namespace_meshed: namespaces.get(&namespace).copied().unwrap_or(false),
+            opted_out,
+            exclusions,
+        },
+        name,
+        namespace,
+        service_account: w.spec.service_account.clone(),
+        node: w.spec.node.clone(),
+        ip4,
+        ip6,
+        netns: PathBuf::from(&w.spec.netns),
+        labels: w.metadata.labels.clone(),
+    })
+}
+
+/// Parses a comma-separated list; on failure returns the offending item.
+fn parse_list<T>(value: Option<&String>, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).ok_or_else(|| s.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_documents;
+
+    fn state(extra_ann: &str, ns_label: &str, pod_label: &str) -> Result<MeshState, Vec<ModelError>> {
+        let text = format!(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: shop, labels: {{{ns_label}}}}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata:
+  name: web
+  namespace: shop
+  labels: {{{pod_label}}}
+  annotations: {{{extra_ann}}}
+spec: {{node: n1, ips: [198.18.1.11], netns: /run/netns/x}}
+"#
+        );
+        MeshState::from_resources(&parse_documents(&text, "t.yaml").expect("parses"))
+    }
+
+    #[test]
+    fn namespace_label_enrols_and_pod_label_opts_out() {
+        let s = state("", "weft.dev/mesh: enabled", "").expect("valid");
+        assert!(s.workloads["shop/web"].capture.captured());
+        let s = state("", "", "").expect("valid");
+        assert!(!s.workloads["shop/web"].capture.captured());
+        let s = state("", "weft.dev/mesh: enabled", "weft.dev/mesh: disabled").expect("valid");
+        let c = &s.workloads["shop/web"].capture;
+        assert!(c.opted_out && !c.captured());
+    }
+
+    #[test]
+    fn exclusion_annotations_are_parsed() {
+        let s = state(
+            r#"weft.dev/exclude-outbound-ports: "5432, 6379", weft.dev/exclude-inbound-cidrs: "10.1.2.3/8,2001:db8::1""#,
+            "weft.dev/mesh: enabled",
+            "",
+        )
+        .expect("valid");
+        let e = &s.workloads["shop/web"].capture.exclusions;
+        assert_eq!(e.outbound_ports, vec![5432, 6379]);
+        assert_eq!(e.inbound_cidrs[0].to_string(), "10.0.0.0/8");
+        assert_eq!(e.inbound_cidrs[1].to_string(), "2001:db8::1/128");
+    }
+
+    #[test]
+    fn bad_annotations_name_the_annotation_and_value() {
+        let e = state(r#"weft.dev/exclude-outbound-ports: "80,http""#, "", "").expect_err("bad");
+        let msg = e[0].to_string();
+        assert!(msg.contains("weft.dev/exclude-outbound-ports") && msg.contains("`http`"), "{msg}");
+        let e = state(r#"weft.dev/exclude-outbound-cidrs: "10.0.0.0/33""#, "", "").expect_err("bad");
+        assert!(e[0].to_string().contains("10.0.0.0/33"));
+        let e = state("", "weft.dev/mesh: yes", "").expect_err("bad label");
+        assert!(e[0].to_string().contains("`yes`"));
+    }
+}

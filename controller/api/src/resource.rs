@@ -1,0 +1,222 @@
+//! Kubernetes-style documents as users write them (YAML), before validation.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// `apiVersion` of Weft's own kinds.
+pub const API_VERSION: &str = "weft.dev/v1alpha1";
+
+/// Object metadata (the subset Weft reads; other Kubernetes fields are accepted and ignored).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A Kubernetes Namespace (`apiVersion: v1`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+}
+
+/// A workload: a Pod, or a VM / bare-metal process standing in for one
+/// (`apiVersion: weft.dev/v1alpha1`, `kind: Workload`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadSpec,
+}
+
+/// `Workload.spec`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Kubernetes service account; the workload's identity is
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<serviceAccount>`.
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Name of the node whose agent serves this workload.
+    pub node: String,
+    /// The workload's addresses (at most one IPv4 and one IPv6).
+    pub ips: Vec<IpAddr>,
+    /// Path of the workload's network namespace on its node (`/run/netns/NAME` or
+    /// `/proc/PID/ns/net`).
+    pub netns: String,
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+/// One parsed document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Resource {
+    Namespace(Namespace),
+    Workload(Workload),
+}
+
+/// A document that could not be read, located precisely.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: document {document}{}: {message}", field.as_ref().map(|f| format!(", field `{f}`")).unwrap_or_default())]
+pub struct ParseError {
+    /// File name (or any label the caller passed).
+    pub file: String,
+    /// 0-based index of the YAML document in the file.
+    pub document: usize,
+    /// Dotted path of the offending field, when known.
+    pub field: Option<String>,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// Parses every document of a multi-document YAML text. `file` only labels errors.
+pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Resource>, ParseError> {
+    let mut out = Vec::new();
+    for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let err = |field: Option<String>, message: String| ParseError {
+            file: file.to_string(),
+            document,
+            field,
+            message,
+        };
+        let value = serde_yaml::Value::deserialize(de).map_err(|e| err(None, e.to_string()))?;
+        if value.is_null() {
+            continue; // empty document, e.g. a trailing `---`
+        }
+        let tm: TypeMeta = serde_yaml::from_value(value.clone())
+            .map_err(|e| err(None, format!("not a Kubernetes-style object: {e}")))?;
+        let kind = tm.kind.ok_or_else(|| {
+            err(
+                Some("kind".into()),
+                "missing `kind` (expected Namespace or Workload)".into(),
+            )
+        })?;
+        let typed = |expected_api: &str| -> Result<(), ParseError> {
+            match tm.api_version.as_deref() {
+                Some(v) if v == expected_api => Ok(()),
+                Some(v) => Err(err(
+                    Some("apiVersion".into()),
+                    format!("`{v}` is not served for kind {kind}; use `{expected_api}`"),
+                )),
+                None => Err(err(
+                    Some("apiVersion".into()),
+                    format!("missing `apiVersion` (use `{expected_api}`)"),
+                )),
+            }
+        };
+        let res = match kind.as_str() {
+            "Namespace" => {
+                typed("v1")?;
+                Resource::Namespace(from_value(value).map_err(|(f, m)| err(f, m))?)
+            }
+            "Workload" => {
+                typed(API_VERSION)?;
+                Resource::Workload(from_value(value).map_err(|(f, m)| err(f, m))?)
+            }
+            other => {
+                return Err(err(
+                    Some("kind".into()),
+                    format!("unsupported kind `{other}` (supported: Namespace, Workload)"),
+                ));
+            }
+        };
+        out.push(res);
+    }
+    Ok(out)
+}
+
+fn from_value<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+) -> Result<T, (Option<String>, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        (field, e.into_inner().to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {weft.dev/mesh: enabled}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop}
+spec:
+  serviceAccount: web
+  node: n1
+  ips: [198.18.1.11, "fd77:6566:1::b"]
+  netns: /run/netns/x
+---
+"#;
+
+    #[test]
+    fn parses_namespaces_and_workloads() {
+        let docs = parse_documents(GOOD, "a.yaml").expect("valid");
+        assert_eq!(docs.len(), 2);
+        let Resource::Workload(w) = &docs[1] else {
+            panic!("expected a workload")
+        };
+        assert_eq!(w.spec.ips.len(), 2);
+        assert_eq!(w.spec.service_account, "web");
+    }
+
+    #[test]
+    fn a_bad_field_is_located_by_document_and_path() {
+        let text = GOOD.replace("198.18.1.11", "not-an-ip");
+        let e = parse_documents(&text, "a.yaml").expect_err("invalid ip");
+        assert_eq!(e.document, 1);
+        assert_eq!(e.field.as_deref(), Some("spec.ips[0]"));
+        assert!(e.to_string().starts_with("a.yaml: document 1, field `spec.ips[0]`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_spec_fields_and_kinds_are_rejected() {
+        let text = GOOD.replace("node: n1", "node: n1\n  nodee: n2");
+        let e = parse_documents(&text, "a.yaml").expect_err("typo");
+        assert!(e.message.contains("nodee"), "{e}");
+        let text = GOOD.replace("kind: Namespace", "kind: Nemaspace");
+        let e = parse_documents(&text, "a.yaml").expect_err("kind");
+        assert_eq!(e.document, 0);
+        assert!(e.message.contains("Nemaspace"), "{e}");
+    }
+
+    #[test]
+    fn wrong_api_version_says_which_to_use() {
+        let text = GOOD.replace("weft.dev/v1alpha1", "v1");
+        let e = parse_documents(&text, "a.yaml").expect_err("api");
+        assert!(e.message.contains("weft.dev/v1alpha1"), "{e}");
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for text in ["{", "- a\n- b", "kind: [1", "\u{0}"] {
+            let _ = parse_documents(text, "g.yaml");
+        }
+    }
+}
