@@ -30,7 +30,11 @@ const MAX_HELLO_LEN: usize = 1024;
 /// Creates a TCP socket in the calling thread's namespace: close-on-exec, and IPv6-only for
 /// IPv6 addresses so that v4 and v6 listeners on the same port never shadow each other.
 fn tcp_socket(addr: &SocketAddr) -> io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(*addr), Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(
+        Domain::for_address(*addr),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
@@ -67,7 +71,7 @@ pub fn tcp_listen_in(ns: &NetNs, addr: SocketAddr) -> io::Result<TcpListener> {
 pub fn tcp_connect_in(ns: &NetNs, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let sock = ns.run(|| tcp_socket(&addr)).map_err(netns_error)??;
     sock.connect_timeout(&addr.into(), timeout)?;
-    sock.set_nodelay(true)?;
+    sock.set_tcp_nodelay(true)?;
     Ok(sock.into())
 }
 
@@ -212,7 +216,9 @@ fn serve(mut stream: TcpStream, peer: SocketAddr, stop: &AtomicBool) -> io::Resu
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => return Err(e),
         }
@@ -368,7 +374,10 @@ mod tests {
         read_hello(&mut stream).expect("hello");
         let started = std::time::Instant::now();
         drop(server);
-        assert!(started.elapsed() < Duration::from_secs(2), "drop took too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "drop took too long"
+        );
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).expect("closed cleanly");
         assert!(rest.is_empty());
@@ -376,8 +385,7 @@ mod tests {
 
     #[test]
     fn v6_listener_is_v6_only() {
-        let Ok(listener) = tcp_listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0))
-        else {
+        let Ok(listener) = tcp_listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0)) else {
             eprintln!("skipping: no IPv6 here");
             return;
         };
