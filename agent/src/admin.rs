@@ -80,7 +80,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is served here\n".into(),
+        );
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
     match req.uri().path() {
@@ -116,8 +119,14 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     }
                 },
             };
-            let verdict = query.iter().find(|(k, _)| k == "verdict").map(|(_, v)| v.clone());
-            let pod = query.iter().find(|(k, _)| k == "pod").map(|(_, v)| v.clone());
+            let verdict = query
+                .iter()
+                .find(|(k, _)| k == "verdict")
+                .map(|(_, v)| v.clone());
+            let pod = query
+                .iter()
+                .find(|(k, _)| k == "pod")
+                .map(|(_, v)| v.clone());
             let events = state.events.recent(limit, |r| {
                 verdict.as_deref().is_none_or(|v| r.verdict == v)
                     && pod.as_deref().is_none_or(|p| r.pod.as_deref() == Some(p))

@@ -47,7 +47,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .build()
         .context("starting the data-path runtime")?;
 
-    let (capture, orig, ring, logger) = Capture::load(&CaptureOptions {
+    let crate::capture::Loaded {
+        capture,
+        orig,
+        events: ring,
+        logger,
+    } = Capture::load(&CaptureOptions {
         cgroup_root: cfg.cgroup_root.clone(),
         socket_mark: cfg.socket_mark,
         trace_unenrolled: cfg.trace_unenrolled,
@@ -97,7 +102,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("weft-admin".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         tracing::error!(error = %e, "admin runtime failed to start");
@@ -128,7 +136,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             tokio::spawn(forward_kernel_logs(logger));
         }
         let source = LocalConfig::new(&cfg.config);
-        let follow = follow_config(source, cfg.config_poll, pods.clone(), config_status, admin_state.clone());
+        let follow = follow_config(
+            source,
+            cfg.config_poll,
+            pods.clone(),
+            config_status,
+            admin_state.clone(),
+        );
         tokio::select! {
             () = follow => {},
             r = shutdown_signal() => {
@@ -206,7 +220,7 @@ async fn follow_config(
     }
 }
 
-async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+async fn forward_kernel_logs(logger: crate::capture::KernelLogger) {
     // SAFETY: the logger owns its ring-buffer fd, which stays open and unchanged for as long
     // as the AsyncFd owns the logger.
     let registered = unsafe {

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::CgroupAttachMode;
-use aya::programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::programs::sk_lookup::SkLookupLinkId;
+use aya::programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use ipnet::IpNet;
 use weft_api::Exclusions;
@@ -42,9 +42,15 @@ pub enum CaptureError {
     #[error("map {name} is missing from the eBPF object (agent built against other programs?)")]
     MissingMap { name: &'static str },
     #[error("map {name} has an unexpected type or layout: {source}")]
-    MapType { name: &'static str, source: MapError },
+    MapType {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("loading program {name} into the kernel failed: {source}")]
-    ProgramLoad { name: &'static str, source: ProgramError },
+    ProgramLoad {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error(
         "attaching {name} to {target} failed: {source} (is cgroup v2 mounted there? another agent's programs do not conflict)"
     )]
@@ -116,14 +122,23 @@ pub struct CaptureOptions {
 /// The ring buffer of capture decisions.
 pub type EventRing = RingBuf<MapData>;
 
+/// Reader of the programs' aya-log messages.
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// What [`Capture::load`] hands out: the control handle, the data-path original-destination
+/// map, the decision ring buffer and the kernel log reader (if the object logs).
+pub struct Loaded {
+    pub capture: Capture,
+    pub orig: OrigDstMap,
+    pub events: EventRing,
+    pub logger: Option<KernelLogger>,
+}
+
 impl Capture {
     /// Loads the embedded object, attaches connect4/6 and sock_ops at the cgroup root, and
     /// returns the capture handle, the original-destination map, the event ring and the
     /// kernel log reader.
-    pub fn load(
-        opts: &CaptureOptions,
-    ) -> Result<(Self, OrigDstMap, EventRing, Option<aya_log::EbpfLogger<&'static dyn log::Log>>), CaptureError>
-    {
+    pub fn load(opts: &CaptureOptions) -> Result<Loaded, CaptureError> {
         let mut ebpf = EbpfLoader::new()
             .override_global(aya_log::LEVEL, &opts.ebpf_log_level, false)
             .load(EBPF_OBJECT)?;
@@ -203,7 +218,10 @@ impl Capture {
                 .map_err(|source| CaptureError::ProgramLoad { name, source })?;
         }
 
-        let orig = OrigDstMap(Mutex::new(take_map(&mut ebpf, common::maps::ORIG_BY_TUPLE)?));
+        let orig = OrigDstMap(Mutex::new(take_map(
+            &mut ebpf,
+            common::maps::ORIG_BY_TUPLE,
+        )?));
         let events: EventRing = take_map(&mut ebpf, common::maps::EVENTS)?;
         let capture = Self {
             netns_pods: take_map(&mut ebpf, common::maps::NETNS_PODS)?,
@@ -216,7 +234,12 @@ impl Capture {
             ebpf,
             cgroup,
         };
-        Ok((capture, orig, events, logger))
+        Ok(Loaded {
+            capture,
+            orig,
+            events,
+            logger,
+        })
     }
 
     /// The cgroup the programs are attached to.
@@ -226,7 +249,11 @@ impl Capture {
 
     /// Writes (or rewrites) a pod's entries: flags, addresses and exclusions. Capture for the
     /// pod starts (or changes) the moment this returns.
-    pub fn upsert_pod(&mut self, pod: &PodCapture, previous: Option<&PodCapture>) -> Result<(), CaptureError> {
+    pub fn upsert_pod(
+        &mut self,
+        pod: &PodCapture,
+        previous: Option<&PodCapture>,
+    ) -> Result<(), CaptureError> {
         let mut flags = 0;
         if pod.ip4.is_some() {
             flags |= common::POD_HAS_IP4;
@@ -311,12 +338,12 @@ impl Capture {
             return Ok(());
         }
         let prog: &mut SkLookup = program(&mut self.ebpf, common::programs::SK_LOOKUP)?;
-        let link = prog
-            .attach(netns.fd().as_fd())
-            .map_err(|source| CaptureError::SkLookupAttach {
-                pod: pod.name.clone(),
-                source,
-            })?;
+        let link =
+            prog.attach(netns.fd().as_fd())
+                .map_err(|source| CaptureError::SkLookupAttach {
+                    pod: pod.name.clone(),
+                    source,
+                })?;
         self.sk_lookup_links.insert(pod.pod_id, link);
         Ok(())
     }
@@ -330,12 +357,11 @@ impl Capture {
         }
         self.remove_exclusions(pod);
         let _ = self.pod_sockets.remove(&pod.pod_id);
-        if let Some(link) = self.sk_lookup_links.remove(&pod.pod_id) {
-            if let Ok(prog) = program::<SkLookup>(&mut self.ebpf, common::programs::SK_LOOKUP) {
-                if let Err(e) = prog.detach(link) {
-                    tracing::warn!(pod = %pod.name, error = %e, "detaching sk_lookup failed");
-                }
-            }
+        if let Some(link) = self.sk_lookup_links.remove(&pod.pod_id)
+            && let Ok(prog) = program::<SkLookup>(&mut self.ebpf, common::programs::SK_LOOKUP)
+            && let Err(e) = prog.detach(link)
+        {
+            tracing::warn!(pod = %pod.name, error = %e, "detaching sk_lookup failed");
         }
     }
 
@@ -345,7 +371,9 @@ impl Capture {
             (&pod.exclusions.inbound_ports, common::DIR_INBOUND),
         ] {
             for port in ports {
-                let _ = self.excluded_ports.remove(&port_key(pod.pod_id, *port, dir));
+                let _ = self
+                    .excluded_ports
+                    .remove(&port_key(pod.pod_id, *port, dir));
             }
         }
         for (cidrs, dir) in [
@@ -381,8 +409,14 @@ impl Capture {
         let mut m = StdHashMap::new();
         m.insert(common::maps::NETNS_PODS, self.netns_pods.keys().count());
         m.insert(common::maps::IP_PODS, self.ip_pods.keys().count());
-        m.insert(common::maps::EXCLUDED_PORTS, self.excluded_ports.keys().count());
-        m.insert(common::maps::EXCLUDED_CIDRS, self.excluded_cidrs.keys().count());
+        m.insert(
+            common::maps::EXCLUDED_PORTS,
+            self.excluded_ports.keys().count(),
+        );
+        m.insert(
+            common::maps::EXCLUDED_CIDRS,
+            self.excluded_cidrs.keys().count(),
+        );
         m
     }
 }
@@ -447,7 +481,10 @@ fn port_key(pod_id: u32, port: u16, direction: u8) -> PortKey {
 
 fn cidr_key(pod_id: u32, cidr: &IpNet, direction: u8) -> Key<CidrKey> {
     let (addr, prefix) = match cidr {
-        IpNet::V4(n) => (addr_of(IpAddr::V4(n.network())), 96 + u32::from(n.prefix_len())),
+        IpNet::V4(n) => (
+            addr_of(IpAddr::V4(n.network())),
+            96 + u32::from(n.prefix_len()),
+        ),
         IpNet::V6(n) => (addr_of(IpAddr::V6(n.network())), u32::from(n.prefix_len())),
     };
     Key::new(
@@ -558,7 +595,11 @@ mod tests {
         let k = cidr_key(7, &"10.0.0.0/8".parse().expect("cidr"), common::DIR_INBOUND);
         let prefix = k.prefix_len();
         assert_eq!(prefix, 64 + 96 + 8);
-        let k = cidr_key(7, &"2001:db8::/32".parse().expect("cidr"), common::DIR_OUTBOUND);
+        let k = cidr_key(
+            7,
+            &"2001:db8::/32".parse().expect("cidr"),
+            common::DIR_OUTBOUND,
+        );
         assert_eq!(k.prefix_len(), 64 + 32);
     }
 

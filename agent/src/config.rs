@@ -46,10 +46,7 @@ impl LocalConfig {
             for entry in std::fs::read_dir(&self.path).map_err(err(&self.path))? {
                 let entry = entry.map_err(err(&self.path))?;
                 let p = entry.path();
-                let yaml = matches!(
-                    p.extension().and_then(|e| e.to_str()),
-                    Some("yaml" | "yml")
-                );
+                let yaml = matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
                 if yaml && p.is_file() {
                     let text = std::fs::read_to_string(&p).map_err(err(&p))?;
                     files.push((p.display().to_string(), text));
@@ -83,7 +80,10 @@ mod tests {
             .read()
             .expect_err("missing");
         let msg = e.to_string();
-        assert!(msg.contains("/nonexistent/weft.yaml") && msg.contains("--config"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/weft.yaml") && msg.contains("--config"),
+            "{msg}"
+        );
     }
 
     #[test]

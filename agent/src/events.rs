@@ -66,12 +66,22 @@ impl EventLog {
     }
 
     /// The most recent `limit` decisions, oldest first, optionally filtered.
-    pub fn recent(&self, limit: usize, filter: impl Fn(&CaptureRecord) -> bool) -> Vec<CaptureRecord> {
+    pub fn recent(
+        &self,
+        limit: usize,
+        filter: impl Fn(&CaptureRecord) -> bool,
+    ) -> Vec<CaptureRecord> {
         let recent = match self.recent.lock() {
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
-        let mut out: Vec<_> = recent.iter().rev().filter(|r| filter(r)).take(limit).cloned().collect();
+        let mut out: Vec<_> = recent
+            .iter()
+            .rev()
+            .filter(|r| filter(r))
+            .take(limit)
+            .cloned()
+            .collect();
         out.reverse();
         out
     }
@@ -84,7 +94,12 @@ impl EventLog {
                 Ok(n) => n,
                 Err(p) => p.into_inner(),
             };
-            Some(names.get(&e.pod_id).cloned().unwrap_or_else(|| format!("pod#{}", e.pod_id)))
+            Some(
+                names
+                    .get(&e.pod_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("pod#{}", e.pod_id)),
+            )
         };
         let program = program_name(e.program);
         let verdict = verdict_name(e.verdict);

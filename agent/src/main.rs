@@ -76,7 +76,11 @@ fn parse_level(s: &str) -> Result<u8, String> {
         "info" => 3,
         "debug" => 4,
         "trace" => 5,
-        _ => return Err(format!("`{s}` is not one of off, error, warn, info, debug, trace")),
+        _ => {
+            return Err(format!(
+                "`{s}` is not one of off, error, warn, info, debug, trace"
+            ));
+        }
     })
 }
 

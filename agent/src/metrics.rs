@@ -39,7 +39,10 @@ pub fn describe() {
         "weft_config_rejected_total",
         "Configurations rejected as invalid (the last good one stays in force)."
     );
-    describe_gauge!("weft_enrolled_pods", "Pods currently enrolled on this node.");
+    describe_gauge!(
+        "weft_enrolled_pods",
+        "Pods currently enrolled on this node."
+    );
     describe_gauge!(
         "weft_enrolment_errors",
         "Pods that should be enrolled but are not (see /config_dump for why)."

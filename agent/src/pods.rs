@@ -33,7 +33,13 @@ pub enum EnrolError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Capture(#[from] CaptureError),
+    Capture(Box<CaptureError>),
+}
+
+impl From<CaptureError> for EnrolError {
+    fn from(e: CaptureError) -> Self {
+        Self::Capture(Box::new(e))
+    }
 }
 
 /// A pod the agent currently serves.
@@ -229,20 +235,27 @@ impl PodManager {
                 .collect(),
         });
         let _guard = self.runtime.enter();
-        let spawn = |listener: std::net::TcpListener, outbound: bool| -> Result<AbortHandle, EnrolError> {
-            let l = tokio::net::TcpListener::from_std(listener).map_err(|source| EnrolError::Listen {
-                pod: name.clone(),
-                port: if outbound { PORT_OUTBOUND } else { PORT_INBOUND },
-                source,
-            })?;
-            let (m, c) = (meta.clone(), self.ctx.clone());
-            let h = if outbound {
-                self.runtime.spawn(proxy::run_outbound(l, m, c))
-            } else {
-                self.runtime.spawn(proxy::run_inbound(l, m, c))
+        let spawn =
+            |listener: std::net::TcpListener, outbound: bool| -> Result<AbortHandle, EnrolError> {
+                let l = tokio::net::TcpListener::from_std(listener).map_err(|source| {
+                    EnrolError::Listen {
+                        pod: name.clone(),
+                        port: if outbound {
+                            PORT_OUTBOUND
+                        } else {
+                            PORT_INBOUND
+                        },
+                        source,
+                    }
+                })?;
+                let (m, c) = (meta.clone(), self.ctx.clone());
+                let h = if outbound {
+                    self.runtime.spawn(proxy::run_outbound(l, m, c))
+                } else {
+                    self.runtime.spawn(proxy::run_inbound(l, m, c))
+                };
+                Ok(h.abort_handle())
             };
-            Ok(h.abort_handle())
-        };
         let tasks = match (spawn(outbound, true), spawn(inbound, false)) {
             (Ok(a), Ok(b)) => vec![a, b],
             (a, b) => {

@@ -49,17 +49,25 @@ pub struct PodMeta {
 /// Why a captured connection was refused before any byte was forwarded.
 #[derive(Debug, thiserror::Error)]
 pub enum RejectReason {
-    #[error("connection to the outbound port came from {peer}, which is not pod {pod}'s own address: only captured connections may use port 15001")]
+    #[error(
+        "connection to the outbound port came from {peer}, which is not pod {pod}'s own address: only captured connections may use port 15001"
+    )]
     ForeignPeer { peer: SocketAddr, pod: String },
-    #[error("no original destination recorded for {peer} (not a captured connection, or it closed before the agent accepted it)")]
+    #[error(
+        "no original destination recorded for {peer} (not a captured connection, or it closed before the agent accepted it)"
+    )]
     NoOriginalDestination { peer: SocketAddr },
-    #[error("connecting to {dst} failed: {source} (is the destination listening and reachable from pod {pod}?)")]
+    #[error(
+        "connecting to {dst} failed: {source} (is the destination listening and reachable from pod {pod}?)"
+    )]
     Connect {
         dst: SocketAddr,
         pod: String,
         source: io::Error,
     },
-    #[error("connecting to {dst} timed out after {after:?} (is the destination reachable from pod {pod}?)")]
+    #[error(
+        "connecting to {dst} timed out after {after:?} (is the destination reachable from pod {pod}?)"
+    )]
     ConnectTimeout {
         dst: SocketAddr,
         pod: String,
@@ -101,7 +109,9 @@ impl Direction {
 /// Creates a dual-stack listener on `[::]:port` inside a namespace.
 pub fn listen_in(home: &NetNs, netns: &NetNs, port: u16) -> io::Result<std::net::TcpListener> {
     let sock = netns
-        .run_from(home, || Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)))
+        .run_from(home, || {
+            Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))
+        })
         .map_err(io::Error::other)??;
     sock.set_only_v6(false)?;
     sock.set_reuse_address(true)?;
@@ -160,13 +170,15 @@ async fn handle(
     let peer = canonical(peer);
     let dst = match dir {
         Direction::Outbound => outbound_destination(peer, pod, ctx),
-        Direction::Inbound => client
-            .local_addr()
-            .map(canonical)
-            .map_err(|e| RejectReason::Socket {
-                pod: pod.name.clone(),
-                detail: e.to_string(),
-            }),
+        Direction::Inbound => {
+            client
+                .local_addr()
+                .map(canonical)
+                .map_err(|e| RejectReason::Socket {
+                    pod: pod.name.clone(),
+                    detail: e.to_string(),
+                })
+        }
     };
     let result = match dst {
         Ok(dst) => match connect_from(pod, ctx, dst).await {

@@ -64,6 +64,18 @@ const RUN_ID_LEN: usize = 6;
 const POD_HOST_BASE: u8 = 10;
 /// Fabric segment of the IPv6 node addresses (fd77:6566:ff::i), distinct from pod subnets.
 const FABRIC_V6_SEGMENT: u16 = 0xff;
+/// Interface index of `eth0` in node and pod namespaces; the bridge port at the other end of
+/// the veth gets `PORT_IFINDEX_BASE + i` (fabric port `n<i>`) or `PORT_IFINDEX_BASE + j` (node
+/// port `p<j>`).
+///
+/// The two ends of a veth must have different ifindexes. Left to the kernel, both ends get
+/// index 2 in their fresh namespaces, and then the kernel's linkwatch treats their carrier
+/// changes as non-urgent and batches them up to a second late; until it catches up, IPv6
+/// considers the link not ready and drops forwarded packets, so the first cross-node SYN of a
+/// new lab was lost and connections took a second (the SYN retransmission timeout).
+const ETH0_IFINDEX: usize = 10;
+/// See [`ETH0_IFINDEX`].
+const PORT_IFINDEX_BASE: usize = 1000;
 /// How long `Lab::up` keeps retrying its connectivity check.
 const VERIFY_DEADLINE: Duration = Duration::from_secs(5);
 /// Timeout of one connection attempt of the connectivity check.
@@ -186,6 +198,11 @@ pub enum LabError {
         /// Why it failed.
         source: io::Error,
     },
+    /// A string that is not a lab run id was given where one was expected.
+    #[error(
+        "not a lab run id: {0:?} (run ids are 6 lowercase hex digits; list labs with `cargo xtask lab status`)"
+    )]
+    InvalidRunId(String),
     /// Every run id tried was already in use.
     #[error(
         "could not pick an unused lab run id after {0} attempts (too many leftover labs? see `cargo xtask lab status`, clean with `cargo xtask lab down`)"
@@ -595,15 +612,20 @@ fn wiring_batches(plan: &Plan) -> Vec<Batch> {
     let mut veths = Batch::new(None);
     for n in &plan.nodes {
         veths.push(format!(
-            "link add eth0 netns {} type veth peer name {} netns {}",
-            n.netns, n.name, plan.fabric
+            "link add eth0 netns {} index {ETH0_IFINDEX} type veth peer name {} netns {} index {}",
+            n.netns,
+            n.name,
+            plan.fabric,
+            PORT_IFINDEX_BASE + n.index
         ));
     }
     for p in &plan.pods {
         let node = node_netns_of(plan, p);
         veths.push(format!(
-            "link add eth0 netns {} type veth peer name p{} netns {node}",
-            p.netns, p.index
+            "link add eth0 netns {} index {ETH0_IFINDEX} type veth peer name p{} netns {node} index {}",
+            p.netns,
+            p.index,
+            PORT_IFINDEX_BASE + p.index
         ));
     }
     batches.push(veths);
@@ -1192,12 +1214,10 @@ impl Lab {
 
     fn build(&self) -> Result<(), LabError> {
         let plan = self.plan();
-        let t0 = Instant::now();
         {
             let _guard = NETNS_ADD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             run_batch(&netns_add_batch(&plan))?;
         }
-        eprintln!("TRACE netns add {:?}", t0.elapsed());
         set_sysctls(&plan.fabric, Member::Fabric)?;
         for n in &plan.nodes {
             set_sysctls(&n.netns, Member::Node(n.octet()))?;
@@ -1205,10 +1225,8 @@ impl Lab {
         for p in &plan.pods {
             set_sysctls(&p.netns, Member::Pod(0, 0))?;
         }
-        eprintln!("TRACE sysctls {:?}", t0.elapsed());
         for batch in wiring_batches(&plan) {
             run_batch(&batch)?;
-            eprintln!("TRACE batch {:?} {:?}", batch.netns, t0.elapsed());
         }
         for p in &plan.pods {
             fs::create_dir(&p.cgroup).map_err(|source| LabError::Cgroup {
@@ -1223,7 +1241,6 @@ impl Lab {
     /// Checks TCP connectivity, IPv4 and IPv6: from the first pod to the first pod of every
     /// other node (or to the second pod, with a single node; between nodes, without pods).
     fn verify(&self) -> Result<(), LabError> {
-        if std::env::var("TRACE_NOVERIFY").is_ok() { return Ok(()); }
         let mut targets: Vec<(&str, Vec<IpAddr>)> = Vec::new();
         let source = match self.pods.first() {
             Some(first) => {
@@ -1247,9 +1264,7 @@ impl Lab {
         for (to_name, ips) in targets {
             let to = NetNs::open(netns_path(to_name))?;
             for ip in ips {
-                let t0 = Instant::now();
                 self.check_tcp(&from, source, &to, to_name, ip)?;
-                eprintln!("TRACE check {ip} {:?}", t0.elapsed());
             }
         }
         Ok(())
@@ -1276,7 +1291,7 @@ impl Lab {
             match tcp_connect_in(from, addr, VERIFY_CONNECT_TIMEOUT) {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => return Err(unreachable(e)),
-                Err(e) => { eprintln!("TRACE attempt {e}"); std::thread::sleep(Duration::from_millis(20)) },
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
     }
@@ -1369,6 +1384,22 @@ impl Lab {
         fs::rename(&tmp, &path).map_err(|e| err("rename into place", e))
     }
 
+    /// Removes one lab, typically one left running with [`Lab::keep`]: kills the processes in
+    /// its cgroups, removes the cgroups, its namespaces (`weft-<id>-*`) and its state file.
+    /// Returns what was removed (empty if there was nothing). Idempotent. Needs root.
+    pub fn down(run_id: &str) -> Result<Vec<String>, LabError> {
+        if !is_run_id(run_id) {
+            return Err(LabError::InvalidRunId(run_id.to_owned()));
+        }
+        ensure_root("remove a lab")?;
+        let cgroup2 = match cgroup2_mount() {
+            Ok(p) => Some(p),
+            Err(LabError::NoCgroup2) => None,
+            Err(e) => return Err(e),
+        };
+        teardown_run(run_id, cgroup2.as_deref()).into_result()
+    }
+
     /// Removes every lab resource on the machine, whoever created it: every network namespace
     /// whose name starts with `weft-`, every lab cgroup `<cgroup2>/weft-<run id>` (killing its
     /// processes first; other `weft-*` cgroups are left alone), and every state file. Returns
@@ -1429,11 +1460,18 @@ impl Lab {
 
         for file in list_dir(Path::new(STATE_DIR), |name, _| name.ends_with(".json"))? {
             let path = Path::new(STATE_DIR).join(&file);
-            let text = fs::read_to_string(&path).map_err(|source| LabError::StateFile {
-                op: "read",
-                path: path.clone(),
-                source,
-            })?;
+            let text = match fs::read_to_string(&path) {
+                Ok(text) => text,
+                // Removed since the listing: that lab is gone.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(LabError::StateFile {
+                        op: "read",
+                        path,
+                        source,
+                    });
+                }
+            };
             let state: LabState =
                 serde_json::from_str(&text).map_err(|source| LabError::StateFormat {
                     path: path.clone(),
@@ -1808,13 +1846,13 @@ mod tests {
         let root = &batches[0];
         assert!(
             root.lines.contains(
-                &"link add eth0 netns weft-abc123-n2 type veth peer name n2 netns weft-abc123-fab"
+                &"link add eth0 netns weft-abc123-n2 index 10 type veth peer name n2 netns weft-abc123-fab index 1002"
                     .to_owned()
             )
         );
         assert!(
             root.lines.contains(
-                &"link add eth0 netns weft-abc123-n2p1 type veth peer name p1 netns weft-abc123-n2"
+                &"link add eth0 netns weft-abc123-n2p1 index 10 type veth peer name p1 netns weft-abc123-n2 index 1001"
                     .to_owned()
             )
         );
@@ -1847,6 +1885,17 @@ mod tests {
             for l in b.lines.iter().filter(|l| l.contains("address add fd77")) {
                 assert!(l.ends_with(" nodad"), "{l}");
             }
+        }
+        // Both ends of every veth get distinct, explicit ifindexes (see ETH0_IFINDEX).
+        for l in &root.lines {
+            let words: Vec<&str> = l.split(' ').collect();
+            let indexes: Vec<&str> = words
+                .windows(2)
+                .filter(|w| w[0] == "index")
+                .map(|w| w[1])
+                .collect();
+            assert_eq!(indexes.len(), 2, "{l}");
+            assert_ne!(indexes[0], indexes[1], "{l}");
         }
         // Interface names fit IFNAMSIZ even for the largest lab.
         let big = plan(

@@ -15,7 +15,8 @@ use crate::lab::{Lab, Node, Pod};
 use crate::net::tcp_connect_in;
 
 /// Admin address of every agent, inside its node's network namespace.
-pub const AGENT_ADMIN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
+pub const AGENT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15000);
 
 /// Errors from running agents. Each says what to look at.
 #[derive(Debug, thiserror::Error)]
@@ -157,7 +158,10 @@ impl MeshConfig {
         for ns in &self.namespaces {
             let mut labels = serde_json::Map::new();
             if ns.meshed {
-                labels.insert(weft_api::labels::MESH.into(), weft_api::labels::MESH_ENABLED.into());
+                labels.insert(
+                    weft_api::labels::MESH.into(),
+                    weft_api::labels::MESH_ENABLED.into(),
+                );
             }
             docs.push(serde_json::json!({
                 "apiVersion": "v1",
@@ -200,10 +204,16 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `weft-agent` in the node's network namespace with JSON logs to
     /// `<dir>/agent-<node>.log`.
-    pub fn start(node: &Node, config: &Path, dir: &Path, extra: &[&str]) -> Result<Self, MeshError> {
+    pub fn start(
+        node: &Node,
+        config: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self, MeshError> {
         let bin = agent_binary()?;
         let log_path = dir.join(format!("agent-{}.log", node.name));
-        let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+        let log = std::fs::File::create(&log_path)
+            .map_err(io(format!("creating {}", log_path.display())))?;
         let err = log.try_clone().map_err(io("cloning a log handle"))?;
         let mut cmd = node.command(&bin);
         cmd.arg("--node")
@@ -219,7 +229,9 @@ impl AgentProcess {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err);
-        let child = cmd.spawn().map_err(io(format!("starting {}", bin.display())))?;
+        let child = cmd
+            .spawn()
+            .map_err(io(format!("starting {}", bin.display())))?;
         Ok(Self {
             node: node.clone(),
             child,
@@ -270,7 +282,8 @@ impl AgentProcess {
             detail,
         };
         let ns = self.node.netns()?;
-        let mut s = tcp_connect_in(&ns, AGENT_ADMIN, Duration::from_secs(2)).map_err(|e| err(e.to_string()))?;
+        let mut s = tcp_connect_in(&ns, AGENT_ADMIN, Duration::from_secs(2))
+            .map_err(|e| err(e.to_string()))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(|e| err(e.to_string()))?;
         write!(s, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").map_err(|e| err(e.to_string()))?;
@@ -382,7 +395,11 @@ impl Drop for AgentProcess {
 }
 
 /// Polls `f` until it returns `Some`, or fails with `what` after `timeout`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -433,8 +450,10 @@ impl MeshLab {
     /// Rewrites the configuration file atomically (agents pick it up on their next poll).
     pub fn write_config(&self) -> Result<(), MeshError> {
         let tmp = self.dir.join("mesh.yaml.tmp");
-        std::fs::write(&tmp, self.config.to_yaml()).map_err(io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &self.config_path).map_err(io(format!("replacing {}", self.config_path.display())))
+        std::fs::write(&tmp, self.config.to_yaml())
+            .map_err(io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &self.config_path)
+            .map_err(io(format!("replacing {}", self.config_path.display())))
     }
 
     /// The agent of node `i` (0-based).
@@ -456,10 +475,14 @@ impl MeshLab {
     /// moved past `before`) — `before` from [`MeshLab::applied_counts`].
     pub fn wait_applied(&self, before: &[u64], timeout: Duration) -> Result<(), String> {
         for (a, b) in self.agents.iter().zip(before) {
-            wait_for(timeout, &format!("agent {} to apply the new configuration", a.node.name), || {
-                let v = a.get_json("/config_dump").ok()?;
-                (v["config"]["applied"].as_u64()? > *b).then_some(())
-            })?;
+            wait_for(
+                timeout,
+                &format!("agent {} to apply the new configuration", a.node.name),
+                || {
+                    let v = a.get_json("/config_dump").ok()?;
+                    (v["config"]["applied"].as_u64()? > *b).then_some(())
+                },
+            )?;
         }
         Ok(())
     }

@@ -99,10 +99,17 @@ fn world(
 /// Connects from `from` to `to` and checks the echo. Returns what the server saw.
 fn exchange(from: &Pod, to: SocketAddr) -> weft_tests::ServerHello {
     let ns = from.netns().expect("netns");
-    let mut s = tcp_connect_in(&ns, to, T).unwrap_or_else(|e| panic!("connect {} -> {to}: {e}", from.name));
+    let mut s =
+        tcp_connect_in(&ns, to, T).unwrap_or_else(|e| panic!("connect {} -> {to}: {e}", from.name));
     let payload = format!("hello from {} to {to}", from.name);
-    let (hello, echo) = ask(&mut s, payload.as_bytes()).unwrap_or_else(|e| panic!("exchange {} -> {to}: {e}", from.name));
-    assert_eq!(echo, payload.as_bytes(), "echo through {} -> {to}", from.name);
+    let (hello, echo) = ask(&mut s, payload.as_bytes())
+        .unwrap_or_else(|e| panic!("exchange {} -> {to}: {e}", from.name));
+    assert_eq!(
+        echo,
+        payload.as_bytes(),
+        "echo through {} -> {to}",
+        from.name
+    );
     hello
 }
 
@@ -118,7 +125,13 @@ fn events(w: &World, node: usize) -> Vec<Value> {
     w.mesh.agent(node).capture_events().expect("capture events")
 }
 
-fn has_event(evs: &[Value], program: &str, verdict: &str, pod: Option<&str>, dst: SocketAddr) -> bool {
+fn has_event(
+    evs: &[Value],
+    program: &str,
+    verdict: &str,
+    pod: Option<&str>,
+    dst: SocketAddr,
+) -> bool {
     evs.iter().any(|e| {
         e["program"] == program
             && e["verdict"] == verdict
@@ -127,10 +140,19 @@ fn has_event(evs: &[Value], program: &str, verdict: &str, pod: Option<&str>, dst
     })
 }
 
-fn wait_event(w: &World, node: usize, program: &str, verdict: &str, pod: Option<&str>, dst: SocketAddr) {
-    wait_for(T, &format!("{program}/{verdict} event for {dst} on node {node}"), || {
-        has_event(&events(w, node), program, verdict, pod, dst).then_some(())
-    })
+fn wait_event(
+    w: &World,
+    node: usize,
+    program: &str,
+    verdict: &str,
+    pod: Option<&str>,
+    dst: SocketAddr,
+) {
+    wait_for(
+        T,
+        &format!("{program}/{verdict} event for {dst} on node {node}"),
+        || has_event(&events(w, node), program, verdict, pod, dst).then_some(()),
+    )
     .unwrap_or_else(|e| panic!("{e}; events: {:#?}", events(w, node)));
 }
 
@@ -144,38 +166,68 @@ fn access_lines(w: &World, node: usize, direction: &str, dst: SocketAddr) -> Vec
 }
 
 fn wait_access(w: &World, node: usize, direction: &str, dst: SocketAddr) -> Value {
-    wait_for(T, &format!("{direction} access log for {dst} on node {node}"), || {
-        access_lines(w, node, direction, dst).into_iter().next()
-    })
+    wait_for(
+        T,
+        &format!("{direction} access log for {dst} on node {node}"),
+        || access_lines(w, node, direction, dst).into_iter().next(),
+    )
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(node).log_tail(30)))
 }
 
 #[test]
 fn capture_outbound_cross_node_recovers_original_destination() {
     let _g = serial();
-    let Some(w) = world("capture_outbound_cross_node_recovers_original_destination", &[], |c| c, &[]) else {
+    let Some(w) = world(
+        "capture_outbound_cross_node_recovers_original_destination",
+        &[],
+        |c| c,
+        &[],
+    ) else {
         return;
     };
     let (web, api) = (w.web(), w.api());
     let hello = exchange(&web, v4(&api, PORT));
-    assert_eq!(hello.local, v4(&api, PORT), "the server saw the connection on its real address");
+    assert_eq!(
+        hello.local,
+        v4(&api, PORT),
+        "the server saw the connection on its real address"
+    );
     // The kernel redirected the connect and the agent forwarded it to the true destination.
-    wait_event(&w, 0, "connect4", "redirected", Some("shop/web"), v4(&api, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "redirected",
+        Some("shop/web"),
+        v4(&api, PORT),
+    );
     let line = wait_access(&w, 0, "outbound", v4(&api, PORT));
     assert_eq!(line["pod"], "shop/web");
     assert_eq!(line["close_reason"], "eof");
     let payload_len = format!("hello from {} to {}", web.name, v4(&api, PORT)).len() as u64;
     assert_eq!(line["bytes_sent"].as_u64(), Some(payload_len), "{line}");
-    assert!(line["bytes_received"].as_u64().unwrap_or(0) > payload_len, "hello + echo: {line}");
+    assert!(
+        line["bytes_received"].as_u64().unwrap_or(0) > payload_len,
+        "hello + echo: {line}"
+    );
     // The original-destination entry was consumed, not leaked.
-    let dump = w.mesh.agent(0).get_json("/config_dump").expect("config dump");
+    let dump = w
+        .mesh
+        .agent(0)
+        .get_json("/config_dump")
+        .expect("config dump");
     assert_eq!(dump["original_destinations_pending"], 0, "{dump}");
 }
 
 #[test]
 fn capture_unenrolled_pod_is_not_captured() {
     let _g = serial();
-    let Some(w) = world("capture_unenrolled_pod_is_not_captured", &[], |c| c, &["--trace-unenrolled"]) else {
+    let Some(w) = world(
+        "capture_unenrolled_pod_is_not_captured",
+        &[],
+        |c| c,
+        &["--trace-unenrolled"],
+    ) else {
         return;
     };
     let (batch, db) = (w.batch(), w.db());
@@ -184,7 +236,13 @@ fn capture_unenrolled_pod_is_not_captured() {
     assert_eq!(hello.peer.ip(), IpAddr::V4(batch.ip4));
     wait_event(&w, 0, "connect4", "not_enrolled", None, v4(&db, PORT));
     assert!(
-        !has_event(&events(&w, 0), "connect4", "redirected", None, v4(&db, PORT)),
+        !has_event(
+            &events(&w, 0),
+            "connect4",
+            "redirected",
+            None,
+            v4(&db, PORT)
+        ),
         "an unenrolled pod's connect was redirected"
     );
     assert!(access_lines(&w, 0, "outbound", v4(&db, PORT)).is_empty());
@@ -200,7 +258,11 @@ fn capture_excluded_port_and_cidr_are_not_captured() {
         &[9090, 7070],
         |c| {
             let mut c = c;
-            let lab_db = c.workloads.iter().find(|w| w.name == "db").map(|w| w.pod.ip4);
+            let lab_db = c
+                .workloads
+                .iter()
+                .find(|w| w.name == "db")
+                .map(|w| w.pod.ip4);
             db_ip = lab_db.map(|i| format!("{i}/32")).unwrap_or_default();
             for wl in &mut c.workloads {
                 if wl.name == "web" {
@@ -210,7 +272,9 @@ fn capture_excluded_port_and_cidr_are_not_captured() {
                         .annotate("weft.dev/exclude-outbound-cidrs", &db_ip);
                 }
                 if wl.name == "api" {
-                    *wl = wl.clone().annotate("weft.dev/exclude-inbound-ports", "7070");
+                    *wl = wl
+                        .clone()
+                        .annotate("weft.dev/exclude-inbound-ports", "7070");
                 }
             }
             c
@@ -223,44 +287,107 @@ fn capture_excluded_port_and_cidr_are_not_captured() {
     // Outbound port exclusion.
     let hello = exchange(&web, v4(&api, 9090));
     assert_eq!(hello.local, v4(&api, 9090));
-    wait_event(&w, 0, "connect4", "excluded_port", Some("shop/web"), v4(&api, 9090));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "excluded_port",
+        Some("shop/web"),
+        v4(&api, 9090),
+    );
     // Outbound CIDR exclusion.
     exchange(&web, v4(&db, PORT));
-    wait_event(&w, 0, "connect4", "excluded_cidr", Some("shop/web"), v4(&db, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "excluded_cidr",
+        Some("shop/web"),
+        v4(&db, PORT),
+    );
     assert!(access_lines(&w, 0, "outbound", v4(&db, PORT)).is_empty());
     // Inbound port exclusion: the connection reaches the app directly.
     let hello = exchange(&batch, v4(&api, 7070));
-    assert_eq!(hello.peer.ip(), IpAddr::V4(batch.ip4), "not proxied: the app sees the real client");
-    wait_event(&w, 1, "sk_lookup", "excluded_port", Some("shop/api"), v4(&api, 7070));
+    assert_eq!(
+        hello.peer.ip(),
+        IpAddr::V4(batch.ip4),
+        "not proxied: the app sees the real client"
+    );
+    wait_event(
+        &w,
+        1,
+        "sk_lookup",
+        "excluded_port",
+        Some("shop/api"),
+        v4(&api, 7070),
+    );
     // The same pod's other ports are still captured.
     exchange(&web, v4(&api, PORT));
-    wait_event(&w, 0, "connect4", "redirected", Some("shop/web"), v4(&api, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "redirected",
+        Some("shop/web"),
+        v4(&api, PORT),
+    );
 }
 
 #[test]
 fn capture_inbound_any_port_keeps_original_port() {
     let _g = serial();
-    let Some(w) = world("capture_inbound_any_port_keeps_original_port", &[31337], |c| c, &[]) else {
+    let Some(w) = world(
+        "capture_inbound_any_port_keeps_original_port",
+        &[31337],
+        |c| c,
+        &[],
+    ) else {
         return;
     };
     let (batch, api) = (w.batch(), w.api());
     for port in [PORT, 31337] {
         let hello = exchange(&batch, v4(&api, port));
-        assert_eq!(hello.local, v4(&api, port), "the app got the connection on its own port");
-        wait_event(&w, 1, "sk_lookup", "redirected", Some("shop/api"), v4(&api, port));
+        assert_eq!(
+            hello.local,
+            v4(&api, port),
+            "the app got the connection on its own port"
+        );
+        wait_event(
+            &w,
+            1,
+            "sk_lookup",
+            "redirected",
+            Some("shop/api"),
+            v4(&api, port),
+        );
         let line = wait_access(&w, 1, "inbound", v4(&api, port));
-        assert_eq!(line["src"].as_str().map(|s| s.starts_with(&batch.ip4.to_string())), Some(true), "{line}");
+        assert_eq!(
+            line["src"]
+                .as_str()
+                .map(|s| s.starts_with(&batch.ip4.to_string())),
+            Some(true),
+            "{line}"
+        );
     }
 }
 
 #[test]
 fn capture_agent_connections_are_not_recaptured() {
     let _g = serial();
-    let Some(w) = world("capture_agent_connections_are_not_recaptured", &[], |c| c, &[]) else {
+    let Some(w) = world(
+        "capture_agent_connections_are_not_recaptured",
+        &[],
+        |c| c,
+        &[],
+    ) else {
         return;
     };
     let (web, api) = (w.web(), w.api());
-    let before_redirected = w.mesh.agent(0).decision_count("connect4", "redirected").expect("count");
+    let before_redirected = w
+        .mesh
+        .agent(0)
+        .decision_count("connect4", "redirected")
+        .expect("count");
     const N: u64 = 5;
     for _ in 0..N {
         exchange(&web, v4(&api, PORT));
@@ -272,11 +399,27 @@ fn capture_agent_connections_are_not_recaptured() {
     let a0 = w.mesh.agent(0);
     // Exactly one redirect per application connection: the agent's own upstream connects were
     // seen (agent_socket) and passed, never redirected again.
-    assert_eq!(a0.decision_count("connect4", "redirected").expect("count") - before_redirected, N);
-    assert!(a0.decision_count("connect4", "agent_socket").expect("count") >= N);
+    assert_eq!(
+        a0.decision_count("connect4", "redirected").expect("count") - before_redirected,
+        N
+    );
+    assert!(
+        a0.decision_count("connect4", "agent_socket")
+            .expect("count")
+            >= N
+    );
     // On the destination node, the agent's delivery to the app is recognised as the pod's own.
-    assert!(w.mesh.agent(1).decision_count("sk_lookup", "self").expect("count") >= N);
-    assert_eq!(access_lines(&w, 0, "outbound", v4(&api, PORT)).len() as u64, N);
+    assert!(
+        w.mesh
+            .agent(1)
+            .decision_count("sk_lookup", "self")
+            .expect("count")
+            >= N
+    );
+    assert_eq!(
+        access_lines(&w, 0, "outbound", v4(&api, PORT)).len() as u64,
+        N
+    );
 }
 
 #[test]
@@ -288,13 +431,27 @@ fn capture_ipv6_works_like_ipv4() {
     let (web, api, batch) = (w.web(), w.api(), w.batch());
     let hello = exchange(&web, v6(&api, PORT));
     assert_eq!(hello.local, v6(&api, PORT));
-    wait_event(&w, 0, "connect6", "redirected", Some("shop/web"), v6(&api, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect6",
+        "redirected",
+        Some("shop/web"),
+        v6(&api, PORT),
+    );
     let line = wait_access(&w, 0, "outbound", v6(&api, PORT));
     assert_eq!(line["pod"], "shop/web");
     // Inbound over IPv6 from an unmeshed pod.
     let hello = exchange(&batch, v6(&api, PORT));
     assert_eq!(hello.local, v6(&api, PORT));
-    wait_event(&w, 1, "sk_lookup", "redirected", Some("shop/api"), v6(&api, PORT));
+    wait_event(
+        &w,
+        1,
+        "sk_lookup",
+        "redirected",
+        Some("shop/api"),
+        v6(&api, PORT),
+    );
 }
 
 #[test]
@@ -305,8 +462,19 @@ fn capture_unenrol_stops_capture_immediately() {
     };
     let (web, api) = (w.web(), w.api());
     exchange(&web, v4(&api, PORT));
-    wait_event(&w, 0, "connect4", "redirected", Some("shop/web"), v4(&api, PORT));
-    let redirected = w.mesh.agent(0).decision_count("connect4", "redirected").expect("count");
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "redirected",
+        Some("shop/web"),
+        v4(&api, PORT),
+    );
+    let redirected = w
+        .mesh
+        .agent(0)
+        .decision_count("connect4", "redirected")
+        .expect("count");
 
     let before = w.mesh.applied_counts();
     w.mesh.config.set_meshed("shop", false);
@@ -315,7 +483,10 @@ fn capture_unenrol_stops_capture_immediately() {
     // The very next connection is not captured.
     exchange(&web, v4(&api, PORT));
     assert_eq!(
-        w.mesh.agent(0).decision_count("connect4", "redirected").expect("count"),
+        w.mesh
+            .agent(0)
+            .decision_count("connect4", "redirected")
+            .expect("count"),
         redirected,
         "a connect was redirected after the namespace left the mesh"
     );
@@ -331,7 +502,10 @@ fn capture_unenrol_stops_capture_immediately() {
     w.mesh.wait_applied(&before, T).expect("applied");
     exchange(&web, v4(&api, PORT));
     assert_eq!(
-        w.mesh.agent(0).decision_count("connect4", "redirected").expect("count"),
+        w.mesh
+            .agent(0)
+            .decision_count("connect4", "redirected")
+            .expect("count"),
         redirected + 1
     );
 }
@@ -360,14 +534,22 @@ fn weft_links() -> usize {
 #[test]
 fn capture_agent_restart_leaks_no_attachments() {
     let _g = serial();
-    let Some(mut w) = world("capture_agent_restart_leaks_no_attachments", &[], |c| c, &[]) else {
+    let Some(mut w) = world(
+        "capture_agent_restart_leaks_no_attachments",
+        &[],
+        |c| c,
+        &[],
+    ) else {
         return;
     };
     let (web, api) = (w.web(), w.api());
     // Two agents: 4 programs each; links: 3 cgroup links each + 1 sk_lookup link per meshed pod.
     let programs_running = weft_programs();
     let links_running = weft_links();
-    assert!(programs_running >= 8, "{programs_running} weft programs with two agents");
+    assert!(
+        programs_running >= 8,
+        "{programs_running} weft programs with two agents"
+    );
 
     // Crash (SIGKILL) the agent of node 1: everything it attached must go with it.
     w.mesh.agents[0].kill();
@@ -375,8 +557,16 @@ fn capture_agent_restart_leaks_no_attachments() {
         let n = weft_programs();
         (n == programs_running - 4).then_some(n)
     });
-    assert!(after_crash.is_ok(), "programs after crash: {} (was {programs_running})", weft_programs());
-    assert_eq!(weft_links(), links_running - 4, "3 cgroup links + 1 sk_lookup link released");
+    assert!(
+        after_crash.is_ok(),
+        "programs after crash: {} (was {programs_running})",
+        weft_programs()
+    );
+    assert_eq!(
+        weft_links(),
+        links_running - 4,
+        "3 cgroup links + 1 sk_lookup link released"
+    );
 
     // Without its agent, node 1's pod is not captured (no stale redirect to a dead listener).
     let hello = exchange(&web, v4(&api, PORT));
@@ -386,8 +576,11 @@ fn capture_agent_restart_leaks_no_attachments() {
     let config_path = w.mesh.config_path().to_path_buf();
     let dir = w.mesh.dir().to_path_buf();
     let node = w.mesh.lab.node(0).clone();
-    let mut agent = weft_tests::mesh::AgentProcess::start(&node, &config_path, &dir, &[]).expect("restart");
-    agent.wait_ready(Duration::from_secs(20)).expect("ready after restart");
+    let mut agent =
+        weft_tests::mesh::AgentProcess::start(&node, &config_path, &dir, &[]).expect("restart");
+    agent
+        .wait_ready(Duration::from_secs(20))
+        .expect("ready after restart");
     w.mesh.agents[0] = agent;
     wait_for(T, "node 1's pod to be enrolled again", || {
         let d = w.mesh.agent(0).get_json("/config_dump").ok()?;
@@ -397,7 +590,14 @@ fn capture_agent_restart_leaks_no_attachments() {
     assert_eq!(weft_programs(), programs_running);
     assert_eq!(weft_links(), links_running);
     exchange(&web, v4(&api, PORT));
-    wait_event(&w, 0, "connect4", "redirected", Some("shop/web"), v4(&api, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "redirected",
+        Some("shop/web"),
+        v4(&api, PORT),
+    );
 
     // A clean stop releases everything too.
     w.mesh.agents[0].stop(Duration::from_secs(5));

@@ -19,8 +19,12 @@ pub enum LabCommand {
         #[arg(long, default_value_t = LabSpec::default().pods_per_node)]
         pods: usize,
     },
-    /// Remove every lab on this machine (all `weft-*` namespaces, lab cgroups, state files).
-    Down,
+    /// Remove one lab, or with no run id every lab on this machine (all `weft-*` namespaces,
+    /// lab cgroups and state files, including labs of running tests).
+    Down {
+        /// The lab to remove (see `cargo xtask lab status`).
+        run_id: Option<String>,
+    },
     /// List the labs on this machine.
     Status,
 }
@@ -32,7 +36,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             nodes,
             pods_per_node: pods,
         }),
-        LabCommand::Down => down(),
+        LabCommand::Down { run_id } => down(run_id.as_deref()),
         LabCommand::Status => status(),
     }
 }
@@ -65,12 +69,15 @@ fn up(spec: LabSpec) -> anyhow::Result<()> {
             "\nrun a command in a pod:  ip netns exec {ns} <cmd>     (e.g. `ip netns exec {ns} ip addr`)"
         );
     }
-    println!("remove it:               cargo xtask lab down");
+    println!("remove it:               cargo xtask lab down {id}   (or every lab: cargo xtask lab down)");
     Ok(())
 }
 
-fn down() -> anyhow::Result<()> {
-    let removed = Lab::down_all().context("lab down failed")?;
+fn down(run_id: Option<&str>) -> anyhow::Result<()> {
+    let removed = match run_id {
+        Some(id) => Lab::down(id).with_context(|| format!("lab down {id} failed"))?,
+        None => Lab::down_all().context("lab down failed")?,
+    };
     if removed.is_empty() {
         println!("no lab resources found");
     } else {

@@ -3,7 +3,11 @@
 //! Each top-level subcommand lives in its own module with its own clap `Subcommand` or `Args`
 //! type and a `run` function; `main` only dispatches.
 
+mod bench;
+mod ci;
+mod demo;
 mod lab;
+mod setup;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +21,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Install what a fresh machine lacks: the pinned nightly with rust-src, bpf-linker,
+    /// Debian packages (and with --ci: rustfmt, clippy, cargo-deny).
+    Setup(setup::SetupArgs),
+    /// Two-node demo mesh: meshed and unmeshed pods, traffic, and what was captured (root).
+    Demo,
+    /// The whole test suite: setup, build the agent, run every test (root for the lab tests).
+    Test {
+        /// Arguments passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// cargo fmt --check, clippy -D warnings on the host crates, cargo deny.
+    Lint,
+    /// Benchmarks (not tests): `cargo xtask bench capture [--json]` (root).
+    Bench(bench::BenchArgs),
     /// Simulated multi-node cluster on this machine, built from network namespaces (root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -25,6 +44,11 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Lab(cmd) => lab::run(cmd),
+        Command::Setup(args) => setup::run(args),
+        Command::Demo => demo::run(),
+        Command::Test { args } => ci::test(&args),
+        Command::Lint => ci::lint(),
+        Command::Bench(args) => bench::run(args),
     }
 }
 

@@ -96,14 +96,10 @@ impl NetNs {
             path: self.path.clone(),
             source,
         })?;
-        let out = f();
-        if let Err(e) = setns(home.file.as_fd()) {
-            // A thread stuck in a pod's namespace would silently create sockets in the wrong
-            // place; there is no safe way to continue.
-            eprintln!("{}", NetNsError::Return(e));
-            std::process::abort();
-        }
-        Ok(out)
+        // Switch back even if `f` panics: a caught panic (tokio catches task panics) would
+        // otherwise leave the thread in this namespace.
+        let _back = ReturnOnDrop(home);
+        Ok(f())
     }
 
     /// Moves the calling thread into this namespace for good (for dedicated threads and
@@ -135,6 +131,20 @@ impl NetNs {
     /// The underlying file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// Switches the calling thread back to the namespace it holds when dropped (see [`NetNs::run`]).
+struct ReturnOnDrop<'a>(&'a NetNs);
+
+impl Drop for ReturnOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.file.as_fd()) {
+            // A thread stuck in a pod's namespace would silently create sockets in the wrong
+            // place; there is no safe way to continue.
+            eprintln!("{}", NetNsError::Return(e));
+            std::process::abort();
+        }
     }
 }
 
@@ -201,13 +211,19 @@ mod tests {
         assert_ne!(c, 0);
         let v = ns.run(|| 42).expect("run");
         assert_eq!(v, 42);
-        assert_eq!(NetNs::current().and_then(|n| n.cookie()).expect("cookie"), c);
+        assert_eq!(
+            NetNs::current().and_then(|n| n.cookie()).expect("cookie"),
+            c
+        );
     }
 
     #[test]
     fn missing_namespace_names_the_path() {
         let err = NetNs::open("/run/netns/definitely-not-here").expect_err("must fail");
-        assert!(err.to_string().contains("/run/netns/definitely-not-here"), "{err}");
+        assert!(
+            err.to_string().contains("/run/netns/definitely-not-here"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -164,7 +164,10 @@ impl MeshState {
     }
 
     /// Workloads served by `node`.
-    pub fn workloads_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a WorkloadInfo> {
+    pub fn workloads_on_node<'a>(
+        &'a self,
+        node: &'a str,
+    ) -> impl Iterator<Item = &'a WorkloadInfo> {
         self.workloads.values().filter(move |w| w.node == node)
     }
 }
@@ -271,7 +274,10 @@ fn workload_info(
 }
 
 /// Parses a comma-separated list; on failure returns the offending item.
-fn parse_list<T>(value: Option<&String>, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>, String> {
+fn parse_list<T>(
+    value: Option<&String>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>, String> {
     let Some(value) = value else {
         return Ok(Vec::new());
     };
@@ -288,7 +294,11 @@ mod tests {
     use super::*;
     use crate::parse_documents;
 
-    fn state(extra_ann: &str, ns_label: &str, pod_label: &str) -> Result<MeshState, Vec<ModelError>> {
+    fn state(
+        extra_ann: &str,
+        ns_label: &str,
+        pod_label: &str,
+    ) -> Result<MeshState, Vec<ModelError>> {
         let text = format!(
             r#"
 apiVersion: v1
@@ -337,8 +347,12 @@ spec: {{node: n1, ips: [198.18.1.11], netns: /run/netns/x}}
     fn bad_annotations_name_the_annotation_and_value() {
         let e = state(r#"weft.dev/exclude-outbound-ports: "80,http""#, "", "").expect_err("bad");
         let msg = e[0].to_string();
-        assert!(msg.contains("weft.dev/exclude-outbound-ports") && msg.contains("`http`"), "{msg}");
-        let e = state(r#"weft.dev/exclude-outbound-cidrs: "10.0.0.0/33""#, "", "").expect_err("bad");
+        assert!(
+            msg.contains("weft.dev/exclude-outbound-ports") && msg.contains("`http`"),
+            "{msg}"
+        );
+        let e =
+            state(r#"weft.dev/exclude-outbound-cidrs: "10.0.0.0/33""#, "", "").expect_err("bad");
         assert!(e[0].to_string().contains("10.0.0.0/33"));
         let e = state("", "weft.dev/mesh: yes", "").expect_err("bad label");
         assert!(e[0].to_string().contains("`yes`"));

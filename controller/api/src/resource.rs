@@ -192,7 +192,11 @@ spec:
         let e = parse_documents(&text, "a.yaml").expect_err("invalid ip");
         assert_eq!(e.document, 1);
         assert_eq!(e.field.as_deref(), Some("spec.ips[0]"));
-        assert!(e.to_string().starts_with("a.yaml: document 1, field `spec.ips[0]`"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("a.yaml: document 1, field `spec.ips[0]`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -303,7 +303,10 @@ mod tests {
         assert_eq!(size_of::<OrigDst>(), 24);
         assert_eq!(size_of::<TupleKey>(), 32);
         assert_eq!(size_of::<Config>(), 8);
-        assert_eq!(size_of::<CaptureEvent>(), 8 + 8 + 16 + 16 + 2 + 2 + 4 + 1 + 1 + 6);
+        assert_eq!(
+            size_of::<CaptureEvent>(),
+            8 + 8 + 16 + 16 + 2 + 2 + 4 + 1 + 1 + 6
+        );
     }
 
     #[test]
@@ -314,7 +317,10 @@ mod tests {
         for (i, w) in a.iter().enumerate() {
             bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 1, 2]);
+        assert_eq!(
+            bytes,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 1, 2]
+        );
         assert!(is_v4_mapped(&a));
     }
 

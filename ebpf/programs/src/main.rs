@@ -33,12 +33,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use weft_ebpf_common::{
-    Addr, COUNTER_SLOTS, CaptureEvent, CidrKey, Config, CIDR_KEY_FIXED_BITS,
-    CONFIG_TRACE_UNENROLLED, DIR_INBOUND, DIR_OUTBOUND, EVENTS_RING_BYTES, IpKey, IpPod,
-    MAX_CIDR_EXCLUSIONS, MAX_PODS, MAX_PORT_EXCLUSIONS, ORIG_DST_MAX_ENTRIES, OrigDst,
-    POD_HAS_IP4, POD_HAS_IP6, POD_OPTED_OUT, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP, PodInfo, PortKey, TupleKey, VERDICTS,
-    is_v4_mapped, v4_mapped, verdict,
+    Addr, CIDR_KEY_FIXED_BITS, CONFIG_TRACE_UNENROLLED, COUNTER_SLOTS, CaptureEvent, CidrKey,
+    Config, DIR_INBOUND, DIR_OUTBOUND, EVENTS_RING_BYTES, IpKey, IpPod, MAX_CIDR_EXCLUSIONS,
+    MAX_PODS, MAX_PORT_EXCLUSIONS, ORIG_DST_MAX_ENTRIES, OrigDst, POD_HAS_IP4, POD_HAS_IP6,
+    POD_OPTED_OUT, PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND, PROG_CONNECT4, PROG_CONNECT6,
+    PROG_SK_LOOKUP, PodInfo, PortKey, TupleKey, VERDICTS, is_v4_mapped, v4_mapped, verdict,
 };
 
 const AF_INET: u32 = 2;
@@ -246,7 +245,10 @@ fn try_connect(ctx: &SockAddrContext, program: u8) {
         pod_id: pod.pod_id,
     };
     if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
-        warn!(ctx, "weft: cannot record original destination; passing through");
+        warn!(
+            ctx,
+            "weft: cannot record original destination; passing through"
+        );
         d.verdict = verdict::ERROR;
         record(&d, true);
         return;
@@ -268,7 +270,10 @@ fn try_connect(ctx: &SockAddrContext, program: u8) {
         }
         (*sa).user_port = PORT_OUTBOUND.to_be() as u32;
     }
-    debug!(ctx, "weft: redirected connect to port {} for pod {}", dst_port, pod.pod_id);
+    debug!(
+        ctx,
+        "weft: redirected connect to port {} for pod {}", dst_port, pod.pod_id
+    );
     record(&d, true);
 }
 
@@ -338,7 +343,10 @@ fn try_sock_ops(ctx: &SockOpsContext) {
         if unsafe { ORIG_BY_COOKIE.get(&cookie) }.is_some()
             && ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err()
         {
-            warn!(ctx, "weft: cannot enable state callbacks on a captured socket");
+            warn!(
+                ctx,
+                "weft: cannot enable state callbacks on a captured socket"
+            );
         }
         return;
     }
@@ -359,7 +367,10 @@ fn try_sock_ops(ctx: &SockOpsContext) {
     };
     if let Some(key) = tuple_key(ctx) {
         if ORIG_BY_TUPLE.insert(&key, &orig, 0).is_err() {
-            warn!(ctx, "weft: cannot move original destination to its tuple key");
+            warn!(
+                ctx,
+                "weft: cannot move original destination to its tuple key"
+            );
         }
     }
     let _ = ORIG_BY_COOKIE.remove(&cookie);
@@ -387,7 +398,11 @@ fn tuple_key(ctx: &SockOpsContext) -> Option<TupleKey> {
             ],
         )
     };
-    let addr = if family == AF_INET { v4_mapped(ip4) } else { ip6 };
+    let addr = if family == AF_INET {
+        v4_mapped(ip4)
+    } else {
+        ip6
+    };
     let port = unsafe { core::ptr::read_volatile(&(*ops).local_port) };
     Some(TupleKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
