@@ -23,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use weft_netns::NetNs;
 
+use weft_ebpf_common::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
+
 use crate::capture::OrigDstMap;
 
 /// Shared by every pod's accept loops.
@@ -75,6 +77,10 @@ pub enum RejectReason {
     },
     #[error("cannot create a socket in pod {pod}'s network namespace: {detail}")]
     Socket { pod: String, detail: String },
+    #[error(
+        "{peer} connected to the agent's own port {dst} directly; only captured connections are served there"
+    )]
+    AgentPort { peer: SocketAddr, dst: SocketAddr },
 }
 
 impl RejectReason {
@@ -86,6 +92,7 @@ impl RejectReason {
             Self::Connect { .. } => "connect_failed",
             Self::ConnectTimeout { .. } => "connect_timeout",
             Self::Socket { .. } => "socket_error",
+            Self::AgentPort { .. } => "agent_port",
         }
     }
 }
@@ -170,15 +177,7 @@ async fn handle(
     let peer = canonical(peer);
     let dst = match dir {
         Direction::Outbound => outbound_destination(peer, pod, ctx),
-        Direction::Inbound => {
-            client
-                .local_addr()
-                .map(canonical)
-                .map_err(|e| RejectReason::Socket {
-                    pod: pod.name.clone(),
-                    detail: e.to_string(),
-                })
-        }
+        Direction::Inbound => inbound_destination(&client, peer, pod),
     };
     let result = match dst {
         Ok(dst) => match connect_from(pod, ctx, dst).await {
@@ -258,6 +257,27 @@ fn outbound_destination(
         Some((dst, _pod_id)) => Ok(dst),
         None => Err(RejectReason::NoOriginalDestination { peer }),
     }
+}
+
+/// The original destination of a steered inbound connection: its local address. A connection
+/// made straight to one of the agent's ports (not steered) is refused: "delivering" it would
+/// connect the agent to itself, again and again.
+fn inbound_destination(
+    client: &TcpStream,
+    peer: SocketAddr,
+    pod: &PodMeta,
+) -> Result<SocketAddr, RejectReason> {
+    let dst = client
+        .local_addr()
+        .map(canonical)
+        .map_err(|e| RejectReason::Socket {
+            pod: pod.name.clone(),
+            detail: e.to_string(),
+        })?;
+    if [PORT_OUTBOUND, PORT_INBOUND, PORT_HBONE].contains(&dst.port()) {
+        return Err(RejectReason::AgentPort { peer, dst });
+    }
+    Ok(dst)
 }
 
 /// Opens a marked connection from inside the pod's network namespace.

@@ -28,6 +28,8 @@
 //! (`eth0`, `cni0`, `br0`, `n<i>`, `p<j>`) cannot collide with anything. Concurrent labs, in
 //! one process or several, therefore never collide.
 
+#![warn(missing_docs)]
+
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr};
 use std::fs;
@@ -1238,8 +1240,9 @@ impl Lab {
         self.verify()
     }
 
-    /// Checks TCP connectivity, IPv4 and IPv6: from the first pod to the first pod of every
-    /// other node (or to the second pod, with a single node; between nodes, without pods).
+    /// Checks TCP connectivity, IPv4 and IPv6, from the first pod to the first pod of every
+    /// other node. With a single node: to its second pod, or to the node itself (the pods'
+    /// gateway addresses). Without pods: from the first node to every other node.
     fn verify(&self) -> Result<(), LabError> {
         let mut targets: Vec<(&str, Vec<IpAddr>)> = Vec::new();
         let source = match self.pods.first() {
@@ -1250,6 +1253,10 @@ impl Lab {
                     if other_node || single_node {
                         targets.push((&p.netns, vec![p.ip4.into(), p.ip6.into()]));
                     }
+                }
+                if targets.is_empty() {
+                    let n = &self.nodes[0];
+                    targets.push((&n.netns, vec![n.gateway4().into(), n.gateway6().into()]));
                 }
                 &first.netns
             }
@@ -1996,6 +2003,46 @@ mod tests {
         if is_root() {
             assert!(require_root("require_root_matches_euid"));
         }
+    }
+
+    /// Root only: a build that fails half-way leaves nothing behind once the `Lab` drops (as
+    /// in `Lab::up`, which returns the error after dropping it).
+    #[test]
+    fn lab_failed_build_removes_what_it_created() {
+        if !require_root("lab_failed_build_removes_what_it_created") {
+            return;
+        }
+        let cgroup2 = cgroup2_mount().expect("cgroup2");
+        let (run_id, cgroup_root) = claim_run_id(&cgroup2).expect("run id");
+        let spec = LabSpec::default();
+        let Plan {
+            fabric,
+            nodes,
+            mut pods,
+        } = plan(&run_id, spec, &cgroup_root);
+        // Fault: the last pod's cgroup cannot be created (its parent does not exist), after
+        // every namespace and link exists and the other pod cgroups were made.
+        let last = pods.last_mut().expect("pods");
+        last.cgroup = cgroup_root.join("missing").join(&last.name);
+        let lab = Lab {
+            run_id: run_id.clone(),
+            spec,
+            cgroup2,
+            cgroup_root: cgroup_root.clone(),
+            fabric,
+            nodes,
+            pods,
+            created: SystemTime::now(),
+            armed: true,
+        };
+        let err = lab.build().expect_err("build must fail");
+        assert!(matches!(err, LabError::Cgroup { .. }), "{err}");
+        let prefix = format!("{PREFIX}{run_id}-");
+        assert_eq!(list_netns(&prefix).expect("list").len(), 7);
+        assert!(cgroup_root.join("n1p1").is_dir());
+        drop(lab);
+        assert_eq!(list_netns(&prefix).expect("list"), Vec::<String>::new());
+        assert!(!cgroup_root.exists());
     }
 
     #[test]

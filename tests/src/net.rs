@@ -5,6 +5,8 @@
 //! so these helpers only switch namespace (with [`NetNs::run`]) for the `socket()` call; binding,
 //! connecting and all I/O then happen from the caller's own namespace.
 
+#![warn(missing_docs)]
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;

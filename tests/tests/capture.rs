@@ -372,6 +372,56 @@ fn capture_inbound_any_port_keeps_original_port() {
 }
 
 #[test]
+fn capture_direct_connections_to_agent_ports_are_refused() {
+    let _g = serial();
+    let Some(w) = world(
+        "capture_direct_connections_to_agent_ports_are_refused",
+        &[],
+        |c| c,
+        &[],
+    ) else {
+        return;
+    };
+    let (batch, api) = (w.batch(), w.api());
+    // From another pod, straight to the agent's ports on a meshed pod: refused, never looped.
+    for port in [15001u16, 15006] {
+        let ns = batch.netns().expect("netns");
+        // The agent resets the connection: either at once, or on the first read.
+        let n = match tcp_connect_in(&ns, v4(&api, port), T) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(T)).expect("timeout");
+                let mut buf = [0u8; 16];
+                std::io::Read::read(&mut s, &mut buf).unwrap_or(0)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => 0,
+            Err(e) => panic!("connect to agent port {port}: {e}"),
+        };
+        assert_eq!(n, 0, "port {port} must not serve a direct connection");
+    }
+    let rejected = wait_for(T, "two rejections in the access log", || {
+        let lines: Vec<Value> = w
+            .mesh
+            .agent(1)
+            .access_log()
+            .into_iter()
+            .filter(|l| l["result"] == "foreign_peer" || l["result"] == "agent_port")
+            .collect();
+        (lines.len() >= 2).then_some(lines)
+    })
+    .expect("rejections logged");
+    assert!(
+        rejected.iter().any(|l| l["result"] == "foreign_peer"),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected.iter().any(|l| l["result"] == "agent_port"),
+        "{rejected:?}"
+    );
+    // The pod still works normally afterwards.
+    exchange(&batch, v4(&api, PORT));
+}
+
+#[test]
 fn capture_agent_connections_are_not_recaptured() {
     let _g = serial();
     let Some(w) = world(

@@ -1,6 +1,7 @@
 //! `cargo xtask lab up|down|status`: a lab that outlives the command, for manual testing.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Instant;
 
 use anyhow::Context as _;
@@ -45,32 +46,41 @@ fn up(spec: LabSpec) -> anyhow::Result<()> {
     let started = Instant::now();
     let lab = Lab::up(spec).context("lab up failed")?;
     let elapsed = started.elapsed();
-    let table = render_table(
-        lab.nodes(),
-        lab.pods().cloned().collect::<Vec<_>>().as_slice(),
-    );
-    let example = lab.pods().next().map(|p| p.netns.clone());
+    let pods: Vec<Pod> = lab.pods().cloned().collect();
+    let table = render_table(lab.nodes(), &pods);
     let fabric = lab.fabric_netns().to_owned();
     let cgroup = lab.cgroup().display().to_string();
     let id = lab.keep();
-    println!(
-        "lab {id} is up ({} nodes x {} pods, {} ms)\n",
+    let mut out = format!(
+        "lab {id} is up ({} nodes x {} pods, {} ms)\n\n{table}\n",
         spec.nodes,
         spec.pods_per_node,
         elapsed.as_millis()
     );
-    print!("{table}");
-    println!(
-        "\nfabric netns: {fabric} (bridge br0; capture with `ip netns exec {fabric} tcpdump -ni br0`)"
+    let _ = writeln!(
+        out,
+        "fabric netns: {fabric} (bridge br0; capture with `ip netns exec {fabric} tcpdump -ni br0`)"
     );
-    println!("cgroups:      {cgroup}/<pod>");
-    if let Some(ns) = example {
-        println!(
-            "\nrun a command in a pod:  ip netns exec {ns} <cmd>     (e.g. `ip netns exec {ns} ip addr`)"
+    let _ = writeln!(out, "cgroups:      {cgroup}/<pod>\n");
+    if let Some(ns) = pods.first().map(|p| &p.netns) {
+        let _ = writeln!(
+            out,
+            "run a command in a pod:  ip netns exec {ns} <cmd>     (e.g. `ip netns exec {ns} ip addr`)"
         );
     }
-    println!("remove it:               cargo xtask lab down {id}   (or every lab: cargo xtask lab down)");
-    Ok(())
+    let _ = writeln!(
+        out,
+        "remove it:               cargo xtask lab down {id}   (or every lab: cargo xtask lab down)"
+    );
+    emit(&out)
+}
+
+/// Prints to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 fn down(run_id: Option<&str>) -> anyhow::Result<()> {
@@ -78,20 +88,19 @@ fn down(run_id: Option<&str>) -> anyhow::Result<()> {
         Some(id) => Lab::down(id).with_context(|| format!("lab down {id} failed"))?,
         None => Lab::down_all().context("lab down failed")?,
     };
+    let mut out = String::new();
     if removed.is_empty() {
-        println!("no lab resources found");
-    } else {
-        for item in &removed {
-            println!("removed {item}");
-        }
+        out.push_str("no lab resources found\n");
     }
-    Ok(())
+    for item in &removed {
+        let _ = writeln!(out, "removed {item}");
+    }
+    emit(&out)
 }
 
 fn status() -> anyhow::Result<()> {
     let labs = Lab::status().context("lab status failed")?;
-    print!("{}", render_status(&labs));
-    Ok(())
+    emit(&render_status(&labs))
 }
 
 fn render_table(nodes: &[Node], pods: &[Pod]) -> String {
