@@ -334,6 +334,56 @@ fn capture_excluded_port_and_cidr_are_not_captured() {
 }
 
 #[test]
+fn capture_opted_out_pod_is_not_captured() {
+    let _g = serial();
+    let Some(mut w) = world(
+        "capture_opted_out_pod_is_not_captured",
+        &[],
+        |c| {
+            let mut c = c;
+            for wl in &mut c.workloads {
+                if wl.name == "web" {
+                    *wl = wl.clone().label("weft.dev/mesh", "disabled");
+                }
+            }
+            c
+        },
+        &[],
+    ) else {
+        return;
+    };
+    let (web, api) = (w.web(), w.api());
+    exchange(&web, v4(&api, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "opted_out",
+        Some("shop/web"),
+        v4(&api, PORT),
+    );
+    assert!(access_lines(&w, 0, "outbound", v4(&api, PORT)).is_empty());
+    // Opting back in is a map update: no reload, the next connect is captured.
+    let before = w.mesh.applied_counts();
+    for wl in &mut w.mesh.config.workloads {
+        if wl.name == "web" {
+            wl.labels.clear();
+        }
+    }
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("applied");
+    exchange(&web, v4(&api, PORT));
+    wait_event(
+        &w,
+        0,
+        "connect4",
+        "redirected",
+        Some("shop/web"),
+        v4(&api, PORT),
+    );
+}
+
+#[test]
 fn capture_inbound_any_port_keeps_original_port() {
     let _g = serial();
     let Some(w) = world(
@@ -568,6 +618,14 @@ fn weft_programs() -> usize {
         .count()
 }
 
+/// Maps of the Weft object (one set per agent), by a name only Weft uses.
+fn weft_maps() -> usize {
+    aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str() == Some("ORIG_BY_TUPLE"))
+        .count()
+}
+
 /// bpf links whose program is a `weft_*` program.
 fn weft_links() -> usize {
     let ids: std::collections::HashSet<u32> = aya::programs::loaded_programs()
@@ -596,6 +654,11 @@ fn capture_agent_restart_leaks_no_attachments() {
     // Two agents: 4 programs each; links: 3 cgroup links each + 1 sk_lookup link per meshed pod.
     let programs_running = weft_programs();
     let links_running = weft_links();
+    let maps_running = weft_maps();
+    assert!(
+        maps_running >= 2,
+        "{maps_running} ORIG_BY_TUPLE maps with two agents"
+    );
     assert!(
         programs_running >= 8,
         "{programs_running} weft programs with two agents"
@@ -639,6 +702,7 @@ fn capture_agent_restart_leaks_no_attachments() {
     .expect("enrolled");
     assert_eq!(weft_programs(), programs_running);
     assert_eq!(weft_links(), links_running);
+    assert_eq!(weft_maps(), maps_running);
     exchange(&web, v4(&api, PORT));
     wait_event(
         &w,
