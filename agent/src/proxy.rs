@@ -330,8 +330,9 @@ async fn relay(a: &mut TcpStream, b: &mut TcpStream, counts: &Counts) -> io::Res
     let (mut br, mut bw) = b.split();
     let up = copy_counted(&mut ar, &mut bw, &counts.client_to_upstream);
     let down = copy_counted(&mut br, &mut aw, &counts.upstream_to_client);
-    let (r1, r2) = tokio::join!(up, down);
-    r1.and(r2)
+    // The first error ends both directions (dropping the other copy closes its sockets), so a
+    // reset on one side is never left hanging on the other.
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 const RELAY_BUF: usize = 16 * 1024;

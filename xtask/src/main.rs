@@ -1,4 +1,4 @@
-//! `cargo xtask`: Weft's developer commands (lab, and later setup, demo, bench, ci, codegen).
+//! `cargo xtask`: Weft's developer commands (setup, demo, test, lint, bench, lab).
 //!
 //! Each top-level subcommand lives in its own module with its own clap `Subcommand` or `Args`
 //! type and a `run` function; `main` only dispatches.

@@ -1,4 +1,4 @@
-//! Every label and annotation Weft reads. Documented in docs/labels.md.
+//! Every label and annotation Weft reads. Documented in docs/configuration.md.
 
 /// Namespace label: `enabled` puts the namespace's pods in the mesh. On a pod: `disabled` opts
 /// that one pod out (its traffic is never captured).

@@ -10,7 +10,8 @@
 pub const PORT_OUTBOUND: u16 = 15001;
 /// The agent's inbound (plaintext) listener inside every enrolled pod's network namespace.
 pub const PORT_INBOUND: u16 = 15006;
-/// The agent's HBONE (mTLS tunnel) listener inside every enrolled pod's network namespace.
+/// Reserved for the agent's HBONE (mTLS tunnel) listener inside every enrolled pod's network
+/// namespace (the tunnel is not built yet; capture already leaves the port alone).
 pub const PORT_HBONE: u16 = 15008;
 
 /// Default socket mark the agent sets on its own upstream sockets; marked sockets are never
