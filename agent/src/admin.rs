@@ -31,8 +31,12 @@ pub struct ConfigStatus {
     /// Times a new configuration was applied.
     pub applied: u64,
     /// The last configuration error, if the newest configuration was rejected (the previous
-    /// good one stays in force).
+    /// good one stays in force), or why the controller is unreachable.
     pub last_error: Option<String>,
+    /// Controller mode: a stream is open.
+    pub connected: bool,
+    /// Controller mode: the current stream delivered its first (sync) update.
+    pub synced: bool,
 }
 
 /// What the admin endpoint reads.

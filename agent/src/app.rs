@@ -9,20 +9,23 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::sync::watch;
 use weft_netns::NetNs;
 
 use crate::admin::{self, AdminState, ConfigStatus};
 use crate::capture::{Capture, CaptureOptions};
-use crate::config::LocalConfig;
+use crate::discovery::{self, ControllerOptions};
 use crate::events::{self, EventLog};
 use crate::pods::PodManager;
 use crate::proxy::ProxyContext;
+use weft_api::MeshState;
+use weft_api::local::LocalConfig;
 
 /// Agent settings (from the command line; see `main.rs`).
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub node: String,
-    pub config: PathBuf,
+    pub source: ConfigSource,
     pub admin_addr: SocketAddr,
     pub socket_mark: u32,
     pub cgroup_root: Option<PathBuf>,
@@ -31,6 +34,24 @@ pub struct AgentConfig {
     pub config_poll: Duration,
     pub connect_timeout: Duration,
     pub worker_threads: usize,
+}
+
+/// Where the agent's configuration comes from.
+#[derive(Clone, Debug)]
+pub enum ConfigSource {
+    /// A local YAML file or directory (development; like ztunnel's local config).
+    Local(PathBuf),
+    /// The controller's config stream.
+    Controller(ControllerOptions),
+}
+
+impl ConfigSource {
+    fn describe(&self) -> String {
+        match self {
+            Self::Local(p) => p.display().to_string(),
+            Self::Controller(c) => c.url.clone(),
+        }
+    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -76,7 +97,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         runtime.handle().clone(),
     )));
     let config_status = Arc::new(Mutex::new(ConfigStatus {
-        source: cfg.config.display().to_string(),
+        source: cfg.source.describe(),
         ..Default::default()
     }));
     let admin_state = Arc::new(AdminState {
@@ -135,16 +156,23 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Some(logger) = logger {
             tokio::spawn(forward_kernel_logs(logger));
         }
-        let source = LocalConfig::new(&cfg.config);
-        let follow = follow_config(
-            source,
-            cfg.config_poll,
-            pods.clone(),
-            config_status,
-            admin_state.clone(),
-        );
+        let (state_tx, state_rx) = watch::channel(None);
+        match cfg.source.clone() {
+            ConfigSource::Local(path) => {
+                tokio::spawn(follow_local(
+                    LocalConfig::new(path),
+                    cfg.config_poll,
+                    state_tx,
+                    config_status.clone(),
+                ));
+            }
+            ConfigSource::Controller(opts) => {
+                tokio::spawn(discovery::run(opts, state_tx, config_status.clone()));
+            }
+        }
+        let reconcile = reconcile_loop(state_rx, pods.clone(), admin_state.clone());
         tokio::select! {
-            () = follow => {},
+            () = reconcile => {},
             r = shutdown_signal() => {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "cannot listen for signals");
@@ -164,15 +192,42 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn follow_config(
-    source: LocalConfig,
-    every: Duration,
+/// Applies every new state, and retries failed enrolments every second.
+async fn reconcile_loop(
+    mut states: watch::Receiver<Option<Arc<MeshState>>>,
     pods: Arc<Mutex<PodManager>>,
-    status: Arc<Mutex<ConfigStatus>>,
     admin: Arc<AdminState>,
 ) {
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = states.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = retry.tick() => {}
+        }
+        let state = states.borrow_and_update().clone();
+        if let Some(state) = state {
+            match pods.lock() {
+                Ok(mut p) => p.reconcile(&state),
+                Err(p) => p.into_inner().reconcile(&state),
+            }
+            admin.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Polls a local configuration file or directory.
+async fn follow_local(
+    source: LocalConfig,
+    every: Duration,
+    out: watch::Sender<Option<Arc<MeshState>>>,
+    status: Arc<Mutex<ConfigStatus>>,
+) {
     let mut last_text = None;
-    let mut last_good = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -185,37 +240,25 @@ async fn follow_config(
             last_text = Some(files);
             state.map(Some)
         });
+        let mut s = match status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
         match result {
             Ok(Some(state)) => {
-                last_good = Some(state);
-                let mut s = match status.lock() {
-                    Ok(s) => s,
-                    Err(p) => p.into_inner(),
-                };
+                out.send_replace(Some(Arc::new(state)));
                 s.applied += 1;
                 s.last_error = None;
             }
             Ok(None) => {}
             Err(e) => {
                 let msg = e.to_string();
-                let mut s = match status.lock() {
-                    Ok(s) => s,
-                    Err(p) => p.into_inner(),
-                };
                 if s.last_error.as_ref() != Some(&msg) {
                     tracing::error!(error = %msg, "configuration rejected; keeping the last good one");
                     metrics::counter!("weft_config_rejected_total").increment(1);
                 }
                 s.last_error = Some(msg);
             }
-        }
-        // Reconcile every tick (cheap when nothing changed): retries failed enrolments.
-        if let Some(state) = &last_good {
-            match pods.lock() {
-                Ok(mut p) => p.reconcile(state),
-                Err(p) => p.into_inner().reconcile(state),
-            }
-            admin.ready.store(true, Ordering::Release);
         }
     }
 }

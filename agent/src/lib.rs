@@ -4,7 +4,7 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
-pub mod config;
+pub mod discovery;
 pub mod events;
 pub mod metrics;
 pub mod pods;

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use weft_agent::app::{AgentConfig, run};
+use weft_agent::app::{AgentConfig, ConfigSource, run};
+use weft_agent::discovery::ControllerOptions;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -15,15 +16,34 @@ enum LogFormat {
 
 /// Weft node agent: captures the TCP of this node's meshed pods with eBPF and proxies it.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Args {
     /// Name of this node; the agent serves the workloads whose `spec.node` matches.
     #[arg(long, env = "WEFT_NODE")]
     node: String,
     /// Local configuration: a YAML file, or a directory of YAML files, of Namespaces and
     /// Workloads (the development stand-in for the control plane). Re-read when it changes.
-    #[arg(long, env = "WEFT_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        long,
+        env = "WEFT_CONFIG",
+        required_unless_present = "controller",
+        conflicts_with = "controller"
+    )]
+    config: Option<PathBuf>,
+    /// The controller's config stream, `https://HOST:PORT`.
+    #[arg(long, env = "WEFT_CONTROLLER", requires = "controller_ca")]
+    controller: Option<String>,
+    /// PEM CA that signed the controller's certificate (the controller writes `ca.pem` to its
+    /// --state-dir when it generates one).
+    #[arg(long, env = "WEFT_CONTROLLER_CA")]
+    controller_ca: Option<PathBuf>,
+    /// File with this node's bootstrap token (sent as `authorization: Bearer`).
+    #[arg(long, env = "WEFT_BOOTSTRAP_TOKEN_FILE")]
+    bootstrap_token_file: Option<PathBuf>,
+    /// Where the agent keeps its last-good configuration snapshot (served while the controller
+    /// is unreachable, including after a restart).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft-agent")]
+    state_dir: PathBuf,
     /// Admin HTTP endpoint (/ready, /metrics, /debug/capture, /config_dump).
     #[arg(long, env = "WEFT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
@@ -94,8 +114,23 @@ fn main() -> std::process::ExitCode {
         LogFormat::Text => builder.init(),
     }
     let cfg = AgentConfig {
-        node: args.node,
-        config: args.config,
+        node: args.node.clone(),
+        source: match (args.config, args.controller, args.controller_ca) {
+            (Some(path), _, _) => ConfigSource::Local(path),
+            (None, Some(url), Some(ca)) => ConfigSource::Controller(ControllerOptions {
+                url,
+                ca,
+                token_file: args.bootstrap_token_file,
+                node: args.node.clone(),
+                state_dir: args.state_dir,
+            }),
+            _ => {
+                eprintln!(
+                    "weft-agent: pass --config FILE, or --controller URL with --controller-ca FILE"
+                );
+                return std::process::ExitCode::FAILURE;
+            }
+        },
         admin_addr: args.admin_addr,
         socket_mark: args.socket_mark,
         cgroup_root: args.cgroup_root,

@@ -39,6 +39,10 @@ pub fn describe() {
         "weft_config_rejected_total",
         "Configurations rejected as invalid (the last good one stays in force)."
     );
+    describe_counter!(
+        "weft_controller_reconnects_total",
+        "Times the config stream to the controller ended and the agent scheduled a reconnect."
+    );
     describe_gauge!(
         "weft_enrolled_pods",
         "Pods currently enrolled on this node."

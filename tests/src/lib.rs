@@ -6,9 +6,11 @@
 //!
 //! Everything that touches the kernel needs root; tests call [`require_root`] first.
 
+pub mod fake_apiserver;
 pub mod lab;
 pub mod mesh;
 pub mod net;
+pub mod scenario;
 
 pub use lab::{Lab, LabError, LabSpec, LabStatus, Node, Pod, cgroup2_mount, require_root};
 pub use net::{ServerHello, TestServer, ask, read_hello, tcp_connect_in, tcp_listen_in};

@@ -22,7 +22,7 @@ pub const AGENT_ADMIN: SocketAddr =
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
     #[error(
-        "weft-agent binary not found at {0}: build it first (`cargo build -p weft-agent`; `cargo xtask test` does this) or set WEFT_AGENT_BIN"
+        "binary not found at {0}: build it first (`cargo build -p weft-agent -p weft-controller --bins`; `cargo xtask test` does this) or set WEFT_AGENT_BIN / WEFT_CONTROLLER_BIN"
     )]
     NoAgentBinary(PathBuf),
     #[error("{what}: {source}")]
@@ -60,7 +60,16 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MeshError {
 /// Path of the agent binary: `$WEFT_AGENT_BIN`, else next to the running test or xtask binary
 /// (`target/<profile>/weft-agent`).
 pub fn agent_binary() -> Result<PathBuf, MeshError> {
-    if let Some(p) = std::env::var_os("WEFT_AGENT_BIN") {
+    find_binary("weft-agent", "WEFT_AGENT_BIN")
+}
+
+/// Path of the controller binary: `$WEFT_CONTROLLER_BIN`, else next to the running binary.
+pub fn controller_binary() -> Result<PathBuf, MeshError> {
+    find_binary("weft-controller", "WEFT_CONTROLLER_BIN")
+}
+
+fn find_binary(name: &str, env: &str) -> Result<PathBuf, MeshError> {
+    if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
         return if p.is_file() {
             Ok(p)
@@ -72,7 +81,7 @@ pub fn agent_binary() -> Result<PathBuf, MeshError> {
     // target/<profile>/deps/<test>-<hash> or target/<profile>/xtask
     let mut candidates = Vec::new();
     for dir in exe.ancestors().skip(1).take(2) {
-        candidates.push(dir.join("weft-agent"));
+        candidates.push(dir.join(name));
     }
     candidates
         .iter()
@@ -210,16 +219,31 @@ impl AgentProcess {
         dir: &Path,
         extra: &[&str],
     ) -> Result<Self, MeshError> {
+        let source = ["--config".to_string(), config.display().to_string()];
+        Self::start_with_source(node, &source, dir, extra)
+    }
+
+    /// Starts `weft-agent` with explicit configuration-source arguments (`--config FILE`, or
+    /// `--controller URL --controller-ca ...`). The log file is appended to, so a restarted
+    /// agent's lines follow the previous ones.
+    pub fn start_with_source(
+        node: &Node,
+        source: &[String],
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self, MeshError> {
         let bin = agent_binary()?;
         let log_path = dir.join(format!("agent-{}.log", node.name));
-        let log = std::fs::File::create(&log_path)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
             .map_err(io(format!("creating {}", log_path.display())))?;
         let err = log.try_clone().map_err(io("cloning a log handle"))?;
         let mut cmd = node.command(&bin);
         cmd.arg("--node")
             .arg(&node.name)
-            .arg("--config")
-            .arg(config)
+            .args(source)
             .arg("--admin-addr")
             .arg(AGENT_ADMIN.to_string())
             .arg("--log-format")
@@ -415,9 +439,12 @@ pub fn wait_for<T>(
 /// A lab with a configuration directory and one agent per node.
 pub struct MeshLab {
     pub agents: Vec<AgentProcess>,
+    /// The controller (controller mode only), on node 1.
+    pub controller: Option<ControllerProcess>,
     pub config: MeshConfig,
     config_path: PathBuf,
     dir: PathBuf,
+    extra_agent_args: Vec<String>,
     /// Dropped last (fields drop in order): agents stop before the namespaces go.
     pub lab: Lab,
 }
@@ -431,9 +458,11 @@ impl MeshLab {
         let config_path = dir.join("mesh.yaml");
         let mut mesh = Self {
             agents: Vec::new(),
+            controller: None,
             config,
             config_path,
             dir,
+            extra_agent_args: extra.iter().map(|s| s.to_string()).collect(),
             lab,
         };
         mesh.write_config()?;
@@ -445,6 +474,109 @@ impl MeshLab {
             a.wait_ready(Duration::from_secs(20))?;
         }
         Ok(mesh)
+    }
+
+    /// Controller mode: writes `config` into a directory the controller (on node 1) follows,
+    /// generates per-node bootstrap tokens, and starts one agent per node streaming from it.
+    pub fn start_with_controller(
+        lab: Lab,
+        config: MeshConfig,
+        extra: &[&str],
+    ) -> Result<Self, MeshError> {
+        let dir = std::env::temp_dir().join(format!("weft-{}", lab.run_id()));
+        let config_dir = dir.join("config");
+        std::fs::create_dir_all(&config_dir)
+            .map_err(io(format!("creating {}", config_dir.display())))?;
+        let mut tokens = String::new();
+        for node in lab.nodes() {
+            let token = random_token()?;
+            tokens.push_str(&format!("{}: \"{token}\"\n", node.name));
+            let path = dir.join(format!("token-{}", node.name));
+            std::fs::write(&path, &token).map_err(io(format!("writing {}", path.display())))?;
+        }
+        let tokens_path = dir.join("tokens.yaml");
+        std::fs::write(&tokens_path, tokens)
+            .map_err(io(format!("writing {}", tokens_path.display())))?;
+        let mut mesh = Self {
+            agents: Vec::new(),
+            controller: None,
+            config,
+            config_path: config_dir.join("mesh.yaml"),
+            dir,
+            extra_agent_args: extra.iter().map(|s| s.to_string()).collect(),
+            lab,
+        };
+        mesh.write_config()?;
+        mesh.start_controller()?;
+        for i in 0..mesh.lab.nodes().len() {
+            let node = mesh.lab.node(i).clone();
+            let agent =
+                AgentProcess::start_with_source(&node, &mesh.agent_source(i), &mesh.dir, extra)?;
+            mesh.agents.push(agent);
+        }
+        for a in &mut mesh.agents {
+            a.wait_ready(Duration::from_secs(20))?;
+        }
+        Ok(mesh)
+    }
+
+    /// Starts (or restarts) the controller on node 1 and waits until it listens.
+    pub fn start_controller(&mut self) -> Result<(), MeshError> {
+        let node = self.lab.node(0).clone();
+        let mut c = ControllerProcess::start(
+            &node,
+            self.config_path.parent().unwrap_or(&self.dir),
+            &self.dir.join("controller"),
+            &self.dir.join("tokens.yaml"),
+            &self.dir,
+        )?;
+        c.wait_listening(Duration::from_secs(20))?;
+        self.controller = Some(c);
+        Ok(())
+    }
+
+    /// Kills the controller (SIGKILL), as an outage would.
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            c.kill();
+        }
+    }
+
+    /// The configuration-source arguments of node `i`'s agent.
+    pub fn agent_source(&self, i: usize) -> Vec<String> {
+        let node = self.lab.node(i);
+        if self.controller.is_none() && !self.dir.join("tokens.yaml").exists() {
+            return vec!["--config".into(), self.config_path.display().to_string()];
+        }
+        let controller = self.lab.node(0);
+        vec![
+            "--controller".into(),
+            format!("https://{}:{CONTROLLER_PORT}", controller.ip4),
+            "--controller-ca".into(),
+            self.dir.join("controller/ca.pem").display().to_string(),
+            "--bootstrap-token-file".into(),
+            self.dir
+                .join(format!("token-{}", node.name))
+                .display()
+                .to_string(),
+            "--state-dir".into(),
+            self.dir
+                .join(format!("agent-state-{}", node.name))
+                .display()
+                .to_string(),
+        ]
+    }
+
+    /// Kills node `i`'s agent and starts a new one (same arguments), waiting until ready.
+    pub fn restart_agent(&mut self, i: usize) -> Result<(), MeshError> {
+        self.agents[i].kill();
+        let node = self.lab.node(i).clone();
+        let extra: Vec<&str> = self.extra_agent_args.iter().map(String::as_str).collect();
+        let mut a =
+            AgentProcess::start_with_source(&node, &self.agent_source(i), &self.dir, &extra)?;
+        a.wait_ready(Duration::from_secs(20))?;
+        self.agents[i] = a;
+        Ok(())
     }
 
     /// Rewrites the configuration file atomically (agents pick it up on their next poll).
@@ -503,11 +635,121 @@ impl MeshLab {
 
 impl Drop for MeshLab {
     fn drop(&mut self) {
+        if let Some(c) = &mut self.controller {
+            c.kill();
+        }
         for a in &mut self.agents {
             a.stop(Duration::from_secs(2));
         }
         if std::env::var_os("WEFT_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// Port of the controller's config stream in the lab (on node 1's fabric address).
+pub const CONTROLLER_PORT: u16 = 15010;
+
+fn random_token() -> Result<String, MeshError> {
+    let mut buf = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(io("reading /dev/urandom"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The controller, running in node 1's network namespace (as a host-network pod would).
+pub struct ControllerProcess {
+    pub node: Node,
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl ControllerProcess {
+    /// Starts `weft-controller --config-dir <config_dir>` listening on the node's fabric
+    /// address, port [`CONTROLLER_PORT`].
+    pub fn start(
+        node: &Node,
+        config_dir: &Path,
+        state_dir: &Path,
+        tokens: &Path,
+        dir: &Path,
+    ) -> Result<Self, MeshError> {
+        let bin = controller_binary()?;
+        let log_path = dir.join("controller.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("creating {}", log_path.display())))?;
+        let err = log.try_clone().map_err(io("cloning a log handle"))?;
+        let child = node
+            .command(&bin)
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--listen")
+            .arg(format!("{}:{CONTROLLER_PORT}", node.ip4))
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--tls-san")
+            .arg(node.ip4.to_string())
+            .arg("--bootstrap-tokens")
+            .arg(tokens)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("starting {}", bin.display())))?;
+        Ok(Self {
+            node: node.clone(),
+            child,
+            log_path,
+        })
+    }
+
+    /// Waits until the controller accepts connections.
+    pub fn wait_listening(&mut self, timeout: Duration) -> Result<(), MeshError> {
+        let addr = SocketAddr::new(std::net::IpAddr::V4(self.node.ip4), CONTROLLER_PORT);
+        let ns = self.node.netns()?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(MeshError::AgentExited {
+                    node: format!("{} (controller)", self.node.name),
+                    status: status.to_string(),
+                    log: self.log_text(),
+                });
+            }
+            if tcp_connect_in(&ns, addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(MeshError::NotReady {
+                    node: format!("{} (controller)", self.node.name),
+                    after: timeout,
+                    log: self.log_text(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the controller logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

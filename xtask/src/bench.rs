@@ -38,12 +38,16 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub control_plane: crate::bench_control_plane::ControlPlaneArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Target {
     /// Capture overhead on connect() and short requests.
     Capture,
+    /// Config streaming at scale: full push, per-change latency and bytes, RSS.
+    ControlPlane,
 }
 
 /// An echo server (no greeting) on its own thread; stops and joins on drop.
@@ -166,6 +170,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         Target::Capture => capture(args),
+        Target::ControlPlane => crate::bench_control_plane::run(args.control_plane, args.json),
     }
 }
 

@@ -11,6 +11,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     "weft-ebpf-common",
     "weft-netns",
     "weft-api",
+    "weft-controller",
     "weft-agent",
     "weft-tests",
     "xtask",
@@ -36,7 +37,14 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
             "warning: not root: the lab and capture tests will be skipped (run as root for the full suite)"
         );
     }
-    run_cmd(cargo().args(["build", "-p", "weft-agent", "--bins"]))?;
+    run_cmd(cargo().args([
+        "build",
+        "-p",
+        "weft-agent",
+        "-p",
+        "weft-controller",
+        "--bins",
+    ]))?;
     run_cmd(with_packages(cargo().arg("test")).arg("--").args(extra))?;
     Ok(())
 }

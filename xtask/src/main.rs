@@ -4,6 +4,7 @@
 //! type and a `run` function; `main` only dispatches.
 
 mod bench;
+mod bench_control_plane;
 mod ci;
 mod demo;
 mod lab;

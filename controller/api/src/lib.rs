@@ -6,8 +6,10 @@
 //! file, document and field path.
 
 pub mod labels;
+pub mod local;
 pub mod model;
 pub mod resource;
+pub mod wire;
 
 pub use model::{CaptureSettings, Exclusions, MeshState, ModelError, WorkloadInfo};
 pub use resource::{ParseError, Resource, parse_documents};

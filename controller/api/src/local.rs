@@ -1,15 +1,15 @@
-//! The local configuration source: a YAML file (or a directory of YAML files) of Namespaces and
-//! Workloads, like ztunnel's local config. It stands in for the control plane during
-//! development and in the lab.
+//! Local configuration: a YAML file (or a directory of YAML files) of Namespaces and Workloads.
+//! The controller's no-cluster mode reads it (`--config-dir`), and the agent can read it
+//! directly instead of streaming from a controller (development, like ztunnel's local config).
 
 use std::path::{Path, PathBuf};
 
-use weft_api::{MeshState, ModelError, ParseError, parse_documents};
+use crate::{MeshState, ModelError, ParseError, parse_documents};
 
 /// Why a configuration could not be used. The previous good state stays in force.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source} (check the path given to --config)")]
+    #[error("cannot read {path}: {source} (check the configuration path)")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -81,7 +81,7 @@ mod tests {
             .expect_err("missing");
         let msg = e.to_string();
         assert!(
-            msg.contains("/nonexistent/weft.yaml") && msg.contains("--config"),
+            msg.contains("/nonexistent/weft.yaml") && msg.contains("configuration path"),
             "{msg}"
         );
     }

@@ -1,0 +1,164 @@
+//! `weft-controller`: watches a directory of YAML (no-cluster mode) and streams each node's view
+//! to its agent over TLS.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use weft_api::local::LocalConfig;
+use weft_api::wire::pb::discovery_server::DiscoveryServer;
+use weft_controller::server::{Auth, DiscoveryService, Tokens};
+use weft_controller::{dir, source, tls, view::Views};
+
+/// Weft controller: the mesh's control plane.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// No-cluster mode: a directory (or file) of YAML Namespaces and Workloads, re-read on change.
+    #[arg(long, env = "WEFT_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Address of the config stream (gRPC over TLS).
+    #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15010")]
+    listen: SocketAddr,
+    /// Where the controller keeps its state (generated TLS material).
+    #[arg(
+        long,
+        env = "WEFT_STATE_DIR",
+        default_value = "/var/lib/weft-controller"
+    )]
+    state_dir: PathBuf,
+    /// Server certificate (PEM). Default: generated on first start into --state-dir.
+    #[arg(long, env = "WEFT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server key (PEM), with --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Extra IP addresses for the generated server certificate.
+    #[arg(long = "tls-san", env = "WEFT_TLS_SAN", value_delimiter = ',')]
+    tls_san: Vec<IpAddr>,
+    /// Per-node bootstrap tokens: a YAML map `node: token`.
+    #[arg(long, env = "WEFT_BOOTSTRAP_TOKENS")]
+    bootstrap_tokens: Option<PathBuf>,
+    /// Accept any agent for any node (development only).
+    #[arg(long, conflicts_with = "bootstrap_tokens")]
+    insecure_no_auth: bool,
+    /// How often to check --config-dir for changes, in milliseconds.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    poll_ms: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-controller: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("weft-controller: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let auth = match (&args.bootstrap_tokens, args.insecure_no_auth) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading bootstrap tokens {}", path.display()))?;
+            let nodes: HashMap<String, String> =
+                serde_yaml::from_str(&text).with_context(|| {
+                    format!("{}: expected a YAML map `node: token`", path.display())
+                })?;
+            if nodes.values().any(|t| t.len() < 16) {
+                bail!(
+                    "{}: every token must be at least 16 characters",
+                    path.display()
+                );
+            }
+            Auth::Tokens(Tokens::from_nodes(nodes))
+        }
+        (None, true) => {
+            tracing::warn!("--insecure-no-auth: any client can claim any node; development only");
+            Auth::Insecure
+        }
+        (None, false) => bail!(
+            "agents must authenticate: pass --bootstrap-tokens FILE (YAML `node: token`), or --insecure-no-auth for development"
+        ),
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => tls::load(c, k)?,
+        _ => tls::load_or_generate(&args.state_dir, &args.tls_san)?,
+    };
+    if let Some(ca) = &tls.ca_path {
+        tracing::info!(ca = %ca.display(), "agents trust this CA with --controller-ca");
+    }
+
+    let (state_tx, mut state_rx) = source::channel();
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let views = Arc::new(Views::default());
+    tokio::spawn(dir::run(
+        LocalConfig::new(&args.config_dir),
+        Duration::from_millis(args.poll_ms),
+        state_tx,
+        ready_tx,
+    ));
+    {
+        let views = views.clone();
+        tokio::spawn(async move {
+            while state_rx.changed().await.is_ok() {
+                let state = state_rx.borrow_and_update().clone();
+                let touched = views.apply(state);
+                tracing::debug!(nodes = touched.len(), "node views updated");
+            }
+        });
+    }
+    let service = DiscoveryService::new(views, ready_rx, auth);
+    tracing::info!(listen = %args.listen, "config stream listening");
+    Server::builder()
+        .tls_config(
+            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+        )
+        .context("TLS configuration")?
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(DiscoveryServer::new(service))
+        .serve_with_shutdown(args.listen, shutdown())
+        .await
+        .with_context(|| format!("serving on {}", args.listen))?;
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {},
+                _ = i.recv() => {},
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,232 @@
+//! The Discovery gRPC service: one bidirectional stream per agent.
+//!
+//! Protocol (docs/control-plane.md): the agent sends `Hello{node, known}`; once the controller
+//! has a complete state it answers with a `sync` update that makes the agent's set equal to its
+//! node's view (sending only what differs from `known`), then incremental updates whenever the
+//! node's view changes. Every update is acknowledged or rejected (NACK with the reason); after a
+//! NACK the controller falls back to what the agent last acknowledged.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::wire::pb::{
+    self, AgentMessage, ControllerMessage, agent_message, discovery_server::Discovery,
+};
+
+use crate::view::Views;
+
+/// How long an agent has to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Node credentials: bootstrap token -> node name.
+#[derive(Clone, Debug, Default)]
+pub struct Tokens(HashMap<String, String>);
+
+impl Tokens {
+    /// From a `node: token` map.
+    pub fn from_nodes(nodes: HashMap<String, String>) -> Self {
+        Self(
+            nodes
+                .into_iter()
+                .map(|(node, token)| (token, node))
+                .collect(),
+        )
+    }
+
+    fn node_of(&self, token: &str) -> Option<&str> {
+        self.0.get(token).map(String::as_str)
+    }
+}
+
+/// How agents authenticate.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Per-node bootstrap tokens (`authorization: Bearer <token>`).
+    Tokens(Tokens),
+    /// Anyone may claim any node (development only; the controller warns at startup).
+    Insecure,
+}
+
+/// The service.
+#[derive(Clone)]
+pub struct DiscoveryService {
+    views: Arc<Views>,
+    /// True once the source published its first complete state; no agent is synced before
+    /// (a restarting controller must not tell agents to forget everything).
+    ready: watch::Receiver<bool>,
+    auth: Auth,
+}
+
+impl DiscoveryService {
+    pub fn new(views: Arc<Views>, ready: watch::Receiver<bool>, auth: Auth) -> Self {
+        Self { views, ready, auth }
+    }
+
+    fn authenticate(
+        &self,
+        req: &Request<Streaming<AgentMessage>>,
+    ) -> Result<Option<String>, Status> {
+        let tokens = match &self.auth {
+            Auth::Insecure => return Ok(None),
+            Auth::Tokens(t) => t,
+        };
+        let header = req
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("no credentials: the agent must send `authorization: Bearer <bootstrap token>` (check --bootstrap-token-file)"))?;
+        let value = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
+        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+            Status::unauthenticated("authorization header must be `Bearer <token>`")
+        })?;
+        tokens
+            .node_of(token.trim())
+            .map(|n| Some(n.to_string()))
+            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token (check the agent's --bootstrap-token-file against the controller's --bootstrap-tokens)"))
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = UpdateStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let authorised_node = self.authenticate(&req)?;
+        let peer = req.remote_addr();
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            }))) => h,
+            Ok(Ok(_)) => {
+                return Err(Status::invalid_argument(
+                    "the first message must be a Hello",
+                ));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 10 s")),
+        };
+        if hello.node.is_empty() {
+            return Err(Status::invalid_argument(
+                "Hello.node is empty (set the agent's --node)",
+            ));
+        }
+        if let Some(n) = &authorised_node
+            && *n != hello.node
+        {
+            return Err(Status::permission_denied(format!(
+                "this token belongs to node {n}, not {}",
+                hello.node
+            )));
+        }
+        let node = hello.node.clone();
+        tracing::info!(%node, ?peer, known = hello.known.len(), agent = %hello.agent_version, "agent connected");
+        let (tx, rx) = mpsc::channel(16);
+        let views = self.views.clone();
+        let ready = self.ready.clone();
+        tokio::spawn(async move {
+            serve(
+                views,
+                ready,
+                node,
+                hello.known.into_iter().collect(),
+                inbound,
+                tx,
+            )
+            .await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn serve(
+    views: Arc<Views>,
+    mut ready: watch::Receiver<bool>,
+    node: String,
+    mut known: HashMap<String, String>,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+) {
+    // Wait for a complete state before the first sync (the agent keeps its own meanwhile).
+    if ready.wait_for(|r| *r).await.is_err() {
+        return;
+    }
+    let mut generation = views.subscribe(&node);
+    let mut acked = known.clone();
+    let mut pending: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let mut nonce: u64 = 0;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                changed = generation.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                msg = inbound.message() => {
+                    match msg {
+                        Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Ack(a)) })) => {
+                            let after = pending.remove(&a.nonce);
+                            if a.error.is_empty() {
+                                if let Some(after) = after {
+                                    acked = after;
+                                }
+                            } else {
+                                tracing::error!(%node, nonce = %a.nonce, error = %a.error, "agent rejected an update (NACK)");
+                                known = acked.clone();
+                                pending.clear();
+                            }
+                        }
+                        Ok(Some(_)) => tracing::warn!(%node, "unexpected message on the stream; ignored"),
+                        Ok(None) => {
+                            tracing::info!(%node, "agent disconnected");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::info!(%node, error = %e, "agent stream ended");
+                            return;
+                        }
+                    }
+                    continue;
+                }
+            }
+        }
+        generation.borrow_and_update();
+        let delta = views.delta(&node, &known);
+        if delta.is_empty() && !first {
+            continue;
+        }
+        for r in &delta.upserts {
+            known.insert(r.key.clone(), r.version.clone());
+        }
+        for k in &delta.removes {
+            known.remove(k);
+        }
+        nonce += 1;
+        let msg = pb::ControllerMessage {
+            nonce: nonce.to_string(),
+            upserts: delta.upserts,
+            removes: delta.removes,
+            sync: first,
+        };
+        tracing::debug!(%node, nonce, upserts = msg.upserts.len(), removes = msg.removes.len(), sync = first, "sending update");
+        pending.insert(nonce.to_string(), known.clone());
+        if tx.send(Ok(msg)).await.is_err() {
+            return;
+        }
+        first = false;
+    }
+}

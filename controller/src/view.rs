@@ -1,0 +1,239 @@
+//! Per-node views: which resources each node's agent needs, kept up to date incrementally.
+//!
+//! One updater applies each new [`MeshState`]: a single pass finds the workloads that changed,
+//! and only the nodes they belong to (before and after) get a new generation. Streams of other
+//! nodes are not woken, and a woken stream diffs only its own node's (small) view against what
+//! it already sent: work per change is proportional to the change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::watch;
+use weft_api::wire::{self, pb};
+use weft_api::{MeshState, WorkloadInfo};
+
+/// What one node's agent should hold.
+#[derive(Default)]
+struct NodeView {
+    resources: BTreeMap<String, Arc<pb::Resource>>,
+    generation: watch::Sender<u64>,
+}
+
+/// All node views.
+#[derive(Default)]
+pub struct Views {
+    nodes: RwLock<HashMap<String, NodeView>>,
+    current: RwLock<Arc<MeshState>>,
+}
+
+/// A diff for one stream: what to send so the agent matches its node's view.
+#[derive(Debug, Default, PartialEq)]
+pub struct Delta {
+    pub upserts: Vec<pb::Resource>,
+    pub removes: Vec<String>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removes.is_empty()
+    }
+}
+
+impl Views {
+    /// Applies a new state; returns the nodes whose view changed.
+    pub fn apply(&self, next: Arc<MeshState>) -> Vec<String> {
+        let prev = {
+            let mut cur = match self.current.write() {
+                Ok(c) => c,
+                Err(p) => p.into_inner(),
+            };
+            std::mem::replace(&mut *cur, next.clone())
+        };
+        let mut nodes = match self.nodes.write() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        let mut touched: Vec<String> = Vec::new();
+        let touch = |node: &str, touched: &mut Vec<String>| {
+            if !touched.iter().any(|n| n == node) {
+                touched.push(node.to_string());
+            }
+        };
+        // Removed or changed workloads.
+        for (key, old) in &prev.workloads {
+            match next.workloads.get(key) {
+                Some(new) if new == old => {}
+                Some(new) if new.node == old.node => {}
+                _ => {
+                    if let Some(v) = nodes.get_mut(&old.node) {
+                        v.resources
+                            .remove(&wire::workload_key(&old.namespace, &old.name));
+                    }
+                    touch(&old.node, &mut touched);
+                }
+            }
+        }
+        // Added or changed workloads.
+        for (key, new) in &next.workloads {
+            if prev.workloads.get(key) == Some(new) {
+                continue;
+            }
+            let v = nodes.entry(new.node.clone()).or_default();
+            let r = wire::workload_resource(new);
+            v.resources.insert(r.key.clone(), Arc::new(r));
+            touch(&new.node, &mut touched);
+        }
+        for n in &touched {
+            if let Some(v) = nodes.get(n) {
+                v.generation.send_modify(|g| *g += 1);
+            }
+        }
+        touched
+    }
+
+    /// Subscribes to a node's generation counter (creating an empty view if needed).
+    pub fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
+        let mut nodes = match self.nodes.write() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        nodes
+            .entry(node.to_string())
+            .or_default()
+            .generation
+            .subscribe()
+    }
+
+    /// What to send a node's agent that holds `known` (key -> version).
+    pub fn delta(&self, node: &str, known: &HashMap<String, String>) -> Delta {
+        let nodes = match self.nodes.read() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        let mut d = Delta::default();
+        let Some(view) = nodes.get(node) else {
+            d.removes = known.keys().cloned().collect();
+            d.removes.sort();
+            return d;
+        };
+        for (key, r) in &view.resources {
+            if known.get(key) != Some(&r.version) {
+                d.upserts.push((**r).clone());
+            }
+        }
+        d.removes = known
+            .keys()
+            .filter(|k| !view.resources.contains_key(*k))
+            .cloned()
+            .collect();
+        d.removes.sort();
+        d
+    }
+
+    /// Number of resources in a node's view.
+    pub fn len(&self, node: &str) -> usize {
+        match self.nodes.read() {
+            Ok(n) => n.get(node).map_or(0, |v| v.resources.len()),
+            Err(p) => p.into_inner().get(node).map_or(0, |v| v.resources.len()),
+        }
+    }
+}
+
+/// The workloads a view would hold for `node` (for tests and `weftctl`).
+pub fn node_workloads<'a>(state: &'a MeshState, node: &'a str) -> Vec<&'a WorkloadInfo> {
+    state.workloads_on_node(node).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_api::{CaptureSettings, WorkloadInfo};
+
+    fn wl(name: &str, node: &str, meshed: bool) -> WorkloadInfo {
+        WorkloadInfo {
+            name: name.into(),
+            namespace: "ns".into(),
+            service_account: "sa".into(),
+            node: node.into(),
+            ip4: Some(std::net::Ipv4Addr::new(198, 18, 1, name.len() as u8)),
+            ip6: None,
+            netns: "/x".into(),
+            labels: Default::default(),
+            capture: CaptureSettings {
+                namespace_meshed: meshed,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn state(ws: &[WorkloadInfo]) -> Arc<MeshState> {
+        Arc::new(MeshState {
+            namespaces: Default::default(),
+            workloads: ws.iter().map(|w| (w.key(), w.clone())).collect(),
+        })
+    }
+
+    #[test]
+    fn first_sync_sends_the_node_view_only() {
+        let v = Views::default();
+        v.apply(state(&[wl("a", "n1", true), wl("bb", "n2", true)]));
+        let d = v.delta("n1", &HashMap::new());
+        assert_eq!(d.upserts.len(), 1);
+        assert_eq!(d.upserts[0].key, "Workload/ns/a");
+        assert!(d.removes.is_empty());
+    }
+
+    #[test]
+    fn a_change_touches_only_its_node_and_resumes_without_resend() {
+        let v = Views::default();
+        let s1 = state(&[wl("a", "n1", true), wl("bb", "n2", true)]);
+        v.apply(s1);
+        let known: HashMap<String, String> = v
+            .delta("n1", &HashMap::new())
+            .upserts
+            .into_iter()
+            .map(|r| (r.key, r.version))
+            .collect();
+        // Resume with everything known: nothing to send.
+        assert!(v.delta("n1", &known).is_empty());
+        let touched = v.apply(state(&[wl("a", "n1", false), wl("bb", "n2", true)]));
+        assert_eq!(touched, vec!["n1".to_string()]);
+        let d = v.delta("n1", &known);
+        assert_eq!(d.upserts.len(), 1);
+        assert!(d.removes.is_empty());
+    }
+
+    #[test]
+    fn removed_and_moved_workloads_are_removed_from_the_old_node() {
+        let v = Views::default();
+        v.apply(state(&[wl("a", "n1", true), wl("bb", "n1", true)]));
+        let known: HashMap<String, String> = v
+            .delta("n1", &HashMap::new())
+            .upserts
+            .into_iter()
+            .map(|r| (r.key, r.version))
+            .collect();
+        let mut touched = v.apply(state(&[wl("bb", "n2", true)]));
+        touched.sort();
+        assert_eq!(touched, vec!["n1".to_string(), "n2".to_string()]);
+        let d = v.delta("n1", &known);
+        assert_eq!(
+            d.removes,
+            vec!["Workload/ns/a".to_string(), "Workload/ns/bb".to_string()]
+        );
+        assert_eq!(v.len("n2"), 1);
+        // An unknown node gets told to forget what it claims to have.
+        assert_eq!(v.delta("n9", &known).removes.len(), 2);
+    }
+
+    #[test]
+    fn generations_wake_only_affected_nodes() {
+        let v = Views::default();
+        v.apply(state(&[wl("a", "n1", true), wl("bb", "n2", true)]));
+        let r1 = v.subscribe("n1");
+        let r2 = v.subscribe("n2");
+        v.apply(state(&[wl("a", "n1", false), wl("bb", "n2", true)]));
+        assert!(r1.has_changed().unwrap_or(false));
+        assert!(!r2.has_changed().unwrap_or(true));
+    }
+}

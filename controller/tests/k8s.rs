@@ -1,0 +1,656 @@
+//! Kubernetes mode against the fake API server (real HTTP, kube's real client, watcher,
+//! reflector and Controller). Every wait is bounded; nothing sleeps for a fixed time.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use weft_api::MeshState;
+use weft_controller::k8s::{self, K8sError, K8sOptions};
+use weft_controller::source::{self, StateRx};
+use weft_controller::{crd, crd::FIELD_MANAGER};
+use weft_tests::fake_apiserver::{FakeApiServer, RequestRecord};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn namespace(name: &str, mesh: Option<&str>) -> Value {
+    let labels = mesh.map_or(json!({}), |m| json!({"weft.dev/mesh": m}));
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// A running pod with one IPv4 address on node `n1`.
+fn pod(ns: &str, name: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": {"app": name}},
+        "spec": {"nodeName": "n1", "serviceAccountName": name,
+                 "containers": [{"name": "main", "image": "example/app"}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+/// `v` with the field at `pointer` (whose parent must exist) set to `value`.
+fn with(mut v: Value, pointer: &str, value: Value) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').expect("a JSON pointer");
+    match v.pointer_mut(parent).and_then(Value::as_object_mut) {
+        Some(obj) => obj.insert(key.to_owned(), value),
+        None => panic!("no object at {parent} in {v}"),
+    };
+    v
+}
+
+/// The fake server, Kubernetes mode running against it, and its output.
+struct Harness {
+    server: FakeApiServer,
+    rx: StateRx,
+    task: tokio::task::JoinHandle<Result<(), K8sError>>,
+}
+
+impl Harness {
+    /// Starts Kubernetes mode on a server holding `objects`; returns after the first snapshot.
+    async fn start(objects: Vec<Value>) -> Self {
+        Self::start_with(FakeApiServer::start().await, objects).await
+    }
+
+    async fn start_with(server: FakeApiServer, objects: Vec<Value>) -> Self {
+        init_tracing();
+        for o in objects {
+            server.apply(o);
+        }
+        let (tx, mut rx) = source::channel();
+        let opts = K8sOptions {
+            debounce: Duration::from_millis(20),
+            ..K8sOptions::default()
+        };
+        let task = tokio::spawn(k8s::run(server.client(), tx, opts));
+        bounded("the first snapshot", rx.changed())
+            .await
+            .expect("sender alive");
+        Self { server, rx, task }
+    }
+
+    fn state(&self) -> Arc<MeshState> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the published state satisfies `pred`.
+    async fn wait_for(&mut self, what: &str, pred: impl Fn(&MeshState) -> bool) -> Arc<MeshState> {
+        let rx = &mut self.rx;
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                if pred(&s) {
+                    return s;
+                }
+                rx.changed().await.expect("Kubernetes mode stopped");
+            }
+        })
+        .await;
+        match found {
+            Ok(s) => s,
+            Err(_) => panic!(
+                "timed out waiting for {what}; state: {:#?}",
+                self.rx.borrow()
+            ),
+        }
+    }
+
+    fn count(&self, pred: impl Fn(&RequestRecord) -> bool) -> usize {
+        self.server.requests().iter().filter(|r| pred(r)).count()
+    }
+}
+
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// Polls `cond` every 10 ms (for things only visible by polling, such as the fake's log).
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    bounded(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+fn pod_lists(r: &RequestRecord) -> bool {
+    r.path == "/api/v1/pods" && !r.is_watch() && r.method == "GET"
+}
+
+fn pod_watches(r: &RequestRecord) -> bool {
+    r.path == "/api/v1/pods" && r.is_watch()
+}
+
+fn keys(s: &MeshState) -> Vec<&str> {
+    s.workloads.keys().map(String::as_str).collect()
+}
+
+#[tokio::test]
+async fn k8s_initial_list_builds_the_state() {
+    let h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        namespace("other", None),
+        pod("shop", "web", "10.0.0.1"),
+        with(
+            pod("other", "db", "10.0.0.2"),
+            "/status/podIPs",
+            json!([{"ip": "10.0.0.2"}, {"ip": "fd00::2"}]),
+        ),
+        with(pod("shop", "pending", ""), "/spec/nodeName", json!(null)),
+        with(
+            pod("shop", "done", "10.0.0.4"),
+            "/status/phase",
+            json!("Succeeded"),
+        ),
+        with(
+            pod("shop", "host", "192.168.0.1"),
+            "/spec/hostNetwork",
+            json!(true),
+        ),
+        with(pod("shop", "no-ip", ""), "/status/podIPs", json!([])),
+    ])
+    .await;
+    let s = h.state();
+    assert_eq!(
+        keys(&s),
+        ["other/db", "shop/web"],
+        "the first snapshot is complete"
+    );
+    assert_eq!(s.namespaces.get("shop"), Some(&true));
+    assert_eq!(s.namespaces.get("other"), Some(&false));
+    let web = &s.workloads["shop/web"];
+    assert_eq!(
+        (web.service_account.as_str(), web.node.as_str()),
+        ("web", "n1")
+    );
+    assert_eq!(web.ip4.map(|i| i.to_string()).as_deref(), Some("10.0.0.1"));
+    assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+    assert!(web.capture.captured());
+    let db = &s.workloads["other/db"];
+    assert_eq!(db.ip6.map(|i| i.to_string()).as_deref(), Some("fd00::2"));
+    assert!(!db.capture.captured());
+    let watch = h
+        .server
+        .requests()
+        .into_iter()
+        .find(pod_watches)
+        .expect("a pod watch");
+    assert_eq!(
+        watch.query.get("fieldSelector").map(String::as_str),
+        Some(k8s::POD_FIELD_SELECTOR)
+    );
+    assert!(!h.task.is_finished());
+}
+
+#[tokio::test]
+async fn k8s_first_snapshot_waits_for_both_lists_despite_errors() {
+    let server = FakeApiServer::start().await;
+    // One of the two initial lists fails and is retried after kube's backoff; the first
+    // snapshot must still hold both namespaces and pods.
+    server.inject_errors(1);
+    let h = Harness::start_with(
+        server,
+        vec![
+            namespace("shop", Some("enabled")),
+            pod("shop", "web", "10.0.0.1"),
+        ],
+    )
+    .await;
+    let s = h.state();
+    assert_eq!(keys(&s), ["shop/web"]);
+    assert!(s.workloads["shop/web"].capture.captured(), "{s:#?}");
+    assert_eq!(h.count(|r| r.status == 500), 1);
+}
+
+#[tokio::test]
+async fn k8s_namespace_label_change_enrols_and_unenrols_pods() {
+    let mut h = Harness::start(vec![
+        namespace("shop", None),
+        pod("shop", "web", "10.0.0.1"),
+    ])
+    .await;
+    assert!(!h.state().workloads["shop/web"].capture.captured());
+    h.server.apply(namespace("shop", Some("enabled")));
+    h.wait_for("enrolment", |s| s.workloads["shop/web"].capture.captured())
+        .await;
+    h.server.apply(namespace("shop", Some("disabled")));
+    let s = h
+        .wait_for("unenrolment", |s| {
+            !s.workloads["shop/web"].capture.captured()
+        })
+        .await;
+    assert_eq!(s.namespaces.get("shop"), Some(&false));
+    h.server.apply(namespace("shop", Some("bogus")));
+    h.server.apply(namespace("other", Some("enabled")));
+    let s = h
+        .wait_for("the next namespace", |s| s.namespaces.contains_key("other"))
+        .await;
+    assert_eq!(
+        s.namespaces.get("shop"),
+        Some(&false),
+        "an invalid label is not meshed"
+    );
+    assert!(s.workloads.contains_key("shop/web"));
+}
+
+#[tokio::test]
+async fn k8s_pod_add_update_delete() {
+    let mut h = Harness::start(vec![namespace("shop", Some("enabled"))]).await;
+    assert!(h.state().workloads.is_empty());
+    h.server.apply(pod("shop", "web", "10.0.0.1"));
+    h.wait_for("the new pod", |s| s.workloads.contains_key("shop/web"))
+        .await;
+    let moved = with(
+        pod("shop", "web", "10.0.0.9"),
+        "/status/podIPs",
+        json!([{"ip": "10.0.0.9"}]),
+    );
+    h.server.apply(with(
+        moved,
+        "/metadata/labels",
+        json!({"app": "web", "v": "2"}),
+    ));
+    let s = h
+        .wait_for("the update", |s| {
+            s.workloads
+                .get("shop/web")
+                .is_some_and(|w| w.ip4.is_some_and(|i| i.to_string() == "10.0.0.9"))
+        })
+        .await;
+    assert_eq!(
+        s.workloads["shop/web"].labels.get("v").map(String::as_str),
+        Some("2")
+    );
+    h.server.apply(pod("shop", "api", "10.0.0.2"));
+    h.wait_for("the second pod", |s| s.workloads.len() == 2)
+        .await;
+    // Terminal phase: the pod leaves the field-selected watch (a DELETED event).
+    h.server.apply(with(
+        pod("shop", "api", "10.0.0.2"),
+        "/status/phase",
+        json!("Failed"),
+    ));
+    h.wait_for("the failed pod to go", |s| keys(s) == ["shop/web"])
+        .await;
+    h.server.delete("v1", "Pod", "shop", "web");
+    h.wait_for("the deletion", |s| s.workloads.is_empty()).await;
+}
+
+#[tokio::test]
+async fn k8s_pod_opt_out_label_and_exclusion_annotations() {
+    let excluded = with(
+        pod("shop", "db", "10.0.0.2"),
+        "/metadata/annotations",
+        json!({
+            "weft.dev/exclude-outbound-ports": "5432, 6379",
+            "weft.dev/exclude-inbound-ports": "9090",
+            "weft.dev/exclude-outbound-cidrs": "203.0.113.0/24",
+            "weft.dev/exclude-inbound-cidrs": "198.18.0.1",
+        }),
+    );
+    let bad = with(
+        pod("shop", "bad", "10.0.0.3"),
+        "/metadata/annotations",
+        json!({"weft.dev/exclude-outbound-ports": "5432,postgres"}),
+    );
+    let mut h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        with(
+            pod("shop", "web", "10.0.0.1"),
+            "/metadata/labels",
+            json!({"weft.dev/mesh": "disabled"}),
+        ),
+        excluded,
+        bad.clone(),
+    ])
+    .await;
+    let s = h.state();
+    assert_eq!(
+        keys(&s),
+        ["shop/db", "shop/web"],
+        "the invalid pod is left out, not the rest"
+    );
+    let web = &s.workloads["shop/web"].capture;
+    assert!(web.opted_out && web.namespace_meshed && !web.captured());
+    let e = &s.workloads["shop/db"].capture.exclusions;
+    assert_eq!(e.outbound_ports, [5432, 6379]);
+    assert_eq!(e.inbound_ports, [9090]);
+    assert_eq!(e.outbound_cidrs[0].to_string(), "203.0.113.0/24");
+    assert_eq!(e.inbound_cidrs[0].to_string(), "198.18.0.1/32");
+    // Fixing the annotation brings the pod in.
+    h.server.apply(with(
+        bad,
+        "/metadata/annotations",
+        json!({"weft.dev/exclude-outbound-ports": "5432"}),
+    ));
+    let s = h
+        .wait_for("the fixed pod", |s| s.workloads.contains_key("shop/bad"))
+        .await;
+    assert_eq!(
+        s.workloads["shop/bad"].capture.exclusions.outbound_ports,
+        [5432]
+    );
+}
+
+#[tokio::test]
+async fn k8s_gone_causes_a_relist_and_the_state_stays_right() {
+    let mut h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        pod("shop", "web", "10.0.0.1"),
+        pod("shop", "api", "10.0.0.2"),
+    ])
+    .await;
+    let lists = h.count(pod_lists);
+    h.server.delete("v1", "Pod", "shop", "api");
+    h.server.compact();
+    until("a pod watch answered 410", || {
+        h.count(|r| pod_watches(r) && r.status == 410) >= 1
+    })
+    .await;
+    until("a pod relist", || h.count(pod_lists) > lists).await;
+    let s = h
+        .wait_for("the deletion", |s| keys(s) == ["shop/web"])
+        .await;
+    assert!(s.workloads["shop/web"].capture.captured());
+    // Watching resumes after the relist.
+    h.server.apply(pod("shop", "late", "10.0.0.3"));
+    h.wait_for("a pod added after the relist", |s| s.workloads.len() == 2)
+        .await;
+    assert!(!h.task.is_finished());
+}
+
+#[tokio::test]
+async fn k8s_bookmarks_are_accepted() {
+    let server = FakeApiServer::start().await;
+    server.set_bookmark_interval(Duration::from_millis(50));
+    let mut h = Harness::start_with(
+        server,
+        vec![
+            namespace("shop", Some("enabled")),
+            pod("shop", "web", "10.0.0.1"),
+        ],
+    )
+    .await;
+    let lists = h.count(pod_lists);
+    // Another kind moves the resourceVersion on; only a bookmark tells the pod watcher.
+    let rv = h
+        .server
+        .apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "c", "namespace": "shop"}}));
+    let rv: u64 = rv["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .expect("rv");
+    let marks = |h: &Harness| {
+        h.server
+            .bookmarks()
+            .iter()
+            .filter(|(p, r)| p == "/v1/pods" && *r >= rv)
+            .count()
+    };
+    until("two pod bookmarks past the ConfigMap", || marks(&h) >= 2).await;
+    let watches = h.count(pod_watches);
+    h.server.drop_watches();
+    until("the pod watch to be reopened", || {
+        h.count(pod_watches) > watches
+    })
+    .await;
+    let rewatch = h
+        .server
+        .requests()
+        .into_iter()
+        .filter(pod_watches)
+        .nth(watches)
+        .expect("rewatch");
+    let from: u64 = rewatch
+        .query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .expect("rv");
+    assert!(
+        from >= rv,
+        "the watch resumed from the bookmark ({from} >= {rv})"
+    );
+    assert_eq!(h.count(pod_lists), lists, "no relist");
+    h.server.apply(pod("shop", "api", "10.0.0.2"));
+    h.wait_for("a pod after the rewatch", |s| s.workloads.len() == 2)
+        .await;
+}
+
+#[tokio::test]
+async fn k8s_injected_errors_and_dropped_watches_recover() {
+    let mut h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        pod("shop", "web", "10.0.0.1"),
+    ])
+    .await;
+    let watches = h.count(|r| r.is_watch());
+    h.server.inject_errors(4);
+    h.server.drop_watches();
+    // Changes made while the watches are down arrive once they recover.
+    h.server.apply(pod("shop", "api", "10.0.0.2"));
+    h.server.delete("v1", "Pod", "shop", "web");
+    let s = h.wait_for("recovery", |s| keys(s) == ["shop/api"]).await;
+    assert!(s.workloads["shop/api"].capture.captured());
+    assert_eq!(
+        h.count(|r| r.status == 500),
+        4,
+        "every injected error was served"
+    );
+    assert!(h.count(|r| r.is_watch() && r.status == 200) > watches);
+    h.server.drop_watches();
+    h.server.apply(namespace("shop", None));
+    h.wait_for("a change after a plain drop", |s| {
+        !s.workloads["shop/api"].capture.captured()
+    })
+    .await;
+    assert!(
+        !h.task.is_finished(),
+        "transient errors never stop Kubernetes mode"
+    );
+}
+
+#[tokio::test]
+async fn k8s_initial_sync_timeout_is_reported() {
+    init_tracing();
+    let server = FakeApiServer::start().await;
+    server.inject_errors(usize::MAX);
+    let (tx, _rx) = source::channel();
+    let opts = K8sOptions {
+        initial_sync_timeout: Some(Duration::from_millis(500)),
+        ..K8sOptions::default()
+    };
+    let err = bounded("the sync timeout", k8s::run(server.client(), tx, opts))
+        .await
+        .expect_err("no sync");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("namespaces and pods") && msg.contains("injected fault"),
+        "{msg}"
+    );
+    assert!(msg.contains("manifests/rbac.yaml"), "{msg}");
+}
+
+#[tokio::test]
+async fn k8s_run_ends_when_nobody_listens() {
+    let h = Harness::start(vec![namespace("shop", None)]).await;
+    let Harness { server, rx, task } = h;
+    drop(rx);
+    let res = bounded("run to return", task).await.expect("no panic");
+    assert!(res.is_ok(), "{res:?}");
+    drop(server);
+}
+
+#[tokio::test]
+async fn k8s_policy_status_is_written_by_server_side_apply() {
+    init_tracing();
+    let server = FakeApiServer::start().await;
+    let policy = |name: &str, spec: Value| {
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+    };
+    server.apply(policy(
+        "good",
+        json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
+               "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/api"],
+                                    "ipBlocks": ["10.0.0.0/8"]}],
+                          "to": [{"ports": [8080]}]}]}),
+    ));
+    let bad_spec = json!({"action": "DENY", "dryRun": true,
+        "rules": [{"from": [{"principals": ["api"], "ipBlocks": ["10.0.0.1/8"]}], "to": [{"ports": [0]}]}]});
+    server.apply(policy("bad", bad_spec));
+    let task = tokio::spawn(crd::run_status_controller(server.client()));
+    let status = |name: &str| {
+        server
+            .get("weft.dev/v1alpha1", "AuthorizationPolicy", "shop", name)
+            .map(|p| p["status"].clone())
+            .unwrap_or_default()
+    };
+    until("both statuses", || {
+        status("good").is_object() && status("bad").is_object()
+    })
+    .await;
+    let good = status("good");
+    assert_eq!(
+        good,
+        json!({"observedGeneration": 1, "accepted": true, "message": "valid"})
+    );
+    let bad = status("bad");
+    assert_eq!(bad["accepted"], json!(false));
+    let msg = bad["message"].as_str().unwrap_or_default();
+    for needle in ["principals[0]: `api`", "host bits set", "ports[0]: port 0"] {
+        assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
+    }
+    let applies: Vec<RequestRecord> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+        .collect();
+    assert_eq!(applies.len(), 2, "{applies:#?}");
+    for a in &applies {
+        assert_eq!(
+            a.query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+        assert_eq!(a.query.get("force").map(String::as_str), Some("true"));
+    }
+    // Fixing the policy bumps its generation; the status follows.
+    let fixed = json!({"action": "DENY", "dryRun": true,
+        "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/api"]}]}]});
+    server.apply(policy("bad", fixed));
+    until("the fixed status", || {
+        status("bad")["accepted"] == json!(true)
+    })
+    .await;
+    assert_eq!(status("bad")["observedGeneration"], json!(2));
+    assert!(!task.is_finished());
+    let patches = server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+    assert_eq!(patches, 3, "no status write loop");
+}
+
+/// (API group, resource[/subresource], verb) of a request, as RBAC sees it.
+fn rbac_request(r: &RequestRecord) -> (String, String, String) {
+    let segs: Vec<&str> = r.path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", g, _, rest @ ..] => (*g, rest),
+        _ => panic!("not an API path: {}", r.path),
+    };
+    let rest = match rest {
+        ["namespaces", _, r @ ..] if !r.is_empty() => r,
+        _ => rest,
+    };
+    let resource = rest.iter().enumerate().filter(|(i, _)| i % 2 == 0);
+    let resource: Vec<&str> = resource.map(|(_, s)| *s).collect();
+    let verb = match (r.method.as_str(), rest.len()) {
+        ("GET", 1) if r.is_watch() => "watch",
+        ("GET", 1) => "list",
+        ("GET", _) => "get",
+        ("PATCH", _) => "patch",
+        ("PUT", _) => "update",
+        ("POST", _) => "create",
+        ("DELETE", _) => "delete",
+        (m, _) => panic!("unexpected method {m}"),
+    };
+    (group.into(), resource.join("/"), verb.into())
+}
+
+#[tokio::test]
+async fn k8s_rbac_allows_every_request_the_controller_makes() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/rbac.yaml");
+    let text = std::fs::read_to_string(path).expect("manifests/rbac.yaml");
+    let role = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).expect("YAML"))
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let role: k8s_openapi::api::rbac::v1::ClusterRole =
+        serde_yaml::from_value(role).expect("a valid ClusterRole");
+    let allowed = |(group, resource, verb): &(String, String, String)| {
+        role.rules.iter().flatten().any(|rule| {
+            let has = |list: &Option<Vec<String>>, v: &str| {
+                list.iter().flatten().any(|x| x == v || x == "*")
+            };
+            has(&rule.api_groups, group)
+                && has(&rule.resources, resource)
+                && rule.verbs.contains(verb)
+        })
+    };
+
+    let mut h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        pod("shop", "web", "10.0.0.1"),
+    ])
+    .await;
+    h.server.apply(
+        json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "p", "namespace": "shop"}, "spec": {"action": "DENY"}}),
+    );
+    let policies = tokio::spawn(crd::run_status_controller(h.server.client()));
+    let server = &h.server;
+    let status = || server.get("weft.dev/v1alpha1", "AuthorizationPolicy", "shop", "p");
+    until("the policy status", || {
+        status().is_some_and(|p| p["status"].is_object())
+    })
+    .await;
+    h.server.drop_watches();
+    h.server.apply(pod("shop", "api", "10.0.0.2"));
+    h.wait_for("the rewatch", |s| s.workloads.len() == 2).await;
+    policies.abort();
+
+    let requests: Vec<_> = h.server.requests().iter().map(rbac_request).collect();
+    for needed in [
+        ("", "pods", "watch"),
+        ("", "namespaces", "list"),
+        ("weft.dev", "authorizationpolicies/status", "patch"),
+    ] {
+        let needed = (
+            needed.0.to_owned(),
+            needed.1.to_owned(),
+            needed.2.to_owned(),
+        );
+        assert!(
+            requests.contains(&needed),
+            "the test did not exercise {needed:?}"
+        );
+    }
+    let denied: Vec<_> = requests.iter().filter(|r| !allowed(r)).collect();
+    assert!(
+        denied.is_empty(),
+        "manifests/rbac.yaml does not allow: {denied:?}"
+    );
+}
