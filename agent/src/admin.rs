@@ -144,12 +144,14 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/config_dump" => {
             let (pods, errors) = lock(&state.pods).status();
+            let services = lock(&state.pods).services();
             let maps = lock(&state.capture).map_sizes();
             let config = lock(&state.config).clone();
             json_response(&json!({
                 "node": state.node,
                 "config": config,
                 "pods": pods,
+                "services": services,
                 "enrolment_errors": errors,
                 "maps": maps,
                 "original_destinations_pending": state.orig.len(),

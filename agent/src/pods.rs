@@ -77,6 +77,9 @@ pub struct PodManager {
     events: Arc<EventLog>,
     runtime: tokio::runtime::Handle,
     pods: BTreeMap<String, Enrolled>,
+    /// Services known from the last state (used by load balancing later; shown in
+    /// /config_dump).
+    services: Vec<weft_api::model::ServiceInfo>,
     errors: BTreeMap<String, String>,
     next_id: u32,
 }
@@ -96,6 +99,7 @@ impl PodManager {
             events,
             runtime,
             pods: BTreeMap::new(),
+            services: Vec::new(),
             errors: BTreeMap::new(),
             next_id: 1,
         }
@@ -104,6 +108,15 @@ impl PodManager {
     /// Brings kernel state and listeners in line with `state`. Pods that fail are reported
     /// (and retried next time); the others are unaffected.
     pub fn reconcile(&mut self, state: &MeshState) {
+        if self.services.len() != state.services.len()
+            || self
+                .services
+                .iter()
+                .zip(state.services.values())
+                .any(|(a, b)| a != b)
+        {
+            self.services = state.services.values().cloned().collect();
+        }
         let node = self.node.clone();
         let desired: BTreeMap<String, &WorkloadInfo> = state
             .workloads_on_node(&node)
@@ -309,6 +322,11 @@ impl PodManager {
                 return id;
             }
         }
+    }
+
+    /// Services from the current state, for `/config_dump`.
+    pub fn services(&self) -> Vec<weft_api::model::ServiceInfo> {
+        self.services.clone()
     }
 
     /// Current pods, for `/config_dump`.

@@ -166,6 +166,13 @@ fn on_event<K: kube::Resource>(
         Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => Ok(true),
         Some(Err(e)) => {
             let msg = e.to_string();
+            if let watcher::Error::WatchError(status) = &e
+                && status.code == 410
+            {
+                // Routine on a real cluster: the resourceVersion expired; the watcher relists.
+                tracing::info!(kind, "watch expired (410 Gone); relisting");
+                return Ok(false);
+            }
             let hint = if msg.contains("403") || msg.contains("orbidden") {
                 "forbidden: the controller's service account needs get/list/watch on namespaces and pods (manifests/rbac.yaml)"
             } else {

@@ -4,6 +4,9 @@
 //! and only the nodes they belong to (before and after) get a new generation. Streams of other
 //! nodes are not woken, and a woken stream diffs only its own node's (small) view against what
 //! it already sent: work per change is proportional to the change.
+//!
+//! Services are needed by every node (any pod may call any service), so they live in one shared
+//! map that every view includes; a service change wakes every stream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -23,6 +26,8 @@ struct NodeView {
 #[derive(Default)]
 pub struct Views {
     nodes: RwLock<HashMap<String, NodeView>>,
+    /// Resources every node gets (services).
+    shared: RwLock<BTreeMap<String, Arc<pb::Resource>>>,
     current: RwLock<Arc<MeshState>>,
 }
 
@@ -83,6 +88,30 @@ impl Views {
             v.resources.insert(r.key.clone(), Arc::new(r));
             touch(&new.node, &mut touched);
         }
+        // Services: shared by every view.
+        let mut shared_changed = false;
+        {
+            let mut shared = match self.shared.write() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            for (key, old) in &prev.services {
+                if !next.services.contains_key(key) {
+                    shared.remove(&wire::service_key(&old.namespace, &old.name));
+                    shared_changed = true;
+                }
+            }
+            for (key, new) in &next.services {
+                if prev.services.get(key) != Some(new) {
+                    let r = wire::service_resource(new);
+                    shared.insert(r.key.clone(), Arc::new(r));
+                    shared_changed = true;
+                }
+            }
+        }
+        if shared_changed {
+            touched = nodes.keys().cloned().collect();
+        }
         for n in &touched {
             if let Some(v) = nodes.get(n) {
                 v.generation.send_modify(|g| *g += 1);
@@ -110,20 +139,21 @@ impl Views {
             Ok(n) => n,
             Err(p) => p.into_inner(),
         };
-        let mut d = Delta::default();
-        let Some(view) = nodes.get(node) else {
-            d.removes = known.keys().cloned().collect();
-            d.removes.sort();
-            return d;
+        let shared = match self.shared.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
         };
-        for (key, r) in &view.resources {
+        let empty = BTreeMap::new();
+        let own = nodes.get(node).map_or(&empty, |v| &v.resources);
+        let mut d = Delta::default();
+        for (key, r) in own.iter().chain(shared.iter()) {
             if known.get(key) != Some(&r.version) {
                 d.upserts.push((**r).clone());
             }
         }
         d.removes = known
             .keys()
-            .filter(|k| !view.resources.contains_key(*k))
+            .filter(|k| !own.contains_key(*k) && !shared.contains_key(*k))
             .cloned()
             .collect();
         d.removes.sort();
@@ -168,8 +198,8 @@ mod tests {
 
     fn state(ws: &[WorkloadInfo]) -> Arc<MeshState> {
         Arc::new(MeshState {
-            namespaces: Default::default(),
             workloads: ws.iter().map(|w| (w.key(), w.clone())).collect(),
+            ..Default::default()
         })
     }
 
@@ -224,6 +254,45 @@ mod tests {
         assert_eq!(v.len("n2"), 1);
         // An unknown node gets told to forget what it claims to have.
         assert_eq!(v.delta("n9", &known).removes.len(), 2);
+    }
+
+    #[test]
+    fn services_reach_every_node_and_wake_every_stream() {
+        let v = Views::default();
+        let mut s = (*state(&[wl("a", "n1", true), wl("bb", "n2", true)])).clone();
+        v.apply(Arc::new(s.clone()));
+        let r1 = v.subscribe("n1");
+        let r2 = v.subscribe("n2");
+        let svc = weft_api::model::ServiceInfo {
+            name: "web".into(),
+            namespace: "ns".into(),
+            hostname: "web.ns.svc.cluster.local".into(),
+            vips: vec!["198.18.100.1".parse().expect("ip")],
+            ports: vec![],
+            endpoints: vec![],
+        };
+        s.services.insert(svc.key(), svc);
+        v.apply(Arc::new(s.clone()));
+        assert!(r1.has_changed().unwrap_or(false) && r2.has_changed().unwrap_or(false));
+        for node in ["n1", "n2", "n-new"] {
+            let d = v.delta(node, &HashMap::new());
+            assert!(
+                d.upserts.iter().any(|r| r.key == "Service/ns/web"),
+                "{node}"
+            );
+        }
+        let known: HashMap<String, String> = v
+            .delta("n1", &HashMap::new())
+            .upserts
+            .into_iter()
+            .map(|r| (r.key, r.version))
+            .collect();
+        s.services.clear();
+        v.apply(Arc::new(s));
+        assert_eq!(
+            v.delta("n1", &known).removes,
+            vec!["Service/ns/web".to_string()]
+        );
     }
 
     #[test]

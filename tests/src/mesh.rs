@@ -136,6 +136,8 @@ impl WorkloadSpec {
 pub struct MeshConfig {
     pub namespaces: Vec<NamespaceSpec>,
     pub workloads: Vec<WorkloadSpec>,
+    /// More documents, as written (e.g. Services).
+    pub raw: Vec<serde_json::Value>,
 }
 
 impl MeshConfig {
@@ -196,6 +198,7 @@ impl MeshConfig {
                 },
             }));
         }
+        docs.extend(self.raw.iter().cloned());
         // JSON is YAML: one document per object.
         docs.iter()
             .map(|d| format!("---\n{d}\n"))

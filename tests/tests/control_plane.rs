@@ -333,3 +333,58 @@ fn control_plane_refuses_agents_without_valid_node_credentials() {
         let _ = std::fs::remove_file(dir.join("agent-n1.log"));
     }
 }
+
+#[test]
+fn control_plane_services_reach_every_agent_with_their_endpoints() {
+    let _g = serial();
+    let Some(mut w) = world_with_controller(
+        "control_plane_services_reach_every_agent_with_their_endpoints",
+        |mut c| {
+            if let Some(api) = c.workloads.iter_mut().find(|w| w.name == "api") {
+                api.labels.insert("app".into(), "api".into());
+            }
+            c
+        },
+    ) else {
+        return;
+    };
+    let service = |vip: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"clusterIP": vip, "selector": {"app": "api"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": PORT}]},
+        })
+    };
+    w.mesh.config.raw.push(service("198.18.100.1"));
+    w.mesh.write_config().expect("write");
+    let api_ip = w.api().ip4.to_string();
+    for node in 0..2 {
+        let svc = wait_for(T, &format!("service on node {node}"), || {
+            let d = dump(&w, node);
+            d["services"].as_array()?.first().cloned()
+        })
+        .expect("service streamed");
+        assert_eq!(svc["hostname"], "api.shop.svc.cluster.local", "{svc}");
+        assert_eq!(svc["vips"][0], "198.18.100.1");
+        assert_eq!(svc["ports"][0]["target_port"], PORT);
+        assert_eq!(svc["endpoints"][0]["ip4"], api_ip.as_str(), "{svc}");
+    }
+    // A change to the service reaches both nodes; removing it removes it everywhere.
+    w.mesh.config.raw = vec![service("198.18.100.2")];
+    w.mesh.write_config().expect("write");
+    for node in 0..2 {
+        wait_for(T, "updated VIP", || {
+            (dump(&w, node)["services"][0]["vips"][0] == "198.18.100.2").then_some(())
+        })
+        .expect("updated");
+    }
+    w.mesh.config.raw.clear();
+    w.mesh.write_config().expect("write");
+    for node in 0..2 {
+        wait_for(T, "service removed", || {
+            (dump(&w, node)["services"].as_array().map(Vec::len) == Some(0)).then_some(())
+        })
+        .expect("removed");
+    }
+}

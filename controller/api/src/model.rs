@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::labels;
-use crate::resource::{Namespace, Resource, Workload};
+use crate::resource::{Namespace, Resource, Service, Workload};
 
 /// A model-level problem (the documents parsed, but they do not make sense together).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +37,18 @@ pub enum ModelError {
         "workloads {first} and {second} both claim address {ip}; each address belongs to one workload"
     )]
     DuplicateIp {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
+    #[error("service {namespace}/{name}: {problem}")]
+    BadService {
+        namespace: String,
+        name: String,
+        problem: String,
+    },
+    #[error("services {first} and {second} both claim virtual IP {ip}")]
+    DuplicateVip {
         ip: IpAddr,
         first: String,
         second: String,
@@ -96,6 +108,45 @@ impl WorkloadInfo {
     }
 }
 
+/// A port of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub target_port: u16,
+    pub app_protocol: String,
+}
+
+/// One endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointInfo {
+    /// `namespace/name` of the workload.
+    pub workload: String,
+    pub ip4: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    pub ready: bool,
+}
+
+/// A validated service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// Sorted by workload key.
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+impl ServiceInfo {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Everything known about the mesh, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MeshState {
@@ -103,6 +154,8 @@ pub struct MeshState {
     pub namespaces: BTreeMap<String, bool>,
     /// Workloads by `namespace/name`.
     pub workloads: BTreeMap<String, WorkloadInfo>,
+    /// Services by `namespace/name`.
+    pub services: BTreeMap<String, ServiceInfo>,
 }
 
 impl MeshState {
@@ -153,10 +206,31 @@ impl MeshState {
                 });
             }
         }
+        let mut services = BTreeMap::new();
+        let mut by_vip: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for r in resources {
+            let Resource::Service(s) = r else { continue };
+            match service_info(s, &workloads) {
+                Ok(info) => {
+                    for vip in &info.vips {
+                        if let Some(first) = by_vip.insert(*vip, info.key()) {
+                            errors.push(ModelError::DuplicateVip {
+                                ip: *vip,
+                                first,
+                                second: info.key(),
+                            });
+                        }
+                    }
+                    services.insert(info.key(), info);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         if errors.is_empty() {
             Ok(Self {
                 namespaces,
                 workloads,
+                services,
             })
         } else {
             Err(errors)
@@ -170,6 +244,86 @@ impl MeshState {
     ) -> impl Iterator<Item = &'a WorkloadInfo> {
         self.workloads.values().filter(move |w| w.node == node)
     }
+}
+
+fn service_info(
+    s: &Service,
+    workloads: &BTreeMap<String, WorkloadInfo>,
+) -> Result<ServiceInfo, ModelError> {
+    let name = s.metadata.name.clone();
+    let namespace = s
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let bad = |problem: String| ModelError::BadService {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        problem,
+    };
+    let mut vips = s.spec.cluster_ips.clone();
+    if let Some(ip) = s
+        .spec
+        .cluster_ip
+        .as_deref()
+        .filter(|ip| *ip != "None" && !ip.is_empty())
+    {
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|e| bad(format!("spec.clusterIP `{ip}`: {e}")))?;
+        if !vips.contains(&ip) {
+            vips.insert(0, ip);
+        }
+    }
+    let mut ports = Vec::new();
+    for (i, p) in s.spec.ports.iter().enumerate() {
+        if p.port == 0 {
+            return Err(bad(format!("spec.ports[{i}].port must be 1-65535")));
+        }
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue; // not meshed
+        }
+        if ports.iter().any(|q: &ServicePort| q.port == p.port) {
+            return Err(bad(format!(
+                "spec.ports[{i}]: port {} listed twice",
+                p.port
+            )));
+        }
+        ports.push(ServicePort {
+            name: p.name.clone().unwrap_or_default(),
+            port: p.port,
+            target_port: p.target_port.filter(|t| *t != 0).unwrap_or(p.port),
+            app_protocol: p.app_protocol.clone().unwrap_or_default(),
+        });
+    }
+    let endpoints = if s.spec.selector.is_empty() {
+        Vec::new()
+    } else {
+        workloads
+            .values()
+            .filter(|w| w.namespace == namespace)
+            .filter(|w| {
+                s.spec
+                    .selector
+                    .iter()
+                    .all(|(k, v)| w.labels.get(k) == Some(v))
+            })
+            .map(|w| EndpointInfo {
+                workload: w.key(),
+                ip4: w.ip4,
+                ip6: w.ip6,
+                ready: true,
+            })
+            .collect()
+    };
+    Ok(ServiceInfo {
+        hostname: format!("{name}.{namespace}.svc.cluster.local"),
+        name,
+        namespace,
+        vips,
+        ports,
+        endpoints,
+    })
 }
 
 fn namespace_meshed(ns: &Namespace) -> Result<bool, ModelError> {
@@ -316,6 +470,48 @@ spec: {{node: n1, ips: [198.18.1.11], netns: /run/netns/x}}
 "#
         );
         MeshState::from_resources(&parse_documents(&text, "t.yaml").expect("parses"))
+    }
+
+    #[test]
+    fn services_select_endpoints_and_reject_duplicate_vips() {
+        let text = r#"
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {node: n1, ips: [198.18.1.11], netns: /x}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: db-1, namespace: shop, labels: {app: db}}
+spec: {node: n1, ips: [198.18.1.12], netns: /y}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 198.18.100.1
+  type: ClusterIP
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}, {port: 53, protocol: UDP}]
+"#;
+        let s = MeshState::from_resources(&parse_documents(text, "s.yaml").expect("parses"))
+            .expect("valid");
+        let svc = &s.services["shop/web"];
+        assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+        assert_eq!(
+            svc.vips,
+            vec!["198.18.100.1".parse::<IpAddr>().expect("ip")]
+        );
+        assert_eq!(svc.ports.len(), 1, "UDP ports are not meshed");
+        assert_eq!(svc.ports[0].target_port, 8080);
+        assert_eq!(svc.endpoints.len(), 1);
+        assert_eq!(svc.endpoints[0].workload, "shop/web-1");
+        let dup = format!(
+            "{text}---\napiVersion: v1\nkind: Service\nmetadata: {{name: web2, namespace: shop}}\nspec: {{clusterIP: 198.18.100.1}}\n"
+        );
+        let e = MeshState::from_resources(&parse_documents(&dup, "s.yaml").expect("parses"))
+            .expect_err("duplicate vip");
+        assert!(e[0].to_string().contains("198.18.100.1"), "{:?}", e);
     }
 
     #[test]

@@ -57,11 +57,55 @@ fn default_service_account() -> String {
     "default".to_string()
 }
 
+/// A Kubernetes Service (`apiVersion: v1`): virtual IPs and ports in front of the workloads its
+/// selector matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceSpec,
+}
+
+/// `Service.spec` (the fields Weft reads; other Kubernetes fields are accepted and ignored).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Virtual IPs (one per family). `clusterIP` alone is accepted too.
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<IpAddr>,
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
+    pub cluster_ip: Option<String>,
+    #[serde(default)]
+    pub ports: Vec<ServicePortSpec>,
+    /// Workloads in the Service's namespace whose labels include all of these are its endpoints.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// Port on the endpoints (default: `port`). Named target ports are not supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    /// `TCP` (default); other protocols are not meshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// e.g. `http`, `kubernetes.io/h2c`, `grpc` (used by the waypoint later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
 /// One parsed document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
     Namespace(Namespace),
     Workload(Workload),
+    Service(Service),
 }
 
 /// A document that could not be read, located precisely.
@@ -106,7 +150,7 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Resource>, ParseErr
         let kind = tm.kind.ok_or_else(|| {
             err(
                 Some("kind".into()),
-                "missing `kind` (expected Namespace or Workload)".into(),
+                "missing `kind` (expected Namespace, Workload or Service)".into(),
             )
         })?;
         let typed = |expected_api: &str| -> Result<(), ParseError> {
@@ -131,10 +175,14 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Resource>, ParseErr
                 typed(API_VERSION)?;
                 Resource::Workload(from_value(value).map_err(|(f, m)| err(f, m))?)
             }
+            "Service" => {
+                typed("v1")?;
+                Resource::Service(from_value(value).map_err(|(f, m)| err(f, m))?)
+            }
             other => {
                 return Err(err(
                     Some("kind".into()),
-                    format!("unsupported kind `{other}` (supported: Namespace, Workload)"),
+                    format!("unsupported kind `{other}` (supported: Namespace, Workload, Service)"),
                 ));
             }
         };

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use prost::Message as _;
 
-use crate::model::{CaptureSettings, Exclusions, WorkloadInfo};
+use crate::model::{
+    CaptureSettings, EndpointInfo, Exclusions, ServiceInfo, ServicePort, WorkloadInfo,
+};
 
 /// Generated protobuf types and gRPC stubs.
 #[allow(clippy::all, missing_docs)]
@@ -129,6 +131,123 @@ impl TryFrom<pb::Workload> for WorkloadInfo {
     }
 }
 
+/// Resource key of a service: `Service/<namespace>/<name>`.
+pub fn service_key(namespace: &str, name: &str) -> String {
+    format!("Service/{namespace}/{name}")
+}
+
+fn ips_text(ip4: Option<std::net::Ipv4Addr>, ip6: Option<std::net::Ipv6Addr>) -> Vec<String> {
+    ip4.map(IpAddr::V4)
+        .into_iter()
+        .chain(ip6.map(IpAddr::V6))
+        .map(|ip| ip.to_string())
+        .collect()
+}
+
+impl From<&ServiceInfo> for pb::Service {
+    fn from(s: &ServiceInfo) -> Self {
+        Self {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone(),
+            vips: s.vips.iter().map(ToString::to_string).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| pb::ServicePort {
+                    name: p.name.clone(),
+                    port: u32::from(p.port),
+                    target_port: u32::from(p.target_port),
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+            endpoints: s
+                .endpoints
+                .iter()
+                .map(|e| pb::Endpoint {
+                    workload: e.workload.clone(),
+                    ips: ips_text(e.ip4, e.ip6),
+                    ready: e.ready,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Service> for ServiceInfo {
+    type Error = WireError;
+
+    fn try_from(s: pb::Service) -> Result<Self, WireError> {
+        let key = service_key(&s.namespace, &s.name);
+        let err = |field: &'static str, problem: String| WireError {
+            key: key.clone(),
+            field,
+            problem,
+        };
+        if s.name.is_empty() || s.namespace.is_empty() {
+            return Err(err("name/namespace", "must not be empty".into()));
+        }
+        let vips = s
+            .vips
+            .iter()
+            .map(|v| {
+                v.parse::<IpAddr>()
+                    .map_err(|e| err("vips", format!("`{v}`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let port = |field: &'static str, p: u32| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| err(field, format!("{p} is not a port")))
+        };
+        let mut ports = Vec::new();
+        for p in s.ports {
+            ports.push(ServicePort {
+                port: port("ports.port", p.port)?,
+                target_port: port("ports.target_port", p.target_port)?,
+                name: p.name,
+                app_protocol: p.app_protocol,
+            });
+        }
+        let mut endpoints = Vec::new();
+        for e in s.endpoints {
+            let (mut ip4, mut ip6) = (None, None);
+            for ip in &e.ips {
+                match ip.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(a)) => ip4 = Some(a),
+                    Ok(IpAddr::V6(a)) => ip6 = Some(a),
+                    Err(x) => return Err(err("endpoints.ips", format!("`{ip}`: {x}"))),
+                }
+            }
+            endpoints.push(EndpointInfo {
+                workload: e.workload,
+                ip4,
+                ip6,
+                ready: e.ready,
+            });
+        }
+        Ok(ServiceInfo {
+            name: s.name,
+            namespace: s.namespace,
+            hostname: s.hostname,
+            vips,
+            ports,
+            endpoints,
+        })
+    }
+}
+
+/// A service as a versioned wire resource.
+pub fn service_resource(s: &ServiceInfo) -> pb::Resource {
+    let wire = pb::Service::from(s);
+    pb::Resource {
+        key: service_key(&s.namespace, &s.name),
+        version: content_version(&wire.encode_to_vec()),
+        kind: Some(pb::resource::Kind::Service(wire)),
+    }
+}
+
 /// A workload as a versioned wire resource. The version is a hash of the encoded content, so
 /// equal versions mean equal content (maps are ordered, so encoding is deterministic).
 pub fn workload_resource(w: &WorkloadInfo) -> pb::Resource {
@@ -191,6 +310,40 @@ mod tests {
         let mut changed = sample();
         changed.capture.opted_out = true;
         assert_ne!(workload_resource(&changed).version, r2.version);
+    }
+
+    #[test]
+    fn services_round_trip() {
+        let s = ServiceInfo {
+            name: "web".into(),
+            namespace: "shop".into(),
+            hostname: "web.shop.svc.cluster.local".into(),
+            vips: vec!["198.18.100.1".parse().expect("ip")],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                target_port: 8080,
+                app_protocol: "http".into(),
+            }],
+            endpoints: vec![EndpointInfo {
+                workload: "shop/web-1".into(),
+                ip4: "198.18.1.11".parse().ok(),
+                ip6: None,
+                ready: true,
+            }],
+        };
+        let r = service_resource(&s);
+        assert_eq!(r.key, "Service/shop/web");
+        let Some(pb::resource::Kind::Service(wire)) = r.kind else {
+            panic!("not a service")
+        };
+        assert_eq!(ServiceInfo::try_from(wire.clone()).expect("valid"), s);
+        let mut bad = wire;
+        bad.ports[0].target_port = 0;
+        assert_eq!(
+            ServiceInfo::try_from(bad).expect_err("port").field,
+            "ports.target_port"
+        );
     }
 
     #[test]

@@ -1,0 +1,2 @@
+#[path = "../src/codegen.rs"]
+mod codegen;
