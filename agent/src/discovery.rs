@@ -272,6 +272,12 @@ async fn stream_once(
                 *replica = next;
                 if msg.sync {
                     synced = true;
+                    tracing::info!(
+                        upserts = msg.upserts.len(),
+                        removes = msg.removes.len(),
+                        resources = replica.resources.len(),
+                        "synced with the controller"
+                    );
                 }
                 if let Err(e) = save_snapshot(&opts.state_dir, replica) {
                     tracing::error!(dir = %opts.state_dir.display(), error = %e, "cannot persist the snapshot; a restart while the controller is down would start empty");

@@ -19,9 +19,18 @@ use weft_controller::{dir, source, tls, view::Views};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// No-cluster mode: a directory (or file) of YAML Namespaces and Workloads, re-read on change.
-    #[arg(long, env = "WEFT_CONFIG_DIR")]
-    config_dir: PathBuf,
+    /// No-cluster mode: a directory (or file) of YAML Namespaces, Workloads and Services,
+    /// re-read on change.
+    #[arg(
+        long,
+        env = "WEFT_CONFIG_DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    config_dir: Option<PathBuf>,
+    /// Kubernetes mode: watch the cluster (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    kubernetes: bool,
     /// Address of the config stream (gRPC over TLS).
     #[arg(long, env = "WEFT_LISTEN", default_value = "0.0.0.0:15010")]
     listen: SocketAddr,
@@ -114,12 +123,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (state_tx, mut state_rx) = source::channel();
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let views = Arc::new(Views::default());
-    tokio::spawn(dir::run(
-        LocalConfig::new(&args.config_dir),
-        Duration::from_millis(args.poll_ms),
-        state_tx,
-        ready_tx,
-    ));
+    match &args.config_dir {
+        Some(config_dir) => {
+            tokio::spawn(dir::run(
+                LocalConfig::new(config_dir),
+                Duration::from_millis(args.poll_ms),
+                state_tx,
+                ready_tx,
+            ));
+        }
+        None => {
+            let client = kube::Client::try_default().await.context(
+                "connecting to Kubernetes (in-cluster service account, or KUBECONFIG); for no-cluster mode use --config-dir",
+            )?;
+            tokio::spawn(weft_controller::crd::run_status_controller(client.clone()));
+            // Ready once the first complete snapshot is published.
+            let mut first = state_tx.subscribe();
+            tokio::spawn(async move {
+                if first.changed().await.is_ok() {
+                    ready_tx.send_replace(true);
+                }
+            });
+            tokio::spawn(async move {
+                if let Err(e) =
+                    weft_controller::k8s::run(client, state_tx, Default::default()).await
+                {
+                    tracing::error!(error = %e, "Kubernetes source stopped");
+                }
+            });
+        }
+    }
     {
         let views = views.clone();
         tokio::spawn(async move {

@@ -388,3 +388,42 @@ fn control_plane_services_reach_every_agent_with_their_endpoints() {
         .expect("removed");
     }
 }
+
+#[test]
+fn control_plane_reconnecting_agent_resumes_without_a_full_resend() {
+    let _g = serial();
+    let Some(mut w) = world_with_controller(
+        "control_plane_reconnecting_agent_resumes_without_a_full_resend",
+        |c| c,
+    ) else {
+        return;
+    };
+    let syncs = |w: &World| -> Vec<Value> {
+        w.mesh
+            .agent(0)
+            .log_lines()
+            .into_iter()
+            .filter(|l| l["message"] == "synced with the controller")
+            .collect()
+    };
+    let first = syncs(&w);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(
+        first[0]["upserts"], 2,
+        "the first sync carries node 1's two workloads"
+    );
+    w.mesh.kill_controller();
+    w.mesh.start_controller().expect("controller restart");
+    let again = wait_for(Duration::from_secs(20), "a second sync", || {
+        let s = syncs(&w);
+        (s.len() == 2).then_some(s)
+    })
+    .expect("resynced");
+    assert_eq!(
+        again[1]["upserts"], 0,
+        "nothing changed, nothing resent: {:?}",
+        again[1]
+    );
+    assert_eq!(again[1]["removes"], 0);
+    assert_eq!(again[1]["resources"], 2);
+}

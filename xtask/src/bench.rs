@@ -189,7 +189,7 @@ fn capture(args: BenchArgs) -> anyhow::Result<()> {
     // SAFETY: single-threaded at this point; the variable is read by the lab harness.
     unsafe { std::env::set_var("WEFT_AGENT_BIN", &bin) };
 
-    let w = crate::demo::world(&[], &[])?;
+    let w = crate::demo::world(&[], &[], false)?;
     let lab = &w.mesh.lab;
     let (web, api, batch, db) = (lab.pod(0, 0), lab.pod(1, 0), lab.pod(0, 1), lab.pod(1, 1));
     let _e1 = Echo::start(&api.netns()?, PORT)?;

@@ -52,6 +52,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
 /// Formatting, lints and dependency policy.
 pub fn lint() -> anyhow::Result<()> {
     run_cmd(cargo().args(["fmt", "--all", "--check"]))?;
+    crate::codegen::run(true)?;
     // One clippy run over the host packages, all targets.
     run_cmd(with_packages(cargo().arg("clippy")).args(["--all-targets", "--", "-D", "warnings"]))?;
     // Advisories need the advisory database from the network, which CI does not have.

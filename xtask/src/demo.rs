@@ -26,7 +26,7 @@ pub struct DemoWorld {
 /// Builds the standard two-node world: namespace `shop` (meshed: `web` on node 1, `api` on
 /// node 2) and `legacy` (not meshed: `batch` on node 1, `db` on node 2); echo servers on
 /// `ports` in every pod, IPv4 and IPv6.
-pub fn world(ports: &[u16], agent_args: &[&str]) -> anyhow::Result<DemoWorld> {
+pub fn world(ports: &[u16], agent_args: &[&str], controller: bool) -> anyhow::Result<DemoWorld> {
     let lab = Lab::up(LabSpec {
         nodes: 2,
         pods_per_node: 2,
@@ -52,7 +52,12 @@ pub fn world(ports: &[u16], agent_args: &[&str]) -> anyhow::Result<DemoWorld> {
         .workload(WorkloadSpec::new("api", "shop", lab.pod(1, 0)))
         .workload(WorkloadSpec::new("batch", "legacy", lab.pod(0, 1)))
         .workload(WorkloadSpec::new("db", "legacy", lab.pod(1, 1)));
-    let mesh = MeshLab::start(lab, config, agent_args).context("starting the node agents")?;
+    let mesh = if controller {
+        MeshLab::start_with_controller(lab, config, agent_args)
+            .context("starting the controller and the node agents")?
+    } else {
+        MeshLab::start(lab, config, agent_args).context("starting the node agents")?
+    };
     Ok(DemoWorld {
         mesh,
         _servers: servers,
@@ -71,10 +76,19 @@ pub fn run() -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
     }
-    run_cmd(cargo().args(["build", "-p", "weft-agent", "--bins"]))?;
-    println!("\n== Building a two-node lab and starting one weft-agent per node ==");
+    run_cmd(cargo().args([
+        "build",
+        "-p",
+        "weft-agent",
+        "-p",
+        "weft-controller",
+        "--bins",
+    ]))?;
+    println!(
+        "\n== Building a two-node lab: weft-controller on node n1 (config directory, TLS, bootstrap tokens), one weft-agent per node =="
+    );
     let started = Instant::now();
-    let w = world(&[APP_PORT, EXCLUDED_PORT], &["--trace-unenrolled"])?;
+    let w = world(&[APP_PORT, EXCLUDED_PORT], &["--trace-unenrolled"], true)?;
     let lab = &w.mesh.lab;
     println!(
         "lab {} up with agents ready in {:.1}s (logs and config in {})",
@@ -218,8 +232,55 @@ pub fn run() -> anyhow::Result<()> {
             .collect();
         println!("  [{}] {}", a.node.name, counts.join("  "));
     }
+    control_plane_change(w, &batch, &db)?;
     println!(
         "\nTry it yourself: `cargo xtask lab up`, then see docs/development.md. Tearing the demo lab down."
+    );
+    Ok(())
+}
+
+/// Meshes the `legacy` namespace through the controller and shows capture following it.
+fn control_plane_change(mut w: DemoWorld, batch: &Pod, db: &Pod) -> anyhow::Result<()> {
+    println!("\n== Control plane: labelling namespace `legacy` weft.dev/mesh=enabled ==");
+    for a in &w.mesh.agents {
+        let d = a.get_json("/config_dump")?;
+        println!(
+            "  [{}] stream connected={} synced={} updates applied={} pods enrolled={}",
+            a.node.name,
+            d["config"]["connected"],
+            d["config"]["synced"],
+            d["config"]["applied"],
+            d["pods"].as_array().map_or(0, Vec::len)
+        );
+    }
+    w.mesh.config.set_meshed("legacy", true);
+    let start = Instant::now();
+    w.mesh.write_config()?;
+    weft_tests::mesh::wait_for(Duration::from_secs(5), "legacy pods enrolled", || {
+        let n: usize = w
+            .mesh
+            .agents
+            .iter()
+            .filter_map(|a| a.get_json("/config_dump").ok())
+            .map(|d| d["pods"].as_array().map_or(0, Vec::len))
+            .sum();
+        (n == 4).then_some(())
+    })
+    .map_err(anyhow::Error::msg)?;
+    println!(
+        "  all four pods enrolled {:.0} ms after the file changed (controller poll + stream + kernel maps)",
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    let dst = SocketAddr::new(IpAddr::V4(db.ip4), APP_PORT);
+    let since = now_ms();
+    let ns = batch.netns()?;
+    let mut s = tcp_connect_in(&ns, dst, Duration::from_secs(5))?;
+    ask(&mut s, b"now meshed")?;
+    std::thread::sleep(Duration::from_millis(100));
+    println!(
+        "  legacy/batch -> legacy/db {dst}: outbound {}, inbound {}",
+        verdict(&w.mesh, 0, &["connect4"], dst, since, Some("legacy/batch")),
+        verdict(&w.mesh, 1, &["sk_lookup"], dst, since, None)
     );
     Ok(())
 }

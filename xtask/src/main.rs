@@ -6,6 +6,7 @@
 mod bench;
 mod bench_control_plane;
 mod ci;
+mod codegen;
 mod demo;
 mod lab;
 mod setup;
@@ -35,6 +36,12 @@ enum Command {
     },
     /// cargo fmt --check, clippy -D warnings on the host crates, cargo deny.
     Lint,
+    /// Regenerate checked-in generated files (the CRD manifests); --check fails if one is stale (CI).
+    Codegen {
+        /// Write nothing; fail when a generated file is missing or stale.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks (not tests): `cargo xtask bench capture [--json]` (root).
     Bench(bench::BenchArgs),
     /// Simulated multi-node cluster on this machine, built from network namespaces (root).
@@ -50,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test { args } => ci::test(&args),
         Command::Lint => ci::lint(),
         Command::Bench(args) => bench::run(args),
+        Command::Codegen { check } => codegen::run(check),
     }
 }
 

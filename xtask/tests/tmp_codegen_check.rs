@@ -1,2 +1,0 @@
-#[path = "../src/codegen.rs"]
-mod codegen;
