@@ -145,6 +145,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/config_dump" => {
             let (pods, errors) = lock(&state.pods).status();
             let services = lock(&state.pods).services();
+            let policies = lock(&state.pods).policies();
             let maps = lock(&state.capture).map_sizes();
             let config = lock(&state.config).clone();
             json_response(&json!({
@@ -152,6 +153,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "config": config,
                 "pods": pods,
                 "services": services,
+                "policies": policies,
                 "enrolment_errors": errors,
                 "maps": maps,
                 "original_destinations_pending": state.orig.len(),

@@ -97,6 +97,11 @@ impl Replica {
                         .insert(w.namespace.clone(), w.capture.namespace_meshed);
                     state.workloads.insert(w.key(), w);
                 }
+                Some(pb::resource::Kind::AuthorizationPolicy(p)) => {
+                    let p = weft_api::model::PolicyInfo::try_from(p.clone())
+                        .map_err(|e| e.to_string())?;
+                    state.policies.insert(p.key(), p);
+                }
                 Some(pb::resource::Kind::Service(s)) => {
                     let s = weft_api::model::ServiceInfo::try_from(s.clone())
                         .map_err(|e| e.to_string())?;

@@ -80,6 +80,8 @@ pub struct PodManager {
     /// Services known from the last state (used by load balancing later; shown in
     /// /config_dump).
     services: Vec<weft_api::model::ServiceInfo>,
+    /// AuthorizationPolicies from the last state (enforced by the L4 data path later).
+    policies: Vec<weft_api::model::PolicyInfo>,
     errors: BTreeMap<String, String>,
     next_id: u32,
 }
@@ -100,6 +102,7 @@ impl PodManager {
             runtime,
             pods: BTreeMap::new(),
             services: Vec::new(),
+            policies: Vec::new(),
             errors: BTreeMap::new(),
             next_id: 1,
         }
@@ -108,14 +111,11 @@ impl PodManager {
     /// Brings kernel state and listeners in line with `state`. Pods that fail are reported
     /// (and retried next time); the others are unaffected.
     pub fn reconcile(&mut self, state: &MeshState) {
-        if self.services.len() != state.services.len()
-            || self
-                .services
-                .iter()
-                .zip(state.services.values())
-                .any(|(a, b)| a != b)
-        {
+        if !self.services.iter().eq(state.services.values()) {
             self.services = state.services.values().cloned().collect();
+        }
+        if !self.policies.iter().eq(state.policies.values()) {
+            self.policies = state.policies.values().cloned().collect();
         }
         let node = self.node.clone();
         let desired: BTreeMap<String, &WorkloadInfo> = state
@@ -322,6 +322,11 @@ impl PodManager {
                 return id;
             }
         }
+    }
+
+    /// AuthorizationPolicies from the current state, for `/config_dump`.
+    pub fn policies(&self) -> Vec<weft_api::model::PolicyInfo> {
+        self.policies.clone()
     }
 
     /// Services from the current state, for `/config_dump`.

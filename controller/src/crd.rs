@@ -126,6 +126,13 @@ pub struct Destination {
     #[serde(default)]
     #[schemars(inner(range(min = 1)))]
     pub ports: Vec<u16>,
+    /// L7: the HTTP method is one of these. Only a waypoint can enforce it; a policy with L7
+    /// fields on a workload without a waypoint fails closed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// L7: the request path matches one of these. Waypoint only, like `methods`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 /// Written by the controller: whether the policy was accepted, and why not.

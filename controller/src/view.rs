@@ -5,8 +5,9 @@
 //! nodes are not woken, and a woken stream diffs only its own node's (small) view against what
 //! it already sent: work per change is proportional to the change.
 //!
-//! Services are needed by every node (any pod may call any service), so they live in one shared
-//! map that every view includes; a service change wakes every stream.
+//! Services and AuthorizationPolicies are needed by every node (any pod may call any service;
+//! policies are small and an agent picks the ones selecting its workloads), so they live in one
+//! shared map that every view includes; a change to one wakes every stream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -104,6 +105,19 @@ impl Views {
             for (key, new) in &next.services {
                 if prev.services.get(key) != Some(new) {
                     let r = wire::service_resource(new);
+                    shared.insert(r.key.clone(), Arc::new(r));
+                    shared_changed = true;
+                }
+            }
+            for (key, old) in &prev.policies {
+                if !next.policies.contains_key(key) {
+                    shared.remove(&wire::policy_key(&old.namespace, &old.name));
+                    shared_changed = true;
+                }
+            }
+            for (key, new) in &next.policies {
+                if prev.policies.get(key) != Some(new) {
+                    let r = wire::policy_resource(new);
                     shared.insert(r.key.clone(), Arc::new(r));
                     shared_changed = true;
                 }

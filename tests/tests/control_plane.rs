@@ -335,10 +335,10 @@ fn control_plane_refuses_agents_without_valid_node_credentials() {
 }
 
 #[test]
-fn control_plane_services_reach_every_agent_with_their_endpoints() {
+fn control_plane_services_and_policies_reach_every_agent() {
     let _g = serial();
     let Some(mut w) = world_with_controller(
-        "control_plane_services_reach_every_agent_with_their_endpoints",
+        "control_plane_services_and_policies_reach_every_agent",
         |mut c| {
             if let Some(api) = c.workloads.iter_mut().find(|w| w.name == "api") {
                 api.labels.insert("app".into(), "api".into());
@@ -379,9 +379,29 @@ fn control_plane_services_reach_every_agent_with_their_endpoints() {
         })
         .expect("updated");
     }
+    // Policies travel the same way (enforcement is the L4 issue's).
+    w.mesh.config.raw.push(serde_json::json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "only-web", "namespace": "shop"},
+        "spec": {"action": "ALLOW", "selector": {"matchLabels": {"app": "api"}},
+                 "rules": [{"from": [{"namespaces": ["shop"]}], "to": [{"ports": [PORT]}]}]},
+    }));
+    w.mesh.write_config().expect("write");
+    for node in 0..2 {
+        let p = wait_for(T, "policy streamed", || {
+            dump(&w, node)["policies"].as_array()?.first().cloned()
+        })
+        .expect("policy");
+        assert_eq!(p["action"], "Allow", "{p}");
+        assert_eq!(p["rules"][0]["to"][0]["ports"][0], PORT, "{p}");
+    }
     w.mesh.config.raw.clear();
     w.mesh.write_config().expect("write");
     for node in 0..2 {
+        wait_for(T, "policy removed", || {
+            (dump(&w, node)["policies"].as_array().map(Vec::len) == Some(0)).then_some(())
+        })
+        .expect("removed");
         wait_for(T, "service removed", || {
             (dump(&w, node)["services"].as_array().map(Vec::len) == Some(0)).then_some(())
         })

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::labels;
-use crate::resource::{Namespace, Resource, Service, Workload};
+use crate::resource::{AuthorizationPolicy, Namespace, Resource, Service, Workload};
 
 /// A model-level problem (the documents parsed, but they do not make sense together).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +43,12 @@ pub enum ModelError {
     },
     #[error("service {namespace}/{name}: {problem}")]
     BadService {
+        namespace: String,
+        name: String,
+        problem: String,
+    },
+    #[error("AuthorizationPolicy {namespace}/{name}: {problem}")]
+    BadPolicy {
         namespace: String,
         name: String,
         problem: String,
@@ -147,6 +153,159 @@ impl ServiceInfo {
     }
 }
 
+/// What a policy does with matching connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+    Audit,
+}
+
+/// Where a connection comes from; every non-empty field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PolicySourceInfo {
+    pub namespaces: Vec<String>,
+    /// SPIFFE IDs.
+    pub principals: Vec<String>,
+    pub ip_blocks: Vec<IpNet>,
+}
+
+/// Where a connection goes. `methods`/`paths` are L7 (waypoint only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyDestinationInfo {
+    pub ports: Vec<u16>,
+    pub methods: Vec<String>,
+    pub paths: Vec<String>,
+}
+
+/// One rule: a source entry and a destination entry must match (empty lists match anything).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyRuleInfo {
+    pub from: Vec<PolicySourceInfo>,
+    pub to: Vec<PolicyDestinationInfo>,
+}
+
+impl PolicyRuleInfo {
+    /// Whether the rule needs L7 information (methods or paths) to be evaluated.
+    pub fn is_l7(&self) -> bool {
+        self.to
+            .iter()
+            .any(|d| !d.methods.is_empty() || !d.paths.is_empty())
+    }
+}
+
+/// A validated AuthorizationPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PolicyInfo {
+    pub name: String,
+    pub namespace: String,
+    /// Labels a workload must have; `None`: every workload of the namespace.
+    pub selector: Option<BTreeMap<String, String>>,
+    pub action: PolicyAction,
+    pub rules: Vec<PolicyRuleInfo>,
+    pub dry_run: bool,
+}
+
+impl PolicyInfo {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether the policy applies to a workload.
+    pub fn selects(&self, w: &WorkloadInfo) -> bool {
+        w.namespace == self.namespace
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+}
+
+/// Validates a policy document (both modes use this).
+pub fn policy_info(p: &AuthorizationPolicy) -> Result<PolicyInfo, ModelError> {
+    let name = p.metadata.name.clone();
+    let namespace = p
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let bad = |problem: String| ModelError::BadPolicy {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        problem,
+    };
+    let action = match p.spec.action.as_str() {
+        "ALLOW" => PolicyAction::Allow,
+        "DENY" => PolicyAction::Deny,
+        "AUDIT" => PolicyAction::Audit,
+        other => {
+            return Err(bad(format!(
+                "spec.action `{other}` is not one of ALLOW, DENY, AUDIT"
+            )));
+        }
+    };
+    let mut rules = Vec::new();
+    for (i, r) in p.spec.rules.iter().enumerate() {
+        let mut from = Vec::new();
+        for (j, s) in r.from.iter().enumerate() {
+            for pr in &s.principals {
+                let parts: Vec<&str> = pr
+                    .strip_prefix("spiffe://")
+                    .unwrap_or("")
+                    .split('/')
+                    .collect();
+                if parts.len() != 5 || parts[0].is_empty() || parts[1] != "ns" || parts[3] != "sa" {
+                    return Err(bad(format!(
+                        "spec.rules[{i}].from[{j}].principals: `{pr}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+                    )));
+                }
+            }
+            let mut ip_blocks = Vec::new();
+            for b in &s.ip_blocks {
+                let net = b
+                    .parse::<IpNet>()
+                    .or_else(|_| b.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|e| bad(format!("spec.rules[{i}].from[{j}].ipBlocks: `{b}`: {e}")))?;
+                if net.trunc() != net {
+                    return Err(bad(format!(
+                        "spec.rules[{i}].from[{j}].ipBlocks: `{b}` has host bits set (did you mean {}?)",
+                        net.trunc()
+                    )));
+                }
+                ip_blocks.push(net);
+            }
+            from.push(PolicySourceInfo {
+                namespaces: s.namespaces.clone(),
+                principals: s.principals.clone(),
+                ip_blocks,
+            });
+        }
+        let mut to = Vec::new();
+        for (j, d) in r.to.iter().enumerate() {
+            if d.ports.contains(&0) {
+                return Err(bad(format!(
+                    "spec.rules[{i}].to[{j}].ports: 0 is not a port"
+                )));
+            }
+            to.push(PolicyDestinationInfo {
+                ports: d.ports.clone(),
+                methods: d.methods.clone(),
+                paths: d.paths.clone(),
+            });
+        }
+        rules.push(PolicyRuleInfo { from, to });
+    }
+    Ok(PolicyInfo {
+        selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
+        name,
+        namespace,
+        action,
+        rules,
+        dry_run: p.spec.dry_run,
+    })
+}
+
 /// Everything known about the mesh, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MeshState {
@@ -156,6 +315,8 @@ pub struct MeshState {
     pub workloads: BTreeMap<String, WorkloadInfo>,
     /// Services by `namespace/name`.
     pub services: BTreeMap<String, ServiceInfo>,
+    /// AuthorizationPolicies by `namespace/name`.
+    pub policies: BTreeMap<String, PolicyInfo>,
 }
 
 impl MeshState {
@@ -226,11 +387,24 @@ impl MeshState {
                 Err(e) => errors.push(e),
             }
         }
+        let mut policies = BTreeMap::new();
+        for r in resources {
+            let Resource::AuthorizationPolicy(p) = r else {
+                continue;
+            };
+            match policy_info(p) {
+                Ok(info) => {
+                    policies.insert(info.key(), info);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         if errors.is_empty() {
             Ok(Self {
                 namespaces,
                 workloads,
                 services,
+                policies,
             })
         } else {
             Err(errors)
@@ -512,6 +686,45 @@ spec:
         let e = MeshState::from_resources(&parse_documents(&dup, "s.yaml").expect("parses"))
             .expect_err("duplicate vip");
         assert!(e[0].to_string().contains("198.18.100.1"), "{:?}", e);
+    }
+
+    #[test]
+    fn policies_are_validated_with_precise_messages() {
+        let doc = |spec: &str| {
+            format!(
+                "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n"
+            )
+        };
+        let ok = doc(
+            "{action: ALLOW, selector: {matchLabels: {app: api}}, rules: [{from: [{principals: [\"spiffe://cluster.local/ns/shop/sa/web\"], ipBlocks: [10.0.0.0/8]}], to: [{ports: [8080], methods: [GET]}]}]}",
+        );
+        let s = MeshState::from_resources(&parse_documents(&ok, "p.yaml").expect("parses"))
+            .expect("valid");
+        let p = &s.policies["shop/p"];
+        assert_eq!(p.action, PolicyAction::Allow);
+        assert!(p.rules[0].is_l7());
+        for (spec, needle) in [
+            ("{action: PERMIT}", "PERMIT"),
+            (
+                "{action: DENY, rules: [{from: [{principals: [web]}]}]}",
+                "principals: `web`",
+            ),
+            (
+                "{action: DENY, rules: [{from: [{ipBlocks: [10.1.2.3/8]}]}]}",
+                "did you mean 10.0.0.0/8",
+            ),
+            (
+                "{action: DENY, rules: [{to: [{ports: [0]}]}]}",
+                "0 is not a port",
+            ),
+        ] {
+            let e =
+                MeshState::from_resources(&parse_documents(&doc(spec), "p.yaml").expect("parses"))
+                    .expect_err(spec);
+            assert!(e[0].to_string().contains(needle), "{spec}: {}", e[0]);
+        }
+        let e = parse_documents(&doc("{action: DENY, rulez: []}"), "p.yaml").expect_err("typo");
+        assert!(e.message.contains("rulez"), "{e}");
     }
 
     #[test]

@@ -100,12 +100,79 @@ pub struct ServicePortSpec {
     pub app_protocol: Option<String>,
 }
 
+/// A Weft AuthorizationPolicy (`apiVersion: weft.dev/v1alpha1`). Same shape as the CRD in
+/// Kubernetes mode (controller/src/crd.rs), so one validation serves both modes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    pub spec: PolicySpec,
+}
+
+/// `AuthorizationPolicy.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Workloads of the policy's namespace it applies to; absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<PolicySelector>,
+    /// `ALLOW`, `DENY` or `AUDIT`.
+    pub action: String,
+    #[serde(default)]
+    pub rules: Vec<PolicyRule>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `spec.selector`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// `spec.rules[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyRule {
+    #[serde(default)]
+    pub from: Vec<PolicySource>,
+    #[serde(default)]
+    pub to: Vec<PolicyDestination>,
+}
+
+/// `spec.rules[].from[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySource {
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+}
+
+/// `spec.rules[].to[]`. `methods` and `paths` are L7: only a waypoint can enforce them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyDestination {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
 /// One parsed document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
     Namespace(Namespace),
     Workload(Workload),
     Service(Service),
+    AuthorizationPolicy(AuthorizationPolicy),
 }
 
 /// A document that could not be read, located precisely.
@@ -179,10 +246,16 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Resource>, ParseErr
                 typed("v1")?;
                 Resource::Service(from_value(value).map_err(|(f, m)| err(f, m))?)
             }
+            "AuthorizationPolicy" => {
+                typed(API_VERSION)?;
+                Resource::AuthorizationPolicy(from_value(value).map_err(|(f, m)| err(f, m))?)
+            }
             other => {
                 return Err(err(
                     Some("kind".into()),
-                    format!("unsupported kind `{other}` (supported: Namespace, Workload, Service)"),
+                    format!(
+                        "unsupported kind `{other}` (supported: Namespace, Workload, Service, AuthorizationPolicy)"
+                    ),
                 ));
             }
         };

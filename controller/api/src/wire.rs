@@ -9,7 +9,8 @@ use ipnet::IpNet;
 use prost::Message as _;
 
 use crate::model::{
-    CaptureSettings, EndpointInfo, Exclusions, ServiceInfo, ServicePort, WorkloadInfo,
+    CaptureSettings, EndpointInfo, Exclusions, PolicyAction, PolicyDestinationInfo, PolicyInfo,
+    PolicyRuleInfo, PolicySourceInfo, ServiceInfo, ServicePort, WorkloadInfo,
 };
 
 /// Generated protobuf types and gRPC stubs.
@@ -238,6 +239,132 @@ impl TryFrom<pb::Service> for ServiceInfo {
     }
 }
 
+/// Resource key of a policy: `AuthorizationPolicy/<namespace>/<name>`.
+pub fn policy_key(namespace: &str, name: &str) -> String {
+    format!("AuthorizationPolicy/{namespace}/{name}")
+}
+
+impl From<&PolicyInfo> for pb::AuthorizationPolicy {
+    fn from(p: &PolicyInfo) -> Self {
+        Self {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            has_selector: p.selector.is_some(),
+            selector: p.selector.clone().unwrap_or_default(),
+            action: match p.action {
+                PolicyAction::Allow => pb::PolicyAction::Allow,
+                PolicyAction::Deny => pb::PolicyAction::Deny,
+                PolicyAction::Audit => pb::PolicyAction::Audit,
+            } as i32,
+            rules: p
+                .rules
+                .iter()
+                .map(|r| pb::PolicyRule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| pb::PolicySource {
+                            namespaces: s.namespaces.clone(),
+                            principals: s.principals.clone(),
+                            ip_blocks: s.ip_blocks.iter().map(ToString::to_string).collect(),
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|d| pb::PolicyDestination {
+                            ports: d.ports.iter().map(|p| u32::from(*p)).collect(),
+                            methods: d.methods.clone(),
+                            paths: d.paths.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            dry_run: p.dry_run,
+        }
+    }
+}
+
+impl TryFrom<pb::AuthorizationPolicy> for PolicyInfo {
+    type Error = WireError;
+
+    fn try_from(p: pb::AuthorizationPolicy) -> Result<Self, WireError> {
+        let key = policy_key(&p.namespace, &p.name);
+        let err = |field: &'static str, problem: String| WireError {
+            key: key.clone(),
+            field,
+            problem,
+        };
+        let action = match pb::PolicyAction::try_from(p.action) {
+            Ok(pb::PolicyAction::Allow) => PolicyAction::Allow,
+            Ok(pb::PolicyAction::Deny) => PolicyAction::Deny,
+            Ok(pb::PolicyAction::Audit) => PolicyAction::Audit,
+            _ => {
+                return Err(err(
+                    "action",
+                    format!("{} is not ALLOW, DENY or AUDIT", p.action),
+                ));
+            }
+        };
+        let mut rules = Vec::new();
+        for r in p.rules {
+            let mut from = Vec::new();
+            for s in r.from {
+                let ip_blocks = s
+                    .ip_blocks
+                    .iter()
+                    .map(|b| {
+                        b.parse::<IpNet>()
+                            .map_err(|e| err("ip_blocks", format!("`{b}`: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                from.push(PolicySourceInfo {
+                    namespaces: s.namespaces,
+                    principals: s.principals,
+                    ip_blocks,
+                });
+            }
+            let mut to = Vec::new();
+            for d in r.to {
+                let ports = d
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        u16::try_from(*p)
+                            .ok()
+                            .filter(|p| *p != 0)
+                            .ok_or_else(|| err("ports", format!("{p} is not a port")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                to.push(PolicyDestinationInfo {
+                    ports,
+                    methods: d.methods,
+                    paths: d.paths,
+                });
+            }
+            rules.push(PolicyRuleInfo { from, to });
+        }
+        Ok(PolicyInfo {
+            selector: p.has_selector.then_some(p.selector),
+            name: p.name,
+            namespace: p.namespace,
+            action,
+            rules,
+            dry_run: p.dry_run,
+        })
+    }
+}
+
+/// A policy as a versioned wire resource.
+pub fn policy_resource(p: &PolicyInfo) -> pb::Resource {
+    let wire = pb::AuthorizationPolicy::from(p);
+    pb::Resource {
+        key: policy_key(&p.namespace, &p.name),
+        version: content_version(&wire.encode_to_vec()),
+        kind: Some(pb::resource::Kind::AuthorizationPolicy(wire)),
+    }
+}
+
 /// A service as a versioned wire resource.
 pub fn service_resource(s: &ServiceInfo) -> pb::Resource {
     let wire = pb::Service::from(s);
@@ -343,6 +470,39 @@ mod tests {
         assert_eq!(
             ServiceInfo::try_from(bad).expect_err("port").field,
             "ports.target_port"
+        );
+    }
+
+    #[test]
+    fn policies_round_trip_and_unspecified_actions_fail_closed() {
+        let p = PolicyInfo {
+            name: "p".into(),
+            namespace: "shop".into(),
+            selector: Some([("app".to_string(), "api".to_string())].into()),
+            action: PolicyAction::Deny,
+            rules: vec![PolicyRuleInfo {
+                from: vec![PolicySourceInfo {
+                    namespaces: vec!["legacy".into()],
+                    principals: vec![],
+                    ip_blocks: vec!["10.0.0.0/8".parse().expect("cidr")],
+                }],
+                to: vec![PolicyDestinationInfo {
+                    ports: vec![8080],
+                    methods: vec![],
+                    paths: vec![],
+                }],
+            }],
+            dry_run: false,
+        };
+        let Some(pb::resource::Kind::AuthorizationPolicy(wire)) = policy_resource(&p).kind else {
+            panic!("not a policy")
+        };
+        assert_eq!(PolicyInfo::try_from(wire.clone()).expect("valid"), p);
+        let mut bad = wire;
+        bad.action = 0;
+        assert_eq!(
+            PolicyInfo::try_from(bad).expect_err("unspecified").field,
+            "action"
         );
     }
 
