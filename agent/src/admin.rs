@@ -49,6 +49,8 @@ pub struct AdminState {
     pub config: Arc<Mutex<ConfigStatus>>,
     pub ready: AtomicBool,
     pub orig: Arc<crate::capture::OrigDstMap>,
+    /// Controller mode: workload certificates.
+    pub certs: Option<Arc<crate::identity::CertManager>>,
 }
 
 /// Serves until the listener fails.
@@ -146,6 +148,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let (pods, errors) = lock(&state.pods).status();
             let services = lock(&state.pods).services();
             let policies = lock(&state.pods).policies();
+            let trust_roots = lock(&state.pods).trust_roots();
             let maps = lock(&state.capture).map_sizes();
             let config = lock(&state.config).clone();
             json_response(&json!({
@@ -154,6 +157,8 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "pods": pods,
                 "services": services,
                 "policies": policies,
+                "trust_bundle_roots": trust_roots,
+                "certificates": state.certs.as_ref().map(|c| c.status()).unwrap_or_default(),
                 "enrolment_errors": errors,
                 "maps": maps,
                 "original_destinations_pending": state.orig.len(),

@@ -16,6 +16,7 @@ use crate::admin::{self, AdminState, ConfigStatus};
 use crate::capture::{Capture, CaptureOptions};
 use crate::discovery::{self, ControllerOptions};
 use crate::events::{self, EventLog};
+use crate::identity::{CertManager, GrpcCaClient};
 use crate::pods::PodManager;
 use crate::proxy::ProxyContext;
 use weft_api::MeshState;
@@ -34,6 +35,8 @@ pub struct AgentConfig {
     pub config_poll: Duration,
     pub connect_timeout: Duration,
     pub worker_threads: usize,
+    /// SPIFFE trust domain of workload identities.
+    pub trust_domain: String,
 }
 
 /// Where the agent's configuration comes from.
@@ -100,6 +103,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         source: cfg.source.describe(),
         ..Default::default()
     }));
+    let certs = match &cfg.source {
+        ConfigSource::Controller(opts) => {
+            Some(CertManager::new(Arc::new(GrpcCaClient::new(opts.clone()))))
+        }
+        ConfigSource::Local(_) => None,
+    };
     let admin_state = Arc::new(AdminState {
         node: cfg.node.clone(),
         prometheus,
@@ -109,6 +118,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         config: config_status.clone(),
         ready: false.into(),
         orig,
+        certs: certs.clone(),
     });
 
     // Admin: its own thread and single-threaded runtime.
@@ -170,7 +180,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 tokio::spawn(discovery::run(opts, state_tx, config_status.clone()));
             }
         }
-        let reconcile = reconcile_loop(state_rx, pods.clone(), admin_state.clone());
+        let identities = certs.map(|c| (c, cfg.node.clone(), cfg.trust_domain.clone()));
+        let reconcile = reconcile_loop(state_rx, pods.clone(), admin_state.clone(), identities);
         tokio::select! {
             () = reconcile => {},
             r = shutdown_signal() => {
@@ -197,6 +208,7 @@ async fn reconcile_loop(
     mut states: watch::Receiver<Option<Arc<MeshState>>>,
     pods: Arc<Mutex<PodManager>>,
     admin: Arc<AdminState>,
+    identities: Option<(Arc<CertManager>, String, String)>,
 ) {
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -216,8 +228,23 @@ async fn reconcile_loop(
                 Err(p) => p.into_inner().reconcile(&state),
             }
             admin.ready.store(true, Ordering::Release);
+            // Certificates for this node's meshed workloads, requested as soon as they are
+            // enrolled (and retried every second until obtained).
+            if let Some((certs, node, td)) = &identities {
+                certs.ensure(
+                    state
+                        .workloads_on_node(node)
+                        .filter(|w| w.capture.captured())
+                        .map(|w| spiffe_id(td, &w.namespace, &w.service_account)),
+                );
+            }
         }
     }
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
 /// Polls a local configuration file or directory.

@@ -97,6 +97,9 @@ impl Replica {
                         .insert(w.namespace.clone(), w.capture.namespace_meshed);
                     state.workloads.insert(w.key(), w);
                 }
+                Some(pb::resource::Kind::TrustBundle(b)) => {
+                    state.trust_bundle = b.roots_pem.clone();
+                }
                 Some(pb::resource::Kind::AuthorizationPolicy(p)) => {
                     let p = weft_api::model::PolicyInfo::try_from(p.clone())
                         .map_err(|e| e.to_string())?;
@@ -203,13 +206,13 @@ fn set_status(status: &Mutex<ConfigStatus>, f: impl FnOnce(&mut ConfigStatus)) {
     }
 }
 
-/// One stream; returns Ok(true) if it synced before ending.
-async fn stream_once(
+/// Credentials to attach to controller requests (`authorization: Bearer <token>`).
+pub type AuthHeader = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
+
+/// Opens a TLS channel to the controller and reads this node's credentials.
+pub async fn connect(
     opts: &ControllerOptions,
-    replica: &mut Replica,
-    out: &watch::Sender<Option<Arc<MeshState>>>,
-    status: &Mutex<ConfigStatus>,
-) -> Result<bool, StreamError> {
+) -> Result<(tonic::transport::Channel, AuthHeader), StreamError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| StreamError::Read {
             path: p.to_path_buf(),
@@ -217,13 +220,18 @@ async fn stream_once(
         })
     };
     let ca = read(&opts.ca)?;
-    let token = match &opts.token_file {
-        Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_string()),
-        None => None,
-    };
     let url_err = |detail: String| StreamError::Url {
         url: opts.url.clone(),
         detail,
+    };
+    let auth = match &opts.token_file {
+        Some(p) => {
+            let t = String::from_utf8_lossy(&read(p)?).trim().to_string();
+            Some(format!("Bearer {t}").parse().map_err(|_| {
+                url_err("the bootstrap token contains characters not allowed in a header".into())
+            })?)
+        }
+        None => None,
     };
     let endpoint = Endpoint::from_shared(opts.url.clone())
         .map_err(|e| url_err(e.to_string()))?
@@ -240,6 +248,17 @@ async fn stream_once(
         url: opts.url.clone(),
         detail: error_chain(&e),
     })?;
+    Ok((channel, auth))
+}
+
+/// One stream; returns Ok(true) if it synced before ending.
+async fn stream_once(
+    opts: &ControllerOptions,
+    replica: &mut Replica,
+    out: &watch::Sender<Option<Arc<MeshState>>>,
+    status: &Mutex<ConfigStatus>,
+) -> Result<bool, StreamError> {
+    let (channel, auth) = connect(opts).await?;
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::AgentMessage {
@@ -251,10 +270,7 @@ async fn stream_once(
     };
     let _ = tx.send(hello).await;
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(t) = token {
-        let v = format!("Bearer {t}").parse().map_err(|_| {
-            url_err("the bootstrap token contains characters not allowed in a header".into())
-        })?;
+    if let Some(v) = auth {
         req.metadata_mut().insert("authorization", v);
     }
     let mut inbound = client

@@ -6,6 +6,7 @@ pub mod app;
 pub mod capture;
 pub mod discovery;
 pub mod events;
+pub mod identity;
 pub mod metrics;
 pub mod pods;
 pub mod proxy;

@@ -71,6 +71,9 @@ struct Args {
     /// Data-path worker threads.
     #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
     worker_threads: u64,
+    /// SPIFFE trust domain of workload identities (must match the controller's).
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
     /// Log format (access logs use the `weft::access` target).
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -139,6 +142,7 @@ fn main() -> std::process::ExitCode {
         config_poll: Duration::from_millis(args.config_poll_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         worker_threads: args.worker_threads as usize,
+        trust_domain: args.trust_domain,
     };
     match run(cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,

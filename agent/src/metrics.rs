@@ -44,6 +44,14 @@ pub fn describe() {
         "Times the config stream to the controller ended and the agent scheduled a reconnect."
     );
     describe_gauge!(
+        "weft_certificate_expiry_timestamp_seconds",
+        "Expiry of the current workload certificate, Unix seconds, by SPIFFE identity."
+    );
+    describe_counter!(
+        "weft_certificate_renewals_total",
+        "Workload certificate renewals, by result (ok, error)."
+    );
+    describe_gauge!(
         "weft_enrolled_pods",
         "Pods currently enrolled on this node."
     );

@@ -82,6 +82,8 @@ pub struct PodManager {
     services: Vec<weft_api::model::ServiceInfo>,
     /// AuthorizationPolicies from the last state (enforced by the L4 data path later).
     policies: Vec<weft_api::model::PolicyInfo>,
+    /// Roots workload certificates chain to (from the controller).
+    trust_bundle: Vec<String>,
     errors: BTreeMap<String, String>,
     next_id: u32,
 }
@@ -103,6 +105,7 @@ impl PodManager {
             pods: BTreeMap::new(),
             services: Vec::new(),
             policies: Vec::new(),
+            trust_bundle: Vec::new(),
             errors: BTreeMap::new(),
             next_id: 1,
         }
@@ -113,6 +116,9 @@ impl PodManager {
     pub fn reconcile(&mut self, state: &MeshState) {
         if !self.services.iter().eq(state.services.values()) {
             self.services = state.services.values().cloned().collect();
+        }
+        if self.trust_bundle != state.trust_bundle {
+            self.trust_bundle = state.trust_bundle.clone();
         }
         if !self.policies.iter().eq(state.policies.values()) {
             self.policies = state.policies.values().cloned().collect();
@@ -322,6 +328,11 @@ impl PodManager {
                 return id;
             }
         }
+    }
+
+    /// Number of trusted roots, for `/config_dump`.
+    pub fn trust_roots(&self) -> usize {
+        self.trust_bundle.len()
     }
 
     /// AuthorizationPolicies from the current state, for `/config_dump`.

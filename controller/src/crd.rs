@@ -1,10 +1,12 @@
 //! Weft's custom resources and the controller that reports whether each one is valid.
 //!
 //! [`AuthorizationPolicy`] (`weft.dev/v1alpha1`, namespaced) says which sources may reach which
-//! workloads. Policies are not enforced yet (the model has no policy type): this module defines
-//! the CRD, renders it for `cargo xtask codegen` (`manifests/crds/`), and runs a small
-//! kube-runtime controller that validates every policy and writes the verdict to its status by
-//! server-side apply. Documented in docs/kubernetes.md.
+//! workloads. This module defines the CRD, renders it for `cargo xtask codegen`
+//! (`manifests/crds/`), decides whether a policy is accepted ([`accept`]: the checks of
+//! [`validate`], then the model's own, `weft_api::model::policy_info`), and runs a small
+//! kube-runtime controller that writes that verdict to each policy's status by server-side
+//! apply. Kubernetes mode (`k8s.rs`) puts exactly the accepted policies in the mesh state, so
+//! `status.accepted` says whether a policy is in effect. Documented in docs/kubernetes.md.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,6 +21,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, CustomResource, CustomResourceExt, Resource, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use weft_api::model::PolicyInfo;
 
 /// Field manager of every write the controller makes (server-side apply).
 pub const FIELD_MANAGER: &str = "weft-controller";
@@ -252,10 +255,38 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), Vec<String>> {
     }
 }
 
+/// The policy as the document the model validates ([`weft_api::resource::AuthorizationPolicy`]
+/// has the same shape as the CRD, so the spec converts by a JSON round trip).
+pub fn policy_document(
+    policy: &AuthorizationPolicy,
+) -> Result<weft_api::resource::AuthorizationPolicy, String> {
+    let spec = serde_json::to_value(&policy.spec)
+        .and_then(serde_json::from_value)
+        .map_err(|e| format!("spec does not convert to the model's policy document: {e}"))?;
+    Ok(weft_api::resource::AuthorizationPolicy {
+        metadata: weft_api::resource::ObjectMeta {
+            name: policy.name_any(),
+            namespace: policy.namespace(),
+            ..Default::default()
+        },
+        spec,
+    })
+}
+
+/// Whether a policy is accepted, and the validated policy if it is: the checks of [`validate`]
+/// (every problem, with its field path), then the model's ([`weft_api::model::policy_info`]).
+/// Both the status controller and Kubernetes mode's mesh state use this, so a policy is in the
+/// state exactly when its status says `accepted: true`.
+pub fn accept(policy: &AuthorizationPolicy) -> Result<PolicyInfo, Vec<String>> {
+    validate(&policy.spec)?;
+    let doc = policy_document(policy).map_err(|e| vec![e])?;
+    weft_api::model::policy_info(&doc).map_err(|e| vec![e.to_string()])
+}
+
 /// The status the controller wants a policy to have.
 pub fn desired_status(policy: &AuthorizationPolicy) -> AuthorizationPolicyStatus {
-    let (accepted, message) = match validate(&policy.spec) {
-        Ok(()) => (true, "valid".to_string()),
+    let (accepted, message) = match accept(policy) {
+        Ok(_) => (true, "valid".to_string()),
         Err(problems) => (false, problems.join("; ")),
     };
     AuthorizationPolicyStatus {
@@ -508,5 +539,37 @@ mod tests {
         let s = desired_status(&p);
         assert_eq!(s.observed_generation, Some(3));
         assert!(!s.accepted && s.message.contains("port 0"), "{s:?}");
+    }
+
+    #[test]
+    fn every_field_reaches_the_model_document() {
+        let mut p = AuthorizationPolicy::new(
+            "p",
+            spec(serde_json::json!({
+                "selector": {"matchLabels": {"app": "web"}},
+                "action": "AUDIT",
+                "dryRun": true,
+                "rules": [{
+                    "from": [{"namespaces": ["shop"],
+                              "principals": ["spiffe://cluster.local/ns/shop/sa/web"],
+                              "ipBlocks": ["10.0.0.0/8"]}],
+                    "to": [{"ports": [80], "methods": ["GET"], "paths": ["/api/*"]}, {"ports": [81]}]
+                }]
+            })),
+        );
+        p.metadata.namespace = Some("shop".into());
+        let doc = policy_document(&p).expect("converts");
+        let back: AuthorizationPolicySpec =
+            serde_json::from_value(serde_json::to_value(&doc.spec).expect("json")).expect("back");
+        assert_eq!(back, p.spec, "the two spec types have one shape");
+        let info = accept(&p).expect("accepted");
+        assert_eq!(info.key(), "shop/p");
+        assert_eq!(info.action, weft_api::model::PolicyAction::Audit);
+        assert!(info.dry_run && info.rules[0].is_l7());
+        assert_eq!(info.rules[0].to[1].ports, [81]);
+        assert_eq!(
+            info.selector,
+            Some(BTreeMap::from([("app".into(), "web".into())]))
+        );
     }
 }

@@ -1,30 +1,49 @@
-//! Kubernetes mode: watches Namespaces and Pods with kube-runtime's watcher and reflector and
-//! publishes the validated [`MeshState`] they describe.
+//! Kubernetes mode: watches Namespaces, Pods, Services, EndpointSlices and Weft's
+//! AuthorizationPolicies with kube-runtime's watcher and reflector and publishes the validated
+//! [`MeshState`] they describe.
 //!
 //! Every Kubernetes object is converted into the same documents the YAML-directory mode reads
-//! ([`weft_api::resource`]) and validated by [`MeshState::from_resources`], so both modes share
-//! one validation path. An invalid pod (a bad annotation, say) is left out with a warning; it
+//! ([`weft_api::resource`]) and validated by the same code ([`MeshState::from_resources`],
+//! [`weft_api::model::service_from_parts`], [`crate::crd::accept`]), so both modes share one
+//! validation path. An invalid object (a bad annotation, say) is left out with a warning; it
 //! never blocks the rest of the cluster. Documented in docs/kubernetes.md.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::time::Instant;
+use weft_api::model::{EndpointInfo, ServiceInfo, service_from_parts};
 use weft_api::resource::{self, ObjectMeta, Resource, Workload, WorkloadSpec};
-use weft_api::{MeshState, ModelError, labels};
+use weft_api::{MeshState, ModelError, WorkloadInfo, labels};
 
+use crate::crd::{self, AuthorizationPolicy};
 use crate::source::StateTx;
 
 /// Server-side filter for the pod watch: scheduled, not terminal. (Checked again client-side.)
 pub const POD_FIELD_SELECTOR: &str = "spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed";
+
+/// The label that ties an EndpointSlice to its Service (same namespace). The EndpointSlice
+/// watch selects on it: slices without it belong to no Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// The watched kinds (resource names, as in RBAC), in the order of the `ready` flags of [`run`].
+const KINDS: [&str; 5] = [
+    "namespaces",
+    "pods",
+    "services",
+    "endpointslices",
+    "authorizationpolicies",
+];
 
 /// Options of [`run`].
 #[derive(Clone, Debug)]
@@ -52,7 +71,7 @@ impl Default for K8sOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
     #[error(
-        "the initial list of {pending} did not complete within {after:.1?} (last error: {last_error}); check that the API server is reachable and that the controller's service account may list and watch namespaces and pods (manifests/rbac.yaml)"
+        "the initial list of {pending} did not complete within {after:.1?} (last error: {last_error}); check that the API server is reachable, that the controller's service account may list and watch namespaces, pods, services, endpointslices and authorizationpolicies (manifests/rbac.yaml), and that the AuthorizationPolicy CRD is installed (manifests/crds/)"
     )]
     InitialSync {
         pending: String,
@@ -69,14 +88,49 @@ pub enum K8sError {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub state: MeshState,
-    /// `pod NS/NAME` or `namespace NAME` -> why it was left out (or, for a namespace, treated
-    /// as not meshed).
+    /// What was left out (or, for a namespace, treated as not meshed) and why, keyed
+    /// `namespace NAME`, `pod NS/NAME`, `service NS/NAME`, `service NS/NAME port PORT` (one
+    /// port of a service that is in the state), `endpointslice NS/NAME` (one of its endpoints)
+    /// or `authorizationpolicy NS/NAME`.
     pub skipped: BTreeMap<String, String>,
 }
 
-/// Watches the cluster and publishes a complete, validated snapshot on `out` after both
-/// initial lists completed and then, debounced, whenever the cluster changes. Returns `Ok` when
-/// every receiver of `out` is gone.
+/// Everything Kubernetes mode reads from the cluster (what its reflectors hold).
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<Service>>,
+    /// Only slices labelled [`SERVICE_NAME_LABEL`] are read.
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub policies: Vec<Arc<AuthorizationPolicy>>,
+}
+
+/// The reflectors' stores.
+struct Stores {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+    policies: Store<AuthorizationPolicy>,
+}
+
+impl Stores {
+    fn objects(&self) -> Objects {
+        Objects {
+            namespaces: self.namespaces.state(),
+            pods: self.pods.state(),
+            services: self.services.state(),
+            endpoint_slices: self.endpoint_slices.state(),
+            policies: self.policies.state(),
+        }
+    }
+}
+
+/// Watches the cluster and publishes a complete, validated snapshot on `out` after every
+/// initial list (namespaces, pods, services, endpointslices, authorizationpolicies) completed
+/// and then, debounced, whenever the cluster changes. Returns `Ok` when every receiver of `out`
+/// is gone.
 pub async fn run(client: Client, out: StateTx, opts: K8sOptions) -> Result<(), K8sError> {
     let mut config = watcher::Config::default();
     if let Some(t) = opts.watch_timeout {
@@ -84,58 +138,98 @@ pub async fn run(client: Client, out: StateTx, opts: K8sOptions) -> Result<(), K
     }
     let (ns_store, ns_writer) = reflector::store::<Namespace>();
     let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let (svc_store, svc_writer) = reflector::store::<Service>();
+    let (slice_store, slice_writer) = reflector::store::<EndpointSlice>();
+    let (policy_store, policy_writer) = reflector::store::<AuthorizationPolicy>();
     let namespaces = watcher(Api::<Namespace>::all(client.clone()), config.clone())
-        .modify(|ns| ns.managed_fields_mut().clear())
+        .modify(trim_metadata)
         .default_backoff()
         .reflect(ns_writer);
-    let pods = watcher(Api::<Pod>::all(client), config.fields(POD_FIELD_SELECTOR))
-        .modify(trim_pod)
+    let pods = watcher(
+        Api::<Pod>::all(client.clone()),
+        config.clone().fields(POD_FIELD_SELECTOR),
+    )
+    .modify(trim_pod)
+    .default_backoff()
+    .reflect(pod_writer);
+    let services = watcher(Api::<Service>::all(client.clone()), config.clone())
+        .modify(trim_metadata)
         .default_backoff()
-        .reflect(pod_writer);
+        .reflect(svc_writer);
+    let slices = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        config.clone().labels(SERVICE_NAME_LABEL),
+    )
+    .modify(trim_metadata)
+    .default_backoff()
+    .reflect(slice_writer);
+    let policies = watcher(Api::<AuthorizationPolicy>::all(client), config)
+        .modify(trim_metadata)
+        .default_backoff()
+        .reflect(policy_writer);
+    let stores = Stores {
+        namespaces: ns_store,
+        pods: pod_store,
+        services: svc_store,
+        endpoint_slices: slice_store,
+        policies: policy_store,
+    };
     let mut namespaces = pin!(namespaces);
     let mut pods = pin!(pods);
+    let mut services = pin!(services);
+    let mut slices = pin!(slices);
+    let mut policies = pin!(policies);
 
     let started = Instant::now();
-    let mut ready = [false, false]; // namespaces, pods
+    let mut ready = [false; KINDS.len()];
     let mut last_error = String::from("none");
     let mut publish_at: Option<Instant> = None;
     let mut published_once = false;
     let mut reported = BTreeMap::new();
     loop {
-        let synced = ready[0] && ready[1];
+        let synced = ready.iter().all(|r| *r);
         let sync_deadline = opts
             .initial_sync_timeout
             .filter(|_| !synced)
             .map(|t| started + t);
-        tokio::select! {
-            ev = namespaces.next() => {
-                if on_event("namespaces", ev, &mut ready[0], &mut last_error)? {
-                    publish_at.get_or_insert_with(|| Instant::now() + opts.debounce);
-                }
-            }
-            ev = pods.next() => {
-                if on_event("pods", ev, &mut ready[1], &mut last_error)? {
-                    publish_at.get_or_insert_with(|| Instant::now() + opts.debounce);
-                }
-            }
+        let changed = tokio::select! {
+            ev = namespaces.next() => on_event(KINDS[0], ev, &mut ready[0], &mut last_error)?,
+            ev = pods.next() => on_event(KINDS[1], ev, &mut ready[1], &mut last_error)?,
+            ev = services.next() => on_event(KINDS[2], ev, &mut ready[2], &mut last_error)?,
+            ev = slices.next() => on_event(KINDS[3], ev, &mut ready[3], &mut last_error)?,
+            ev = policies.next() => on_event(KINDS[4], ev, &mut ready[4], &mut last_error)?,
             () = sleep_until(publish_at), if synced && publish_at.is_some() => {
                 publish_at = None;
-                publish(&ns_store, &pod_store, &out, &mut published_once, &mut reported);
+                publish(&stores.objects(), &out, &mut published_once, &mut reported);
+                false
             }
             () = sleep_until(sync_deadline), if sync_deadline.is_some() => {
-                let pending: Vec<&str> = [("namespaces", ready[0]), ("pods", ready[1])]
-                    .into_iter()
+                let pending: Vec<&str> = KINDS
+                    .iter()
+                    .zip(ready)
                     .filter(|(_, r)| !r)
-                    .map(|(k, _)| k)
+                    .map(|(k, _)| *k)
                     .collect();
                 return Err(K8sError::InitialSync {
-                    pending: pending.join(" and "),
+                    pending: join_and(&pending),
                     after: started.elapsed(),
                     last_error,
                 });
             }
             () = out.closed() => return Ok(()),
+        };
+        if changed {
+            publish_at.get_or_insert_with(|| Instant::now() + opts.debounce);
         }
+    }
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn join_and(items: &[&str]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
     }
 }
 
@@ -143,6 +237,17 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The HTTP status of an API error, if the error is one.
+fn api_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
     }
 }
 
@@ -166,17 +271,18 @@ fn on_event<K: kube::Resource>(
         Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) => Ok(true),
         Some(Err(e)) => {
             let msg = e.to_string();
-            if let watcher::Error::WatchError(status) = &e
-                && status.code == 410
-            {
+            let code = api_code(&e);
+            if matches!(e, watcher::Error::WatchError(_)) && code == Some(410) {
                 // Routine on a real cluster: the resourceVersion expired; the watcher relists.
                 tracing::info!(kind, "watch expired (410 Gone); relisting");
                 return Ok(false);
             }
-            let hint = if msg.contains("403") || msg.contains("orbidden") {
-                "forbidden: the controller's service account needs get/list/watch on namespaces and pods (manifests/rbac.yaml)"
-            } else {
-                "retrying with backoff; the last published state stays in effect"
+            let hint = match code {
+                Some(403) => format!(
+                    "forbidden: the controller's service account needs get/list/watch on {kind} (manifests/rbac.yaml)"
+                ),
+                Some(404) if kind == "authorizationpolicies" => "not found: is the AuthorizationPolicy CRD installed? (kubectl apply -f manifests/crds/); no mesh state is published until policies can be listed".to_string(),
+                _ => "retrying with backoff; the last published state stays in effect".to_string(),
             };
             tracing::warn!(kind, error = %msg, "Kubernetes watch error: {hint}");
             *last_error = msg;
@@ -186,13 +292,12 @@ fn on_event<K: kube::Resource>(
 }
 
 fn publish(
-    ns_store: &Store<Namespace>,
-    pod_store: &Store<Pod>,
+    objects: &Objects,
     out: &StateTx,
     published_once: &mut bool,
     reported: &mut BTreeMap<String, String>,
 ) {
-    let snapshot = match build_state(&ns_store.state(), &pod_store.state()) {
+    let snapshot = match build_state(objects) {
         Ok(s) => s,
         Err(errors) => {
             // Every object was validated on its own before; this means the two disagree.
@@ -219,6 +324,8 @@ fn publish(
     tracing::debug!(
         namespaces = state.namespaces.len(),
         workloads = state.workloads.len(),
+        services = state.services.len(),
+        policies = state.policies.len(),
         "publishing mesh state"
     );
     if *published_once {
@@ -237,15 +344,12 @@ fn publish(
     }
 }
 
-/// Builds the mesh state from the cluster's namespaces and pods. Invalid objects are left out
-/// and listed in [`Snapshot::skipped`]; only an internal inconsistency is an error.
-pub fn build_state(
-    namespaces: &[Arc<Namespace>],
-    pods: &[Arc<Pod>],
-) -> Result<Snapshot, Vec<ModelError>> {
+/// Builds the mesh state from the cluster's objects. Invalid objects are left out and listed
+/// in [`Snapshot::skipped`]; only an internal inconsistency is an error.
+pub fn build_state(objects: &Objects) -> Result<Snapshot, Vec<ModelError>> {
     let mut skipped = BTreeMap::new();
-    let mut docs = Vec::with_capacity(namespaces.len() + pods.len());
-    for ns in namespaces {
+    let mut docs = Vec::with_capacity(objects.namespaces.len() + objects.pods.len());
+    for ns in &objects.namespaces {
         let (doc, problem) = namespace_resource(ns);
         if let Some(problem) = problem {
             skipped.insert(format!("namespace {}", doc.metadata.name), problem);
@@ -253,7 +357,7 @@ pub fn build_state(
         docs.push(Resource::Namespace(doc));
     }
     // Oldest first: when two pods claim one address, the older one keeps it.
-    let mut pods: Vec<&Arc<Pod>> = pods.iter().collect();
+    let mut pods: Vec<&Arc<Pod>> = objects.pods.iter().collect();
     pods.sort_by(|a, b| {
         (&a.metadata.creation_timestamp, a.namespace(), a.name_any()).cmp(&(
             &b.metadata.creation_timestamp,
@@ -303,8 +407,299 @@ pub fn build_state(
         }
         docs.push(doc);
     }
-    let state = MeshState::from_resources(&docs)?;
+    let mut state = MeshState::from_resources(&docs)?;
+    add_services(
+        &mut state,
+        &objects.services,
+        &objects.endpoint_slices,
+        &mut skipped,
+    );
+    for policy in &objects.policies {
+        match crd::accept(policy) {
+            Ok(info) => {
+                state.policies.insert(info.key(), info);
+            }
+            Err(problems) => {
+                let object = format!(
+                    "authorizationpolicy {}/{}",
+                    policy.namespace().unwrap_or_default(),
+                    policy.name_any()
+                );
+                skipped.insert(
+                    object,
+                    format!("{} (its status says so too)", problems.join("; ")),
+                );
+            }
+        }
+    }
     Ok(Snapshot { state, skipped })
+}
+
+/// Adds the services, each with the endpoints of its EndpointSlices. When two services claim
+/// one virtual IP (only possible briefly), the older one keeps it.
+fn add_services(
+    state: &mut MeshState,
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+    skipped: &mut BTreeMap<String, String>,
+) {
+    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) {
+            let ns = slice.namespace().unwrap_or_default();
+            by_service
+                .entry((ns, service.clone()))
+                .or_default()
+                .push(slice);
+        }
+    }
+    for list in by_service.values_mut() {
+        list.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    }
+    let addresses: BTreeMap<IpAddr, String> = state
+        .workloads
+        .values()
+        .flat_map(|w| {
+            let ips = w
+                .ip4
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(w.ip6.map(IpAddr::V6));
+            ips.map(|ip| (ip, w.key()))
+        })
+        .collect();
+    let mut services: Vec<&Arc<Service>> = services.iter().collect();
+    services.sort_by(|a, b| {
+        (&a.metadata.creation_timestamp, a.namespace(), a.name_any()).cmp(&(
+            &b.metadata.creation_timestamp,
+            b.namespace(),
+            b.name_any(),
+        ))
+    });
+    let mut vip_owners: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for svc in services {
+        let id = (svc.namespace().unwrap_or_default(), svc.name_any());
+        let key = format!("{}/{}", id.0, id.1);
+        let slices = by_service.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let mut notes = Vec::new();
+        let info = match service_info(svc, slices, &state.workloads, &addresses, &mut notes) {
+            Ok(Some(info)) => info,
+            Ok(None) => continue,
+            Err(reason) => {
+                skipped.insert(format!("service {key}"), reason);
+                continue;
+            }
+        };
+        if let Some((ip, owner)) = info
+            .vips
+            .iter()
+            .find_map(|ip| vip_owners.get(ip).map(|o| (ip, o)))
+        {
+            skipped.insert(
+                format!("service {key}"),
+                format!("virtual IP {ip} is also claimed by the older service {owner}"),
+            );
+            continue;
+        }
+        for ip in &info.vips {
+            vip_owners.insert(*ip, key.clone());
+        }
+        skipped.extend(notes);
+        state.services.insert(key, info);
+    }
+}
+
+/// A Service with the endpoints of its EndpointSlices (`slices`, in name order), validated by
+/// the model. `Ok(None)`: not part of the mesh (no spec, or `type: ExternalName`). `Err`: the
+/// Service cannot be used. Ports and endpoints left out are added to `notes` (object, reason).
+///
+/// An endpoint's `workload` is the `namespace/name` of the workload it is (by its `targetRef`
+/// Pod, or else by its address), or empty when it is none of the state's workloads (a pod left
+/// out or not seen yet, a host-network pod, an address outside the cluster's pods).
+pub fn service_info(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    workloads: &BTreeMap<String, WorkloadInfo>,
+    addresses: &BTreeMap<IpAddr, String>,
+    notes: &mut Vec<(String, String)>,
+) -> Result<Option<ServiceInfo>, String> {
+    let Some(spec) = &svc.spec else {
+        return Ok(None);
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(None); // a DNS alias: no virtual IP, no endpoints
+    }
+    let namespace = svc.namespace().unwrap_or_default();
+    let object = format!("service {namespace}/{}", svc.name_any());
+    let mut cluster_ips = Vec::new();
+    for ip in spec.cluster_ips.iter().flatten() {
+        if ip.is_empty() || ip == "None" {
+            continue; // headless
+        }
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| format!("spec.clusterIPs: `{ip}` is not an IP address"))?;
+        if !cluster_ips.contains(&ip) {
+            cluster_ips.push(ip);
+        }
+    }
+    let mut ports = Vec::new();
+    let mut unresolved = BTreeSet::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        // Out of range: 0, which the model reports as not a port.
+        let port = u16::try_from(p.port).unwrap_or(0);
+        let tcp = p.protocol.as_deref().is_none_or(|proto| proto == "TCP");
+        let target_port = match &p.target_port {
+            None => None,
+            Some(IntOrString::Int(n)) => Some(
+                u16::try_from(*n)
+                    .ok()
+                    .filter(|n| *n != 0)
+                    .ok_or_else(|| format!("spec.ports[{i}].targetPort: {n} is not a port"))?,
+            ),
+            Some(IntOrString::String(named)) => match named.parse::<u16>() {
+                Ok(n) if n != 0 => Some(n),
+                _ if !tcp => None, // not meshed anyway
+                _ => match resolve_named_port(p.name.as_deref(), named, slices) {
+                    Ok(n) => Some(n),
+                    Err(why) => {
+                        notes.push((format!("{object} port {port}"), why));
+                        unresolved.insert(port);
+                        None
+                    }
+                },
+            },
+        };
+        ports.push(resource::ServicePortSpec {
+            name: p.name.clone(),
+            port,
+            target_port,
+            protocol: p.protocol.clone(),
+            app_protocol: p.app_protocol.clone(),
+        });
+    }
+    let doc = resource::Service {
+        metadata: ObjectMeta {
+            name: svc.name_any(),
+            namespace: Some(namespace.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: resource::ServiceSpec {
+            cluster_ips,
+            cluster_ip: spec.cluster_ip.clone(),
+            ports,
+            selector: BTreeMap::new(), // endpoints come from the EndpointSlices
+        },
+    };
+    let endpoints = slice_endpoints(&namespace, slices, workloads, addresses, notes);
+    let mut info = service_from_parts(&doc, endpoints).map_err(|e| e.to_string())?;
+    info.ports.retain(|p| !unresolved.contains(&p.port));
+    Ok(Some(info))
+}
+
+/// The port number a named `targetPort` stands for, from the EndpointSlices: their ports are
+/// named after the Service's ports and hold the number resolved on the pods.
+fn resolve_named_port(
+    port_name: Option<&str>,
+    target: &str,
+    slices: &[&EndpointSlice],
+) -> Result<u16, String> {
+    let want = port_name.unwrap_or_default();
+    let mut found: Vec<u16> = Vec::new();
+    let ports = slices.iter().flat_map(|s| s.ports.iter().flatten());
+    for p in ports.filter(|p| p.name.as_deref().unwrap_or_default() == want) {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let number = p
+            .port
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0);
+        if let Some(n) = number.filter(|n| !found.contains(n)) {
+            found.push(n);
+        }
+    }
+    match found.as_slice() {
+        [n] => Ok(*n),
+        [] => Err(format!(
+            "targetPort `{target}` is a named port and no EndpointSlice of the service resolves it (no endpoint yet, or no pod defines it); the port is left out until one does"
+        )),
+        many => {
+            let many: Vec<String> = many.iter().map(ToString::to_string).collect();
+            Err(format!(
+                "targetPort `{target}` resolves to different ports on different endpoints ({}); Weft holds one target port per service port, so the port is left out until they agree",
+                many.join(", ")
+            ))
+        }
+    }
+}
+
+/// The endpoints of a service's EndpointSlices. The two families of a dual-stack endpoint
+/// (one IPv4 and one IPv6 slice) are merged by their `targetRef` Pod (or workload); only the
+/// first address of an endpoint is used (Kubernetes says they are fungible); a missing
+/// `conditions.ready` means ready; FQDN slices are ignored.
+fn slice_endpoints(
+    namespace: &str,
+    slices: &[&EndpointSlice],
+    workloads: &BTreeMap<String, WorkloadInfo>,
+    addresses: &BTreeMap<IpAddr, String>,
+    notes: &mut Vec<(String, String)>,
+) -> Vec<EndpointInfo> {
+    let mut merged: BTreeMap<String, EndpointInfo> = BTreeMap::new();
+    for slice in slices {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        for (i, ep) in slice.endpoints.iter().enumerate() {
+            let Some(address) = ep.addresses.first() else {
+                continue;
+            };
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                notes.push((
+                    format!("endpointslice {namespace}/{}", slice.name_any()),
+                    format!(
+                        "endpoints[{i}].addresses[0]: `{address}` is not an IP address; the endpoint is left out"
+                    ),
+                ));
+                continue;
+            };
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(namespace);
+                    r.name.as_ref().map(|name| format!("{ns}/{name}"))
+                });
+            let workload = match &pod {
+                Some(key) if workloads.contains_key(key) => key.clone(),
+                Some(_) => String::new(),
+                None => addresses.get(&ip).cloned().unwrap_or_default(),
+            };
+            let merge_key = match pod {
+                Some(key) => key,
+                None if !workload.is_empty() => workload.clone(),
+                None => ip.to_string(),
+            };
+            let e = merged.entry(merge_key).or_insert_with(|| EndpointInfo {
+                workload,
+                ip4: None,
+                ip6: None,
+                ready: true,
+            });
+            e.ready &= ready;
+            match ip {
+                IpAddr::V4(a) => {
+                    e.ip4.get_or_insert(a);
+                }
+                IpAddr::V6(a) => {
+                    e.ip6.get_or_insert(a);
+                }
+            }
+        }
+    }
+    merged.into_values().collect()
 }
 
 /// A Namespace as a model document, and the problem with it if it has one. A namespace whose
@@ -410,6 +805,13 @@ pub fn pod_resource(pod: &Pod) -> Result<Option<Workload>, String> {
     }))
 }
 
+/// Drops the managed fields and annotations (the last applied configuration, often the largest
+/// part of an object) before an object is cached: Weft reads neither.
+fn trim_metadata<K: kube::Resource>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+    obj.annotations_mut().clear();
+}
+
 /// Drops what Weft never reads from a pod before it is cached (containers, volumes, managed
 /// fields, other annotations...): the cache holds every pod of the cluster.
 fn trim_pod(pod: &mut Pod) {
@@ -458,6 +860,14 @@ mod tests {
         Arc::new(serde_json::from_value(v).expect("pod"))
     }
 
+    fn objects(namespaces: &[Arc<Namespace>], pods: &[Arc<Pod>]) -> Objects {
+        Objects {
+            namespaces: namespaces.to_vec(),
+            pods: pods.to_vec(),
+            ..Objects::default()
+        }
+    }
+
     fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
         match (a, b) {
             (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
@@ -471,13 +881,13 @@ mod tests {
 
     #[test]
     fn pods_become_workloads() {
-        let s = build_state(
+        let s = build_state(&objects(
             &[ns("shop", Some("enabled"))],
             &[pod("shop", "web", &["10.0.0.1", "fd00::1"], serde_json::json!({
                 "metadata": {"labels": {"app": "web"},
                              "annotations": {"weft.dev/exclude-outbound-ports": "5432", "other": "x"}}
             }))],
-        )
+        ))
         .expect("valid");
         assert!(s.skipped.is_empty(), "{:?}", s.skipped);
         let w = &s.state.workloads["shop/web"];
@@ -492,7 +902,7 @@ mod tests {
 
     #[test]
     fn ineligible_pods_are_ignored_and_invalid_ones_skipped() {
-        let s = build_state(
+        let s = build_state(&objects(
             &[ns("shop", Some("yes"))],
             &[
                 pod(
@@ -523,7 +933,7 @@ mod tests {
                     serde_json::json!({"spec": {"serviceAccountName": null}}),
                 ),
             ],
-        )
+        ))
         .expect("valid");
         assert_eq!(s.state.workloads.keys().collect::<Vec<_>>(), ["shop/ok"]);
         assert_eq!(s.state.workloads["shop/ok"].service_account, "default");
@@ -536,7 +946,7 @@ mod tests {
 
     #[test]
     fn the_older_pod_keeps_a_contested_address() {
-        let s = build_state(
+        let s = build_state(&objects(
             &[ns("a", None)],
             &[
                 pod(
@@ -552,7 +962,7 @@ mod tests {
                     serde_json::json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}}),
                 ),
             ],
-        )
+        ))
         .expect("valid");
         assert_eq!(s.state.workloads.keys().collect::<Vec<_>>(), ["a/old"]);
         assert!(s.skipped["pod a/new"].contains("a/old"));
@@ -579,5 +989,269 @@ mod tests {
         );
         assert_eq!(trimmed.annotations().len(), 1);
         assert_eq!(pod_resource(&trimmed), pod_resource(&p));
+    }
+
+    fn from_json<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).expect("a valid object"))
+    }
+
+    fn service(ns: &str, name: &str, spec: serde_json::Value) -> Arc<Service> {
+        from_json(serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec,
+        }))
+    }
+
+    /// An EndpointSlice of `service`; `endpoints`: (address, targetRef pod, ready).
+    fn slice(
+        ns: &str,
+        name: &str,
+        service: &str,
+        family: &str,
+        ports: serde_json::Value,
+        endpoints: &[(&str, Option<&str>, Option<bool>)],
+    ) -> Arc<EndpointSlice> {
+        let endpoints: Vec<serde_json::Value> = endpoints
+            .iter()
+            .map(|(addr, pod, ready)| {
+                let mut e =
+                    serde_json::json!({"addresses": [addr], "conditions": {"ready": ready}});
+                if let Some(pod) = pod {
+                    e["targetRef"] =
+                        serde_json::json!({"kind": "Pod", "namespace": ns, "name": pod});
+                }
+                e
+            })
+            .collect();
+        from_json(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": ns, "labels": {SERVICE_NAME_LABEL: service}},
+            "addressType": family, "ports": ports, "endpoints": endpoints,
+        }))
+    }
+
+    fn ip<T: std::str::FromStr>(s: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn services_take_vips_ports_and_endpoints_from_kubernetes() {
+        let pods = [
+            pod(
+                "shop",
+                "web-1",
+                &["10.0.0.1", "fd00::1"],
+                serde_json::json!({}),
+            ),
+            pod("shop", "web-2", &["10.0.0.2"], serde_json::json!({})),
+            pod("shop", "web-3", &["10.0.0.3"], serde_json::json!({})),
+            pod(
+                "shop",
+                "host",
+                &["192.168.0.1"],
+                serde_json::json!({"spec": {"hostNetwork": true}}),
+            ),
+        ];
+        let web = service(
+            "shop",
+            "web",
+            serde_json::json!({
+                "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::10"],
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"},
+                    {"name": "grpc", "port": 9000, "targetPort": "grpc"},
+                    {"name": "admin", "port": 9901, "targetPort": "admin"},
+                    {"name": "plain", "port": 7000},
+                    {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+                ],
+            }),
+        );
+        let ports = serde_json::json!([
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"name": "grpc", "port": 9090, "protocol": "TCP"},
+        ]);
+        let slices = [
+            slice(
+                "shop",
+                "web-v4",
+                "web",
+                "IPv4",
+                ports.clone(),
+                &[
+                    ("10.0.0.1", Some("web-1"), Some(true)),
+                    ("10.0.0.2", Some("web-2"), Some(false)),
+                    ("10.0.0.3", None, None),
+                    ("192.168.0.1", Some("host"), Some(true)),
+                    ("10.9.9.9", None, Some(true)),
+                    ("10.0.0.300", None, Some(true)),
+                ],
+            ),
+            slice(
+                "shop",
+                "web-v6",
+                "web",
+                "IPv6",
+                ports,
+                &[("fd00::1", Some("web-1"), Some(true))],
+            ),
+            slice(
+                "shop",
+                "other",
+                "api",
+                "IPv4",
+                serde_json::json!([]),
+                &[("10.0.0.7", None, None)],
+            ),
+            slice(
+                "shop",
+                "names",
+                "web",
+                "FQDN",
+                serde_json::json!([]),
+                &[("example.com", None, None)],
+            ),
+        ];
+        let s = build_state(&Objects {
+            namespaces: vec![ns("shop", Some("enabled"))],
+            pods: pods.to_vec(),
+            services: vec![web],
+            endpoint_slices: slices.to_vec(),
+            policies: vec![],
+        })
+        .expect("valid");
+        let svc = &s.state.services["shop/web"];
+        assert_eq!(svc.hostname, "web.shop.svc.cluster.local");
+        assert_eq!(svc.vips, [ip::<IpAddr>("10.96.0.10"), ip("fd00:96::10")]);
+        let ports: Vec<(&str, u16, u16, &str)> = svc
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.port,
+                    p.target_port,
+                    p.app_protocol.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http", 80, 8080, "http"),
+                ("grpc", 9000, 9090, ""),
+                ("plain", 7000, 7000, "")
+            ],
+            "admin (unresolved) and dns (UDP) are left out"
+        );
+        assert!(
+            s.skipped["service shop/web port 9901"].contains("`admin`"),
+            "{:?}",
+            s.skipped
+        );
+        let eps: Vec<(&str, Option<String>, Option<String>, bool)> = svc
+            .endpoints
+            .iter()
+            .map(|e| {
+                let text = |ip: Option<String>| ip;
+                (
+                    e.workload.as_str(),
+                    text(e.ip4.map(|i| i.to_string())),
+                    text(e.ip6.map(|i| i.to_string())),
+                    e.ready,
+                )
+            })
+            .collect();
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            eps,
+            [
+                ("", some("10.9.9.9"), None, true),
+                ("", some("192.168.0.1"), None, true),
+                ("shop/web-1", some("10.0.0.1"), some("fd00::1"), true),
+                ("shop/web-2", some("10.0.0.2"), None, false),
+                ("shop/web-3", some("10.0.0.3"), None, true),
+            ]
+        );
+        assert!(s.skipped["endpointslice shop/web-v4"].contains("10.0.0.300"));
+        assert_eq!(s.skipped.len(), 2, "{:?}", s.skipped);
+        assert_eq!(s.state.services.len(), 1, "no Service `api`, no entry");
+    }
+
+    #[test]
+    fn headless_external_duplicate_and_invalid_services() {
+        let created = |svc: Arc<Service>, at: &str| {
+            let mut svc = (*svc).clone();
+            let at = serde_json::from_value(serde_json::json!(at)).expect("time");
+            svc.metadata.creation_timestamp = Some(at);
+            Arc::new(svc)
+        };
+        let s = build_state(&Objects {
+            services: vec![
+                service("a", "headless", serde_json::json!({"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 80}]})),
+                service("a", "ext", serde_json::json!({"type": "ExternalName", "externalName": "example.com"})),
+                created(service("a", "new", serde_json::json!({"clusterIPs": ["10.96.0.1"]})), "2026-01-02T00:00:00Z"),
+                created(service("b", "old", serde_json::json!({"clusterIPs": ["10.96.0.1"]})), "2026-01-01T00:00:00Z"),
+                service("a", "garbage", serde_json::json!({"clusterIPs": ["10.96.0.300"]})),
+                service("a", "twice", serde_json::json!({"clusterIP": "10.96.0.2", "ports": [{"port": 80}, {"port": 80, "name": "again"}]})),
+                service("a", "split", serde_json::json!({"clusterIP": "10.96.0.3", "ports": [{"name": "web", "port": 80, "targetPort": "http"}]})),
+            ],
+            endpoint_slices: vec![
+                slice("a", "split-1", "split", "IPv4", serde_json::json!([{"name": "web", "port": 8080}]), &[("10.1.0.1", None, None)]),
+                slice("a", "split-2", "split", "IPv4", serde_json::json!([{"name": "web", "port": 8081}]), &[("10.1.0.2", None, None)]),
+            ],
+            ..Objects::default()
+        })
+        .expect("valid");
+        let keys: Vec<&str> = s.state.services.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a/headless", "a/split", "b/old"]);
+        let headless = &s.state.services["a/headless"];
+        assert!(headless.vips.is_empty() && headless.ports.len() == 1);
+        assert!(s.skipped["service a/new"].contains("older service b/old"));
+        assert!(s.skipped["service a/garbage"].contains("10.96.0.300"));
+        assert!(
+            s.skipped["service a/twice"].contains("port 80 listed twice"),
+            "{:?}",
+            s.skipped
+        );
+        let split = &s.state.services["a/split"];
+        assert!(split.ports.is_empty() && split.endpoints.len() == 2);
+        assert!(s.skipped["service a/split port 80"].contains("8080, 8081"));
+        assert_eq!(s.skipped.len(), 4, "{:?}", s.skipped);
+    }
+
+    #[test]
+    fn accepted_policies_enter_the_state() {
+        let policy = |name: &str, spec: serde_json::Value| -> Arc<AuthorizationPolicy> {
+            from_json(serde_json::json!({
+                "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": name, "namespace": "shop"}, "spec": spec,
+            }))
+        };
+        let s = build_state(&Objects {
+            policies: vec![
+                policy("good", serde_json::json!({
+                    "selector": {"matchLabels": {"app": "web"}}, "action": "DENY", "dryRun": true,
+                    "rules": [{"from": [{"namespaces": ["other"], "ipBlocks": ["10.0.0.0/8"]}],
+                               "to": [{"ports": [80], "methods": ["GET"], "paths": ["/x"]}]}],
+                })),
+                policy("host-bits", serde_json::json!({"action": "ALLOW",
+                    "rules": [{"from": [{"ipBlocks": ["10.0.0.1/8"]}]}]})),
+                // Only the CRD checks catch this one; the state follows the status.
+                policy("bad-ns", serde_json::json!({"action": "ALLOW",
+                    "rules": [{"from": [{"namespaces": ["Shop"]}]}]})),
+            ],
+            ..Objects::default()
+        })
+        .expect("valid");
+        assert_eq!(s.state.policies.keys().collect::<Vec<_>>(), ["shop/good"]);
+        let p = &s.state.policies["shop/good"];
+        assert_eq!(p.action, weft_api::model::PolicyAction::Deny);
+        assert!(p.dry_run && p.rules[0].is_l7());
+        assert_eq!(p.rules[0].from[0].ip_blocks[0].to_string(), "10.0.0.0/8");
+        assert!(s.skipped["authorizationpolicy shop/host-bits"].contains("host bits"));
+        assert!(s.skipped["authorizationpolicy shop/bad-ns"].contains("`Shop`"));
     }
 }

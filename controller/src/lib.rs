@@ -1,6 +1,8 @@
 //! Weft's control plane. Sources (Kubernetes, or a directory of YAML) produce the validated
 //! [`weft_api::MeshState`]; [`view`] keeps each node's view; [`server`] streams it to agents.
 
+pub mod ca;
+pub mod certs;
 pub mod crd;
 pub mod dir;
 pub mod k8s;

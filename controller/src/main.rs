@@ -11,7 +11,10 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use weft_api::local::LocalConfig;
+use weft_api::wire::pb::certificates_server::CertificatesServer;
 use weft_api::wire::pb::discovery_server::DiscoveryServer;
+use weft_controller::ca::Ca;
+use weft_controller::certs::CertificateService;
 use weft_controller::server::{Auth, DiscoveryService, Tokens};
 use weft_controller::{dir, source, tls, view::Views};
 
@@ -56,6 +59,22 @@ struct Args {
     /// Accept any agent for any node (development only).
     #[arg(long, conflicts_with = "bootstrap_tokens")]
     insecure_no_auth: bool,
+    /// The mesh's SPIFFE trust domain: identities are spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime of workload certificates, in seconds (agents renew at half-life).
+    #[arg(long, env = "WEFT_WORKLOAD_CERT_TTL", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(60..=31_536_000))]
+    workload_cert_ttl: u64,
+    /// Operator-supplied intermediate CA certificate (PEM), e.g. under a corporate root.
+    /// Default: a root and intermediate generated on first start into <state-dir>/ca.
+    #[arg(long, env = "WEFT_CA_CERT", requires_all = ["ca_key", "trust_bundle"])]
+    ca_cert: Option<PathBuf>,
+    /// Key of --ca-cert (PEM).
+    #[arg(long, env = "WEFT_CA_KEY", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Roots agents trust (PEM bundle), with --ca-cert.
+    #[arg(long, env = "WEFT_TRUST_BUNDLE", requires = "ca_cert")]
+    trust_bundle: Option<PathBuf>,
     /// How often to check --config-dir for changes, in milliseconds.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     poll_ms: u64,
@@ -120,9 +139,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(ca = %ca.display(), "agents trust this CA with --controller-ca");
     }
 
+    let ttl = Duration::from_secs(args.workload_cert_ttl);
+    let ca = match (&args.ca_cert, &args.ca_key, &args.trust_bundle) {
+        (Some(cert), Some(key), Some(bundle)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            Ca::from_pem(
+                &read(cert)?,
+                &read(key)?,
+                weft_controller::ca::split_pem(&read(bundle)?),
+                ttl,
+            )
+            .map_err(|e| anyhow::anyhow!("the CA in {}: {e}", cert.display()))?
+        }
+        _ => Ca::load_or_generate(&args.state_dir.join("ca"), ttl)?,
+    };
+    let ca = Arc::new(ca);
+
     let (state_tx, mut state_rx) = source::channel();
+    let cert_service = CertificateService::new(
+        ca.clone(),
+        state_tx.subscribe(),
+        auth.clone(),
+        args.trust_domain.clone(),
+    );
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let views = Arc::new(Views::default());
+    views.set_trust_bundle(ca.trust_bundle());
     match &args.config_dir {
         Some(config_dir) => {
             tokio::spawn(dir::run(
@@ -173,6 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(DiscoveryServer::new(service))
+        .add_service(CertificatesServer::new(cert_service))
         .serve_with_shutdown(args.listen, shutdown())
         .await
         .with_context(|| format!("serving on {}", args.listen))?;

@@ -72,12 +72,22 @@ impl DiscoveryService {
         &self,
         req: &Request<Streaming<AgentMessage>>,
     ) -> Result<Option<String>, Status> {
-        let tokens = match &self.auth {
+        self.auth.node_for(req.metadata())
+    }
+}
+
+impl Auth {
+    /// The node a caller may speak for (`None`: any node, insecure mode), from its credentials.
+    /// The identity work swaps bootstrap tokens for node certificates here.
+    pub fn node_for(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<String>, Status> {
+        let tokens = match self {
             Auth::Insecure => return Ok(None),
             Auth::Tokens(t) => t,
         };
-        let header = req
-            .metadata()
+        let header = metadata
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("no credentials: the agent must send `authorization: Bearer <bootstrap token>` (check --bootstrap-token-file)"))?;
         let value = header

@@ -134,6 +134,32 @@ impl Views {
         touched
     }
 
+    /// Sets the roots every agent trusts (streamed as `TrustBundle/mesh`); wakes every stream
+    /// when it changes (root rotation).
+    pub fn set_trust_bundle(&self, roots_pem: &[String]) {
+        let r = wire::trust_bundle_resource(roots_pem);
+        {
+            let mut shared = match self.shared.write() {
+                Ok(s) => s,
+                Err(p) => p.into_inner(),
+            };
+            if shared
+                .get(&r.key)
+                .is_some_and(|old| old.version == r.version)
+            {
+                return;
+            }
+            shared.insert(r.key.clone(), Arc::new(r));
+        }
+        let nodes = match self.nodes.read() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        for v in nodes.values() {
+            v.generation.send_modify(|g| *g += 1);
+        }
+    }
+
     /// Subscribes to a node's generation counter (creating an empty view if needed).
     pub fn subscribe(&self, node: &str) -> watch::Receiver<u64> {
         let mut nodes = match self.nodes.write() {

@@ -61,19 +61,25 @@ impl Harness {
     }
 
     async fn start_with(server: FakeApiServer, objects: Vec<Value>) -> Self {
+        let mut h = Self::spawn(server, objects);
+        bounded("the first snapshot", h.rx.changed())
+            .await
+            .expect("sender alive");
+        h
+    }
+
+    /// Starts Kubernetes mode on a server holding `objects`, without waiting for anything.
+    fn spawn(server: FakeApiServer, objects: Vec<Value>) -> Self {
         init_tracing();
         for o in objects {
             server.apply(o);
         }
-        let (tx, mut rx) = source::channel();
+        let (tx, rx) = source::channel();
         let opts = K8sOptions {
             debounce: Duration::from_millis(20),
             ..K8sOptions::default()
         };
         let task = tokio::spawn(k8s::run(server.client(), tx, opts));
-        bounded("the first snapshot", rx.changed())
-            .await
-            .expect("sender alive");
         Self { server, rx, task }
     }
 
@@ -130,6 +136,59 @@ fn pod_lists(r: &RequestRecord) -> bool {
 
 fn pod_watches(r: &RequestRecord) -> bool {
     r.path == "/api/v1/pods" && r.is_watch()
+}
+
+/// A ClusterIP Service with ports `[(name, port, targetPort)]`.
+fn service(ns: &str, name: &str, vips: &[&str], ports: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": "ClusterIP", "clusterIP": vips[0], "clusterIPs": vips,
+                 "selector": {"app": name}, "ports": ports},
+    })
+}
+
+/// An EndpointSlice of `service` with the given ports and endpoints
+/// (address, targetRef pod, ready).
+fn endpoint_slice(
+    ns: &str,
+    name: &str,
+    service: &str,
+    ports: Value,
+    endpoints: &[(&str, Option<&str>, bool)],
+) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(addr, pod, ready)| {
+            let target = pod.map(|p| json!({"kind": "Pod", "namespace": ns, "name": p}));
+            json!({"addresses": [addr], "conditions": {"ready": ready, "serving": ready},
+                   "targetRef": target, "nodeName": "n1"})
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns,
+                     "labels": {"kubernetes.io/service-name": service,
+                                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+    })
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// (workload, IPv4 address, ready) of each endpoint of a service.
+fn endpoints(s: &MeshState, service: &str) -> Vec<(String, String, bool)> {
+    s.services[service]
+        .endpoints
+        .iter()
+        .map(|e| {
+            let ip = e.ip4.map(|i| i.to_string()).unwrap_or_default();
+            (e.workload.clone(), ip, e.ready)
+        })
+        .collect()
 }
 
 fn keys(s: &MeshState) -> Vec<&str> {
@@ -194,9 +253,9 @@ async fn k8s_initial_list_builds_the_state() {
 }
 
 #[tokio::test]
-async fn k8s_first_snapshot_waits_for_both_lists_despite_errors() {
+async fn k8s_first_snapshot_waits_for_all_lists_despite_errors() {
     let server = FakeApiServer::start().await;
-    // One of the two initial lists fails and is retried after kube's backoff; the first
+    // One of the initial lists fails and is retried after kube's backoff; the first
     // snapshot must still hold both namespaces and pods.
     server.inject_errors(1);
     let h = Harness::start_with(
@@ -476,7 +535,8 @@ async fn k8s_initial_sync_timeout_is_reported() {
         .expect_err("no sync");
     let msg = err.to_string();
     assert!(
-        msg.contains("namespaces and pods") && msg.contains("injected fault"),
+        msg.contains("namespaces, pods, services, endpointslices and authorizationpolicies")
+            && msg.contains("injected fault"),
         "{msg}"
     );
     assert!(msg.contains("manifests/rbac.yaml"), "{msg}");
@@ -636,6 +696,12 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
     for needed in [
         ("", "pods", "watch"),
         ("", "namespaces", "list"),
+        ("", "services", "list"),
+        ("", "services", "watch"),
+        ("discovery.k8s.io", "endpointslices", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+        ("weft.dev", "authorizationpolicies", "list"),
+        ("weft.dev", "authorizationpolicies", "watch"),
         ("weft.dev", "authorizationpolicies/status", "patch"),
     ] {
         let needed = (
@@ -653,4 +719,252 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
         denied.is_empty(),
         "manifests/rbac.yaml does not allow: {denied:?}"
     );
+}
+
+#[tokio::test]
+async fn k8s_services_take_their_endpoints_from_endpoint_slices() {
+    let ports = json!([
+        {"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP", "appProtocol": "http"},
+        {"name": "grpc", "port": 9000, "targetPort": "grpc", "protocol": "TCP"},
+        {"name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP"},
+    ]);
+    let slice_ports = json!([
+        {"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"},
+        {"name": "grpc", "port": 9090, "protocol": "TCP"},
+        {"name": "dns", "port": 53, "protocol": "UDP"},
+    ]);
+    let mut h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        pod("shop", "web-1", "10.0.0.1"),
+        pod("shop", "web-2", "10.0.0.2"),
+        service("shop", "web", &["10.96.0.10", "fd00:96::10"], ports),
+        endpoint_slice(
+            "shop",
+            "web-abcde",
+            "web",
+            slice_ports.clone(),
+            &[
+                ("10.0.0.1", Some("web-1"), true),
+                ("10.0.0.2", Some("web-2"), false),
+                ("192.0.2.7", None, true),
+            ],
+        ),
+        // Not tied to a Service: not even listed.
+        with(
+            endpoint_slice(
+                "shop",
+                "stray",
+                "web",
+                json!([]),
+                &[("10.0.0.8", None, true)],
+            ),
+            "/metadata/labels",
+            json!({}),
+        ),
+    ])
+    .await;
+    let s = h.state();
+    let web = &s.services["shop/web"];
+    assert_eq!(web.hostname, "web.shop.svc.cluster.local");
+    let vips: Vec<String> = web.vips.iter().map(ToString::to_string).collect();
+    assert_eq!(vips, ["10.96.0.10", "fd00:96::10"]);
+    let ports: Vec<(&str, u16, u16, &str)> = web
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.port,
+                p.target_port,
+                p.app_protocol.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [("http", 80, 8080, "http"), ("grpc", 9000, 9090, "")],
+        "the named targetPort is resolved by the slice; UDP is not meshed"
+    );
+    let e = |w: &str, ip: &str, ready| (w.to_string(), ip.to_string(), ready);
+    assert_eq!(
+        endpoints(&s, "shop/web"),
+        [
+            e("", "192.0.2.7", true),
+            e("shop/web-1", "10.0.0.1", true),
+            e("shop/web-2", "10.0.0.2", false),
+        ],
+        "an address that is no workload is kept, with no workload"
+    );
+    let watch = h
+        .server
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/apis/discovery.k8s.io/v1/endpointslices" && r.is_watch())
+        .expect("a slice watch");
+    assert_eq!(
+        watch.query.get("labelSelector").map(String::as_str),
+        Some(k8s::SERVICE_NAME_LABEL)
+    );
+
+    // The slice changes: web-2 becomes ready, web-1 goes, a new pod comes in.
+    h.server.apply(pod("shop", "web-3", "10.0.0.3"));
+    h.server.apply(endpoint_slice(
+        "shop",
+        "web-abcde",
+        "web",
+        slice_ports.clone(),
+        &[
+            ("10.0.0.2", Some("web-2"), true),
+            ("10.0.0.3", Some("web-3"), true),
+        ],
+    ));
+    let s = h
+        .wait_for("the slice update", |s| {
+            endpoints(s, "shop/web")
+                .iter()
+                .map(|e| e.0.as_str())
+                .eq(["shop/web-2", "shop/web-3"])
+        })
+        .await;
+    assert!(endpoints(&s, "shop/web").iter().all(|e| e.2), "both ready");
+    // A second slice of the same service adds to it.
+    h.server.apply(endpoint_slice(
+        "shop",
+        "web-fghij",
+        "web",
+        slice_ports,
+        &[("10.0.0.1", Some("web-1"), false)],
+    ));
+    h.wait_for("the second slice", |s| {
+        s.services["shop/web"].endpoints.len() == 3
+    })
+    .await;
+    // Deleting the Service removes it, even while its slices are still there.
+    h.server.delete("v1", "Service", "shop", "web");
+    let s = h
+        .wait_for("the service deletion", |s| s.services.is_empty())
+        .await;
+    assert_eq!(s.workloads.len(), 3, "pods are unaffected");
+}
+
+#[tokio::test]
+async fn k8s_accepted_policies_enter_the_state() {
+    let good = json!({"selector": {"matchLabels": {"app": "web"}}, "action": "ALLOW",
+        "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/api"]}],
+                   "to": [{"ports": [8080]}]}]});
+    // Invalid for both validators (the CRD's and the model's).
+    let bad = json!({"action": "DENY", "rules": [{"from": [{"principals": ["api"]}]}]});
+    // Only the CRD's checks catch this one: the state follows the status.
+    let bad_ns = json!({"action": "DENY", "rules": [{"from": [{"namespaces": ["Shop"]}]}]});
+    let mut h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        policy("shop", "good", good),
+        policy("shop", "bad", bad),
+        policy("shop", "bad-ns", bad_ns),
+    ])
+    .await;
+    let status_task = tokio::spawn(crd::run_status_controller(h.server.client()));
+    let s = h.state();
+    assert_eq!(s.policies.keys().collect::<Vec<_>>(), ["shop/good"]);
+    let p = &s.policies["shop/good"];
+    assert_eq!(p.action, weft_api::model::PolicyAction::Allow);
+    assert_eq!(
+        p.selector
+            .as_ref()
+            .and_then(|m| m.get("app"))
+            .map(String::as_str),
+        Some("web")
+    );
+    assert_eq!(p.rules[0].to[0].ports, [8080]);
+    let status = |server: &FakeApiServer, name: &str| {
+        server
+            .get("weft.dev/v1alpha1", "AuthorizationPolicy", "shop", name)
+            .map(|p| p["status"].clone())
+            .unwrap_or_default()
+    };
+    until("the three statuses", || {
+        ["good", "bad", "bad-ns"]
+            .iter()
+            .all(|n| status(&h.server, n).is_object())
+    })
+    .await;
+    assert_eq!(status(&h.server, "good")["accepted"], json!(true));
+    assert_eq!(status(&h.server, "bad")["accepted"], json!(false));
+    assert_eq!(status(&h.server, "bad-ns")["accepted"], json!(false));
+    // Fixing a policy brings it in; deleting one takes it out.
+    h.server.apply(policy(
+        "shop",
+        "bad",
+        json!({"action": "DENY", "dryRun": true,
+               "rules": [{"from": [{"principals": ["spiffe://cluster.local/ns/shop/sa/api"]}]}]}),
+    ));
+    let s = h
+        .wait_for("the fixed policy", |s| s.policies.contains_key("shop/bad"))
+        .await;
+    assert!(s.policies["shop/bad"].dry_run);
+    h.server
+        .delete("weft.dev/v1alpha1", "AuthorizationPolicy", "shop", "good");
+    h.wait_for("the deletion", |s| s.policies.keys().eq(["shop/bad"]))
+        .await;
+    until("the fixed status", || {
+        status(&h.server, "bad")["accepted"] == json!(true)
+    })
+    .await;
+    status_task.abort();
+}
+
+#[tokio::test]
+async fn k8s_first_snapshot_waits_for_every_kind() {
+    let server = FakeApiServer::start().await;
+    // As if the CRD were not installed yet: policies cannot be listed.
+    let policies = "/apis/weft.dev/v1alpha1/authorizationpolicies";
+    server.fail_path(policies, 404, usize::MAX);
+    let mut h = Harness::spawn(
+        server,
+        vec![
+            namespace("shop", Some("enabled")),
+            pod("shop", "web", "10.0.0.1"),
+            service("shop", "web", &["10.96.0.10"], json!([{"port": 80}])),
+            endpoint_slice(
+                "shop",
+                "web-1",
+                "web",
+                json!([]),
+                &[("10.0.0.1", Some("web"), true)],
+            ),
+            policy("shop", "deny-all", json!({"action": "DENY", "rules": [{}]})),
+        ],
+    );
+    // Every other kind completes its list and starts watching; the policies keep failing.
+    let others = [
+        "/api/v1/namespaces",
+        "/api/v1/pods",
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ];
+    until("the other watches and two failed policy lists", || {
+        let requests = h.server.requests();
+        others
+            .iter()
+            .all(|p| requests.iter().any(|r| r.path == *p && r.is_watch()))
+            && requests
+                .iter()
+                .filter(|r| r.path == policies && r.status == 404)
+                .count()
+                >= 2
+    })
+    .await;
+    assert!(
+        !h.rx.has_changed().expect("sender alive"),
+        "nothing is published before every initial list completed"
+    );
+    assert!(h.state().workloads.is_empty());
+    h.server.fail_path(policies, 404, 0);
+    bounded("the first snapshot", h.rx.changed())
+        .await
+        .expect("sender alive");
+    let s = h.state();
+    assert_eq!(keys(&s), ["shop/web"]);
+    assert_eq!(endpoints(&s, "shop/web").len(), 1);
+    assert!(s.policies.contains_key("shop/deny-all"), "{s:#?}");
 }

@@ -4,7 +4,7 @@
 //!
 //! Generic over kinds: objects live in memory keyed by (`apiVersion/plural`, namespace, name)
 //! and any `/api/v1/...` or `/apis/GROUP/VERSION/...` path is served. Modelled: list (label and
-//! field selectors, equality-based), watch from a resourceVersion (ADDED, MODIFIED, DELETED,
+//! field selectors, equality-based and existence), watch from a resourceVersion (ADDED, MODIFIED, DELETED,
 //! BOOKMARK; an object entering or leaving a selector is ADDED or DELETED; the watch closes at
 //! `timeoutSeconds`), 410 Gone for a resourceVersion older than the compaction horizon (for a
 //! watch, like the real server: an ERROR event in a 200 response), get, create, replace (409
@@ -13,7 +13,9 @@
 //! stored status; status writes change only the status) and `metadata.generation`. A write
 //! that changes nothing keeps the resourceVersion, as on the real server, so a controller
 //! re-applying the same status does not loop. Not modelled: RBAC, admission, schemas, JSON
-//! patch, set-based selectors, pagination, managedFields, finalizers.
+//! patch, set-based selectors, pagination, managedFields, finalizers. Faults: `inject_errors`
+//! (the next requests fail with 500), `fail_path` (requests to one collection fail with a
+//! chosen status, e.g. 404 for a CRD that is not installed), `drop_watches`, `compact`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -98,6 +100,8 @@ struct Shared {
     store: Mutex<Store>,
     tick: watch::Sender<u64>,
     errors: AtomicUsize,
+    /// Request path -> (HTTP status, how many more requests to fail).
+    path_faults: Mutex<BTreeMap<String, (u16, usize)>>,
     log: Mutex<Vec<RequestRecord>>,
     bookmark_every: Mutex<Duration>,
     bookmarks: Mutex<Vec<(String, u64)>>,
@@ -131,6 +135,7 @@ impl FakeApiServer {
             store: Mutex::new(Store::default()),
             tick: watch::channel(0).0,
             errors: AtomicUsize::new(0),
+            path_faults: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
             bookmark_every: Mutex::new(Duration::from_secs(60)),
             bookmarks: Mutex::new(Vec::new()),
@@ -207,6 +212,19 @@ impl FakeApiServer {
     /// The next `n` requests (of any kind) fail with 500 Internal Server Error.
     pub fn inject_errors(&self, n: usize) {
         self.shared.errors.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` requests to exactly `path` (list and watch of a collection share one path,
+    /// e.g. `/apis/weft.dev/v1alpha1/authorizationpolicies`) fail with `code` (404: as if the
+    /// kind were not served, e.g. a CRD not installed; 403: as if RBAC denied it; else 500).
+    /// `n` 0 clears the fault; `usize::MAX` keeps it until cleared.
+    pub fn fail_path(&self, path: &str, code: u16, n: usize) {
+        let mut faults = lock(&self.shared.path_faults);
+        if n == 0 {
+            faults.remove(path);
+        } else {
+            faults.insert(path.to_owned(), (code, n));
+        }
     }
 
     /// Cuts every open watch connection now (no clean end of stream).
@@ -507,7 +525,30 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let errors = &sh.errors;
-    let (resp, code) = if errors
+    let path_fault = {
+        let mut faults = lock(&sh.path_faults);
+        let fault = faults.get_mut(&path).map(|(code, left)| {
+            *left = left.saturating_sub(1);
+            (*code, *left == 0)
+        });
+        match fault {
+            Some((code, true)) => {
+                faults.remove(&path);
+                Some(code)
+            }
+            Some((code, false)) => Some(code),
+            None => None,
+        }
+    };
+    let (resp, code) = if let Some(code) = path_fault {
+        let reason = match code {
+            404 => "NotFound",
+            403 => "Forbidden",
+            _ => "InternalError",
+        };
+        let f = Fail(code, reason, "injected fault".into());
+        (respond(code, full(&f.status())), code)
+    } else if errors
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
@@ -1009,5 +1050,86 @@ mod tests {
         }
         let last = server.requests().last().map(|r| (r.is_watch(), r.status));
         assert_eq!(last, Some((true, 410)));
+    }
+
+    #[tokio::test]
+    async fn services_and_endpoint_slices_with_label_selectors_and_path_faults() {
+        use k8s_openapi::api::core::v1::Service;
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let server = FakeApiServer::start().await;
+        server.apply(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80, "targetPort": "http"}]}}));
+        let slice = |name: &str, labels: Value| {
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": "shop", "labels": labels},
+                "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}]})
+        };
+        server.apply(slice("web-1", json!({"kubernetes.io/service-name": "web"})));
+        server.apply(slice("api-1", json!({"kubernetes.io/service-name": "api"})));
+        server.apply(slice("manual", json!({})));
+        let services = Api::<Service>::all(server.client());
+        let listed = services.list(&ListParams::default()).await.expect("list");
+        assert_eq!(listed.items.len(), 1);
+        let svc = &listed.items[0];
+        assert_eq!(
+            svc.spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+            Some("10.96.0.10")
+        );
+        let slices = Api::<EndpointSlice>::all(server.client());
+        let names = |l: kube::core::ObjectList<EndpointSlice>| -> Vec<String> {
+            l.items
+                .iter()
+                .filter_map(|s| s.metadata.name.clone())
+                .collect()
+        };
+        let lp = ListParams::default().labels("kubernetes.io/service-name");
+        assert_eq!(
+            names(slices.list(&lp).await.expect("list")),
+            ["api-1", "web-1"]
+        );
+        let lp = ListParams::default().labels("kubernetes.io/service-name=web");
+        assert_eq!(names(slices.list(&lp).await.expect("list")), ["web-1"]);
+        let wp = WatchParams::default()
+            .labels("kubernetes.io/service-name")
+            .timeout(5);
+        let rv = server.resource_version().to_string();
+        let mut events = slices.watch(&wp, &rv).await.expect("watch").boxed();
+        server.apply(slice("manual-2", json!({})));
+        server.apply(slice("web-2", json!({"kubernetes.io/service-name": "web"})));
+        match events.try_next().await.expect("event") {
+            Some(WatchEvent::Added(s)) => assert_eq!(s.metadata.name.as_deref(), Some("web-2")),
+            other => panic!("expected web-2, got {other:?}"),
+        }
+        let path = "/apis/discovery.k8s.io/v1/endpointslices";
+        server.fail_path(path, 404, 2);
+        for _ in 0..2 {
+            match slices.list(&ListParams::default()).await {
+                Err(kube::Error::Api(s)) => assert_eq!(s.code, 404),
+                other => panic!("expected 404, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            services
+                .list(&ListParams::default())
+                .await
+                .expect("other paths")
+                .items
+                .len(),
+            1
+        );
+        assert_eq!(
+            slices
+                .list(&ListParams::default())
+                .await
+                .expect("fault over")
+                .items
+                .len(),
+            5
+        );
+        server.fail_path(path, 403, usize::MAX);
+        assert!(slices.list(&ListParams::default()).await.is_err());
+        server.fail_path(path, 403, 0);
+        assert!(slices.list(&ListParams::default()).await.is_ok());
     }
 }

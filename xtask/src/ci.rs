@@ -10,6 +10,7 @@ use crate::setup::{self, SetupArgs, cargo, run_cmd};
 pub const HOST_PACKAGES: &[&str] = &[
     "weft-ebpf-common",
     "weft-netns",
+    "weft-tunnel",
     "weft-api",
     "weft-controller",
     "weft-agent",

@@ -317,6 +317,9 @@ pub struct MeshState {
     pub services: BTreeMap<String, ServiceInfo>,
     /// AuthorizationPolicies by `namespace/name`.
     pub policies: BTreeMap<String, PolicyInfo>,
+    /// Root certificates (PEM) workload certificates chain to. Set by the controller's CA, not
+    /// by sources.
+    pub trust_bundle: Vec<String>,
 }
 
 impl MeshState {
@@ -405,6 +408,7 @@ impl MeshState {
                 workloads,
                 services,
                 policies,
+                trust_bundle: Vec::new(),
             })
         } else {
             Err(errors)
@@ -420,9 +424,42 @@ impl MeshState {
     }
 }
 
+/// A service whose endpoints come from its selector over `workloads` (the directory mode).
 fn service_info(
     s: &Service,
     workloads: &BTreeMap<String, WorkloadInfo>,
+) -> Result<ServiceInfo, ModelError> {
+    let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
+    let endpoints = if s.spec.selector.is_empty() {
+        Vec::new()
+    } else {
+        workloads
+            .values()
+            .filter(|w| w.namespace == namespace)
+            .filter(|w| {
+                s.spec
+                    .selector
+                    .iter()
+                    .all(|(k, v)| w.labels.get(k) == Some(v))
+            })
+            .map(|w| EndpointInfo {
+                workload: w.key(),
+                ip4: w.ip4,
+                ip6: w.ip6,
+                ready: true,
+            })
+            .collect()
+    };
+    service_from_parts(s, endpoints)
+}
+
+/// Validates a service document (virtual IPs, ports) and gives it `endpoints`, sorted by
+/// workload key (then addresses). `spec.selector` is not read: the directory mode selects the
+/// endpoints from its workloads, Kubernetes mode reads them from EndpointSlices. Both modes
+/// validate services here.
+pub fn service_from_parts(
+    s: &Service,
+    mut endpoints: Vec<EndpointInfo>,
 ) -> Result<ServiceInfo, ModelError> {
     let name = s.metadata.name.clone();
     let namespace = s
@@ -470,26 +507,7 @@ fn service_info(
             app_protocol: p.app_protocol.clone().unwrap_or_default(),
         });
     }
-    let endpoints = if s.spec.selector.is_empty() {
-        Vec::new()
-    } else {
-        workloads
-            .values()
-            .filter(|w| w.namespace == namespace)
-            .filter(|w| {
-                s.spec
-                    .selector
-                    .iter()
-                    .all(|(k, v)| w.labels.get(k) == Some(v))
-            })
-            .map(|w| EndpointInfo {
-                workload: w.key(),
-                ip4: w.ip4,
-                ip6: w.ip6,
-                ready: true,
-            })
-            .collect()
-    };
+    endpoints.sort_by(|a, b| (&a.workload, a.ip4, a.ip6).cmp(&(&b.workload, b.ip4, b.ip6)));
     Ok(ServiceInfo {
         hostname: format!("{name}.{namespace}.svc.cluster.local"),
         name,

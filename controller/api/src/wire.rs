@@ -239,6 +239,21 @@ impl TryFrom<pb::Service> for ServiceInfo {
     }
 }
 
+/// Resource key of the mesh's trust bundle.
+pub const TRUST_BUNDLE_KEY: &str = "TrustBundle/mesh";
+
+/// The trust bundle as a versioned wire resource.
+pub fn trust_bundle_resource(roots_pem: &[String]) -> pb::Resource {
+    let wire = pb::TrustBundle {
+        roots_pem: roots_pem.to_vec(),
+    };
+    pb::Resource {
+        key: TRUST_BUNDLE_KEY.to_string(),
+        version: content_version(&wire.encode_to_vec()),
+        kind: Some(pb::resource::Kind::TrustBundle(wire)),
+    }
+}
+
 /// Resource key of a policy: `AuthorizationPolicy/<namespace>/<name>`.
 pub fn policy_key(namespace: &str, name: &str) -> String {
     format!("AuthorizationPolicy/{namespace}/{name}")

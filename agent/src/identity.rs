@@ -1,0 +1,459 @@
+//! Workload certificates held by the agent on behalf of its pods.
+//!
+//! The agent generates an ECDSA P-256 key per identity (it never leaves the node), sends a CSR
+//! to the controller's CA, and caches the result per identity. Certificates are fetched on
+//! demand, renewed at half-life (with jitter, so a node's certificates do not all renew at
+//! once), and retried with backoff while the CA is unreachable; a certificate keeps being
+//! served until it expires. Time is measured with tokio's clock, so tests can pause it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use serde::Serialize;
+use tokio::time::Instant;
+use weft_api::wire::pb::{self, certificates_client::CertificatesClient};
+
+use crate::discovery::{AuthHeader, ControllerOptions};
+
+/// Why a certificate could not be obtained.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CertError {
+    #[error("cannot create a key or CSR for {identity}: {detail}")]
+    Csr { identity: String, detail: String },
+    #[error("the CA refused a certificate for {identity}: {detail}")]
+    Refused { identity: String, detail: String },
+    #[error("the CA is unreachable ({detail}); no valid certificate for {identity}")]
+    Unavailable { identity: String, detail: String },
+    #[error("the CA answered for {identity} with an unusable certificate: {detail}")]
+    BadResponse { identity: String, detail: String },
+}
+
+/// A certificate and its private key.
+#[derive(Clone)]
+pub struct Certified {
+    pub identity: String,
+    /// Leaf first (PEM).
+    pub chain_pem: Vec<String>,
+    /// PKCS#8 PEM; never leaves the agent.
+    pub key_pem: String,
+    pub trust_bundle_pem: Vec<String>,
+    /// Unix seconds.
+    pub not_after: i64,
+    issued: Instant,
+    expires: Instant,
+}
+
+impl std::fmt::Debug for Certified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certified")
+            .field("identity", &self.identity)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Certified {
+    /// Whether the certificate is still valid (tokio clock).
+    pub fn valid(&self) -> bool {
+        Instant::now() < self.expires
+    }
+
+    /// When to renew: half-life, shifted by `jitter` (a fraction in [-0.1, 0.1] of the
+    /// lifetime).
+    fn renew_at(&self, jitter: f64) -> Instant {
+        let lifetime = self.expires.saturating_duration_since(self.issued);
+        let half = lifetime.mul_f64((0.5 + jitter).clamp(0.1, 0.9));
+        self.issued + half
+    }
+}
+
+/// The CA as the agent sees it (a trait so tests can use a fake, as ztunnel's `CaClient`).
+#[tonic::async_trait]
+pub trait CaClient: Send + Sync + 'static {
+    async fn sign(&self, identity: &str, csr_pem: &str) -> Result<pb::SignResponse, CertError>;
+}
+
+/// The controller's Certificates gRPC service.
+pub struct GrpcCaClient {
+    opts: ControllerOptions,
+    conn: tokio::sync::Mutex<Option<(tonic::transport::Channel, AuthHeader)>>,
+}
+
+impl GrpcCaClient {
+    pub fn new(opts: ControllerOptions) -> Self {
+        Self {
+            opts,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CaClient for GrpcCaClient {
+    async fn sign(&self, identity: &str, csr_pem: &str) -> Result<pb::SignResponse, CertError> {
+        let unavailable = |detail: String| CertError::Unavailable {
+            identity: identity.to_string(),
+            detail,
+        };
+        let (channel, auth) = {
+            let mut conn = self.conn.lock().await;
+            if conn.is_none() {
+                *conn = Some(
+                    crate::discovery::connect(&self.opts)
+                        .await
+                        .map_err(|e| unavailable(e.to_string()))?,
+                );
+            }
+            conn.clone()
+                .ok_or_else(|| unavailable("no connection".into()))?
+        };
+        let mut req = tonic::Request::new(pb::SignRequest {
+            identity: identity.to_string(),
+            csr_pem: csr_pem.to_string(),
+            ttl_seconds: 0,
+        });
+        if let Some(v) = auth {
+            req.metadata_mut().insert("authorization", v);
+        }
+        match CertificatesClient::new(channel).sign(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => {
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) {
+                    *self.conn.lock().await = None;
+                    Err(unavailable(s.to_string()))
+                } else {
+                    Err(CertError::Refused {
+                        identity: identity.to_string(),
+                        detail: s.message().to_string(),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// What `/config_dump` shows per certificate.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertStatus {
+    pub identity: String,
+    pub not_after: i64,
+    pub valid: bool,
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Slot {
+    cert: Option<Arc<Certified>>,
+    renewing: bool,
+    last_error: Option<String>,
+}
+
+/// Certificates by identity.
+pub struct CertManager {
+    ca: Arc<dyn CaClient>,
+    slots: Mutex<HashMap<String, Slot>>,
+    /// Serialises first fetches per identity, so concurrent callers share one CSR.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+const RETRY_MIN: Duration = Duration::from_secs(1);
+/// `last_error` placeholder while a first fetch is under way.
+const IN_FLIGHT: &str = "requesting";
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+impl CertManager {
+    pub fn new(ca: Arc<dyn CaClient>) -> Arc<Self> {
+        Arc::new(Self {
+            ca,
+            slots: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        match self.slots.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn cached(&self, identity: &str) -> Option<Arc<Certified>> {
+        self.slots()
+            .get(identity)
+            .and_then(|s| s.cert.clone())
+            .filter(|c| c.valid())
+    }
+
+    /// The certificate for `identity`: cached, or fetched now (and then kept renewed).
+    pub async fn get(self: &Arc<Self>, identity: &str) -> Result<Arc<Certified>, CertError> {
+        if let Some(c) = self.cached(identity) {
+            return Ok(c);
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(c) = self.cached(identity) {
+            return Ok(c);
+        }
+        let result = fetch(self.ca.as_ref(), identity).await;
+        let cert = self.store(identity, result)?;
+        let start_renewal = {
+            let mut slots = self.slots();
+            let slot = slots.entry(identity.to_string()).or_default();
+            !std::mem::replace(&mut slot.renewing, true)
+        };
+        if start_renewal {
+            let me = self.clone();
+            let id = identity.to_string();
+            tokio::spawn(async move { me.renew_forever(id).await });
+        }
+        Ok(cert)
+    }
+
+    fn store(
+        &self,
+        identity: &str,
+        result: Result<Certified, CertError>,
+    ) -> Result<Arc<Certified>, CertError> {
+        let mut slots = self.slots();
+        let slot = slots.entry(identity.to_string()).or_default();
+        match result {
+            Ok(c) => {
+                let c = Arc::new(c);
+                metrics::gauge!("weft_certificate_expiry_timestamp_seconds", "identity" => identity.to_string())
+                    .set(c.not_after as f64);
+                slot.cert = Some(c.clone());
+                slot.last_error = None;
+                Ok(c)
+            }
+            Err(e) => {
+                slot.last_error = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    async fn renew_forever(self: Arc<Self>, identity: String) {
+        loop {
+            let Some(current) = self.slots().get(&identity).and_then(|s| s.cert.clone()) else {
+                return;
+            };
+            let jitter = (rand::random::<f64>() - 0.5) * 0.2;
+            tokio::time::sleep_until(current.renew_at(jitter)).await;
+            let mut retry = RETRY_MIN;
+            loop {
+                match fetch(self.ca.as_ref(), &identity).await {
+                    Ok(c) => {
+                        metrics::counter!("weft_certificate_renewals_total", "result" => "ok")
+                            .increment(1);
+                        tracing::info!(%identity, not_after = c.not_after, "certificate renewed");
+                        let _ = self.store(&identity, Ok(c));
+                        break;
+                    }
+                    Err(e) => {
+                        metrics::counter!("weft_certificate_renewals_total", "result" => "error")
+                            .increment(1);
+                        let still_valid = current.valid();
+                        tracing::warn!(%identity, error = %e, still_valid, retry_in_s = retry.as_secs(), "certificate renewal failed; the current certificate stays in use until it expires");
+                        let _ = self.store(&identity, Err(e));
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(RETRY_MAX);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes sure every identity in `identities` has (or is getting) a certificate; failures
+    /// are retried on the next call. Returns immediately.
+    pub fn ensure(self: &Arc<Self>, identities: impl IntoIterator<Item = String>) {
+        for id in identities {
+            if self.cached(&id).is_some() {
+                continue;
+            }
+            {
+                let mut slots = self.slots();
+                let slot = slots.entry(id.clone()).or_default();
+                if slot.renewing || slot.last_error.as_deref() == Some(IN_FLIGHT) {
+                    continue;
+                }
+                slot.last_error = Some(IN_FLIGHT.into());
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.get(&id).await {
+                    tracing::warn!(identity = %id, error = %e, "cannot obtain a workload certificate; will retry");
+                }
+            });
+        }
+    }
+
+    /// Every certificate, for `/config_dump`.
+    pub fn status(&self) -> Vec<CertStatus> {
+        let mut v: Vec<CertStatus> = self
+            .slots()
+            .iter()
+            .map(|(id, s)| CertStatus {
+                identity: id.clone(),
+                not_after: s.cert.as_ref().map_or(0, |c| c.not_after),
+                valid: s.cert.as_ref().is_some_and(|c| c.valid()),
+                last_error: s.last_error.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.identity.cmp(&b.identity));
+        v
+    }
+}
+
+/// New key, CSR, signature.
+async fn fetch(ca: &dyn CaClient, identity: &str) -> Result<Certified, CertError> {
+    let csr_err = |detail: String| CertError::Csr {
+        identity: identity.to_string(),
+        detail,
+    };
+    let key = KeyPair::generate().map_err(|e| csr_err(e.to_string()))?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|e| csr_err(e.to_string()))?;
+    let uri = identity
+        .to_string()
+        .try_into()
+        .map_err(|e: rcgen::Error| csr_err(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| csr_err(e.to_string()))?;
+    let issued = Instant::now();
+    let resp = ca.sign(identity, &csr).await?;
+    if resp.chain_pem.is_empty() {
+        return Err(CertError::BadResponse {
+            identity: identity.to_string(),
+            detail: "empty certificate chain".into(),
+        });
+    }
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let remaining = resp.not_after - now_unix;
+    if remaining <= 0 {
+        return Err(CertError::BadResponse {
+            identity: identity.to_string(),
+            detail: format!("already expired (not_after {})", resp.not_after),
+        });
+    }
+    Ok(Certified {
+        identity: identity.to_string(),
+        chain_pem: resp.chain_pem,
+        key_pem: key.serialize_pem(),
+        trust_bundle_pem: resp.trust_bundle_pem,
+        not_after: resp.not_after,
+        issued,
+        expires: issued + Duration::from_secs(remaining as u64),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    /// A CA that issues `ttl`-long certificates (no real crypto: the manager only tracks
+    /// lifetimes), can be switched off, and counts requests.
+    struct FakeCa {
+        ttl: Duration,
+        up: AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    #[tonic::async_trait]
+    impl CaClient for FakeCa {
+        async fn sign(&self, identity: &str, csr_pem: &str) -> Result<pb::SignResponse, CertError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            assert!(csr_pem.contains("CERTIFICATE REQUEST"));
+            if !self.up.load(Ordering::SeqCst) {
+                return Err(CertError::Unavailable {
+                    identity: identity.into(),
+                    detail: "connection refused".into(),
+                });
+            }
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            Ok(pb::SignResponse {
+                chain_pem: vec!["leaf".into()],
+                trust_bundle_pem: vec!["root".into()],
+                not_after: now + self.ttl.as_secs() as i64,
+            })
+        }
+    }
+
+    const ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    fn fake(ttl_s: u64) -> Arc<FakeCa> {
+        Arc::new(FakeCa {
+            ttl: Duration::from_secs(ttl_s),
+            up: AtomicBool::new(true),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_certificates_are_fetched_once_and_cached() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        let (a, b) = tokio::join!(m.get(ID), m.get(ID));
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(
+            ca.calls.load(Ordering::SeqCst),
+            1,
+            "concurrent callers share one CSR"
+        );
+        assert!(a.expect("cert").key_pem.contains("PRIVATE KEY"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_renewal_happens_at_half_life() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        m.get(ID).await.expect("first");
+        // Before 40% of the lifetime (half-life minus the largest jitter): no renewal.
+        tokio::time::sleep(Duration::from_secs(1430)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 1);
+        // By 60% (half-life plus the largest jitter): renewed exactly once.
+        tokio::time::sleep(Duration::from_secs(740)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_certificates_survive_a_ca_outage_until_expiry() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        let first = m.get(ID).await.expect("first");
+        ca.up.store(false, Ordering::SeqCst);
+        // Past half-life the renewal fails and is retried, but the certificate is still served.
+        tokio::time::sleep(Duration::from_secs(3000)).await;
+        assert!(
+            ca.calls.load(Ordering::SeqCst) > 2,
+            "renewal retried with backoff"
+        );
+        let still = m.get(ID).await.expect("still valid");
+        assert_eq!(still.not_after, first.not_after);
+        assert!(
+            m.status()[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("unreachable"))
+        );
+        // After expiry there is no certificate to serve, with a clear reason.
+        tokio::time::sleep(Duration::from_secs(700)).await;
+        let e = m.get(ID).await.expect_err("expired and CA down");
+        assert!(e.to_string().contains("unreachable"), "{e}");
+        // The CA comes back: the next retry (at most a minute later) restores service.
+        ca.up.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert!(m.get(ID).await.is_ok());
+    }
+}

@@ -1,0 +1,11 @@
+//! The mesh data path's tunnel. For now: workload identities ([`identity`]) and the mutual
+//! TLS 1.3 layer ([`tls`]) that HBONE will run over. See docs/security.md.
+
+pub mod identity;
+pub mod tls;
+
+pub use identity::{Identity, IdentityError, IdentityErrorKind, TrustDomain};
+pub use tls::{
+    Timestamp, TlsError, TrustBundle, VerifyError, certs_from_pem, client_config, identity_of,
+    peer_identity, private_key_from_pem, server_config,
+};

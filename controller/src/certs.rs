@@ -1,0 +1,113 @@
+//! The certificate-signing API: a node agent asks for the SVID of a workload; the CA signs only
+//! if the caller is the agent of a node that currently runs a workload with that identity.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+use weft_api::wire::pb::{SignRequest, SignResponse, certificates_server::Certificates};
+
+use crate::ca::{Ca, CaError};
+use crate::server::Auth;
+use crate::source::StateRx;
+
+/// The service.
+pub struct CertificateService {
+    ca: Arc<Ca>,
+    state: StateRx,
+    auth: Auth,
+    trust_domain: String,
+}
+
+impl CertificateService {
+    pub fn new(ca: Arc<Ca>, state: StateRx, auth: Auth, trust_domain: String) -> Self {
+        Self {
+            ca,
+            state,
+            auth,
+            trust_domain,
+        }
+    }
+}
+
+/// `(namespace, service account)` of a SPIFFE ID in `trust_domain`.
+pub fn parse_spiffe_id<'a>(id: &'a str, trust_domain: &str) -> Result<(&'a str, &'a str), String> {
+    let rest = id.strip_prefix("spiffe://").ok_or_else(|| {
+        format!("`{id}` is not a SPIFFE ID (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)")
+    })?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        [td, "ns", ns, "sa", sa] if !ns.is_empty() && !sa.is_empty() => {
+            if *td != trust_domain {
+                return Err(format!(
+                    "trust domain `{td}` is not this mesh's (`{trust_domain}`)"
+                ));
+            }
+            Ok((ns, sa))
+        }
+        _ => Err(format!(
+            "`{id}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Certificates for CertificateService {
+    async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let node = self.auth.node_for(req.metadata())?;
+        let req = req.into_inner();
+        let (ns, sa) =
+            parse_spiffe_id(&req.identity, &self.trust_domain).map_err(Status::invalid_argument)?;
+        if let Some(node) = &node {
+            let state = self.state.borrow().clone();
+            let runs_it = state
+                .workloads
+                .values()
+                .any(|w| &w.node == node && w.namespace == ns && w.service_account == sa);
+            if !runs_it {
+                tracing::warn!(%node, identity = %req.identity, "refused a certificate for a workload not on the caller's node");
+                return Err(Status::permission_denied(format!(
+                    "node {node} runs no workload with identity {}: an agent may only obtain certificates for pods scheduled on its own node",
+                    req.identity
+                )));
+            }
+        }
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(u64::from(req.ttl_seconds)));
+        let signed = self
+            .ca
+            .sign(&req.csr_pem, &req.identity, ttl)
+            .map_err(|e| match e {
+                CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })?;
+        tracing::info!(node = node.as_deref().unwrap_or("?"), identity = %req.identity, not_after = signed.not_after, "issued a workload certificate");
+        Ok(Response::new(SignResponse {
+            chain_pem: signed.chain_pem,
+            trust_bundle_pem: self.ca.trust_bundle().to_vec(),
+            not_after: signed.not_after,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spiffe_ids_are_parsed_strictly() {
+        assert_eq!(
+            parse_spiffe_id("spiffe://cluster.local/ns/shop/sa/web", "cluster.local"),
+            Ok(("shop", "web"))
+        );
+        for bad in [
+            "https://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/ns/shop/sa/",
+            "spiffe://cluster.local/ns/shop/sa/web/extra",
+            "spiffe://cluster.local/shop/web",
+        ] {
+            assert!(parse_spiffe_id(bad, "cluster.local").is_err(), "{bad}");
+        }
+        let e = parse_spiffe_id("spiffe://other.td/ns/a/sa/b", "cluster.local").expect_err("td");
+        assert!(e.contains("other.td"), "{e}");
+    }
+}

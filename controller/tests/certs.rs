@@ -1,0 +1,217 @@
+//! The certificate-signing API over real gRPC (in process, loopback): who may obtain which
+//! identity, and what is refused with which reason.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair};
+use tokio::sync::watch;
+use tonic::transport::Server;
+use weft_api::wire::pb::SignRequest;
+use weft_api::wire::pb::certificates_client::CertificatesClient;
+use weft_api::wire::pb::certificates_server::CertificatesServer;
+use weft_api::{CaptureSettings, MeshState, WorkloadInfo};
+use weft_controller::ca::{Ca, DEFAULT_WORKLOAD_TTL};
+use weft_controller::certs::CertificateService;
+use weft_controller::server::{Auth, Tokens};
+
+const N1: &str = "token-for-node-one-0123456789";
+const N2: &str = "token-for-node-two-0123456789";
+
+fn workload(name: &str, node: &str, sa: &str) -> WorkloadInfo {
+    WorkloadInfo {
+        name: name.into(),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+        node: node.into(),
+        ip4: Some(std::net::Ipv4Addr::new(198, 18, 1, name.len() as u8)),
+        ip6: None,
+        netns: "/x".into(),
+        labels: Default::default(),
+        capture: CaptureSettings::default(),
+    }
+}
+
+async fn start() -> (String, tempdir::Dir) {
+    let dir = tempdir::Dir::new();
+    let ca = Arc::new(Ca::load_or_generate(&dir.0, DEFAULT_WORKLOAD_TTL).expect("ca"));
+    let mut state = MeshState::default();
+    for w in [workload("web", "n1", "web"), workload("api", "n2", "api")] {
+        state.workloads.insert(w.key(), w);
+    }
+    let (_tx, rx) = watch::channel(Arc::new(state));
+    std::mem::forget(_tx);
+    let tokens = HashMap::from([
+        ("n1".to_string(), N1.to_string()),
+        ("n2".to_string(), N2.to_string()),
+    ]);
+    let svc = CertificateService::new(
+        ca,
+        rx,
+        Auth::Tokens(Tokens::from_nodes(tokens)),
+        "cluster.local".into(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        Server::builder()
+            .add_service(CertificatesServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (format!("http://{addr}"), dir)
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Self {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "weft-certs-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            Self(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn csr() -> String {
+    let key = KeyPair::generate().expect("key");
+    CertificateParams::new(Vec::<String>::new())
+        .expect("params")
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+async fn sign(
+    url: &str,
+    token: Option<&str>,
+    identity: &str,
+    csr: String,
+) -> Result<weft_api::wire::pb::SignResponse, tonic::Status> {
+    let mut client = tokio::time::timeout(
+        Duration::from_secs(5),
+        CertificatesClient::connect(url.to_string()),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let mut req = tonic::Request::new(SignRequest {
+        identity: identity.into(),
+        csr_pem: csr,
+        ttl_seconds: 0,
+    });
+    if let Some(t) = token {
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {t}").parse().expect("header"),
+        );
+    }
+    client.sign(req).await.map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn identity_agent_obtains_certificates_for_its_own_pods() {
+    let (url, _dir) = start().await;
+    let id = "spiffe://cluster.local/ns/shop/sa/web";
+    let r = sign(&url, Some(N1), id, csr()).await.expect("signed");
+    assert_eq!(r.chain_pem.len(), 2, "leaf and intermediate");
+    assert_eq!(r.trust_bundle_pem.len(), 1);
+    let (_, pem) = x509_parser::pem::parse_x509_pem(r.chain_pem[0].as_bytes()).expect("pem");
+    let (_, cert) = x509_parser::parse_x509_certificate(&pem.contents).expect("x509");
+    let san = cert.subject_alternative_name().expect("ext").expect("san");
+    assert_eq!(
+        format!("{}", san.value.general_names[0]),
+        format!("URI({id})")
+    );
+}
+
+#[tokio::test]
+async fn identity_request_for_a_pod_on_another_node_is_refused() {
+    let (url, _dir) = start().await;
+    let e = sign(
+        &url,
+        Some(N1),
+        "spiffe://cluster.local/ns/shop/sa/api",
+        csr(),
+    )
+    .await
+    .expect_err("api runs on n2");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message()
+            .contains("node n1 runs no workload with identity"),
+        "{}",
+        e.message()
+    );
+    // The rightful node gets it.
+    sign(
+        &url,
+        Some(N2),
+        "spiffe://cluster.local/ns/shop/sa/api",
+        csr(),
+    )
+    .await
+    .expect("n2 may");
+}
+
+#[tokio::test]
+async fn identity_request_without_valid_node_credentials_is_refused() {
+    let (url, _dir) = start().await;
+    let id = "spiffe://cluster.local/ns/shop/sa/web";
+    let e = sign(&url, None, id, csr()).await.expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("no credentials"), "{}", e.message());
+    let e = sign(&url, Some("not-a-token-at-all-123"), id, csr())
+        .await
+        .expect_err("bad token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(
+        e.message().contains("unknown bootstrap token"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn identity_bad_requests_say_what_is_wrong() {
+    let (url, _dir) = start().await;
+    let e = sign(
+        &url,
+        Some(N1),
+        "spiffe://other.domain/ns/shop/sa/web",
+        csr(),
+    )
+    .await
+    .expect_err("foreign trust domain");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("other.domain"), "{}", e.message());
+    let e = sign(
+        &url,
+        Some(N1),
+        "spiffe://cluster.local/ns/shop/sa/web",
+        "garbage".into(),
+    )
+    .await
+    .expect_err("garbage csr");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("certificate signing request is invalid"),
+        "{}",
+        e.message()
+    );
+}
