@@ -195,3 +195,22 @@ pub fn wait_access(w: &World, node: usize, direction: &str, dst: SocketAddr) -> 
     )
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(node).log_tail(30)))
 }
+
+/// Connects from `from` (workload `name`) to `dst`, checks the echo, and waits until the
+/// sending node's agent reports the connect with `verdict`. Returns what the server saw.
+pub fn outbound(
+    w: &World,
+    from: &Pod,
+    name: &str,
+    dst: SocketAddr,
+    verdict: &str,
+) -> crate::ServerHello {
+    let hello = exchange(from, dst);
+    let program = if dst.is_ipv4() {
+        "connect4"
+    } else {
+        "connect6"
+    };
+    wait_event(w, from.node_index - 1, program, verdict, Some(name), dst);
+    hello
+}

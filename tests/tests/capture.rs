@@ -137,15 +137,7 @@ fn capture_excluded_port_and_cidr_are_not_captured() {
         v4(&api, 9090),
     );
     // Outbound CIDR exclusion.
-    exchange(&web, v4(&db, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "excluded_cidr",
-        Some("shop/web"),
-        v4(&db, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&db, PORT), "excluded_cidr");
     assert!(access_lines(&w, 0, "outbound", v4(&db, PORT)).is_empty());
     // Inbound port exclusion: the connection reaches the app directly.
     let hello = exchange(&batch, v4(&api, 7070));
@@ -163,15 +155,7 @@ fn capture_excluded_port_and_cidr_are_not_captured() {
         v4(&api, 7070),
     );
     // The same pod's other ports are still captured.
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 }
 
 #[test]
@@ -194,15 +178,7 @@ fn capture_opted_out_pod_is_not_captured() {
         return;
     };
     let (web, api) = (w.web(), w.api());
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "opted_out",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "opted_out");
     assert!(access_lines(&w, 0, "outbound", v4(&api, PORT)).is_empty());
     // Opting back in is a map update: no reload, the next connect is captured.
     let before = w.mesh.applied_counts();
@@ -213,15 +189,7 @@ fn capture_opted_out_pod_is_not_captured() {
     }
     w.mesh.write_config().expect("write config");
     w.mesh.wait_applied(&before, T).expect("applied");
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 }
 
 #[test]
@@ -402,15 +370,7 @@ fn capture_unenrol_stops_capture_immediately() {
         return;
     };
     let (web, api) = (w.web(), w.api());
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
     let redirected = w
         .mesh
         .agent(0)
@@ -544,15 +504,7 @@ fn capture_agent_restart_leaks_no_attachments() {
     assert_eq!(weft_programs(), programs_running);
     assert_eq!(weft_links(), links_running);
     assert_eq!(weft_maps(), maps_running);
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 
     // A clean stop releases everything too.
     w.mesh.agents[0].stop(Duration::from_secs(5));

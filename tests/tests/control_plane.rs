@@ -65,15 +65,7 @@ fn control_plane_namespace_label_enrols_and_unenrols_within_a_second() {
         (pods_enrolled(&w, 1) == 1).then_some(())
     })
     .expect("enrolled");
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 
     w.mesh.config.set_meshed("shop", false);
     w.mesh.write_config().expect("write");
@@ -106,15 +98,7 @@ fn control_plane_opt_out_label_and_exclusion_annotations_take_effect() {
         return;
     };
     let (web, api) = (w.web(), w.api());
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 
     set_web(&mut w.mesh.config, |wl| {
         wl.labels.insert("weft.dev/mesh".into(), "disabled".into());
@@ -124,15 +108,7 @@ fn control_plane_opt_out_label_and_exclusion_annotations_take_effect() {
         (dump(&w, 0)["pods"][0]["opted_out"] == true).then_some(())
     })
     .expect("opted out");
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "opted_out",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "opted_out");
 
     set_web(&mut w.mesh.config, |wl| {
         wl.labels.clear();
@@ -144,15 +120,7 @@ fn control_plane_opt_out_label_and_exclusion_annotations_take_effect() {
         (dump(&w, 0)["pods"][0]["exclusions"]["outbound_ports"][0] == PORT).then_some(())
     })
     .expect("exclusion");
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "excluded_port",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "excluded_port");
 }
 
 #[test]
@@ -192,15 +160,7 @@ fn control_plane_bad_yaml_is_reported_precisely_and_changes_nothing() {
         applied
     );
     assert_eq!(pods_enrolled(&w, 0), 1);
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 }
 
 #[test]
@@ -226,15 +186,7 @@ fn control_plane_controller_outage_interrupts_nothing_and_agents_converge() {
     .expect("disconnected");
     // Enrolment and capture go on.
     assert_eq!(pods_enrolled(&w, 0), 1);
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
     use std::io::{Read, Write};
     live.write_all(b"still here")
         .expect("write on the live connection");
@@ -277,15 +229,7 @@ fn control_plane_agent_restarted_while_controller_down_recovers_from_snapshot() 
     })
     .expect("enrolled");
     assert_eq!(dump(&w, 0)["config"]["connected"], false);
-    exchange(&web, v4(&api, PORT));
-    wait_event(
-        &w,
-        0,
-        "connect4",
-        "redirected",
-        Some("shop/web"),
-        v4(&api, PORT),
-    );
+    outbound(&w, &web, "shop/web", v4(&api, PORT), "redirected");
 }
 
 #[test]

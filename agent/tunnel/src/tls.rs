@@ -82,7 +82,8 @@ pub enum VerifyError {
     #[error(
         "certificate expired at {not_after} ({certificate}; this node's clock reads {now}): it was \
          not renewed in time; check that the peer's agent can reach the mesh CA and renews its \
-         certificates, and that the nodes' clocks are synchronised"
+         certificates (or, for an intermediate, the mesh CA's own), and that the nodes' clocks are \
+         synchronised"
     )]
     Expired {
         not_after: Timestamp,
@@ -100,13 +101,22 @@ pub enum VerifyError {
         certificate: String,
     },
     #[error(
-        "certificate chain is not signed by any root in the trust bundle (issuer {issuer:?}): check \
-         that the peer's certificate comes from the mesh CA and that this node's trust bundle holds \
-         that CA's root; during a root rotation both the old and the new root must be in the bundle"
+        "certificate chain is not signed by any root in the trust bundle (issuer {issuer:?}{}): \
+         check that the peer's certificate comes from the mesh CA and that this node's trust \
+         bundle holds that CA's root; during a root rotation both the old and the new root must \
+         be in the bundle",
+        if *issuer_name_trusted {
+            "; a root of that name is in the bundle, but its key did not sign this chain: was the \
+             CA re-created under the same name?"
+        } else {
+            ""
+        }
     )]
     Untrusted {
         /// The issuer named by the top of the presented chain.
         issuer: String,
+        /// Whether a root of the bundle has that name (so the key, not the name, differs).
+        issuer_name_trusted: bool,
     },
     #[error(
         "peer identity mismatch: expected {expected}, but the peer's certificate is for {got}: the \
@@ -386,7 +396,10 @@ pub fn server_config(
     let inner = WebPkiClientVerifier::builder_with_provider(trust.store.clone(), provider.clone())
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
-    let verifier = Arc::new(SpiffeClientVerifier { inner });
+    let verifier = Arc::new(SpiffeClientVerifier {
+        inner,
+        root_subjects: trust.subjects.clone(),
+    });
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -414,6 +427,7 @@ pub fn client_config(
     let provider = provider();
     let verifier = Arc::new(SpiffeServerVerifier {
         roots: trust.store.clone(),
+        root_subjects: trust.subjects.clone(),
         algs: provider.signature_verification_algorithms,
         expected,
     });
@@ -501,6 +515,7 @@ fn classify(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
+    root_subjects: &[String],
 ) -> VerifyError {
     use CertificateError as C;
     let now_ts = Timestamp::from_unix_time(now);
@@ -560,7 +575,11 @@ fn classify(
             let issuer = parse_x509(top)
                 .map(|c| c.issuer().to_string())
                 .unwrap_or_else(|_| "unreadable".to_owned());
-            VerifyError::Untrusted { issuer }
+            let issuer_name_trusted = root_subjects.contains(&issuer);
+            VerifyError::Untrusted {
+                issuer,
+                issuer_name_trusted,
+            }
         }
         C::BadEncoding => {
             let detail = std::iter::once(end_entity)
@@ -592,6 +611,7 @@ fn classify(
 #[derive(Debug)]
 struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
+    root_subjects: Vec<String>,
     algs: WebPkiSupportedAlgorithms,
     expected: Identity,
 }
@@ -604,7 +624,7 @@ impl SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<(), VerifyError> {
         let parsed = ParsedCertificate::try_from(end_entity)
-            .map_err(|e| classify(e, end_entity, intermediates, now))?;
+            .map_err(|e| classify(e, end_entity, intermediates, now, &self.root_subjects))?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &self.roots,
@@ -612,7 +632,7 @@ impl SpiffeServerVerifier {
             now,
             self.algs.all,
         )
-        .map_err(|e| classify(e, end_entity, intermediates, now))?;
+        .map_err(|e| classify(e, end_entity, intermediates, now, &self.root_subjects))?;
         let got = identity_of(end_entity)?;
         if got != self.expected {
             return Err(VerifyError::WrongIdentity {
@@ -665,6 +685,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 #[derive(Debug)]
 struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    root_subjects: Vec<String>,
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -688,7 +709,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| classify(e, end_entity, intermediates, now).into_rustls())?;
+            .map_err(|e| {
+                classify(e, end_entity, intermediates, now, &self.root_subjects).into_rustls()
+            })?;
         identity_of(end_entity).map_err(VerifyError::into_rustls)?;
         Ok(ClientCertVerified::assertion())
     }

@@ -5,8 +5,8 @@ use std::io;
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, date_time_ymd,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, date_time_ymd,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::sign::CertifiedKey;
@@ -28,6 +28,7 @@ const API: &str = "spiffe://cluster.local/ns/b/sa/api";
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
+    pem: String,
     /// What a leaf signed by this CA sends after itself: the intermediates, nearest first.
     chain_above: Vec<CertificateDer<'static>>,
 }
@@ -40,6 +41,7 @@ impl Ca {
         Ok(Self {
             issuer: Issuer::new(params, key),
             cert: cert.der().clone(),
+            pem: cert.pem(),
             chain_above: Vec::new(),
         })
     }
@@ -62,6 +64,7 @@ impl Ca {
         Ok(Self {
             issuer: Issuer::new(params, key),
             cert: cert.der().clone(),
+            pem: cert.pem(),
             chain_above,
         })
     }
@@ -143,9 +146,8 @@ fn id(s: &str) -> Result<Identity, BoxError> {
 
 /// Any name: it is neither sent nor verified.
 fn server_name() -> ServerName<'static> {
-    ServerName::try_from("weft.invalid").unwrap_or(ServerName::IpAddress(
-        std::net::Ipv4Addr::LOCALHOST.into(),
-    ))
+    ServerName::try_from("weft.invalid")
+        .unwrap_or(ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
 }
 
 /// What each side saw of one handshake (plus one request/response exchange if it succeeded).
@@ -261,7 +263,7 @@ async fn identity_mutual_handshake_sees_both_identities() -> TestResult {
 async fn identity_mutual_handshake_over_tcp_through_an_intermediate() -> TestResult {
     let root = Ca::root("Weft Root CA")?;
     let inter = root.intermediate("Weft Intermediate CA")?;
-    let trust = TrustBundle::from_pem(pem(&root.cert).as_bytes())?;
+    let trust = TrustBundle::from_pem(root.pem.clone().as_bytes())?;
     let web = inter.leaf(WEB)?;
     let api = inter.leaf(API)?;
     assert_eq!(web.chain.len(), 2);
@@ -383,7 +385,7 @@ async fn identity_certificate_from_another_ca_is_untrusted() -> TestResult {
     // A CA with the same name as ours but another key (a regenerated root, say).
     let impostor = Ca::root("Weft Root CA")?;
 
-    for rogue in [&other, &impostor] {
+    for (rogue, same_name) in [(&other, false), (&impostor, true)] {
         // The client rejects a server certificate from the other CA.
         let out = duplex(
             rogue.leaf(WEB)?.server(&trust)?,
@@ -391,10 +393,18 @@ async fn identity_certificate_from_another_ca_is_untrusted() -> TestResult {
         )
         .await;
         let err = verify_error("client", &out.client);
-        assert!(matches!(err, VerifyError::Untrusted { .. }), "{err:?}");
+        assert!(
+            matches!(err, VerifyError::Untrusted { issuer_name_trusted, .. } if issuer_name_trusted == same_name),
+            "{err:?}"
+        );
         let text = err_text(&out.client);
         assert!(
             text.contains("not signed by any root in the trust bundle"),
+            "{text}"
+        );
+        assert_eq!(
+            text.contains("re-created under the same name"),
+            same_name,
             "{text}"
         );
 
@@ -569,7 +579,7 @@ async fn identity_garbage_certificate_is_malformed() -> TestResult {
 #[test]
 fn identity_malformed_pem_is_malformed() -> TestResult {
     let root = Ca::root("Weft Root CA")?;
-    let good = pem(&root.cert);
+    let good = root.pem.clone();
     let b64_start = good.find('\n').map_or(0, |i| i + 1);
     let cases: Vec<(String, &str)> = vec![
         (String::new(), "no PEM CERTIFICATE block"),
@@ -606,7 +616,10 @@ fn identity_malformed_pem_is_malformed() -> TestResult {
     for (input, want) in &cases {
         match certs_from_pem(input.as_bytes()) {
             Err(VerifyError::Malformed(detail)) => {
-                assert!(detail.contains(want), "{input:?}: {detail:?} lacks {want:?}")
+                assert!(
+                    detail.contains(want),
+                    "{input:?}: {detail:?} lacks {want:?}"
+                )
             }
             other => panic!("{input:?}: expected Malformed, got {other:?}"),
         }
@@ -622,9 +635,10 @@ fn identity_malformed_pem_is_malformed() -> TestResult {
 async fn identity_root_rotation_overlap_trusts_both_roots() -> TestResult {
     let old = Ca::root("Weft Root CA 2024")?;
     let new = Ca::root("Weft Root CA 2025")?;
-    let both = TrustBundle::from_pems([pem(&old.cert), pem(&new.cert)])?;
+    let both = TrustBundle::from_pems([old.pem.clone(), new.pem.clone()])?;
     assert_eq!(both.len(), 2);
-    let also_both = TrustBundle::from_pem(format!("{}{}", pem(&old.cert), pem(&new.cert)).as_bytes())?;
+    let also_both =
+        TrustBundle::from_pem(format!("{}{}", old.pem.clone(), new.pem.clone()).as_bytes())?;
     assert_eq!(also_both.len(), 2);
     let new_only = new.bundle()?;
 
@@ -680,12 +694,11 @@ async fn identity_tls12_only_peer_is_refused() -> TestResult {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(root.cert.clone())?;
     let api = root.leaf(API)?;
-    let tls12 = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS12])?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(api.chain.clone(), api.key.clone_key())?;
+    let tls12 =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS12])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(api.chain.clone(), api.key.clone_key())?;
     let out = duplex(root.leaf(WEB)?.server(&trust)?, tls12).await;
     assert!(out.server.is_err(), "the server accepted TLS 1.2");
     assert!(out.client.is_err());
@@ -721,15 +734,13 @@ fn identity_configuration_errors_are_specific() -> TestResult {
     Ok(())
 }
 
-fn pem(der: &CertificateDer<'_>) -> String {
-    rcgen::Certificate::from(der.clone().into_owned()).pem()
-}
-
 /// The leaf's chain and key as rustls signs with them, without any consistency check (to
 /// present certificates our own builders refuse).
 fn certified(leaf: &Leaf) -> Result<Arc<CertifiedKey>, BoxError> {
     let provider = rustls::crypto::ring::default_provider();
-    let key = provider.key_provider.load_private_key(leaf.key.clone_key())?;
+    let key = provider
+        .key_provider
+        .load_private_key(leaf.key.clone_key())?;
     Ok(Arc::new(CertifiedKey::new(leaf.chain.clone(), key)))
 }
 
