@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The URI scheme and authority separator every SPIFFE ID starts with.
 const SCHEME: &str = "spiffe://";
@@ -140,13 +141,22 @@ impl fmt::Display for TrustDomain {
 
 /// A workload identity: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 ///
-/// Equality, ordering and hashing are those of the URI text.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Identity {
+/// Equality, ordering and hashing are those of the URI text. Cloning is cheap (shared).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity(Arc<Parts>);
+
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Parts {
     uri: String,
     trust_domain: TrustDomain,
     namespace: String,
     service_account: String,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Identity").field(&self.0.uri).finish()
+    }
 }
 
 impl Identity {
@@ -162,29 +172,29 @@ impl Identity {
         if uri.len() > MAX_ID_LEN {
             return Err(IdentityError::new(&uri, IdentityErrorKind::TooLong));
         }
-        Ok(Self {
+        Ok(Self(Arc::new(Parts {
             trust_domain,
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
             uri,
-        })
+        })))
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+        &self.0.trust_domain
     }
 
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.0.namespace
     }
 
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.0.service_account
     }
 
     /// The SPIFFE ID as a URI.
     pub fn as_str(&self) -> &str {
-        &self.uri
+        &self.0.uri
     }
 }
 
@@ -249,18 +259,18 @@ impl FromStr for Identity {
         };
         check_segment(namespace, "namespace", s)?;
         check_segment(service_account, "service account", s)?;
-        Ok(Self {
+        Ok(Self(Arc::new(Parts {
             uri: s.to_owned(),
             trust_domain: TrustDomain(td.to_owned()),
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
-        })
+        })))
     }
 }
 
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.uri)
+        f.write_str(&self.0.uri)
     }
 }
 

@@ -120,8 +120,9 @@ pub enum VerifyError {
     },
     #[error(
         "peer identity mismatch: expected {expected}, but the peer's certificate is for {got}: the \
-         connection reached a workload running as another service account; check the endpoint \
-         data this node routes by and the destination's service account"
+         connection reached a workload running under another identity (service account, \
+         namespace or trust domain); check the endpoint data this node routes by and the \
+         destination's service account"
     )]
     WrongIdentity { expected: Identity, got: Identity },
     #[error(
@@ -138,7 +139,8 @@ pub enum VerifyError {
     MultipleSpiffeIds { ids: Vec<String> },
     #[error(
         "certificate is not valid for this use ({0}): mesh workload certificates must allow both \
-         TLS server and client authentication; check the issuing CA's extended key usage"
+         TLS server and client authentication (extended key usage serverAuth and clientAuth); \
+         check how the issuing CA fills in extendedKeyUsage"
     )]
     InvalidUsage(String),
     #[error(
@@ -463,7 +465,7 @@ fn check_own_chain(chain: &[CertificateDer<'static>]) -> Result<(), TlsError> {
 
 fn parse_x509<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
     match x509_parser::parse_x509_certificate(der.as_ref()) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok((rest, _)) => Err(format!(
             "{} bytes of trailing data after the X.509 certificate",
             rest.len()
@@ -603,7 +605,22 @@ fn classify(
         c @ (C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
             VerifyError::InvalidUsage(c.to_string())
         }
-        other => VerifyError::Rejected(rustls::Error::InvalidCertificate(other).to_string()),
+        // webpki errors rustls has no variant for (their text is the variant's name).
+        C::Other(OtherError(inner)) => {
+            let what = inner.to_string();
+            VerifyError::Rejected(match what.as_str() {
+                "CaUsedAsEndEntity" => format!(
+                    "the peer's certificate is a CA certificate, not a workload certificate \
+                     (webpki: {what})"
+                ),
+                "EndEntityUsedAsCa" => format!(
+                    "a workload certificate appears as an issuer in the peer's chain (webpki: \
+                     {what})"
+                ),
+                _ => format!("webpki: {what}"),
+            })
+        }
+        other => VerifyError::Rejected(other.to_string()),
     }
 }
 

@@ -705,6 +705,56 @@ async fn identity_tls12_only_peer_is_refused() -> TestResult {
     Ok(())
 }
 
+#[tokio::test]
+async fn identity_client_without_certificate_is_refused() -> TestResult {
+    let root = Ca::root("Weft Root CA")?;
+    let trust = root.bundle()?;
+    let mut client = root.leaf(API)?.client(&trust, WEB)?;
+    client.client_auth_cert_resolver = Arc::new(NoClientCert);
+    let out = duplex(root.leaf(WEB)?.server(&trust)?, client).await;
+    let text = err_text(&out.server);
+    assert!(text.contains("no certificates"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn identity_wrong_key_usage_and_ca_leaves_are_refused() -> TestResult {
+    let root = Ca::root("Weft Root CA")?;
+    let trust = root.bundle()?;
+
+    // A server-only certificate presented by a client.
+    let server_only = root.leaf_with(vec![uri(API)?], |p| {
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    })?;
+    let out = duplex(
+        root.leaf(WEB)?.server(&trust)?,
+        server_only.client(&trust, WEB)?,
+    )
+    .await;
+    assert!(matches!(
+        verify_error("server", &out.server),
+        VerifyError::InvalidUsage(_)
+    ));
+    assert!(err_text(&out.server).contains("serverAuth and clientAuth"));
+
+    // A CA certificate (with a SPIFFE ID) used as a workload certificate.
+    let ca_leaf = root.leaf_with(vec![uri(WEB)?], |p| {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    })?;
+    let out = duplex(
+        ca_leaf.server(&trust)?,
+        root.leaf(API)?.client(&trust, WEB)?,
+    )
+    .await;
+    match verify_error("client", &out.client) {
+        VerifyError::Rejected(detail) => {
+            assert!(detail.contains("is a CA certificate"), "{detail}")
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    Ok(())
+}
+
 #[test]
 fn identity_configuration_errors_are_specific() -> TestResult {
     let root = Ca::root("Weft Root CA")?;
@@ -754,6 +804,19 @@ impl rustls::client::ResolvesClientCert for FixedClientCert {
 
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[derive(Debug)]
+struct NoClientCert;
+
+impl rustls::client::ResolvesClientCert for NoClientCert {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+
+    fn has_certs(&self) -> bool {
+        false
     }
 }
 
