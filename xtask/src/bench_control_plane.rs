@@ -109,6 +109,27 @@ pub fn run(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
     if args.agents == 0 || args.workloads < args.agents {
         bail!("need at least one agent and at least one workload per agent");
     }
+    // The controller code runs inside this process: measure an optimised build.
+    if cfg!(debug_assertions) {
+        let mut cmd = crate::setup::cargo();
+        cmd.args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "xtask",
+            "--",
+            "bench",
+            "control-plane",
+        ])
+        .args(["--workloads", &args.workloads.to_string()])
+        .args(["--agents", &args.agents.to_string()])
+        .args(["--changes", &args.changes.to_string()]);
+        if json {
+            cmd.arg("--json");
+        }
+        return crate::setup::run_cmd(&mut cmd);
+    }
     raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
