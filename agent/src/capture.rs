@@ -272,10 +272,9 @@ impl Capture {
                 source,
             }
         };
-        // Exclusions before the pod entry, so a new pod never runs without them.
-        if let Some(prev) = previous {
-            self.remove_exclusions(prev);
-        }
+        // Exclusions before the pod entry, so a new pod never runs without them. On an update
+        // the new set is written first and only entries no longer wanted are removed after, so
+        // there is no window without exclusions.
         for (ports, dir) in [
             (&pod.exclusions.outbound_ports, common::DIR_OUTBOUND),
             (&pod.exclusions.inbound_ports, common::DIR_INBOUND),
@@ -295,6 +294,30 @@ impl Capture {
                     .insert(&cidr_key(pod.pod_id, cidr, dir), 1, 0)
                     .map_err(upd(common::maps::EXCLUDED_CIDRS, pod))?;
             }
+        }
+        if let Some(prev) = previous {
+            let stale = Exclusions {
+                outbound_ports: minus(
+                    &prev.exclusions.outbound_ports,
+                    &pod.exclusions.outbound_ports,
+                ),
+                inbound_ports: minus(
+                    &prev.exclusions.inbound_ports,
+                    &pod.exclusions.inbound_ports,
+                ),
+                outbound_cidrs: minus(
+                    &prev.exclusions.outbound_cidrs,
+                    &pod.exclusions.outbound_cidrs,
+                ),
+                inbound_cidrs: minus(
+                    &prev.exclusions.inbound_cidrs,
+                    &pod.exclusions.inbound_cidrs,
+                ),
+            };
+            self.remove_exclusions(&PodCapture {
+                exclusions: stale,
+                ..prev.clone()
+            });
         }
         let info = PodInfo {
             pod_id: pod.pod_id,
@@ -452,6 +475,10 @@ impl OrigDstMap {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn minus<T: PartialEq + Clone>(a: &[T], b: &[T]) -> Vec<T> {
+    a.iter().filter(|x| !b.contains(x)).cloned().collect()
 }
 
 /// Parses a ring-buffer record.

@@ -53,6 +53,10 @@ pub enum StreamError {
     Connect { url: String, detail: String },
     #[error("the controller refused the stream: {0}")]
     Refused(tonic::Status),
+    #[error(
+        "the bootstrap token in {path} contains characters not allowed in an HTTP header (expected a single line of text)"
+    )]
+    BadToken { path: PathBuf },
     #[error("the stream to the controller ended: {0}")]
     Ended(String),
 }
@@ -136,7 +140,14 @@ impl Replica {
 /// Loads the last-good snapshot, if any.
 pub fn load_snapshot(dir: &Path) -> Option<Replica> {
     let path = dir.join(SNAPSHOT_FILE);
-    let bytes = std::fs::read(&path).ok()?;
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the last-good snapshot; starting without it (check --state-dir permissions)");
+            return None;
+        }
+    };
     match Replica::decode(&bytes) {
         Ok(r) => Some(r),
         Err(e) => {
@@ -227,9 +238,11 @@ pub async fn connect(
     let auth = match &opts.token_file {
         Some(p) => {
             let t = String::from_utf8_lossy(&read(p)?).trim().to_string();
-            Some(format!("Bearer {t}").parse().map_err(|_| {
-                url_err("the bootstrap token contains characters not allowed in a header".into())
-            })?)
+            Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| StreamError::BadToken { path: p.clone() })?,
+            )
         }
         None => None,
     };
@@ -286,6 +299,12 @@ async fn stream_once(
             Ok(Some(m)) => m,
             Ok(None) => return Ok(synced),
             Err(status) if synced => return Err(StreamError::Ended(status.to_string())),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    || status.code() == tonic::Code::Unknown =>
+            {
+                return Err(StreamError::Ended(status.to_string()));
+            }
             Err(status) => return Err(StreamError::Refused(status)),
         };
         let ack = match replica.apply(&msg) {

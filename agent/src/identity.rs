@@ -151,14 +151,16 @@ struct Slot {
     cert: Option<Arc<Certified>>,
     renewing: bool,
     last_error: Option<String>,
+    /// The renewal task, aborted when the identity is no longer needed on this node.
+    task: Option<tokio::task::AbortHandle>,
+    /// Serialises first fetches of this identity, so concurrent callers share one CSR.
+    fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Certificates by identity.
 pub struct CertManager {
     ca: Arc<dyn CaClient>,
     slots: Mutex<HashMap<String, Slot>>,
-    /// Serialises first fetches per identity, so concurrent callers share one CSR.
-    fetching: tokio::sync::Mutex<()>,
 }
 
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -171,7 +173,6 @@ impl CertManager {
         Arc::new(Self {
             ca,
             slots: Mutex::new(HashMap::new()),
-            fetching: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -194,7 +195,13 @@ impl CertManager {
         if let Some(c) = self.cached(identity) {
             return Ok(c);
         }
-        let _one = self.fetching.lock().await;
+        let lock = self
+            .slots()
+            .entry(identity.to_string())
+            .or_default()
+            .fetching
+            .clone();
+        let _one = lock.lock().await;
         if let Some(c) = self.cached(identity) {
             return Ok(c);
         }
@@ -208,7 +215,10 @@ impl CertManager {
         if start_renewal {
             let me = self.clone();
             let id = identity.to_string();
-            tokio::spawn(async move { me.renew_forever(id).await });
+            let handle = tokio::spawn(async move { me.renew_forever(id).await }).abort_handle();
+            if let Some(slot) = self.slots().get_mut(identity) {
+                slot.task = Some(handle);
+            }
         }
         Ok(cert)
     }
@@ -267,10 +277,22 @@ impl CertManager {
         }
     }
 
-    /// Makes sure every identity in `identities` has (or is getting) a certificate; failures
-    /// are retried on the next call. Returns immediately.
+    /// Makes sure every identity in `identities` has (or is getting) a certificate, and drops
+    /// (stops renewing) every other one; failures are retried on the next call. Returns
+    /// immediately.
     pub fn ensure(self: &Arc<Self>, identities: impl IntoIterator<Item = String>) {
-        for id in identities {
+        let wanted: std::collections::HashSet<String> = identities.into_iter().collect();
+        self.slots().retain(|id, slot| {
+            let keep = wanted.contains(id);
+            if !keep {
+                if let Some(t) = slot.task.take() {
+                    t.abort();
+                }
+                tracing::info!(identity = %id, "certificate no longer needed on this node");
+            }
+            keep
+        });
+        for id in wanted {
             if self.cached(&id).is_some() {
                 continue;
             }
@@ -373,6 +395,8 @@ mod tests {
         async fn sign(&self, identity: &str, csr_pem: &str) -> Result<pb::SignResponse, CertError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             assert!(csr_pem.contains("CERTIFICATE REQUEST"));
+            // A real CA takes a while: concurrent callers overlap.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             if !self.up.load(Ordering::SeqCst) {
                 return Err(CertError::Unavailable {
                     identity: identity.into(),
@@ -454,6 +478,25 @@ mod tests {
         // The CA comes back: the next retry (at most a minute later) restores service.
         ca.up.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(61)).await;
-        assert!(m.get(ID).await.is_ok());
+        // Recovered by the renewal loop itself, without anyone asking.
+        let s = &m.status()[0];
+        assert!(s.valid && s.last_error.is_none(), "{s:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_certificates_no_longer_needed_stop_renewing() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        m.ensure([ID.to_string()]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(m.status().len(), 1);
+        m.ensure(Vec::<String>::new());
+        assert!(m.status().is_empty());
+        tokio::time::sleep(Duration::from_secs(7200)).await;
+        assert_eq!(
+            ca.calls.load(Ordering::SeqCst),
+            1,
+            "no renewal for a dropped identity"
+        );
     }
 }

@@ -32,6 +32,10 @@ pub enum EnrolError {
         port: u16,
         source: std::io::Error,
     },
+    #[error(
+        "pod {pod}: the configuration does not say where its network namespace is (Kubernetes mode does not publish it yet: the agent cannot enrol such pods)"
+    )]
+    NoNetNs { pod: String },
     #[error(transparent)]
     Capture(Box<CaptureError>),
 }
@@ -46,6 +50,9 @@ impl From<CaptureError> for EnrolError {
 struct Enrolled {
     capture: PodCapture,
     netns_path: std::path::PathBuf,
+    /// (device, inode) of the namespace when enrolled: a namespace recreated at the same path
+    /// is a different pod sandbox and must be enrolled afresh.
+    netns_id: (u64, u64),
     tasks: Vec<AbortHandle>,
 }
 
@@ -137,7 +144,10 @@ impl PodManager {
             .filter(|(k, p)| match desired.get(*k) {
                 None => true,
                 Some(w) => {
-                    p.netns_path != w.netns || p.capture.ip4 != w.ip4 || p.capture.ip6 != w.ip6
+                    p.netns_path != w.netns
+                        || p.capture.ip4 != w.ip4
+                        || p.capture.ip6 != w.ip6
+                        || netns_id(&w.netns) != Some(p.netns_id)
                 }
             })
             .map(|(k, _)| k.clone())
@@ -201,10 +211,21 @@ impl PodManager {
 
     fn enrol(&mut self, w: &WorkloadInfo) -> Result<(), EnrolError> {
         let name = w.key();
+        if w.netns.as_os_str().is_empty() {
+            return Err(EnrolError::NoNetNs { pod: name });
+        }
         let netns = NetNs::open(&w.netns).map_err(|source| EnrolError::NetNs {
             pod: name.clone(),
             source,
         })?;
+        let file_id = {
+            use std::os::unix::fs::MetadataExt as _;
+            netns
+                .file()
+                .metadata()
+                .map(|m| (m.dev(), m.ino()))
+                .unwrap_or((0, 0))
+        };
         let netns_cookie = netns.cookie().map_err(|source| EnrolError::NetNs {
             pod: name.clone(),
             source,
@@ -296,6 +317,7 @@ impl PodManager {
             Enrolled {
                 capture,
                 netns_path: w.netns.clone(),
+                netns_id: file_id,
                 tasks,
             },
         );
@@ -368,4 +390,10 @@ impl PodManager {
             .collect();
         (pods, self.errors.clone())
     }
+}
+
+/// (device, inode) of the namespace file at `path`, or `None` if it is gone.
+fn netns_id(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }

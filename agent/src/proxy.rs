@@ -208,6 +208,9 @@ async fn handle(
         }
     };
     let _ = client.set_nodelay(true);
+    // A peer that vanishes without FIN or RST (node loss, partition) is detected by keepalive
+    // rather than holding the relay forever.
+    let _ = socket2::SockRef::from(&client).set_tcp_keepalive(&keepalive());
     metrics::counter!("weft_tcp_connections_opened_total", "direction" => dir.as_str())
         .increment(1);
     let counts = Arc::new(Counts::default());
@@ -297,6 +300,7 @@ async fn connect_from(
             s.set_mark(ctx.socket_mark)?;
             s.set_nonblocking(true)?;
             s.set_tcp_nodelay(true)?;
+            s.set_tcp_keepalive(&keepalive())?;
             Ok(s)
         })
         .map_err(|e| sock_err(e.to_string()))?
@@ -315,6 +319,14 @@ async fn connect_from(
             after: ctx.connect_timeout,
         }),
     }
+}
+
+/// TCP keepalive for both legs of a relay: probes after 60 s idle, every 10 s, 6 tries.
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6)
 }
 
 #[derive(Default)]

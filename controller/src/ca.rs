@@ -57,6 +57,8 @@ pub struct Signed {
 /// The CA.
 pub struct Ca {
     intermediate_pem: String,
+    /// Expiry of the intermediate (Unix seconds): no leaf outlives it.
+    intermediate_not_after: i64,
     intermediate_key: KeyPair,
     /// Roots agents must trust (more than one during a root rotation).
     trust_bundle: Vec<String>,
@@ -81,7 +83,17 @@ impl Ca {
         let inter_path = dir.join("intermediate.pem");
         let key_path = dir.join("intermediate-key.pem");
         let root_path = dir.join("root.pem");
-        if inter_path.exists() && key_path.exists() && root_path.exists() {
+        let present = [&inter_path, &key_path, &root_path]
+            .iter()
+            .filter(|p| p.exists())
+            .count();
+        if present != 0 && present != 3 {
+            return Err(CaError::Material {
+                path: dir.to_path_buf(),
+                detail: "incomplete CA (root.pem, intermediate.pem and intermediate-key.pem must all be there): restore the missing file; only move the directory away to start a new CA if you accept that every agent must then trust a new root".into(),
+            });
+        }
+        if present == 3 {
             let mut roots = vec![read(&root_path)?];
             let extra = dir.join("trust-bundle.pem");
             if extra.exists() {
@@ -125,6 +137,7 @@ impl Ca {
         write_file(&inter_path, &inter.pem(), false)?;
         tracing::info!(dir = %dir.display(), "generated the mesh root and intermediate CA");
         Ok(Self {
+            intermediate_not_after: inter_params.not_after.unix_timestamp(),
             intermediate_pem: inter.pem(),
             intermediate_key: inter_key,
             trust_bundle: vec![root.pem()],
@@ -146,7 +159,21 @@ impl Ca {
         if roots.is_empty() {
             return Err("no root certificate to trust".into());
         }
+        let intermediate_not_after = not_after_of(intermediate_pem)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if intermediate_not_after <= now {
+            return Err(format!(
+                "the intermediate expired at Unix time {intermediate_not_after}: issue a new intermediate under the root"
+            ));
+        }
+        if intermediate_not_after - now < 30 * 24 * 3600 {
+            tracing::warn!(
+                expires = intermediate_not_after,
+                "the CA's intermediate expires within 30 days: issue a new one under the root"
+            );
+        }
         Ok(Self {
+            intermediate_not_after,
             intermediate_pem: intermediate_pem.to_string(),
             intermediate_key: key,
             trust_bundle: roots,
@@ -187,6 +214,12 @@ impl Ca {
         ];
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, ttl);
+        // Never past the intermediate: a chain with an expired intermediate fails everywhere.
+        if let Ok(cap) = time::OffsetDateTime::from_unix_timestamp(self.intermediate_not_after)
+            && params.not_after > cap
+        {
+            params.not_after = cap;
+        }
         let not_after = params.not_after.unix_timestamp();
         csr.params = params;
         let issuer = Issuer::from_ca_cert_pem(&self.intermediate_pem, &self.intermediate_key)
@@ -199,6 +232,14 @@ impl Ca {
             not_after,
         })
     }
+}
+
+fn not_after_of(pem: &str) -> Result<i64, String> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("certificate PEM: {e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&p.contents)
+        .map_err(|e| format!("certificate: {e}"))?;
+    Ok(cert.validity().not_after.timestamp())
 }
 
 fn set_validity(p: &mut CertificateParams, ttl: Duration) {
@@ -301,6 +342,10 @@ mod tests {
             ca.sign("garbage", id, None),
             Err(CaError::BadCsr(_))
         ));
+        // A partial CA directory is an error, never silently replaced.
+        std::fs::remove_file(dir.join("intermediate.pem")).expect("remove");
+        let e = Ca::load_or_generate(&dir, DEFAULT_WORKLOAD_TTL).expect_err("partial");
+        assert!(e.to_string().contains("incomplete CA"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -54,6 +54,11 @@ pub fn parse_spiffe_id<'a>(id: &'a str, trust_domain: &str) -> Result<(&'a str, 
 #[tonic::async_trait]
 impl Certificates for CertificateService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        if matches!(self.auth, Auth::Insecure) {
+            return Err(Status::failed_precondition(
+                "workload certificates are not issued with --insecure-no-auth: without node credentials anyone could obtain any identity",
+            ));
+        }
         let node = self.auth.node_for(req.metadata())?;
         let req = req.into_inner();
         let (ns, sa) =

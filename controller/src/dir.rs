@@ -5,14 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use weft_api::local::LocalConfig;
 
 use crate::source::StateTx;
 
-/// Follows `dir` forever, publishing every valid change on `out`. `ready` becomes true after
-/// the first valid state.
-pub async fn run(dir: LocalConfig, every: Duration, out: StateTx, ready: watch::Sender<bool>) {
+/// Follows `dir` forever, publishing every valid change on `out`.
+pub async fn run(dir: LocalConfig, every: Duration, out: StateTx) {
     let mut last_files = None;
     let mut last_error: Option<String> = None;
     let mut tick = tokio::time::interval(every);
@@ -37,7 +35,6 @@ pub async fn run(dir: LocalConfig, every: Duration, out: StateTx, ready: watch::
                     "configuration applied"
                 );
                 out.send_replace(Arc::new(state));
-                ready.send_replace(true);
                 last_error = None;
             }
             Err(e) => report(&mut last_error, e.to_string()),

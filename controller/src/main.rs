@@ -121,10 +121,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     path.display()
                 );
             }
-            Auth::Tokens(Tokens::from_nodes(nodes))
+            Auth::Tokens(
+                Tokens::from_nodes(nodes)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            )
         }
         (None, true) => {
-            tracing::warn!("--insecure-no-auth: any client can claim any node; development only");
+            tracing::warn!(
+                "--insecure-no-auth: any client can claim any node's configuration; workload certificates are not issued in this mode; development only"
+            );
             Auth::Insecure
         }
         (None, false) => bail!(
@@ -167,46 +172,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let views = Arc::new(Views::default());
     views.set_trust_bundle(ca.trust_bundle());
+    // The source runs until the process ends; if it stops, the controller must not go on
+    // serving (and authorising certificates against) a frozen state.
+    let (source_done_tx, source_done) = tokio::sync::oneshot::channel::<String>();
     match &args.config_dir {
         Some(config_dir) => {
             tokio::spawn(dir::run(
                 LocalConfig::new(config_dir),
                 Duration::from_millis(args.poll_ms),
                 state_tx,
-                ready_tx,
             ));
+            drop(source_done_tx);
         }
         None => {
             let client = kube::Client::try_default().await.context(
                 "connecting to Kubernetes (in-cluster service account, or KUBECONFIG); for no-cluster mode use --config-dir",
             )?;
             tokio::spawn(weft_controller::crd::run_status_controller(client.clone()));
-            // Ready once the first complete snapshot is published.
-            let mut first = state_tx.subscribe();
             tokio::spawn(async move {
-                if first.changed().await.is_ok() {
-                    ready_tx.send_replace(true);
-                }
-            });
-            tokio::spawn(async move {
-                if let Err(e) =
-                    weft_controller::k8s::run(client, state_tx, Default::default()).await
-                {
-                    tracing::error!(error = %e, "Kubernetes source stopped");
-                }
+                let why =
+                    match weft_controller::k8s::run(client, state_tx, Default::default()).await {
+                        Ok(()) => "the Kubernetes source ended".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                let _ = source_done_tx.send(why);
             });
         }
     }
     {
+        // Ready only once the views hold a complete state: a stream that synced an agent
+        // from empty views would tell it to forget every pod.
         let views = views.clone();
         tokio::spawn(async move {
             while state_rx.changed().await.is_ok() {
                 let state = state_rx.borrow_and_update().clone();
                 let touched = views.apply(state);
+                ready_tx.send_replace(true);
                 tracing::debug!(nodes = touched.len(), "node views updated");
             }
         });
     }
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failed_check = failed.clone();
     let service = DiscoveryService::new(views, ready_rx, auth);
     tracing::info!(listen = %args.listen, "config stream listening");
     Server::builder()
@@ -218,9 +225,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(DiscoveryServer::new(service))
         .add_service(CertificatesServer::new(cert_service))
-        .serve_with_shutdown(args.listen, shutdown())
+        .serve_with_shutdown(args.listen, async move {
+            tokio::select! {
+                () = shutdown() => {}
+                Ok(why) = source_done => {
+                    tracing::error!(reason = %why, "the configuration source stopped; exiting so the controller is restarted");
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        })
         .await
         .with_context(|| format!("serving on {}", args.listen))?;
+    if failed_check.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("the configuration source stopped");
+    }
     Ok(())
 }
 

@@ -21,6 +21,8 @@ use weft_api::wire::pb::{
 
 use crate::view::Views;
 
+/// Updates an agent may leave unacknowledged before its stream is closed.
+const MAX_UNACKED: usize = 64;
 /// How long an agent has to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,14 +31,18 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Tokens(HashMap<String, String>);
 
 impl Tokens {
-    /// From a `node: token` map.
-    pub fn from_nodes(nodes: HashMap<String, String>) -> Self {
-        Self(
-            nodes
-                .into_iter()
-                .map(|(node, token)| (token, node))
-                .collect(),
-        )
+    /// From a `node: token` map. Two nodes with one token would let each speak for the other:
+    /// refused, naming both.
+    pub fn from_nodes(nodes: HashMap<String, String>) -> Result<Self, String> {
+        let mut by_token: HashMap<String, String> = HashMap::new();
+        for (node, token) in nodes {
+            if let Some(other) = by_token.insert(token, node.clone()) {
+                return Err(format!(
+                    "nodes {other} and {node} have the same bootstrap token; give every node its own"
+                ));
+            }
+        }
+        Ok(Self(by_token))
     }
 
     fn node_of(&self, token: &str) -> Option<&str> {
@@ -169,9 +175,21 @@ async fn serve(
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
 ) {
-    // Wait for a complete state before the first sync (the agent keeps its own meanwhile).
-    if ready.wait_for(|r| *r).await.is_err() {
-        return;
+    // Wait for a complete state before the first sync (the agent keeps its own meanwhile),
+    // but notice an agent that goes away in the meantime.
+    tokio::select! {
+        r = ready.wait_for(|r| *r) => {
+            if r.is_err() {
+                return;
+            }
+        }
+        () = tx.closed() => return,
+        _ = inbound.message() => {
+            // Nothing but ACKs is expected, and nothing was sent yet: the stream ended or
+            // misbehaved.
+            tracing::info!(%node, "agent stream ended before the first sync");
+            return;
+        }
     }
     let mut generation = views.subscribe(&node);
     let mut acked = known.clone();
@@ -233,6 +251,15 @@ async fn serve(
             sync: first,
         };
         tracing::debug!(%node, nonce, upserts = msg.upserts.len(), removes = msg.removes.len(), sync = first, "sending update");
+        if pending.len() >= MAX_UNACKED {
+            tracing::error!(%node, unacked = pending.len(), "agent does not acknowledge updates; closing its stream");
+            let _ = tx
+                .send(Err(Status::resource_exhausted(format!(
+                    "{MAX_UNACKED} updates were not acknowledged; reconnect"
+                ))))
+                .await;
+            return;
+        }
         pending.insert(nonce.to_string(), known.clone());
         if tx.send(Ok(msg)).await.is_err() {
             return;

@@ -49,7 +49,7 @@ async fn start() -> (String, tempdir::Dir) {
     let svc = CertificateService::new(
         ca,
         rx,
-        Auth::Tokens(Tokens::from_nodes(tokens)),
+        Auth::Tokens(Tokens::from_nodes(tokens).expect("distinct tokens")),
         "cluster.local".into(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -211,6 +211,47 @@ async fn identity_bad_requests_say_what_is_wrong() {
     assert!(
         e.message()
             .contains("certificate signing request is invalid"),
+        "{}",
+        e.message()
+    );
+}
+
+#[test]
+fn identity_duplicate_bootstrap_tokens_are_refused() {
+    let tokens = HashMap::from([
+        ("n1".to_string(), N1.to_string()),
+        ("n2".to_string(), N1.to_string()),
+    ]);
+    let e = Tokens::from_nodes(tokens).expect_err("shared token");
+    assert!(e.contains("n1") && e.contains("n2"), "{e}");
+}
+
+#[tokio::test]
+async fn identity_no_certificates_without_node_authentication() {
+    let dir = tempdir::Dir::new();
+    let ca = Arc::new(Ca::load_or_generate(&dir.0, DEFAULT_WORKLOAD_TTL).expect("ca"));
+    let (_tx, rx) = watch::channel(Arc::new(MeshState::default()));
+    let svc = CertificateService::new(ca, rx, Auth::Insecure, "cluster.local".into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        Server::builder()
+            .add_service(CertificatesServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let e = sign(
+        &format!("http://{addr}"),
+        None,
+        "spiffe://cluster.local/ns/shop/sa/web",
+        csr(),
+    )
+    .await
+    .expect_err("insecure mode");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("--insecure-no-auth"),
         "{}",
         e.message()
     );
