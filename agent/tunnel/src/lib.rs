@@ -1,6 +1,7 @@
 //! The mesh data path's tunnel. For now: workload identities ([`identity`]) and the mutual
 //! TLS 1.3 layer ([`tls`]) that HBONE will run over. See docs/security.md.
 
+pub mod hbone;
 pub mod identity;
 pub mod tls;
 
