@@ -96,32 +96,20 @@ impl Views {
                 Ok(s) => s,
                 Err(p) => p.into_inner(),
             };
-            for (key, old) in &prev.services {
-                if !next.services.contains_key(key) {
-                    shared.remove(&wire::service_key(&old.namespace, &old.name));
-                    shared_changed = true;
-                }
-            }
-            for (key, new) in &next.services {
-                if prev.services.get(key) != Some(new) {
-                    let r = wire::service_resource(new);
-                    shared.insert(r.key.clone(), Arc::new(r));
-                    shared_changed = true;
-                }
-            }
-            for (key, old) in &prev.policies {
-                if !next.policies.contains_key(key) {
-                    shared.remove(&wire::policy_key(&old.namespace, &old.name));
-                    shared_changed = true;
-                }
-            }
-            for (key, new) in &next.policies {
-                if prev.policies.get(key) != Some(new) {
-                    let r = wire::policy_resource(new);
-                    shared.insert(r.key.clone(), Arc::new(r));
-                    shared_changed = true;
-                }
-            }
+            shared_changed |= sync_shared(
+                &mut shared,
+                &prev.services,
+                &next.services,
+                |s| wire::service_key(&s.namespace, &s.name),
+                wire::service_resource,
+            );
+            shared_changed |= sync_shared(
+                &mut shared,
+                &prev.policies,
+                &next.policies,
+                |p| wire::policy_key(&p.namespace, &p.name),
+                wire::policy_resource,
+            );
         }
         if shared_changed {
             touched = nodes.keys().cloned().collect();
@@ -207,6 +195,32 @@ impl Views {
             Err(p) => p.into_inner().get(node).map_or(0, |v| v.resources.len()),
         }
     }
+}
+
+/// Applies the difference between two maps of shared resources; returns whether anything
+/// changed.
+fn sync_shared<T: PartialEq>(
+    shared: &mut BTreeMap<String, Arc<pb::Resource>>,
+    prev: &BTreeMap<String, T>,
+    next: &BTreeMap<String, T>,
+    key: impl Fn(&T) -> String,
+    resource: impl Fn(&T) -> pb::Resource,
+) -> bool {
+    let mut changed = false;
+    for (k, old) in prev {
+        if !next.contains_key(k) {
+            shared.remove(&key(old));
+            changed = true;
+        }
+    }
+    for (k, new) in next {
+        if prev.get(k) != Some(new) {
+            let r = resource(new);
+            shared.insert(r.key.clone(), Arc::new(r));
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// The workloads a view would hold for `node` (for tests and `weftctl`).

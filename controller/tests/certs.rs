@@ -34,24 +34,27 @@ fn workload(name: &str, node: &str, sa: &str) -> WorkloadInfo {
 }
 
 async fn start() -> (String, tempdir::Dir) {
+    let tokens = HashMap::from([
+        ("n1".to_string(), N1.to_string()),
+        ("n2".to_string(), N2.to_string()),
+    ]);
+    start_with(Auth::Tokens(
+        Tokens::from_nodes(tokens).expect("distinct tokens"),
+    ))
+    .await
+}
+
+/// The service with web on n1 and api on n2, on a loopback port.
+async fn start_with(auth: Auth) -> (String, tempdir::Dir) {
     let dir = tempdir::Dir::new();
     let ca = Arc::new(Ca::load_or_generate(&dir.0, DEFAULT_WORKLOAD_TTL).expect("ca"));
     let mut state = MeshState::default();
     for w in [workload("web", "n1", "web"), workload("api", "n2", "api")] {
         state.workloads.insert(w.key(), w);
     }
-    let (_tx, rx) = watch::channel(Arc::new(state));
-    std::mem::forget(_tx);
-    let tokens = HashMap::from([
-        ("n1".to_string(), N1.to_string()),
-        ("n2".to_string(), N2.to_string()),
-    ]);
-    let svc = CertificateService::new(
-        ca,
-        rx,
-        Auth::Tokens(Tokens::from_nodes(tokens).expect("distinct tokens")),
-        "cluster.local".into(),
-    );
+    let (tx, rx) = watch::channel(Arc::new(state));
+    std::mem::forget(tx);
+    let svc = CertificateService::new(ca, rx, auth, "cluster.local".into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -228,27 +231,10 @@ fn identity_duplicate_bootstrap_tokens_are_refused() {
 
 #[tokio::test]
 async fn identity_no_certificates_without_node_authentication() {
-    let dir = tempdir::Dir::new();
-    let ca = Arc::new(Ca::load_or_generate(&dir.0, DEFAULT_WORKLOAD_TTL).expect("ca"));
-    let (_tx, rx) = watch::channel(Arc::new(MeshState::default()));
-    let svc = CertificateService::new(ca, rx, Auth::Insecure, "cluster.local".into());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let (url, _dir) = start_with(Auth::Insecure).await;
+    let e = sign(&url, None, "spiffe://cluster.local/ns/shop/sa/web", csr())
         .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(
-        Server::builder()
-            .add_service(CertificatesServer::new(svc))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let e = sign(
-        &format!("http://{addr}"),
-        None,
-        "spiffe://cluster.local/ns/shop/sa/web",
-        csr(),
-    )
-    .await
-    .expect_err("insecure mode");
+        .expect_err("insecure mode");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
     assert!(
         e.message().contains("--insecure-no-auth"),
