@@ -14,10 +14,12 @@ use weft_netns::NetNs;
 
 use crate::admin::{self, AdminState, ConfigStatus};
 use crate::capture::{Capture, CaptureOptions};
+use crate::certstore::CertStore;
 use crate::discovery::{self, ControllerOptions};
 use crate::events::{self, EventLog};
 use crate::identity::{CertManager, GrpcCaClient};
 use crate::pods::PodManager;
+use crate::pool::Pool;
 use crate::proxy::ProxyContext;
 use weft_api::MeshState;
 use weft_api::local::LocalConfig;
@@ -37,6 +39,14 @@ pub struct AgentConfig {
     pub worker_threads: usize,
     /// SPIFFE trust domain of workload identities.
     pub trust_domain: String,
+    /// Plaintext to destinations outside the mesh is allowed.
+    pub outbound_passthrough: bool,
+    /// Live connections a policy change no longer allows are closed.
+    pub close_denied_connections: bool,
+    /// How long live connections may finish after SIGTERM.
+    pub drain_timeout: Duration,
+    /// An HBONE connection that carried no tunnel this long is closed.
+    pub pool_idle_timeout: Duration,
 }
 
 /// Where the agent's configuration comes from.
@@ -60,6 +70,13 @@ impl ConfigSource {
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let prometheus = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                "weft_tcp_connection_duration_seconds".into(),
+            ),
+            crate::metrics::DURATION_BUCKETS,
+        )
+        .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     crate::metrics::describe();
@@ -86,29 +103,46 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let capture = Arc::new(Mutex::new(capture));
     let orig = Arc::new(orig);
     let events_log = Arc::new(EventLog::default());
+    let certs = match &cfg.source {
+        ConfigSource::Controller(opts) => Some(CertManager::with_store(
+            Arc::new(GrpcCaClient::new(opts.clone())),
+            Some(CertStore::new(opts.state_dir.join("certs"))),
+        )),
+        ConfigSource::Local(_) => {
+            tracing::warn!(
+                "local configuration: no certificate authority, so mutual TLS is off and meshed traffic travels in plaintext (use --controller for mTLS)"
+            );
+            None
+        }
+    };
+    let pool = Pool::new(cfg.pool_idle_timeout);
     let ctx = Arc::new(ProxyContext {
         home: NetNs::current().context("opening the agent's own network namespace")?,
         orig: orig.clone(),
         socket_mark: cfg.socket_mark,
         connect_timeout: cfg.connect_timeout,
+        view: Default::default(),
+        certs: certs.clone(),
+        pool: pool.clone(),
+        lb: Default::default(),
+        conns: Default::default(),
+        passthrough: cfg.outbound_passthrough,
+        draining: false.into(),
     });
+    let conns = ctx.conns.clone();
     let pods = Arc::new(Mutex::new(PodManager::new(
         cfg.node.clone(),
         capture.clone(),
         ctx,
         events_log.clone(),
         runtime.handle().clone(),
+        cfg.trust_domain.clone(),
+        cfg.close_denied_connections,
     )));
     let config_status = Arc::new(Mutex::new(ConfigStatus {
         source: cfg.source.describe(),
         ..Default::default()
     }));
-    let certs = match &cfg.source {
-        ConfigSource::Controller(opts) => {
-            Some(CertManager::new(Arc::new(GrpcCaClient::new(opts.clone()))))
-        }
-        ConfigSource::Local(_) => None,
-    };
     let admin_state = Arc::new(AdminState {
         node: cfg.node.clone(),
         prometheus,
@@ -166,6 +200,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if let Some(logger) = logger {
             tokio::spawn(forward_kernel_logs(logger));
         }
+        tokio::spawn(pool.run_reaper());
         let (state_tx, state_rx) = watch::channel(None);
         match cfg.source.clone() {
             ConfigSource::Local(path) => {
@@ -190,8 +225,32 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
         }
-        tracing::info!("shutting down: unenrolling pods");
+        // Graceful drain: no new connections (listeners closed, new tunnels refused), live
+        // ones may finish until the deadline.
         admin_state.ready.store(false, Ordering::Release);
+        match pods.lock() {
+            Ok(mut p) => p.stop_accepting(),
+            Err(p) => p.into_inner().stop_accepting(),
+        }
+        let live = conns.len();
+        if live > 0 {
+            tracing::info!(live, deadline = ?cfg.drain_timeout, "draining: waiting for live connections to finish");
+            let left = tokio::select! {
+                left = conns.drained(cfg.drain_timeout) => left,
+                r = shutdown_signal() => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "cannot listen for signals");
+                    }
+                    conns.len()
+                }
+            };
+            if left > 0 {
+                tracing::warn!(left, "drain deadline passed (or a second signal arrived): closing the remaining connections");
+            } else {
+                tracing::info!("drained: every connection finished");
+            }
+        }
+        tracing::info!("shutting down: unenrolling pods");
         match pods.lock() {
             Ok(mut p) => p.clear(),
             Err(p) => p.into_inner().clear(),
@@ -242,10 +301,7 @@ async fn reconcile_loop(
     }
 }
 
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
-}
+pub use crate::mesh::spiffe_id;
 
 /// Polls a local configuration file or directory.
 async fn follow_local(

@@ -99,6 +99,13 @@ impl Replica {
                     state
                         .namespaces
                         .insert(w.namespace.clone(), w.capture.namespace_meshed);
+                    // A workload of this node arrives twice: in full (`Workload/`) and as a peer;
+                    // the full one wins.
+                    if key.starts_with(weft_api::wire::PEER_PREFIX)
+                        && state.workloads.contains_key(&w.key())
+                    {
+                        continue;
+                    }
                     state.workloads.insert(w.key(), w);
                 }
                 Some(pb::resource::Kind::TrustBundle(b)) => {

@@ -161,6 +161,9 @@ struct Slot {
 pub struct CertManager {
     ca: Arc<dyn CaClient>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Where certificates and keys are kept across agent restarts (0600 files), so an agent
+    /// restarted during a CA outage still serves its pods until their certificates expire.
+    store: Option<crate::certstore::CertStore>,
 }
 
 const RETRY_MIN: Duration = Duration::from_secs(1);
@@ -170,9 +173,50 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 
 impl CertManager {
     pub fn new(ca: Arc<dyn CaClient>) -> Arc<Self> {
+        Self::with_store(ca, None)
+    }
+
+    /// A manager that keeps certificates in `store` and starts with the valid ones found there.
+    pub fn with_store(
+        ca: Arc<dyn CaClient>,
+        store: Option<crate::certstore::CertStore>,
+    ) -> Arc<Self> {
+        let mut slots = HashMap::new();
+        if let Some(store) = &store {
+            for p in store.load() {
+                let now_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                let remaining = p.not_after - now_unix;
+                if remaining <= 0 {
+                    store.remove(&p.identity);
+                    continue;
+                }
+                let issued = Instant::now();
+                metrics::gauge!("weft_certificate_expiry_timestamp_seconds", "identity" => p.identity.clone())
+                    .set(p.not_after as f64);
+                tracing::info!(identity = %p.identity, not_after = p.not_after, "certificate restored from the state directory");
+                slots.insert(
+                    p.identity.clone(),
+                    Slot {
+                        cert: Some(Arc::new(Certified {
+                            identity: p.identity,
+                            chain_pem: p.chain_pem,
+                            key_pem: p.key_pem,
+                            trust_bundle_pem: p.trust_bundle_pem,
+                            not_after: p.not_after,
+                            issued,
+                            expires: issued + Duration::from_secs(remaining as u64),
+                        })),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
         Arc::new(Self {
             ca,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(slots),
+            store,
         })
     }
 
@@ -207,6 +251,12 @@ impl CertManager {
         }
         let result = fetch(self.ca.as_ref(), identity).await;
         let cert = self.store(identity, result)?;
+        self.keep_renewed(identity);
+        Ok(cert)
+    }
+
+    /// Starts the renewal task of `identity` unless it runs already.
+    fn keep_renewed(self: &Arc<Self>, identity: &str) {
         let start_renewal = {
             let mut slots = self.slots();
             let slot = slots.entry(identity.to_string()).or_default();
@@ -220,7 +270,6 @@ impl CertManager {
                 slot.task = Some(handle);
             }
         }
-        Ok(cert)
     }
 
     fn store(
@@ -233,6 +282,9 @@ impl CertManager {
         match result {
             Ok(c) => {
                 let c = Arc::new(c);
+                if let Some(store) = &self.store {
+                    store.save(&c);
+                }
                 metrics::gauge!("weft_certificate_expiry_timestamp_seconds", "identity" => identity.to_string())
                     .set(c.not_after as f64);
                 slot.cert = Some(c.clone());
@@ -288,12 +340,17 @@ impl CertManager {
                 if let Some(t) = slot.task.take() {
                     t.abort();
                 }
+                if let Some(store) = &self.store {
+                    store.remove(id);
+                }
                 tracing::info!(identity = %id, "certificate no longer needed on this node");
             }
             keep
         });
         for id in wanted {
             if self.cached(&id).is_some() {
+                // Restored from the state directory: keep it renewed.
+                self.keep_renewed(&id);
                 continue;
             }
             {

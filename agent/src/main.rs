@@ -77,6 +77,30 @@ struct Args {
     /// Log format (access logs use the `weft::access` target).
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Plaintext connections from meshed pods to destinations outside the mesh: allow or deny.
+    #[arg(
+        long,
+        env = "WEFT_OUTBOUND_PASSTHROUGH",
+        value_enum,
+        default_value = "allow"
+    )]
+    outbound_passthrough: Passthrough,
+    /// Close live connections that a policy change no longer allows (`false`: policies apply
+    /// to new connections only).
+    #[arg(long, env = "WEFT_CLOSE_DENIED_CONNECTIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    close_denied_connections: bool,
+    /// After SIGTERM, how long live connections may finish before the agent exits, in seconds.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT_SECS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    drain_timeout_secs: u64,
+    /// Close an HBONE connection that carried no tunnel for this long, in seconds.
+    #[arg(long, env = "WEFT_POOL_IDLE_TIMEOUT_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pool_idle_timeout_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Passthrough {
+    Allow,
+    Deny,
 }
 
 fn parse_mark(s: &str) -> Result<u32, String> {
@@ -143,6 +167,10 @@ fn main() -> std::process::ExitCode {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         worker_threads: args.worker_threads as usize,
         trust_domain: args.trust_domain,
+        outbound_passthrough: matches!(args.outbound_passthrough, Passthrough::Allow),
+        close_denied_connections: args.close_denied_connections,
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        pool_idle_timeout: Duration::from_secs(args.pool_idle_timeout_secs),
     };
     match run(cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,8 +1,13 @@
 //! Metric descriptions. Every metric is documented in docs/metrics.md.
 
+/// Buckets of `weft_tcp_connection_duration_seconds`: 1 ms to 1 h.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
 /// Registers help texts for every metric the agent exports.
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "weft_capture_decisions_total",
         "Capture decisions made by the kernel programs, by program and verdict (read from per-CPU counters at scrape time)."
@@ -13,27 +18,51 @@ pub fn describe() {
     );
     describe_counter!(
         "weft_tcp_connections_opened_total",
-        "Captured connections the agent started forwarding, by direction."
+        "Connections the agent started forwarding (labels: reporter, source/destination workload, namespace, principal, destination_service, connection_security_policy, response_flags)."
     );
     describe_counter!(
         "weft_tcp_connections_closed_total",
-        "Forwarded connections that ended, by direction and close reason (eof, reset, error)."
+        "Forwarded connections that ended (same labels as weft_tcp_connections_opened_total)."
     );
     describe_counter!(
         "weft_tcp_sent_bytes_total",
-        "Bytes forwarded from the connection's initiator to its destination, by direction."
+        "Bytes forwarded from the connection's initiator to its destination."
     );
     describe_counter!(
         "weft_tcp_received_bytes_total",
-        "Bytes forwarded from the destination back to the initiator, by direction."
+        "Bytes forwarded from the destination back to the initiator."
+    );
+    describe_histogram!(
+        "weft_tcp_connection_duration_seconds",
+        "How long forwarded connections lasted, seconds."
     );
     describe_counter!(
-        "weft_connections_rejected_total",
-        "Captured connections refused before forwarding, by direction and reason."
+        "weft_tcp_connection_failures_total",
+        "Connections refused or failed before forwarding, with the traffic labels and a reason label."
+    );
+    describe_counter!(
+        "weft_tcp_connections_closed_by_policy_total",
+        "Live connections closed because a policy change no longer allows them."
+    );
+    describe_counter!(
+        "weft_authorization_decisions_total",
+        "L4 authorization decisions at this node's workloads, by decision (allow, deny, audit, dry_run_deny)."
+    );
+    describe_counter!(
+        "weft_tls_handshake_failures_total",
+        "Inbound mutual-TLS connections refused, by reason (tls_peer_untrusted, tls_peer_expired, no_certificate, ...)."
+    );
+    describe_counter!(
+        "weft_hbone_connections_opened_total",
+        "HBONE (HTTP/2 over mutual TLS) connections opened to other pods' port 15008."
+    );
+    describe_gauge!(
+        "weft_hbone_pool_connections",
+        "HBONE connections currently pooled."
     );
     describe_counter!(
         "weft_accept_errors_total",
-        "Errors accepting captured connections (e.g. out of file descriptors), by direction."
+        "Errors accepting connections (e.g. out of file descriptors), by listener (outbound, inbound, hbone)."
     );
     describe_counter!(
         "weft_config_rejected_total",

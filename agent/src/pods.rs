@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::task::AbortHandle;
 use weft_api::{MeshState, WorkloadInfo};
-use weft_ebpf_common::{PORT_INBOUND, PORT_OUTBOUND};
+use weft_ebpf_common::{PORT_HBONE, PORT_INBOUND, PORT_OUTBOUND};
 use weft_netns::NetNs;
 
 use crate::capture::{Capture, CaptureError, PodCapture};
 use crate::events::EventLog;
-use crate::proxy::{self, PodMeta, ProxyContext};
+use crate::mesh::{View, spiffe_id};
+use crate::proxy::{self, PodMeta, Port, ProxyContext};
 
 /// Why a pod could not be enrolled. It is retried on the next reconcile.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,9 @@ pub struct PodManager {
     trust_bundle: Vec<String>,
     errors: BTreeMap<String, String>,
     next_id: u32,
+    trust_domain: String,
+    /// Close live connections a policy change no longer allows.
+    close_denied: bool,
 }
 
 impl PodManager {
@@ -102,6 +106,8 @@ impl PodManager {
         ctx: Arc<ProxyContext>,
         events: Arc<EventLog>,
         runtime: tokio::runtime::Handle,
+        trust_domain: String,
+        close_denied: bool,
     ) -> Self {
         Self {
             node,
@@ -115,6 +121,8 @@ impl PodManager {
             trust_bundle: Vec::new(),
             errors: BTreeMap::new(),
             next_id: 1,
+            trust_domain,
+            close_denied,
         }
     }
 
@@ -127,9 +135,22 @@ impl PodManager {
         if self.trust_bundle != state.trust_bundle {
             self.trust_bundle = state.trust_bundle.clone();
         }
-        if !self.policies.iter().eq(state.policies.values()) {
+        let policies_changed = !self.policies.iter().eq(state.policies.values());
+        if policies_changed {
             self.policies = state.policies.values().cloned().collect();
         }
+        // The data path's snapshot first, so a pod enrolled below is known to it.
+        let view = View::build(state, &self.node, &self.trust_domain);
+        if policies_changed && self.close_denied {
+            let closed = self.ctx.conns.enforce(&view.policies, &view.local);
+            if closed > 0 {
+                tracing::info!(
+                    closed,
+                    "policy change: closed live connections it no longer allows"
+                );
+            }
+        }
+        self.ctx.view.set(view);
         let node = self.node.clone();
         let desired: BTreeMap<String, &WorkloadInfo> = state
             .workloads_on_node(&node)
@@ -239,6 +260,7 @@ impl PodManager {
         };
         let outbound = listen(PORT_OUTBOUND)?;
         let inbound = listen(PORT_INBOUND)?;
+        let hbone = listen(PORT_HBONE)?;
         let pod_id = self.allocate_id();
         let capture = PodCapture {
             pod_id,
@@ -265,6 +287,7 @@ impl PodManager {
             pod_id,
             name: name.clone(),
             namespace: w.namespace.clone(),
+            identity: spiffe_id(&self.trust_domain, &w.namespace, &w.service_account),
             netns,
             netns_cookie,
             ips: w
@@ -275,41 +298,31 @@ impl PodManager {
                 .collect(),
         });
         let _guard = self.runtime.enter();
-        let spawn =
-            |listener: std::net::TcpListener, outbound: bool| -> Result<AbortHandle, EnrolError> {
-                let l = tokio::net::TcpListener::from_std(listener).map_err(|source| {
-                    EnrolError::Listen {
-                        pod: name.clone(),
-                        port: if outbound {
-                            PORT_OUTBOUND
-                        } else {
-                            PORT_INBOUND
-                        },
-                        source,
+        let mut tasks = Vec::new();
+        for (listener, port, number) in [
+            (outbound, Port::Outbound, PORT_OUTBOUND),
+            (inbound, Port::Inbound, PORT_INBOUND),
+            (hbone, Port::Hbone, PORT_HBONE),
+        ] {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => tasks.push(
+                    self.runtime
+                        .spawn(proxy::accept_loop(l, meta.clone(), self.ctx.clone(), port))
+                        .abort_handle(),
+                ),
+                Err(source) => {
+                    for t in &tasks {
+                        t.abort();
                     }
-                })?;
-                let (m, c) = (meta.clone(), self.ctx.clone());
-                let h = if outbound {
-                    self.runtime.spawn(proxy::run_outbound(l, m, c))
-                } else {
-                    self.runtime.spawn(proxy::run_inbound(l, m, c))
-                };
-                Ok(h.abort_handle())
-            };
-        let tasks = match (spawn(outbound, true), spawn(inbound, false)) {
-            (Ok(a), Ok(b)) => vec![a, b],
-            (a, b) => {
-                for h in [&a, &b].into_iter().flatten() {
-                    h.abort();
+                    self.lock_capture().remove_pod(&capture);
+                    return Err(EnrolError::Listen {
+                        pod: name.clone(),
+                        port: number,
+                        source,
+                    });
                 }
-                self.lock_capture().remove_pod(&capture);
-                return Err(a.and(b).err().unwrap_or_else(|| EnrolError::Listen {
-                    pod: name.clone(),
-                    port: 0,
-                    source: std::io::Error::other("listener setup failed"),
-                }));
             }
-        };
+        }
         self.events.set_pod_name(pod_id, Some(name.clone()));
         tracing::info!(pod = %name, pod_id, netns_cookie, opted_out = capture.opted_out, "pod enrolled");
         self.pods.insert(
@@ -331,6 +344,19 @@ impl PodManager {
             self.events.set_pod_name(pod.capture.pod_id, None);
             tracing::info!(pod = %key, "pod unenrolled");
             drop(pod);
+        }
+    }
+
+    /// Stops accepting new connections on every pod's listeners (graceful drain); capture and
+    /// live connections stay.
+    pub fn stop_accepting(&mut self) {
+        self.ctx
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        for p in self.pods.values_mut() {
+            for t in p.tasks.drain(..) {
+                t.abort();
+            }
         }
     }
 

@@ -5,9 +5,12 @@
 //! nodes are not woken, and a woken stream diffs only its own node's (small) view against what
 //! it already sent: work per change is proportional to the change.
 //!
-//! Services and AuthorizationPolicies are needed by every node (any pod may call any service;
-//! policies are small and an agent picks the ones selecting its workloads), so they live in one
-//! shared map that every view includes; a change to one wakes every stream.
+//! Services, AuthorizationPolicies and peers (every workload, slimmed to what the data path needs
+//! to reach and name it: addresses, identity, node, mesh mode) are needed by every node (any pod
+//! may call any service or pod; policies are small and an agent picks the ones selecting its
+//! workloads), so they live in one shared map that every view includes; a change to one wakes
+//! every stream. Changes that only matter to a workload's own node (network namespace, labels,
+//! capture exclusions) leave its peer entry unchanged and wake that node alone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -110,6 +113,7 @@ impl Views {
                 |p| wire::policy_key(&p.namespace, &p.name),
                 wire::policy_resource,
             );
+            shared_changed |= sync_peers(&mut shared, &prev.workloads, &next.workloads);
         }
         if shared_changed {
             touched = nodes.keys().cloned().collect();
@@ -223,6 +227,37 @@ fn sync_shared<T: PartialEq>(
     changed
 }
 
+/// Keeps the shared `Peer/` entries in line with the workloads; returns whether any changed
+/// (a change to a workload's netns, labels or exclusions leaves its peer entry as it was).
+fn sync_peers(
+    shared: &mut BTreeMap<String, Arc<pb::Resource>>,
+    prev: &BTreeMap<String, WorkloadInfo>,
+    next: &BTreeMap<String, WorkloadInfo>,
+) -> bool {
+    let mut changed = false;
+    for (k, old) in prev {
+        if !next.contains_key(k) {
+            shared.remove(&wire::peer_key(&old.namespace, &old.name));
+            changed = true;
+        }
+    }
+    for (k, new) in next {
+        if prev.get(k) == Some(new) {
+            continue;
+        }
+        let r = wire::peer_resource(new);
+        if shared
+            .get(&r.key)
+            .is_some_and(|old| old.version == r.version)
+        {
+            continue;
+        }
+        shared.insert(r.key.clone(), Arc::new(r));
+        changed = true;
+    }
+    changed
+}
+
 /// The workloads a view would hold for `node` (for tests and `weftctl`).
 pub fn node_workloads<'a>(state: &'a MeshState, node: &'a str) -> Vec<&'a WorkloadInfo> {
     state.workloads_on_node(node).collect()
@@ -257,18 +292,32 @@ mod tests {
         })
     }
 
-    #[test]
-    fn first_sync_sends_the_node_view_only() {
-        let v = Views::default();
-        v.apply(state(&[wl("a", "n1", true), wl("bb", "n2", true)]));
-        let d = v.delta("n1", &HashMap::new());
-        assert_eq!(d.upserts.len(), 1);
-        assert_eq!(d.upserts[0].key, "Workload/ns/a");
-        assert!(d.removes.is_empty());
+    fn keys(d: &Delta) -> Vec<&str> {
+        d.upserts.iter().map(|r| r.key.as_str()).collect()
+    }
+
+    /// The same workload with other capture exclusions (a change only its node cares about).
+    fn excluding(mut w: WorkloadInfo, port: u16) -> WorkloadInfo {
+        w.capture.exclusions.outbound_ports = vec![port];
+        w
     }
 
     #[test]
-    fn a_change_touches_only_its_node_and_resumes_without_resend() {
+    fn first_sync_sends_own_workloads_in_full_and_every_peer() {
+        let v = Views::default();
+        v.apply(state(&[wl("a", "n1", true), wl("bb", "n2", true)]));
+        let d = v.delta("n1", &HashMap::new());
+        assert_eq!(keys(&d), vec!["Workload/ns/a", "Peer/ns/a", "Peer/ns/bb"]);
+        assert!(d.removes.is_empty());
+        // Peers carry no netns or labels.
+        let Some(pb::resource::Kind::Workload(p)) = &d.upserts[2].kind else {
+            panic!("peer is a workload");
+        };
+        assert!(p.netns.is_empty() && p.labels.is_empty());
+    }
+
+    #[test]
+    fn a_local_change_touches_only_its_node_and_resumes_without_resend() {
         let v = Views::default();
         let s1 = state(&[wl("a", "n1", true), wl("bb", "n2", true)]);
         v.apply(s1);
@@ -280,11 +329,22 @@ mod tests {
             .collect();
         // Resume with everything known: nothing to send.
         assert!(v.delta("n1", &known).is_empty());
-        let touched = v.apply(state(&[wl("a", "n1", false), wl("bb", "n2", true)]));
+        let touched = v.apply(state(&[
+            excluding(wl("a", "n1", true), 5432),
+            wl("bb", "n2", true),
+        ]));
         assert_eq!(touched, vec!["n1".to_string()]);
         let d = v.delta("n1", &known);
-        assert_eq!(d.upserts.len(), 1);
+        assert_eq!(keys(&d), vec!["Workload/ns/a"]);
         assert!(d.removes.is_empty());
+        // Leaving the mesh changes the peer entry: every node hears of it.
+        let mut touched = v.apply(state(&[wl("a", "n1", false), wl("bb", "n2", true)]));
+        touched.sort();
+        assert_eq!(touched, vec!["n1".to_string(), "n2".to_string()]);
+        assert_eq!(
+            keys(&v.delta("n2", &known)),
+            vec!["Workload/ns/bb", "Peer/ns/a"]
+        );
     }
 
     #[test]
@@ -303,11 +363,15 @@ mod tests {
         let d = v.delta("n1", &known);
         assert_eq!(
             d.removes,
-            vec!["Workload/ns/a".to_string(), "Workload/ns/bb".to_string()]
+            vec![
+                "Peer/ns/a".to_string(),
+                "Workload/ns/a".to_string(),
+                "Workload/ns/bb".to_string()
+            ]
         );
         assert_eq!(v.len("n2"), 1);
-        // An unknown node gets told to forget what it claims to have.
-        assert_eq!(v.delta("n9", &known).removes.len(), 2);
+        // An unknown node gets told to forget the workloads it claims to have.
+        assert_eq!(v.delta("n9", &known).removes.len(), 3);
     }
 
     #[test]
@@ -355,7 +419,10 @@ mod tests {
         v.apply(state(&[wl("a", "n1", true), wl("bb", "n2", true)]));
         let r1 = v.subscribe("n1");
         let r2 = v.subscribe("n2");
-        v.apply(state(&[wl("a", "n1", false), wl("bb", "n2", true)]));
+        v.apply(state(&[
+            excluding(wl("a", "n1", true), 22),
+            wl("bb", "n2", true),
+        ]));
         assert!(r1.has_changed().unwrap_or(false));
         assert!(!r2.has_changed().unwrap_or(true));
     }

@@ -373,8 +373,8 @@ fn control_plane_reconnecting_agent_resumes_without_a_full_resend() {
     let first = syncs(&w);
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(
-        first[0]["upserts"], 3,
-        "the first sync: node 1's two workloads and the trust bundle"
+        first[0]["upserts"], 7,
+        "the first sync: node 1's two workloads, the four peers and the trust bundle"
     );
     w.mesh.kill_controller();
     w.mesh.start_controller().expect("controller restart");
@@ -389,5 +389,5 @@ fn control_plane_reconnecting_agent_resumes_without_a_full_resend() {
         again[1]
     );
     assert_eq!(again[1]["removes"], 0);
-    assert_eq!(again[1]["resources"], 3);
+    assert_eq!(again[1]["resources"], 7);
 }

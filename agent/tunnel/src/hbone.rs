@@ -107,13 +107,66 @@ fn accept(req: &Request<hyper::body::Incoming>) -> Result<ConnectRequest, (Statu
     })
 }
 
-/// Serves HBONE on one (already authenticated) connection until the peer closes it. Every
-/// accepted CONNECT runs `handler` on its own task with the tunnel's byte stream.
-pub async fn serve<I, F, Fut>(io: I, handler: F) -> Result<(), HboneError>
+/// A CONNECT the server refuses, with the status and the reason sent back to the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a server does with each CONNECT: decide (authorize, connect to the destination) before
+/// answering, so a refusal reaches the client as a status with a reason; then carry the bytes.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// What admission hands to [`Handler::run`] (e.g. the connection to the destination).
+    type Admitted: Send + 'static;
+    /// Runs before the response: `Err` answers with the refusal's status and reason.
+    fn admit(
+        &self,
+        req: ConnectRequest,
+    ) -> impl Future<Output = Result<Self::Admitted, Refusal>> + Send;
+    /// Runs on its own task once the tunnel is open.
+    fn run(&self, admitted: Self::Admitted, tunnel: Tunnel) -> impl Future<Output = ()> + Send;
+}
+
+/// Any `Fn(ConnectRequest, Tunnel)` is a handler that admits everything.
+impl<F, Fut> Handler for F
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     F: Fn(ConnectRequest, Tunnel) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
+{
+    type Admitted = ConnectRequest;
+
+    async fn admit(&self, req: ConnectRequest) -> Result<ConnectRequest, Refusal> {
+        Ok(req)
+    }
+
+    fn run(&self, admitted: ConnectRequest, tunnel: Tunnel) -> impl Future<Output = ()> + Send {
+        self(admitted, tunnel)
+    }
+}
+
+/// HTTP/2 settings of both ends: windows large enough that one tunnel is not held back by flow
+/// control on a fast link (4 MiB per stream, 16 MiB per connection).
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Streams one HBONE connection carries at once.
+pub const MAX_STREAMS: u32 = 100;
+
+/// Serves HBONE on one (already authenticated) connection until the peer closes it. Every
+/// CONNECT is admitted (or refused) by `handler`, then run on its own task.
+pub async fn serve<I, H>(io: I, handler: H) -> Result<(), HboneError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
 {
     let svc = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
         let handler = handler.clone();
@@ -122,12 +175,21 @@ where
                 Ok(c) => c,
                 Err((status, why)) => return Ok::<_, hyper::Error>(text(status, &why)),
             };
+            let dst = conn.dst;
+            let admitted = match handler.admit(conn).await {
+                Ok(a) => a,
+                Err(r) => {
+                    let mut reason = r.reason;
+                    reason.push('\n');
+                    return Ok(text(r.status, &reason));
+                }
+            };
             let upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 match upgrade.await {
-                    Ok(up) => handler(conn, TokioIo::new(up)).await,
+                    Ok(up) => handler.run(admitted, TokioIo::new(up)).await,
                     Err(e) => {
-                        tracing::debug!(dst = %conn.dst, error = %e, "HBONE stream closed before it opened")
+                        tracing::debug!(%dst, error = %e, "HBONE stream closed before it opened")
                     }
                 }
             });
@@ -137,9 +199,10 @@ where
         }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
-        .max_concurrent_streams(100)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(64 * 1024)
+        .max_concurrent_streams(MAX_STREAMS)
         .serve_connection(TokioIo::new(io), svc)
         .await
         .map_err(HboneError::Connection)
@@ -159,8 +222,9 @@ impl Client {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(64 * 1024)
             .handshake(TokioIo::new(io))
             .await
             .map_err(HboneError::Handshake)?;
@@ -175,6 +239,11 @@ impl Client {
     /// Whether the connection can still carry new tunnels.
     pub fn is_ready(&self) -> bool {
         self.sender.is_ready()
+    }
+
+    /// Whether the connection is gone (closed by either side or failed).
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
     }
 
     /// Opens a tunnel to `dst` (the peer's local destination).
@@ -331,6 +400,55 @@ mod tests {
             .expect("request");
         let resp = client.sender.send_request(req).await.expect("response");
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[derive(Clone)]
+    struct OnlyPort(u16);
+
+    impl Handler for OnlyPort {
+        type Admitted = ();
+
+        async fn admit(&self, req: ConnectRequest) -> Result<(), Refusal> {
+            if req.dst.port() == self.0 {
+                Ok(())
+            } else {
+                Err(Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    format!("port {} is not allowed", req.dst.port()),
+                ))
+            }
+        }
+
+        async fn run(&self, (): (), mut tunnel: Tunnel) {
+            let _ = tunnel.write_all(b"admitted").await;
+            let _ = tunnel.shutdown().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn hbone_admission_refuses_with_status_and_reason() {
+        let (c, s) = pair();
+        tokio::spawn(serve(s, OnlyPort(80)));
+        let mut client = Client::handshake(c).await.expect("handshake");
+        let err = client
+            .connect("198.18.2.11:81".parse().expect("addr"), None, None)
+            .await
+            .err()
+            .expect("refused");
+        match err {
+            HboneError::Refused { status, reason, .. } => {
+                assert_eq!(status, StatusCode::FORBIDDEN);
+                assert_eq!(reason, "port 81 is not allowed");
+            }
+            other => panic!("{other}"),
+        }
+        let mut t = client
+            .connect("198.18.2.11:80".parse().expect("addr"), None, None)
+            .await
+            .expect("admitted");
+        let mut got = String::new();
+        t.read_to_string(&mut got).await.expect("read");
+        assert_eq!(got, "admitted");
     }
 
     #[test]

@@ -19,3 +19,12 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "weft.dev/exclude-outbound-cidrs";
 /// Pod annotation: comma-separated source CIDRs whose connections are never captured on the way
 /// in (e.g. `"198.18.0.0/15"`).
 pub const EXCLUDE_INBOUND_CIDRS: &str = "weft.dev/exclude-inbound-cidrs";
+
+/// Namespace label or pod annotation: `strict` refuses plaintext arriving from outside the mesh
+/// at the workload (only mutual-TLS tunnels from other meshed workloads get in); `permissive`
+/// (the default) lets it through. A pod annotation overrides its namespace's label.
+pub const MTLS: &str = "weft.dev/mtls";
+/// Value of [`MTLS`]: refuse plaintext.
+pub const MTLS_STRICT: &str = "strict";
+/// Value of [`MTLS`]: accept plaintext from outside the mesh (the default).
+pub const MTLS_PERMISSIVE: &str = "permissive";

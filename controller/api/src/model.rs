@@ -65,6 +65,12 @@ pub enum ModelError {
         label: &'static str,
         value: String,
     },
+    #[error("{what} weft.dev/mtls on {object}: `{value}` is not one of `strict`, `permissive`")]
+    BadMtlsMode {
+        object: String,
+        what: &'static str,
+        value: String,
+    },
 }
 
 /// What capture should skip for one workload.
@@ -84,6 +90,8 @@ pub struct CaptureSettings {
     /// The pod opted out (`weft.dev/mesh=disabled` on the pod).
     pub opted_out: bool,
     pub exclusions: Exclusions,
+    /// Inbound plaintext from outside the mesh is refused (`weft.dev/mtls: strict`).
+    pub strict_mtls: bool,
 }
 
 impl CaptureSettings {
@@ -327,11 +335,19 @@ impl MeshState {
     pub fn from_resources(resources: &[Resource]) -> Result<Self, Vec<ModelError>> {
         let mut errors = Vec::new();
         let mut namespaces = BTreeMap::new();
+        let mut strict = BTreeMap::new();
         for r in resources {
             if let Resource::Namespace(ns) = r {
                 match namespace_meshed(ns) {
                     Ok(m) => {
                         namespaces.insert(ns.metadata.name.clone(), m);
+                    }
+                    Err(e) => errors.push(e),
+                }
+                let object = format!("namespace {}", ns.metadata.name);
+                match mtls_mode(ns.metadata.labels.get(labels::MTLS), object, "label") {
+                    Ok(m) => {
+                        strict.insert(ns.metadata.name.clone(), m.unwrap_or(false));
                     }
                     Err(e) => errors.push(e),
                 }
@@ -341,7 +357,7 @@ impl MeshState {
         let mut by_ip: BTreeMap<IpAddr, String> = BTreeMap::new();
         for r in resources {
             let Resource::Workload(w) = r else { continue };
-            let info = match workload_info(w, &namespaces) {
+            let info = match workload_info(w, &namespaces, &strict) {
                 Ok(i) => i,
                 Err(e) => {
                     errors.push(e);
@@ -531,9 +547,28 @@ fn namespace_meshed(ns: &Namespace) -> Result<bool, ModelError> {
     }
 }
 
+/// `Some(true)` for `strict`, `Some(false)` for `permissive`, `None` when unset.
+fn mtls_mode(
+    value: Option<&String>,
+    object: String,
+    what: &'static str,
+) -> Result<Option<bool>, ModelError> {
+    match value.map(String::as_str) {
+        None => Ok(None),
+        Some(labels::MTLS_STRICT) => Ok(Some(true)),
+        Some(labels::MTLS_PERMISSIVE) => Ok(Some(false)),
+        Some(v) => Err(ModelError::BadMtlsMode {
+            object,
+            what,
+            value: v.to_string(),
+        }),
+    }
+}
+
 fn workload_info(
     w: &Workload,
     namespaces: &BTreeMap<String, bool>,
+    strict_namespaces: &BTreeMap<String, bool>,
 ) -> Result<WorkloadInfo, ModelError> {
     let name = w.metadata.name.clone();
     let Some(namespace) = w.metadata.namespace.clone() else {
@@ -602,11 +637,18 @@ fn workload_info(
         outbound_cidrs: cidrs(labels::EXCLUDE_OUTBOUND_CIDRS)?,
         inbound_cidrs: cidrs(labels::EXCLUDE_INBOUND_CIDRS)?,
     };
+    let strict_mtls = mtls_mode(
+        ann.get(labels::MTLS),
+        format!("workload {namespace}/{name}"),
+        "annotation",
+    )?
+    .unwrap_or_else(|| strict_namespaces.get(&namespace).copied().unwrap_or(false));
     Ok(WorkloadInfo {
         capture: CaptureSettings {
             namespace_meshed: namespaces.get(&namespace).copied().unwrap_or(false),
             opted_out,
             exclusions,
+            strict_mtls,
         },
         name,
         namespace,

@@ -56,7 +56,33 @@ impl From<&WorkloadInfo> for pb::Workload {
             exclude_inbound_ports: e.inbound_ports.iter().map(|p| u32::from(*p)).collect(),
             exclude_outbound_cidrs: e.outbound_cidrs.iter().map(ToString::to_string).collect(),
             exclude_inbound_cidrs: e.inbound_cidrs.iter().map(ToString::to_string).collect(),
+            strict_mtls: w.capture.strict_mtls,
         }
+    }
+}
+
+/// Resource key of a peer (any workload of the mesh, slimmed): `Peer/<namespace>/<name>`.
+pub fn peer_key(namespace: &str, name: &str) -> String {
+    format!("Peer/{namespace}/{name}")
+}
+
+/// Prefix of [`peer_key`]s.
+pub const PEER_PREFIX: &str = "Peer/";
+
+/// What every agent learns about a workload, wherever it runs: addresses, identity, node and
+/// whether it is meshed; not its network namespace, labels or capture exclusions.
+pub fn peer_resource(w: &WorkloadInfo) -> pb::Resource {
+    let mut wire = pb::Workload::from(w);
+    wire.netns.clear();
+    wire.labels.clear();
+    wire.exclude_outbound_ports.clear();
+    wire.exclude_inbound_ports.clear();
+    wire.exclude_outbound_cidrs.clear();
+    wire.exclude_inbound_cidrs.clear();
+    pb::Resource {
+        key: peer_key(&w.namespace, &w.name),
+        version: content_version(&wire.encode_to_vec()),
+        kind: Some(pb::resource::Kind::Workload(wire)),
     }
 }
 
@@ -127,6 +153,7 @@ impl TryFrom<pb::Workload> for WorkloadInfo {
                 namespace_meshed: w.namespace_meshed,
                 opted_out: w.opted_out,
                 exclusions,
+                strict_mtls: w.strict_mtls,
             },
         })
     }
@@ -435,6 +462,7 @@ mod tests {
                     outbound_cidrs: vec!["10.0.0.0/8".parse().expect("cidr")],
                     inbound_cidrs: vec![],
                 },
+                strict_mtls: true,
             },
         }
     }

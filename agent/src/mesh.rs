@@ -1,0 +1,153 @@
+//! What the data path reads for every connection: peers by address, services by virtual IP,
+//! this node's workloads, policies and the trust bundle. Built once per configuration change
+//! (by the single mutator, [`crate::pods::PodManager`]) and swapped in whole; connections take
+//! a reference-counted snapshot and never lock while they run.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use weft_api::model::{PolicyInfo, ServiceInfo};
+use weft_api::{MeshState, WorkloadInfo};
+use weft_tunnel::TrustBundle;
+
+/// Any workload of the mesh, as a connection's other end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// `namespace/name`.
+    pub workload: String,
+    pub namespace: String,
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Traffic to it goes through an HBONE tunnel (its namespace is meshed, the pod did not
+    /// opt out).
+    pub meshed: bool,
+}
+
+/// A snapshot.
+#[derive(Default)]
+pub struct View {
+    pub peers: HashMap<IpAddr, Arc<Peer>>,
+    pub services: HashMap<IpAddr, Arc<ServiceInfo>>,
+    /// This node's workloads by `namespace/name`.
+    pub local: HashMap<String, WorkloadInfo>,
+    pub policies: Vec<PolicyInfo>,
+    /// Roots from the config stream (`None` until one arrives or if it does not parse).
+    pub trust: Option<Arc<TrustBundle>>,
+}
+
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+fn ips(w: &WorkloadInfo) -> impl Iterator<Item = IpAddr> {
+    w.ip4
+        .map(IpAddr::V4)
+        .into_iter()
+        .chain(w.ip6.map(IpAddr::V6))
+}
+
+impl View {
+    pub fn build(state: &MeshState, node: &str, trust_domain: &str) -> Self {
+        let mut peers = HashMap::new();
+        let mut local = HashMap::new();
+        for w in state.workloads.values() {
+            let peer = Arc::new(Peer {
+                workload: w.key(),
+                namespace: w.namespace.clone(),
+                identity: spiffe_id(trust_domain, &w.namespace, &w.service_account),
+                meshed: w.capture.captured(),
+            });
+            for ip in ips(w) {
+                peers.insert(ip, peer.clone());
+            }
+            if w.node == node {
+                local.insert(w.key(), w.clone());
+            }
+        }
+        let mut services = HashMap::new();
+        for s in state.services.values() {
+            let s = Arc::new(s.clone());
+            for vip in &s.vips {
+                services.insert(*vip, s.clone());
+            }
+        }
+        let trust = if state.trust_bundle.is_empty() {
+            None
+        } else {
+            match TrustBundle::from_pems(state.trust_bundle.iter().map(String::as_bytes)) {
+                Ok(t) => Some(Arc::new(t)),
+                Err(e) => {
+                    tracing::error!(error = %e, "the trust bundle from the controller does not parse; keeping certificates' own bundles");
+                    None
+                }
+            }
+        };
+        Self {
+            peers,
+            services,
+            local,
+            policies: state.policies.values().cloned().collect(),
+            trust,
+        }
+    }
+
+    /// The workload at an address, if the mesh knows it.
+    pub fn peer(&self, ip: IpAddr) -> Option<&Arc<Peer>> {
+        self.peers.get(&ip.to_canonical())
+    }
+
+    /// If `dst` is a service's virtual IP and port: the service, and the endpoint addresses and
+    /// target port to choose from (ready endpoints of `dst`'s address family).
+    pub fn service_target(&self, dst: SocketAddr) -> Option<ServiceTarget> {
+        let svc = self.services.get(&dst.ip().to_canonical())?;
+        let port = svc.ports.iter().find(|p| p.port == dst.port());
+        let candidates = port
+            .map(|_| {
+                svc.endpoints
+                    .iter()
+                    .filter(|e| e.ready)
+                    .filter_map(|e| match dst.ip() {
+                        IpAddr::V4(_) => e.ip4.map(IpAddr::V4),
+                        IpAddr::V6(_) => e.ip6.map(IpAddr::V6),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(ServiceTarget {
+            service: svc.clone(),
+            target_port: port.map(|p| p.target_port),
+            candidates,
+        })
+    }
+}
+
+/// A service destination to pick an endpoint for.
+pub struct ServiceTarget {
+    pub service: Arc<ServiceInfo>,
+    /// `None`: the service has no such port.
+    pub target_port: Option<u16>,
+    pub candidates: Vec<IpAddr>,
+}
+
+/// The current snapshot, swapped whole.
+#[derive(Default)]
+pub struct SharedView(RwLock<Arc<View>>);
+
+impl SharedView {
+    pub fn get(&self) -> Arc<View> {
+        match self.0.read() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set(&self, v: View) {
+        let v = Arc::new(v);
+        match self.0.write() {
+            Ok(mut g) => *g = v,
+            Err(p) => *p.into_inner() = v,
+        }
+    }
+}
