@@ -10,6 +10,7 @@ pub mod fake_apiserver;
 pub mod lab;
 pub mod mesh;
 pub mod net;
+pub mod pcap;
 pub mod scenario;
 
 pub use lab::{Lab, LabError, LabSpec, LabStatus, Node, Pod, cgroup2_mount, require_root};

@@ -206,6 +206,28 @@ impl MeshConfig {
     }
 }
 
+/// Sum of the series of `name` in Prometheus text whose labels include all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// One running agent.
 pub struct AgentProcess {
     pub node: Node,
@@ -390,6 +412,22 @@ impl AgentProcess {
     /// The log file.
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// Sends SIGTERM and returns at once (graceful drain).
+    pub fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        self.get("/metrics").map(|(_, b)| b).unwrap_or_default()
+    }
+
+    /// Sum of every series of `name` whose labels include all of `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics_text(), name, labels)
     }
 
     /// SIGTERM, then wait (SIGKILL after `grace`).

@@ -74,6 +74,15 @@ pub fn world_with_controller(
     build(test, &[], tweak, &[], true)
 }
 
+/// [`world_with_controller`] with more agent arguments.
+pub fn world_with_controller_args(
+    test: &str,
+    tweak: impl FnOnce(MeshConfig) -> MeshConfig,
+    agent_args: &[&str],
+) -> Option<World> {
+    build(test, &[], tweak, agent_args, true)
+}
+
 fn build(
     test: &str,
     extra_ports: &[u16],

