@@ -1,8 +1,9 @@
 //! The controller's certificate authority: a root and an intermediate, generated on first start
-//! and persisted (files with mode 0600 in no-cluster mode), or supplied by the operator (an
-//! intermediate under a corporate root). It signs X.509 SVIDs — certificates whose only
-//! subject alternative name is the workload's SPIFFE ID — from CSRs made by node agents, whose
-//! private keys never leave the node.
+//! and persisted (files with mode 0600 in no-cluster mode, a Secret in Kubernetes mode: see
+//! [`crate::ca_secret`]), or supplied by the operator (an intermediate under a corporate root).
+//! It signs X.509 SVIDs — certificates whose only subject alternative name is the workload's
+//! SPIFFE ID — from CSRs made by node agents, whose private keys never leave the node, and node
+//! certificates (client authentication only) for agent -> controller mutual TLS.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;

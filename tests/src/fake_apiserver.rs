@@ -15,9 +15,10 @@
 //! re-applying the same status does not loop. Not modelled: RBAC, admission, schemas, JSON
 //! patch, set-based selectors, pagination, managedFields, finalizers. TokenReviews
 //! (`POST /apis/authentication.k8s.io/v1/tokenreviews`) answer from the tokens given to
-//! `add_token` (audiences checked; unknown tokens refused); they are not stored. Faults: `inject_errors`
-//! (the next requests fail with 500), `fail_path` (requests to one collection fail with a
-//! chosen status, e.g. 404 for a CRD that is not installed), `drop_watches`, `compact`.
+//! `add_token` (audiences checked; unknown tokens refused); they are not stored. Faults:
+//! `inject_errors` (the next requests fail with 500), `fail_path` (requests to one collection
+//! fail with a chosen status, e.g. 404 for a CRD that is not installed), `drop_watches`,
+//! `compact`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
