@@ -290,3 +290,192 @@ mod base64_check {
         String::from_utf8(out).expect("utf-8")
     }
 }
+
+/// The controller binary in Kubernetes mode against the fake API server (KUBECONFIG): the CA
+/// is created in its Secret, an agent's projected token is exchanged for a node certificate,
+/// the stream and `Sign` work over mTLS with it, and after a restart the same CA is used (the
+/// old node certificate still opens the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_kubernetes_mode_controller_end_to_end() {
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use weft_api::wire::pb::{
+        self, certificates_client::CertificatesClient, discovery_client::DiscoveryClient,
+    };
+
+    let server = FakeApiServer::start().await;
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "shop", "labels": {"weft.dev/mesh": "enabled"}}}));
+    server.apply(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"nodeName": "n1", "serviceAccountName": "web",
+                 "containers": [{"name": "main", "image": "example/app"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}}));
+    server.add_token(
+        "agent-n1",
+        TokenUser::service_account("weft-system", "weft-agent", AUD).bound_to(
+            "weft-agent-1",
+            "uid-1",
+            Some("n1"),
+        ),
+    );
+    server.add_token(
+        "web-token",
+        TokenUser::service_account("shop", "web", AUD).bound_to("web", "uid-w", Some("n1")),
+    );
+    let dir = std::env::temp_dir().join(format!("weft-k8s-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context:\n    cluster: fake\n    user: u\ncurrent-context: c\n",
+            server.url()
+        ),
+    )
+    .expect("kubeconfig");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_weft-controller"))
+            .args(["--kubernetes", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("controller.log")).expect("log"))
+            .spawn()
+            .expect("start weft-controller")
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = || std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default();
+    let wait_listening = || async {
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the controller did not listen; log:\n{}", log());
+    };
+    let mut controller = Kill(start());
+    wait_listening().await;
+    let stored = server
+        .get("v1", "Secret", "weft-system", "weft-ca")
+        .expect("the CA Secret was created");
+    let server_ca = std::fs::read(dir.join("state/ca.pem")).expect("ca.pem");
+    let channel = |identity: Option<(String, String)>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&server_ca))
+            .domain_name("weft-controller");
+        if let Some((chain, key)) = identity {
+            tls = tls.identity(Identity::from_pem(chain, key));
+        }
+        let endpoint = Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls");
+        async move { endpoint.connect().await.expect("connect") }
+    };
+    let csr = |id: &str| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().expect("uri"))];
+        let csr = p.serialize_request(&key).expect("csr").pem().expect("pem");
+        (key.serialize_pem(), csr)
+    };
+    let sign_node = |token: &'static str| {
+        let channel = channel(None);
+        let (key, csr) = csr("spiffe://cluster.local/weft/node/n1");
+        async move {
+            let mut req = tonic::Request::new(pb::SignNodeRequest {
+                node: "n1".into(),
+                csr_pem: csr,
+            });
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {token}").parse().expect("header"),
+            );
+            CertificatesClient::new(channel.await)
+                .sign_node(req)
+                .await
+                .map(|r| (r.into_inner().chain_pem.concat(), key))
+        }
+    };
+    // A workload's token buys nothing; the agent's does.
+    let e = sign_node("web-token").await.expect_err("workload token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("weft-system:weft-agent"), "{e:?}");
+    let node_cert = sign_node("agent-n1").await.expect("node certificate");
+    let stream_first = |cert: (String, String)| {
+        let channel = channel(Some(cert));
+        async move {
+            let (tx, rx) = mpsc::channel(2);
+            tx.send(pb::AgentMessage {
+                msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+                    node: "n1".into(),
+                    known: Default::default(),
+                    agent_version: "test".into(),
+                })),
+            })
+            .await
+            .expect("hello");
+            let mut inbound = DiscoveryClient::new(channel.await)
+                .stream(ReceiverStream::new(rx))
+                .await
+                .expect("stream over mTLS")
+                .into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+                .await
+                .expect("an update in time")
+                .expect("no error")
+                .expect("an update");
+            drop(tx);
+            first
+        }
+    };
+    let first = stream_first(node_cert.clone()).await;
+    let keys: Vec<&str> = first.upserts.iter().map(|r| r.key.as_str()).collect();
+    assert!(
+        keys.contains(&"Workload/shop/web"),
+        "{keys:?}; log:\n{}",
+        log()
+    );
+    let (_, web_csr) = csr("spiffe://cluster.local/ns/shop/sa/web");
+    CertificatesClient::new(channel(Some(node_cert.clone())).await)
+        .sign(pb::SignRequest {
+            identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            csr_pem: web_csr,
+            ttl_seconds: 0,
+        })
+        .await
+        .expect("a workload certificate over mTLS");
+
+    // Restart: the CA comes from the Secret, so the node certificate still verifies.
+    drop(controller);
+    controller = Kill(start());
+    wait_listening().await;
+    let first = stream_first(node_cert).await;
+    assert!(first.sync, "log:\n{}", log());
+    assert_eq!(
+        server.get("v1", "Secret", "weft-system", "weft-ca"),
+        Some(stored),
+        "the Secret is unchanged"
+    );
+    drop(controller);
+    let _ = std::fs::remove_dir_all(&dir);
+}
