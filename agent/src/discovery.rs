@@ -218,8 +218,10 @@ pub async fn run(
     }
     let mut backoff = BACKOFF_MIN;
     loop {
-        let result = stream_once(&opts, &mut replica, &out, &status).await;
-        let synced = matches!(&result, Ok(true));
+        let mut reached_sync = false;
+        let result = stream_once(&opts, &mut replica, &out, &status, &mut reached_sync).await;
+        // A stream that synced found a healthy controller: reconnect quickly.
+        let synced = reached_sync;
         let msg = match result {
             Ok(_) => "stream closed by the controller".to_string(),
             Err(e) => e.to_string(),
@@ -230,9 +232,12 @@ pub async fn run(
         });
         if synced {
             backoff = BACKOFF_MIN;
-        } else if let Some(n) = &opts.node_identity {
-            // The controller may no longer accept this certificate (its CA was replaced, say):
-            // exchange the token for a new one on the next attempt.
+        }
+        if !reached_sync && let Some(n) = &opts.node_identity {
+            // The stream failed before it synced: the controller may no longer accept this
+            // certificate (its CA was replaced, say). Exchange the token for a new one on the
+            // next attempt. (A stream closed later, e.g. because the certificate it was opened
+            // with expired, just reconnects with the current, renewed certificate.)
             n.certs.forget(&n.id);
         }
         // Full jitter: sleep a random time up to the current bound.
@@ -325,12 +330,14 @@ pub async fn connect_with(
     })
 }
 
-/// One stream; returns Ok(true) if it synced before ending.
+/// One stream; returns Ok(true) if it synced before ending. `reached_sync` is set when the
+/// stream synced, however it ended.
 async fn stream_once(
     opts: &ControllerOptions,
     replica: &mut Replica,
     out: &watch::Sender<Option<Arc<MeshState>>>,
     status: &Mutex<ConfigStatus>,
+    reached_sync: &mut bool,
 ) -> Result<bool, StreamError> {
     let Connection { channel, auth, .. } = connect(opts).await?;
     let mut client = DiscoveryClient::new(channel);
@@ -373,6 +380,7 @@ async fn stream_once(
                 *replica = next;
                 if msg.sync {
                     synced = true;
+                    *reached_sync = true;
                     tracing::info!(
                         upserts = msg.upserts.len(),
                         removes = msg.removes.len(),

@@ -119,6 +119,18 @@ pub fn node_of_certificate(der: &[u8], trust_domain: &str) -> Result<String, Str
     }
 }
 
+/// When the caller's client certificate expires (as a tokio instant), if it presented one.
+pub fn peer_certificate_expiry<T>(req: &Request<T>) -> Option<tokio::time::Instant> {
+    let certs = req.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = u64::try_from(not_after.saturating_sub(now)).unwrap_or(0);
+    Some(tokio::time::Instant::now() + Duration::from_secs(left))
+}
+
 impl Authenticator {
     pub fn new(credentials: Auth, trust_domain: impl Into<String>) -> Self {
         Self {
@@ -242,6 +254,10 @@ impl Discovery for DiscoveryService {
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let authorised_node = self.authenticate(&req).await?;
+        // A stream opened with a node certificate lasts no longer than the certificate: the
+        // agent reconnects with its renewed one (and a node whose token was revoked, unable
+        // to renew, is cut off).
+        let expires = peer_certificate_expiry(&req);
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -275,15 +291,28 @@ impl Discovery for DiscoveryService {
         let views = self.views.clone();
         let ready = self.ready.clone();
         tokio::spawn(async move {
-            serve(
+            let serving = serve(
                 views,
                 ready,
-                node,
+                node.clone(),
                 hello.known.into_iter().collect(),
                 inbound,
-                tx,
-            )
-            .await;
+                tx.clone(),
+            );
+            match expires {
+                None => serving.await,
+                Some(at) => tokio::select! {
+                    () = serving => {}
+                    () = tokio::time::sleep_until(at) => {
+                        tracing::info!(%node, "the stream's node certificate expired; closing the stream");
+                        let _ = tx
+                            .send(Err(Status::unauthenticated(
+                                "the node certificate this stream was opened with expired; reconnect with the renewed certificate",
+                            )))
+                            .await;
+                    }
+                },
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -86,6 +86,19 @@ async fn start(require_node_certificates: bool) -> Controller {
 }
 
 async fn start_with(credentials: Auth, require_node_certificates: bool) -> Controller {
+    start_with_ttl(
+        credentials,
+        require_node_certificates,
+        Duration::from_secs(600),
+    )
+    .await
+}
+
+async fn start_with_ttl(
+    credentials: Auth,
+    require_node_certificates: bool,
+    node_ttl: Duration,
+) -> Controller {
     let dir = Dir::new();
     let tls = weft_controller::tls::load_or_generate(&dir.0.join("tls"), &[]).expect("tls");
     let server_ca = std::fs::read(dir.0.join("tls/ca.pem")).expect("ca.pem");
@@ -105,8 +118,7 @@ async fn start_with(credentials: Auth, require_node_certificates: bool) -> Contr
     std::mem::forget(ready_tx);
     let auth =
         Authenticator::new(credentials, TD).require_node_certificates(require_node_certificates);
-    let certs = CertificateService::new(ca.clone(), state_rx, auth.clone())
-        .with_node_ttl(Duration::from_secs(600));
+    let certs = CertificateService::new(ca.clone(), state_rx, auth.clone()).with_node_ttl(node_ttl);
     let discovery = DiscoveryService::new(views, ready_rx, auth);
     let incoming = TcpIncoming::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = incoming.local_addr().expect("addr");
@@ -228,6 +240,52 @@ impl Controller {
             .expect("an update");
         drop(tx);
         Ok(first)
+    }
+
+    /// Opens the config stream as `node` with `client`, acknowledges the sync, and returns
+    /// how the stream ended and after how long.
+    async fn stream_until_closed(
+        &self,
+        client: &NodeCert,
+        node: &str,
+    ) -> (Result<(), tonic::Status>, Duration) {
+        let (tx, rx) = mpsc::channel(4);
+        let hello = pb::Hello {
+            node: node.into(),
+            known: Default::default(),
+            agent_version: "test".into(),
+        };
+        tx.send(AgentMessage {
+            msg: Some(agent_message::Msg::Hello(hello)),
+        })
+        .await
+        .expect("send hello");
+        let started = std::time::Instant::now();
+        let mut inbound = DiscoveryClient::new(self.channel(Some(client)).await)
+            .stream(ReceiverStream::new(rx))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), inbound.message())
+                .await
+                .expect("the stream ends in time")
+            {
+                Ok(Some(m)) => {
+                    let ack = pb::Ack {
+                        nonce: m.nonce,
+                        error: String::new(),
+                    };
+                    let _ = tx
+                        .send(AgentMessage {
+                            msg: Some(agent_message::Msg::Ack(ack)),
+                        })
+                        .await;
+                }
+                Ok(None) => return (Ok(()), started.elapsed()),
+                Err(s) => return (Err(s), started.elapsed()),
+            }
+        }
     }
 }
 
@@ -469,4 +527,17 @@ async fn identity_no_node_certificates_without_node_authentication() {
     );
     // The stream still works for development, with and without a client certificate.
     c.stream(None, None, "n1").await.expect("insecure stream");
+}
+
+#[tokio::test]
+async fn identity_stream_lasts_no_longer_than_its_node_certificate() {
+    let tokens =
+        Tokens::from_nodes(HashMap::from([("n1".to_string(), N1.to_string())])).expect("tokens");
+    let c = start_with_ttl(Auth::Tokens(tokens), false, Duration::from_secs(3)).await;
+    let (_, n1) = c.sign_node(Some(N1), "n1").await.expect("exchange");
+    let (end, after) = c.stream_until_closed(&n1, "n1").await;
+    let e = end.expect_err("closed by the controller");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{}", e.message());
+    assert!(after <= Duration::from_secs(5), "{after:?}");
 }

@@ -103,12 +103,14 @@ fn identity_config_stream_uses_mtls_with_renewed_node_certificates() {
         );
     }
     // From now on the controller refuses bearer tokens on the stream and for workload
-    // certificates, and issues one-minute node certificates: agents reconnect over mTLS with a
-    // new node certificate and keep renewing it at half-life.
+    // certificates, and issues one-minute node certificates.
     w.mesh
         .set_controller_args(&["--require-node-certificates", "--node-cert-ttl", "60"]);
     w.mesh.kill_controller();
     w.mesh.start_controller().expect("controller restart");
+    // Node 1's agent keeps its one-hour certificate (same CA) and reconnects with it; node 2's
+    // agent is restarted and exchanges its token for a one-minute one.
+    w.mesh.restart_agent(1).expect("agent restart");
     let short = |c: &Value| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -161,7 +163,8 @@ fn identity_config_stream_uses_mtls_with_renewed_node_certificates() {
         },
     )
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(0).log_tail(30)));
-    // Renewed at half-life (30 s ± 6 s): a later expiry, no outage of the stream.
+    // Renewed at half-life (30 s ± 6 s): a later expiry. (The controller closes a stream when
+    // the certificate it was opened with expires; the agent reopens it with the renewed one.)
     let renewed = wait_for(
         std::time::Duration::from_secs(45),
         "the node certificate renewed",
@@ -172,7 +175,34 @@ fn identity_config_stream_uses_mtls_with_renewed_node_certificates() {
     )
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(1).log_tail(30)));
     assert!(short(&renewed), "{renewed}");
-    assert!(synced(&w), "the agents stayed on the stream");
+    // Past the first certificate's expiry the agents are on the stream again, with the renewed
+    // certificate (the stream's first certificate has expired by then).
+    let expired_at = first["not_after"].as_i64().unwrap_or(0);
+    wait_for(
+        std::time::Duration::from_secs(60),
+        "the agents back on the stream after the first node certificate expired",
+        || {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            (now > expired_at + 2 && synced(&w)).then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(1).log_tail(30)));
+    // A change still arrives over the reopened stream.
+    w.mesh.config.set_meshed("legacy", false);
+    w.mesh.write_config().expect("write");
+    wait_for(
+        std::time::Duration::from_secs(20),
+        "batch's certificate dropped",
+        || {
+            (!certificates(&w, 0)
+                .iter()
+                .any(|c| c["identity"] == "spiffe://cluster.local/ns/legacy/sa/batch"))
+            .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(0).log_tail(30)));
     let log = w
         .mesh
         .controller
