@@ -634,7 +634,11 @@ fn route(
 ) -> (Response<Body>, u16) {
     let reply = match Target::parse(path) {
         _ if path == TOKEN_REVIEWS && *m == Method::POST => token_review(sh, body),
-        _ if path == TOKEN_REVIEWS => fail(405, "MethodNotAllowed", format!("{m} {path}")),
+        _ if path.starts_with(TOKEN_REVIEWS) => fail(
+            405,
+            "MethodNotAllowed",
+            format!("{m} {path}: tokenreviews are create-only"),
+        ),
         None => fail(404, "NotFound", format!("no such resource: {path}")),
         Some(t) if *m == Method::GET && !t.named && is_watch(q) => {
             return start_watch(sh, t, q);
@@ -1224,5 +1228,59 @@ mod tests {
         assert!(slices.list(&ListParams::default()).await.is_err());
         server.fail_path(path, 403, 0);
         assert!(slices.list(&ListParams::default()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn token_reviews_answer_from_configured_tokens() {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let server = FakeApiServer::start().await;
+        server.add_token(
+            "t1",
+            TokenUser::service_account("weft-system", "weft-agent", "aud").bound_to(
+                "p",
+                "u",
+                Some("n1"),
+            ),
+        );
+        let api: Api<TokenReview> = Api::all(server.client());
+        let review = |token: &str, aud: &str| TokenReview {
+            spec: TokenReviewSpec {
+                audiences: Some(vec![aud.into()]),
+                token: Some(token.into()),
+            },
+            ..Default::default()
+        };
+        let pp = PostParams::default();
+        let ok = api.create(&pp, &review("t1", "aud")).await.expect("review");
+        let status = ok.status.expect("status");
+        assert_eq!(status.authenticated, Some(true));
+        let user = status.user.expect("user");
+        assert_eq!(
+            user.username.as_deref(),
+            Some("system:serviceaccount:weft-system:weft-agent")
+        );
+        let extra = user.extra.expect("extra");
+        assert_eq!(
+            extra["authentication.kubernetes.io/node-name"],
+            vec!["n1".to_string()]
+        );
+        for (token, aud, why) in [
+            ("t1", "other", "audiences"),
+            ("nope", "aud", "invalid bearer token"),
+        ] {
+            let r = api.create(&pp, &review(token, aud)).await.expect("review");
+            let status = r.status.expect("status");
+            assert_ne!(status.authenticated, Some(true));
+            assert!(status.error.unwrap_or_default().contains(why), "{why}");
+        }
+        server.revoke_token("t1");
+        let r = api.create(&pp, &review("t1", "aud")).await.expect("review");
+        assert_ne!(r.status.expect("status").authenticated, Some(true));
+        // Reviews are not stored.
+        let e = Api::<TokenReview>::all(server.client())
+            .get("anything")
+            .await
+            .expect_err("no GET");
+        assert!(matches!(&e, kube::Error::Api(s) if s.code == 405), "{e:?}");
     }
 }
