@@ -313,3 +313,29 @@ async fn shutdown() {
     }
     tracing::info!("shutting down");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Args::command().debug_assert();
+        // Kubernetes mode authenticates agents by TokenReview: bootstrap tokens are refused.
+        let e = Args::try_parse_from([
+            "weft-controller",
+            "--kubernetes",
+            "--bootstrap-tokens",
+            "t.yaml",
+        ])
+        .expect_err("conflict");
+        assert!(e.to_string().contains("--bootstrap-tokens"), "{e}");
+        let a = Args::try_parse_from(["weft-controller", "--kubernetes"]).expect("defaults");
+        assert_eq!(a.agent_service_account, "weft-system/weft-agent");
+        assert_eq!(a.token_audience, "weft-controller");
+        assert_eq!(a.ca_secret, "weft-system/weft-ca");
+        assert_eq!(a.node_cert_ttl, 3600);
+        assert!(!a.require_node_certificates);
+    }
+}
