@@ -84,7 +84,7 @@ pub enum StreamError {
     #[error("the controller refused the stream: {0}")]
     Refused(tonic::Status),
     #[error(
-        "the bootstrap token in {path} contains characters not allowed in an HTTP header (expected a single line of text)"
+        "the token in {path} contains characters not allowed in an HTTP header (expected a single line of text)"
     )]
     BadToken { path: PathBuf },
     #[error("the stream to the controller ended: {0}")]
