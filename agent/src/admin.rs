@@ -51,6 +51,8 @@ pub struct AdminState {
     pub orig: Arc<crate::capture::OrigDstMap>,
     /// Controller mode: workload certificates.
     pub certs: Option<Arc<crate::identity::CertManager>>,
+    /// Controller mode with a token: this node's certificate for the controller.
+    pub node_certs: Option<Arc<crate::identity::CertManager>>,
 }
 
 /// Serves until the listener fails.
@@ -159,6 +161,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 "policies": policies,
                 "trust_bundle_roots": trust_roots,
                 "certificates": state.certs.as_ref().map(|c| c.status()).unwrap_or_default(),
+                "node_certificate": state.node_certs.as_ref().and_then(|c| c.status().into_iter().next()),
                 "enrolment_errors": errors,
                 "maps": maps,
                 "original_destinations_pending": state.orig.len(),

@@ -17,7 +17,7 @@ use crate::capture::{Capture, CaptureOptions};
 use crate::certstore::CertStore;
 use crate::discovery::{self, ControllerOptions};
 use crate::events::{self, EventLog};
-use crate::identity::{CertManager, GrpcCaClient};
+use crate::identity::{CertManager, GrpcCaClient, NodeCaClient, node_spiffe_id};
 use crate::pods::PodManager;
 use crate::pool::Pool;
 use crate::proxy::ProxyContext;
@@ -103,7 +103,21 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let capture = Arc::new(Mutex::new(capture));
     let orig = Arc::new(orig);
     let events_log = Arc::new(EventLog::default());
-    let certs = match &cfg.source {
+    // With a token, the agent exchanges it for a node certificate (at startup, renewed at
+    // half-life) and talks to the controller over mutual TLS with it.
+    let mut source = cfg.source.clone();
+    let mut node_certs = None;
+    if let ConfigSource::Controller(opts) = &mut source
+        && opts.token_file.is_some()
+    {
+        let m = CertManager::new(Arc::new(NodeCaClient::new(opts.clone())));
+        opts.node_identity = Some(discovery::NodeIdentity {
+            id: node_spiffe_id(&cfg.trust_domain, &cfg.node),
+            certs: m.clone(),
+        });
+        node_certs = Some(m);
+    }
+    let certs = match &source {
         ConfigSource::Controller(opts) => Some(CertManager::with_store(
             Arc::new(GrpcCaClient::new(opts.clone())),
             Some(CertStore::new(opts.state_dir.join("certs"))),
@@ -153,6 +167,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         ready: false.into(),
         orig,
         certs: certs.clone(),
+        node_certs,
     });
 
     // Admin: its own thread and single-threaded runtime.
@@ -202,7 +217,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         }
         tokio::spawn(pool.run_reaper());
         let (state_tx, state_rx) = watch::channel(None);
-        match cfg.source.clone() {
+        match source {
             ConfigSource::Local(path) => {
                 tokio::spawn(follow_local(
                     LocalConfig::new(path),

@@ -11,11 +11,12 @@ use std::time::Duration;
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use weft_api::wire::pb::{self, agent_message, discovery_client::DiscoveryClient};
 use weft_api::{MeshState, WorkloadInfo};
 
 use crate::admin::ConfigStatus;
+use crate::identity::{CertError, CertManager, Certified};
 
 /// DNS name the controller's certificate must carry (the generated one does).
 pub const CONTROLLER_SERVER_NAME: &str = "weft-controller";
@@ -30,11 +31,40 @@ pub struct ControllerOptions {
     pub url: String,
     /// PEM CA that signed the controller's certificate.
     pub ca: PathBuf,
-    /// File holding this node's bootstrap token.
+    /// File holding this node's credential: its bootstrap token, or (Kubernetes) its projected
+    /// service-account token. Re-read on every use (projected tokens are rotated).
     pub token_file: Option<PathBuf>,
     pub node: String,
     /// Directory for the last-good snapshot.
     pub state_dir: PathBuf,
+    /// This node's certificate for agent -> controller mTLS, obtained by exchanging the token
+    /// (SignNode); `None` without a token (development against `--insecure-no-auth`).
+    pub node_identity: Option<NodeIdentity>,
+}
+
+/// The node certificate: its SPIFFE ID and the manager that obtains and renews it.
+#[derive(Clone)]
+pub struct NodeIdentity {
+    pub id: String,
+    pub certs: Arc<CertManager>,
+}
+
+impl std::fmt::Debug for NodeIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeIdentity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A channel to the controller and how requests on it authenticate.
+#[derive(Clone)]
+pub struct Connection {
+    pub channel: tonic::transport::Channel,
+    /// The bearer credential to send; `None` when the node certificate authenticates.
+    pub auth: AuthHeader,
+    /// The node certificate the channel presents, if any.
+    pub node_cert: Option<Arc<Certified>>,
 }
 
 /// Why the stream failed; each says what to check.
@@ -54,11 +84,13 @@ pub enum StreamError {
     #[error("the controller refused the stream: {0}")]
     Refused(tonic::Status),
     #[error(
-        "the bootstrap token in {path} contains characters not allowed in an HTTP header (expected a single line of text)"
+        "the token in {path} contains characters not allowed in an HTTP header (expected a single line of text)"
     )]
     BadToken { path: PathBuf },
     #[error("the stream to the controller ended: {0}")]
     Ended(String),
+    #[error("cannot obtain this node's certificate for the controller: {0}")]
+    NodeCertificate(CertError),
 }
 
 /// The resources the agent holds, by key.
@@ -193,8 +225,10 @@ pub async fn run(
     }
     let mut backoff = BACKOFF_MIN;
     loop {
-        let result = stream_once(&opts, &mut replica, &out, &status).await;
-        let synced = matches!(&result, Ok(true));
+        let mut reached_sync = false;
+        let result = stream_once(&opts, &mut replica, &out, &status, &mut reached_sync).await;
+        // A stream that synced found a healthy controller: reconnect quickly.
+        let synced = reached_sync;
         let msg = match result {
             Ok(_) => "stream closed by the controller".to_string(),
             Err(e) => e.to_string(),
@@ -205,6 +239,13 @@ pub async fn run(
         });
         if synced {
             backoff = BACKOFF_MIN;
+        }
+        if !reached_sync && let Some(n) = &opts.node_identity {
+            // The stream failed before it synced: the controller may no longer accept this
+            // certificate (its CA was replaced, say). Exchange the token for a new one on the
+            // next attempt. (A stream closed later, e.g. because the certificate it was opened
+            // with expired, just reconnects with the current, renewed certificate.)
+            n.certs.forget(&n.id);
         }
         // Full jitter: sleep a random time up to the current bound.
         let sleep = backoff
@@ -227,10 +268,29 @@ fn set_status(status: &Mutex<ConfigStatus>, f: impl FnOnce(&mut ConfigStatus)) {
 /// Credentials to attach to controller requests (`authorization: Bearer <token>`).
 pub type AuthHeader = Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>;
 
-/// Opens a TLS channel to the controller and reads this node's credentials.
-pub async fn connect(
+/// Opens a channel to the controller: mutual TLS with this node's certificate (obtained now
+/// if there is none yet), or, without one, TLS with the bearer credential.
+pub async fn connect(opts: &ControllerOptions) -> Result<Connection, StreamError> {
+    let cert = match &opts.node_identity {
+        None => None,
+        Some(n) => match n.certs.get(&n.id).await {
+            Ok(c) => Some(c),
+            Err(CertError::Unsupported { detail, .. }) => {
+                tracing::warn!(%detail, "the controller issues no node certificates; authenticating with the token only");
+                None
+            }
+            Err(e) => return Err(StreamError::NodeCertificate(e)),
+        },
+    };
+    connect_with(opts, cert).await
+}
+
+/// Opens a channel presenting `cert` (mutual TLS; no bearer credential is sent), or, without
+/// it, TLS with the bearer credential from `token_file`.
+pub async fn connect_with(
     opts: &ControllerOptions,
-) -> Result<(tonic::transport::Channel, AuthHeader), StreamError> {
+    cert: Option<Arc<Certified>>,
+) -> Result<Connection, StreamError> {
     let read = |p: &Path| {
         std::fs::read(p).map_err(|source| StreamError::Read {
             path: p.to_path_buf(),
@@ -242,8 +302,8 @@ pub async fn connect(
         url: opts.url.clone(),
         detail,
     };
-    let auth = match &opts.token_file {
-        Some(p) => {
+    let auth = match (&opts.token_file, &cert) {
+        (Some(p), None) => {
             let t = String::from_utf8_lossy(&read(p)?).trim().to_string();
             Some(
                 format!("Bearer {t}")
@@ -251,15 +311,17 @@ pub async fn connect(
                     .map_err(|_| StreamError::BadToken { path: p.clone() })?,
             )
         }
-        None => None,
+        _ => None,
     };
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(CONTROLLER_SERVER_NAME);
+    if let Some(c) = &cert {
+        tls = tls.identity(Identity::from_pem(c.chain_pem.concat(), &c.key_pem));
+    }
     let endpoint = Endpoint::from_shared(opts.url.clone())
         .map_err(|e| url_err(e.to_string()))?
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name(CONTROLLER_SERVER_NAME),
-        )
+        .tls_config(tls)
         .map_err(|e| url_err(e.to_string()))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -268,17 +330,23 @@ pub async fn connect(
         url: opts.url.clone(),
         detail: error_chain(&e),
     })?;
-    Ok((channel, auth))
+    Ok(Connection {
+        channel,
+        auth,
+        node_cert: cert,
+    })
 }
 
-/// One stream; returns Ok(true) if it synced before ending.
+/// One stream; returns Ok(true) if it synced before ending. `reached_sync` is set when the
+/// stream synced, however it ended.
 async fn stream_once(
     opts: &ControllerOptions,
     replica: &mut Replica,
     out: &watch::Sender<Option<Arc<MeshState>>>,
     status: &Mutex<ConfigStatus>,
+    reached_sync: &mut bool,
 ) -> Result<bool, StreamError> {
-    let (channel, auth) = connect(opts).await?;
+    let Connection { channel, auth, .. } = connect(opts).await?;
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let hello = pb::AgentMessage {
@@ -319,6 +387,7 @@ async fn stream_once(
                 *replica = next;
                 if msg.sync {
                     synced = true;
+                    *reached_sync = true;
                     tracing::info!(
                         upserts = msg.upserts.len(),
                         removes = msg.removes.len(),

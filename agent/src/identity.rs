@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use weft_api::wire::pb::{self, certificates_client::CertificatesClient};
 
-use crate::discovery::{AuthHeader, ControllerOptions};
+use crate::discovery::{Connection, ControllerOptions};
 
 /// Why a certificate could not be obtained.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -28,6 +28,8 @@ pub enum CertError {
     Unavailable { identity: String, detail: String },
     #[error("the CA answered for {identity} with an unusable certificate: {detail}")]
     BadResponse { identity: String, detail: String },
+    #[error("the controller does not issue {identity}: {detail}")]
+    Unsupported { identity: String, detail: String },
 }
 
 /// A certificate and its private key.
@@ -75,10 +77,16 @@ pub trait CaClient: Send + Sync + 'static {
     async fn sign(&self, identity: &str, csr_pem: &str) -> Result<pb::SignResponse, CertError>;
 }
 
-/// The controller's Certificates gRPC service.
+/// `spiffe://<trust-domain>/weft/node/<node>`: the identity of a node certificate.
+pub fn node_spiffe_id(trust_domain: &str, node: &str) -> String {
+    format!("spiffe://{trust_domain}/weft/node/{node}")
+}
+
+/// The controller's Certificates gRPC service, for workload certificates: over mutual TLS with
+/// the node certificate (or the bearer credential when there is none).
 pub struct GrpcCaClient {
     opts: ControllerOptions,
-    conn: tokio::sync::Mutex<Option<(tonic::transport::Channel, AuthHeader)>>,
+    conn: tokio::sync::Mutex<Option<Connection>>,
 }
 
 impl GrpcCaClient {
@@ -97,8 +105,24 @@ impl CaClient for GrpcCaClient {
             identity: identity.to_string(),
             detail,
         };
-        let (channel, auth) = {
+        let Connection { channel, auth, .. } = {
             let mut conn = self.conn.lock().await;
+            // A renewed (or dropped) node certificate: reconnect with the current one.
+            let current = self
+                .opts
+                .node_identity
+                .as_ref()
+                .and_then(|n| n.certs.current(&n.id));
+            if let Some(c) = conn.as_ref() {
+                let same = match (&c.node_cert, &current) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                };
+                if !same {
+                    *conn = None;
+                }
+            }
             if conn.is_none() {
                 *conn = Some(
                     crate::discovery::connect(&self.opts)
@@ -132,6 +156,55 @@ impl CaClient for GrpcCaClient {
                         detail: s.message().to_string(),
                     })
                 }
+            }
+        }
+    }
+}
+
+/// The controller's Certificates gRPC service, for this node's own certificate: SignNode,
+/// authenticated by the bearer credential (bootstrap or service-account token) over TLS.
+pub struct NodeCaClient {
+    opts: ControllerOptions,
+}
+
+impl NodeCaClient {
+    /// `opts.token_file` is the credential exchanged; `opts.node_identity` is not used.
+    pub fn new(mut opts: ControllerOptions) -> Self {
+        opts.node_identity = None;
+        Self { opts }
+    }
+}
+
+#[tonic::async_trait]
+impl CaClient for NodeCaClient {
+    async fn sign(&self, identity: &str, csr_pem: &str) -> Result<pb::SignResponse, CertError> {
+        let Connection { channel, auth, .. } = crate::discovery::connect_with(&self.opts, None)
+            .await
+            .map_err(|e| CertError::Unavailable {
+                identity: identity.to_string(),
+                detail: e.to_string(),
+            })?;
+        let mut req = tonic::Request::new(pb::SignNodeRequest {
+            node: self.opts.node.clone(),
+            csr_pem: csr_pem.to_string(),
+        });
+        if let Some(v) = auth {
+            req.metadata_mut().insert("authorization", v);
+        }
+        match CertificatesClient::new(channel).sign_node(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => {
+                let (identity, detail) = (identity.to_string(), s.message().to_string());
+                Err(match s.code() {
+                    // An older controller, or one run with --insecure-no-auth.
+                    tonic::Code::Unimplemented | tonic::Code::FailedPrecondition => {
+                        CertError::Unsupported { identity, detail }
+                    }
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                        CertError::Unavailable { identity, detail }
+                    }
+                    _ => CertError::Refused { identity, detail },
+                })
             }
         }
     }
@@ -232,6 +305,21 @@ impl CertManager {
             .get(identity)
             .and_then(|s| s.cert.clone())
             .filter(|c| c.valid())
+    }
+
+    /// The current valid certificate of `identity`, if any (never fetches).
+    pub fn current(&self, identity: &str) -> Option<Arc<Certified>> {
+        self.cached(identity)
+    }
+
+    /// Drops `identity`'s certificate and stops renewing it; the next [`CertManager::get`]
+    /// obtains a new one.
+    pub fn forget(&self, identity: &str) {
+        if let Some(mut slot) = self.slots().remove(identity)
+            && let Some(t) = slot.task.take()
+        {
+            t.abort();
+        }
     }
 
     /// The certificate for `identity`: cached, or fetched now (and then kept renewed).
@@ -555,5 +643,23 @@ mod tests {
             1,
             "no renewal for a dropped identity"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_forgotten_node_certificate_is_obtained_again() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        let id = node_spiffe_id("cluster.local", "n1");
+        assert_eq!(id, "spiffe://cluster.local/weft/node/n1");
+        let first = m.get(&id).await.expect("first");
+        assert!(m.current(&id).is_some_and(|c| Arc::ptr_eq(&c, &first)));
+        m.forget(&id);
+        assert!(m.current(&id).is_none());
+        let again = m.get(&id).await.expect("again");
+        assert!(!Arc::ptr_eq(&first, &again), "a new key and certificate");
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
+        // The forgotten certificate's renewal stopped: only the new one renews.
+        tokio::time::sleep(Duration::from_secs(2200)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 3);
     }
 }

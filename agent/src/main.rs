@@ -37,9 +37,18 @@ struct Args {
     /// --state-dir when it generates one).
     #[arg(long, env = "WEFT_CONTROLLER_CA")]
     controller_ca: Option<PathBuf>,
-    /// File with this node's bootstrap token (sent as `authorization: Bearer`).
+    /// File with this node's bootstrap token (no-cluster mode), exchanged for a node
+    /// certificate at startup.
     #[arg(long, env = "WEFT_BOOTSTRAP_TOKEN_FILE")]
     bootstrap_token_file: Option<PathBuf>,
+    /// Kubernetes mode: the agent's projected service-account token (audience
+    /// `weft-controller`), exchanged for a node certificate; re-read on every use.
+    #[arg(
+        long,
+        env = "WEFT_SERVICE_ACCOUNT_TOKEN_FILE",
+        conflicts_with = "bootstrap_token_file"
+    )]
+    service_account_token_file: Option<PathBuf>,
     /// Where the agent keeps its last-good configuration snapshot (served while the controller
     /// is unreachable, including after a restart).
     #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft-agent")]
@@ -147,9 +156,12 @@ fn main() -> std::process::ExitCode {
             (None, Some(url), Some(ca)) => ConfigSource::Controller(ControllerOptions {
                 url,
                 ca,
-                token_file: args.bootstrap_token_file,
+                token_file: args
+                    .bootstrap_token_file
+                    .or(args.service_account_token_file),
                 node: args.node.clone(),
                 state_dir: args.state_dir,
+                node_identity: None,
             }),
             _ => {
                 eprintln!(

@@ -1,8 +1,9 @@
 //! The controller's certificate authority: a root and an intermediate, generated on first start
-//! and persisted (files with mode 0600 in no-cluster mode), or supplied by the operator (an
-//! intermediate under a corporate root). It signs X.509 SVIDs — certificates whose only
-//! subject alternative name is the workload's SPIFFE ID — from CSRs made by node agents, whose
-//! private keys never leave the node.
+//! and persisted (files with mode 0600 in no-cluster mode, a Secret in Kubernetes mode: see
+//! [`crate::ca_secret`]), or supplied by the operator (an intermediate under a corporate root).
+//! It signs X.509 SVIDs — certificates whose only subject alternative name is the workload's
+//! SPIFFE ID — from CSRs made by node agents, whose private keys never leave the node, and node
+//! certificates (client authentication only) for agent -> controller mutual TLS.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -109,39 +110,21 @@ impl Ca {
             path: dir.to_path_buf(),
             source,
         })?;
-        let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
-        let root_key = KeyPair::generate().map_err(sign_err)?;
-        let mut root_params = CertificateParams::new(Vec::<String>::new()).map_err(sign_err)?;
-        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        root_params
-            .distinguished_name
-            .push(DnType::CommonName, "Weft root CA");
-        root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        set_validity(&mut root_params, ROOT_TTL);
-        let root = root_params.self_signed(&root_key).map_err(sign_err)?;
-        let inter_key = KeyPair::generate().map_err(sign_err)?;
-        let mut inter_params = CertificateParams::new(Vec::<String>::new()).map_err(sign_err)?;
-        inter_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        inter_params
-            .distinguished_name
-            .push(DnType::CommonName, "Weft intermediate CA");
-        inter_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        set_validity(&mut inter_params, INTERMEDIATE_TTL);
-        let issuer = Issuer::from_params(&root_params, &root_key);
-        let inter = inter_params
-            .signed_by(&inter_key, &issuer)
-            .map_err(sign_err)?;
-        write_file(&dir.join("root-key.pem"), &root_key.serialize_pem(), true)?;
-        write_file(&key_path, &inter_key.serialize_pem(), true)?;
-        write_file(&root_path, &root.pem(), false)?;
-        write_file(&inter_path, &inter.pem(), false)?;
+        let g = generate()?;
+        write_file(&dir.join("root-key.pem"), &g.root_key_pem, true)?;
+        write_file(&key_path, &g.intermediate_key_pem, true)?;
+        write_file(&root_path, &g.root_pem, false)?;
+        write_file(&inter_path, &g.intermediate_pem, false)?;
         tracing::info!(dir = %dir.display(), "generated the mesh root and intermediate CA");
-        Ok(Self {
-            intermediate_not_after: inter_params.not_after.unix_timestamp(),
-            intermediate_pem: inter.pem(),
-            intermediate_key: inter_key,
-            trust_bundle: vec![root.pem()],
+        Self::from_pem(
+            &g.intermediate_pem,
+            &g.intermediate_key_pem,
+            vec![g.root_pem],
             workload_ttl,
+        )
+        .map_err(|detail| CaError::Material {
+            path: dir.to_path_buf(),
+            detail,
         })
     }
 
@@ -194,9 +177,44 @@ impl Ca {
         spiffe_id: &str,
         ttl: Option<Duration>,
     ) -> Result<Signed, CaError> {
+        let ttl = ttl.unwrap_or(self.workload_ttl).min(self.workload_ttl);
+        self.sign_leaf(
+            csr_pem,
+            spiffe_id,
+            ttl,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// Signs a node certificate (`spiffe://<trust-domain>/weft/node/<node>`): client
+    /// authentication only, so it can authenticate an agent to the controller but can never
+    /// serve as a workload's (server) certificate.
+    pub fn sign_node(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        ttl: Duration,
+    ) -> Result<Signed, CaError> {
+        self.sign_leaf(
+            csr_pem,
+            spiffe_id,
+            ttl,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+        )
+    }
+
+    fn sign_leaf(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        ttl: Duration,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Signed, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
-        let ttl = ttl.unwrap_or(self.workload_ttl).min(self.workload_ttl);
         let uri = spiffe_id
             .to_string()
             .try_into()
@@ -208,10 +226,7 @@ impl Ca {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, ttl);
         // Never past the intermediate: a chain with an expired intermediate fails everywhere.
@@ -232,6 +247,52 @@ impl Ca {
             not_after,
         })
     }
+}
+
+/// A freshly generated root and intermediate (PEM), before they are persisted.
+pub struct Generated {
+    pub root_pem: String,
+    pub root_key_pem: String,
+    pub intermediate_pem: String,
+    pub intermediate_key_pem: String,
+}
+
+impl std::fmt::Debug for Generated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generated").finish_non_exhaustive()
+    }
+}
+
+/// Generates a root (10 years) and an intermediate under it (1 year), ECDSA P-256.
+pub fn generate() -> Result<Generated, CaError> {
+    let sign_err = |e: rcgen::Error| CaError::Sign(e.to_string());
+    let root_key = KeyPair::generate().map_err(sign_err)?;
+    let mut root_params = CertificateParams::new(Vec::<String>::new()).map_err(sign_err)?;
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root_params
+        .distinguished_name
+        .push(DnType::CommonName, "Weft root CA");
+    root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    set_validity(&mut root_params, ROOT_TTL);
+    let root = root_params.self_signed(&root_key).map_err(sign_err)?;
+    let inter_key = KeyPair::generate().map_err(sign_err)?;
+    let mut inter_params = CertificateParams::new(Vec::<String>::new()).map_err(sign_err)?;
+    inter_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    inter_params
+        .distinguished_name
+        .push(DnType::CommonName, "Weft intermediate CA");
+    inter_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    set_validity(&mut inter_params, INTERMEDIATE_TTL);
+    let issuer = Issuer::from_params(&root_params, &root_key);
+    let inter = inter_params
+        .signed_by(&inter_key, &issuer)
+        .map_err(sign_err)?;
+    Ok(Generated {
+        root_pem: root.pem(),
+        root_key_pem: root_key.serialize_pem(),
+        intermediate_pem: inter.pem(),
+        intermediate_key_pem: inter_key.serialize_pem(),
+    })
 }
 
 fn not_after_of(pem: &str) -> Result<i64, String> {

@@ -5,28 +5,49 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
-use weft_api::wire::pb::{SignRequest, SignResponse, certificates_server::Certificates};
+use weft_api::wire::pb::{
+    SignNodeRequest, SignRequest, SignResponse, certificates_server::Certificates,
+};
 
 use crate::ca::{Ca, CaError};
-use crate::server::Auth;
+use crate::server::{Authenticator, node_spiffe_id, valid_node_name};
 use crate::source::StateRx;
+
+/// Default lifetime of node certificates.
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(3600);
 
 /// The service.
 pub struct CertificateService {
     ca: Arc<Ca>,
     state: StateRx,
-    auth: Auth,
+    auth: Authenticator,
     trust_domain: String,
+    node_ttl: Duration,
 }
 
 impl CertificateService {
-    pub fn new(ca: Arc<Ca>, state: StateRx, auth: Auth, trust_domain: String) -> Self {
+    /// Workload identities and node certificates are in `auth`'s trust domain.
+    pub fn new(ca: Arc<Ca>, state: StateRx, auth: Authenticator) -> Self {
         Self {
             ca,
             state,
+            trust_domain: auth.trust_domain().to_string(),
             auth,
-            trust_domain,
+            node_ttl: DEFAULT_NODE_TTL,
         }
+    }
+
+    /// Lifetime of node certificates (default one hour).
+    pub fn with_node_ttl(mut self, ttl: Duration) -> Self {
+        self.node_ttl = ttl;
+        self
+    }
+}
+
+fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
     }
 }
 
@@ -54,12 +75,12 @@ pub fn parse_spiffe_id<'a>(id: &'a str, trust_domain: &str) -> Result<(&'a str, 
 #[tonic::async_trait]
 impl Certificates for CertificateService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        if matches!(self.auth, Auth::Insecure) {
+        if self.auth.is_insecure() {
             return Err(Status::failed_precondition(
                 "workload certificates are not issued with --insecure-no-auth: without node credentials anyone could obtain any identity",
             ));
         }
-        let node = self.auth.node_for(req.metadata())?;
+        let node = self.auth.node_for(&req).await?;
         let req = req.into_inner();
         let (ns, sa) =
             parse_spiffe_id(&req.identity, &self.trust_domain).map_err(Status::invalid_argument)?;
@@ -81,11 +102,49 @@ impl Certificates for CertificateService {
         let signed = self
             .ca
             .sign(&req.csr_pem, &req.identity, ttl)
-            .map_err(|e| match e {
-                CaError::BadCsr(_) => Status::invalid_argument(e.to_string()),
-                _ => Status::internal(e.to_string()),
-            })?;
+            .map_err(ca_status)?;
         tracing::info!(node = node.as_deref().unwrap_or("?"), identity = %req.identity, not_after = signed.not_after, "issued a workload certificate");
+        Ok(Response::new(SignResponse {
+            chain_pem: signed.chain_pem,
+            trust_bundle_pem: self.ca.trust_bundle().to_vec(),
+            not_after: signed.not_after,
+        }))
+    }
+
+    async fn sign_node(
+        &self,
+        req: Request<SignNodeRequest>,
+    ) -> Result<Response<SignResponse>, Status> {
+        if self.auth.is_insecure() {
+            return Err(Status::failed_precondition(
+                "node certificates are not issued with --insecure-no-auth: without node credentials anyone could obtain any node's certificate",
+            ));
+        }
+        // Only the bearer credential counts here, never a node certificate: a stolen node
+        // certificate cannot be renewed once the node's token is revoked.
+        let authorised = self.auth.node_for_bearer(req.metadata()).await?;
+        let req = req.into_inner();
+        if !valid_node_name(&req.node) {
+            return Err(Status::invalid_argument(format!(
+                "`{}` is not a node name (1 to 253 of a-z A-Z 0-9 . - _; set the agent's --node)",
+                req.node
+            )));
+        }
+        if let Some(n) = &authorised
+            && *n != req.node
+        {
+            tracing::warn!(credential_node = %n, requested = %req.node, "refused a node certificate for another node");
+            return Err(Status::permission_denied(format!(
+                "this credential belongs to node {n}, not {}: an agent may only obtain its own node's certificate",
+                req.node
+            )));
+        }
+        let id = node_spiffe_id(&self.trust_domain, &req.node);
+        let signed = self
+            .ca
+            .sign_node(&req.csr_pem, &id, self.node_ttl)
+            .map_err(ca_status)?;
+        tracing::info!(node = %req.node, not_after = signed.not_after, "issued a node certificate");
         Ok(Response::new(SignResponse {
             chain_pem: signed.chain_pem,
             trust_bundle_pem: self.ca.trust_bundle().to_vec(),

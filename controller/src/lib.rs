@@ -2,6 +2,7 @@
 //! [`weft_api::MeshState`]; [`view`] keeps each node's view; [`server`] streams it to agents.
 
 pub mod ca;
+pub mod ca_secret;
 pub mod certs;
 pub mod crd;
 pub mod dir;
@@ -9,4 +10,5 @@ pub mod k8s;
 pub mod server;
 pub mod source;
 pub mod tls;
+pub mod tokenreview;
 pub mod view;

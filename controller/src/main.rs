@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use weft_api::local::LocalConfig;
 use weft_api::wire::pb::certificates_server::CertificatesServer;
 use weft_api::wire::pb::discovery_server::DiscoveryServer;
 use weft_controller::ca::Ca;
 use weft_controller::certs::CertificateService;
-use weft_controller::server::{Auth, DiscoveryService, Tokens};
+use weft_controller::server::{Auth, Authenticator, DiscoveryService, Tokens};
+use weft_controller::tokenreview::TokenReviewer;
 use weft_controller::{dir, source, tls, view::Views};
 
 /// Weft controller: the mesh's control plane.
@@ -53,9 +54,41 @@ struct Args {
     /// Extra IP addresses for the generated server certificate.
     #[arg(long = "tls-san", env = "WEFT_TLS_SAN", value_delimiter = ',')]
     tls_san: Vec<IpAddr>,
-    /// Per-node bootstrap tokens: a YAML map `node: token`.
-    #[arg(long, env = "WEFT_BOOTSTRAP_TOKENS")]
+    /// Per-node bootstrap tokens: a YAML map `node: token` (no-cluster mode; Kubernetes mode
+    /// reviews the agents' service-account tokens instead).
+    #[arg(long, env = "WEFT_BOOTSTRAP_TOKENS", conflicts_with = "kubernetes")]
     bootstrap_tokens: Option<PathBuf>,
+    /// Kubernetes mode: the service account agents run under, `<namespace>/<name>`; tokens of
+    /// any other account are refused.
+    #[arg(
+        long,
+        env = "WEFT_AGENT_SERVICE_ACCOUNT",
+        default_value = weft_controller::tokenreview::DEFAULT_AGENT_SERVICE_ACCOUNT
+    )]
+    agent_service_account: String,
+    /// Kubernetes mode: the audience agents' projected service-account tokens must carry.
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_AUDIENCE",
+        default_value = weft_controller::tokenreview::DEFAULT_AUDIENCE
+    )]
+    token_audience: String,
+    /// Kubernetes mode: the Secret holding the mesh CA, `<namespace>/<name>` (created on first
+    /// start unless --ca-cert is given).
+    #[arg(
+        long,
+        env = "WEFT_CA_SECRET",
+        default_value = weft_controller::ca_secret::DEFAULT_CA_SECRET
+    )]
+    ca_secret: String,
+    /// Lifetime of node certificates (agent -> controller mTLS), in seconds; agents renew at
+    /// half-life.
+    #[arg(long, env = "WEFT_NODE_CERT_TTL", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(60..=86_400))]
+    node_cert_ttl: u64,
+    /// Refuse bearer tokens on the config stream and workload-certificate requests: agents must
+    /// connect with their node certificate (tokens are then only exchanged for one, SignNode).
+    #[arg(long, env = "WEFT_REQUIRE_NODE_CERTIFICATES")]
+    require_node_certificates: bool,
     /// Accept any agent for any node (development only).
     #[arg(long, conflicts_with = "bootstrap_tokens")]
     insecure_no_auth: bool,
@@ -107,8 +140,21 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let auth = match (&args.bootstrap_tokens, args.insecure_no_auth) {
-        (Some(path), _) => {
+    let client = if args.kubernetes {
+        Some(kube::Client::try_default().await.context(
+            "connecting to Kubernetes (in-cluster service account, or KUBECONFIG); for no-cluster mode use --config-dir",
+        )?)
+    } else {
+        None
+    };
+    let credentials = match (&args.bootstrap_tokens, args.insecure_no_auth, &client) {
+        (_, true, _) => {
+            tracing::warn!(
+                "--insecure-no-auth: any client can claim any node's configuration; workload and node certificates are not issued in this mode; development only"
+            );
+            Auth::Insecure
+        }
+        (Some(path), false, _) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading bootstrap tokens {}", path.display()))?;
             let nodes: HashMap<String, String> =
@@ -126,16 +172,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
             )
         }
-        (None, true) => {
-            tracing::warn!(
-                "--insecure-no-auth: any client can claim any node's configuration; workload certificates are not issued in this mode; development only"
-            );
-            Auth::Insecure
-        }
-        (None, false) => bail!(
+        (None, false, Some(client)) => Auth::Kubernetes(Arc::new(
+            TokenReviewer::new(
+                client.clone(),
+                &args.token_audience,
+                &args.agent_service_account,
+            )
+            .context("--agent-service-account")?,
+        )),
+        (None, false, None) => bail!(
             "agents must authenticate: pass --bootstrap-tokens FILE (YAML `node: token`), or --insecure-no-auth for development"
         ),
     };
+    let auth = Authenticator::new(credentials, args.trust_domain.clone())
+        .require_node_certificates(args.require_node_certificates);
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => tls::load(c, k)?,
         _ => tls::load_or_generate(&args.state_dir, &args.tls_san)?,
@@ -158,25 +208,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
             )
             .map_err(|e| anyhow::anyhow!("the CA in {}: {e}", cert.display()))?
         }
-        _ => Ca::load_or_generate(&args.state_dir.join("ca"), ttl)?,
+        _ => match &client {
+            Some(client) => {
+                weft_controller::ca_secret::load_or_create(client.clone(), &args.ca_secret, ttl)
+                    .await?
+            }
+            None => Ca::load_or_generate(&args.state_dir.join("ca"), ttl)?,
+        },
     };
     let ca = Arc::new(ca);
 
     let (state_tx, mut state_rx) = source::channel();
-    let cert_service = CertificateService::new(
-        ca.clone(),
-        state_tx.subscribe(),
-        auth.clone(),
-        args.trust_domain.clone(),
-    );
+    let cert_service = CertificateService::new(ca.clone(), state_tx.subscribe(), auth.clone())
+        .with_node_ttl(Duration::from_secs(args.node_cert_ttl));
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let views = Arc::new(Views::default());
     views.set_trust_bundle(ca.trust_bundle());
     // The source runs until the process ends; if it stops, the controller must not go on
     // serving (and authorising certificates against) a frozen state.
     let (source_done_tx, source_done) = tokio::sync::oneshot::channel::<String>();
-    match &args.config_dir {
-        Some(config_dir) => {
+    match (&args.config_dir, client) {
+        (Some(config_dir), _) => {
             tokio::spawn(dir::run(
                 LocalConfig::new(config_dir),
                 Duration::from_millis(args.poll_ms),
@@ -184,10 +236,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ));
             drop(source_done_tx);
         }
-        None => {
-            let client = kube::Client::try_default().await.context(
-                "connecting to Kubernetes (in-cluster service account, or KUBECONFIG); for no-cluster mode use --config-dir",
-            )?;
+        (None, None) => bail!("pass --config-dir DIR or --kubernetes"),
+        (None, Some(client)) => {
             tokio::spawn(weft_controller::crd::run_status_controller(client.clone()));
             tokio::spawn(async move {
                 let why =
@@ -218,7 +268,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, "config stream listening");
     Server::builder()
         .tls_config(
-            ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),
+            // Client certificates are optional (the SignNode exchange has none yet) but, when
+            // presented, must chain to the mesh CA; `Authenticator` reads the node from them.
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .client_ca_root(Certificate::from_pem(ca.trust_bundle().concat()))
+                .client_auth_optional(true),
         )
         .context("TLS configuration")?
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -257,4 +312,30 @@ async fn shutdown() {
         _ => std::future::pending::<()>().await,
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Args::command().debug_assert();
+        // Kubernetes mode authenticates agents by TokenReview: bootstrap tokens are refused.
+        let e = Args::try_parse_from([
+            "weft-controller",
+            "--kubernetes",
+            "--bootstrap-tokens",
+            "t.yaml",
+        ])
+        .expect_err("conflict");
+        assert!(e.to_string().contains("--bootstrap-tokens"), "{e}");
+        let a = Args::try_parse_from(["weft-controller", "--kubernetes"]).expect("defaults");
+        assert_eq!(a.agent_service_account, "weft-system/weft-agent");
+        assert_eq!(a.token_audience, "weft-controller");
+        assert_eq!(a.ca_secret, "weft-system/weft-ca");
+        assert_eq!(a.node_cert_ttl, 3600);
+        assert!(!a.require_node_certificates);
+    }
 }

@@ -19,6 +19,7 @@ use weft_api::wire::pb::{
     self, AgentMessage, ControllerMessage, agent_message, discovery_server::Discovery,
 };
 
+use crate::tokenreview::{ReviewError, TokenReviewer};
 use crate::view::Views;
 
 /// Updates an agent may leave unacknowledged before its stream is closed.
@@ -50,13 +51,172 @@ impl Tokens {
     }
 }
 
-/// How agents authenticate.
+/// How agents prove which node they are before they hold a node certificate (and, unless
+/// node certificates are required, on every call).
 #[derive(Clone, Debug)]
 pub enum Auth {
     /// Per-node bootstrap tokens (`authorization: Bearer <token>`).
     Tokens(Tokens),
+    /// Kubernetes mode: the agent's projected service-account token, checked with a TokenReview.
+    Kubernetes(Arc<TokenReviewer>),
     /// Anyone may claim any node (development only; the controller warns at startup).
     Insecure,
+}
+
+/// Who a caller is: its node credentials ([`Auth`]) and, preferred, a verified node
+/// certificate (`spiffe://<trust-domain>/weft/node/<node>`, chained to the mesh CA; the TLS
+/// layer has already checked the chain and validity).
+#[derive(Clone, Debug)]
+pub struct Authenticator {
+    credentials: Auth,
+    trust_domain: String,
+    require_node_certificates: bool,
+}
+
+/// `spiffe://<trust-domain>/weft/node/<node>`: the identity in a node certificate.
+pub fn node_spiffe_id(trust_domain: &str, node: &str) -> String {
+    format!("spiffe://{trust_domain}/weft/node/{node}")
+}
+
+/// Whether `node` can be a node name in a SPIFFE ID (Kubernetes node names are DNS subdomains).
+pub fn valid_node_name(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 253
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && node != "."
+        && node != ".."
+}
+
+/// The node of a node certificate (DER), or why it is not one.
+pub fn node_of_certificate(der: &[u8], trust_domain: &str) -> Result<String, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("the client certificate is not X.509 ({e})"))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("the client certificate's subjectAltName is malformed ({e})"))?;
+    let uris: Vec<&str> = sans
+        .iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .filter_map(|g| match g {
+            x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris.as_slice() else {
+        return Err(format!(
+            "the client certificate carries {} URI SANs where a node certificate carries exactly one",
+            uris.len()
+        ));
+    };
+    let prefix = format!("spiffe://{trust_domain}/weft/node/");
+    match uri.strip_prefix(&prefix) {
+        Some(node) if valid_node_name(node) => Ok(node.to_string()),
+        _ => Err(format!(
+            "the client certificate is for `{uri}`, not a node of this mesh ({prefix}<node>): agents authenticate with the node certificate SignNode issued them, never a workload certificate"
+        )),
+    }
+}
+
+/// When the caller's client certificate expires (as a tokio instant), if it presented one.
+pub fn peer_certificate_expiry<T>(req: &Request<T>) -> Option<tokio::time::Instant> {
+    let certs = req.peer_certs()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs.first()?).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = u64::try_from(not_after.saturating_sub(now)).unwrap_or(0);
+    Some(tokio::time::Instant::now() + Duration::from_secs(left))
+}
+
+impl Authenticator {
+    pub fn new(credentials: Auth, trust_domain: impl Into<String>) -> Self {
+        Self {
+            credentials,
+            trust_domain: trust_domain.into(),
+            require_node_certificates: false,
+        }
+    }
+
+    /// Refuse bearer credentials on the config stream and `Sign` (only `SignNode` takes them).
+    pub fn require_node_certificates(mut self, yes: bool) -> Self {
+        self.require_node_certificates = yes;
+        self
+    }
+
+    pub fn credentials(&self) -> &Auth {
+        &self.credentials
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn is_insecure(&self) -> bool {
+        matches!(self.credentials, Auth::Insecure)
+    }
+
+    /// The node a caller may speak for (`None`: any node, insecure mode): from its node
+    /// certificate when it presented one, else (unless node certificates are required) from
+    /// its bearer credential.
+    pub async fn node_for<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        if let Some(certs) = req.peer_certs()
+            && let Some(leaf) = certs.first()
+        {
+            return node_of_certificate(leaf, &self.trust_domain)
+                .map(Some)
+                .map_err(Status::unauthenticated);
+        }
+        if self.require_node_certificates && !self.is_insecure() {
+            return Err(Status::unauthenticated(
+                "this controller requires a node certificate (--require-node-certificates): the agent must first exchange its token for one with SignNode and connect with it (upgrade the agent)",
+            ));
+        }
+        self.node_for_bearer(req.metadata()).await
+    }
+
+    /// The node of the caller's bearer credential (bootstrap token or service-account token),
+    /// ignoring any certificate: what `SignNode` accepts.
+    pub async fn node_for_bearer(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<Option<String>, Status> {
+        let hint = match &self.credentials {
+            Auth::Insecure => return Ok(None),
+            Auth::Tokens(_) => "bootstrap token (check --bootstrap-token-file)",
+            Auth::Kubernetes(_) => {
+                "projected service-account token (check --service-account-token-file)"
+            }
+        };
+        let header = metadata.get("authorization").ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "no credentials: the agent must present its node certificate or send `authorization: Bearer <{hint}>`"
+            ))
+        })?;
+        let value = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
+        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+            Status::unauthenticated("authorization header must be `Bearer <token>`")
+        })?;
+        match &self.credentials {
+            Auth::Insecure => Ok(None),
+            Auth::Tokens(tokens) => tokens
+                .node_of(token.trim())
+                .map(|n| Some(n.to_string()))
+                .ok_or_else(|| Status::unauthenticated("unknown bootstrap token (check the agent's --bootstrap-token-file against the controller's --bootstrap-tokens)")),
+            Auth::Kubernetes(reviewer) => reviewer
+                .node_of(token.trim())
+                .await
+                .map(Some)
+                .map_err(|e| match e {
+                    ReviewError::Unavailable(_) => Status::unavailable(e.to_string()),
+                    _ => Status::unauthenticated(e.to_string()),
+                }),
+        }
+    }
 }
 
 /// The service.
@@ -66,46 +226,20 @@ pub struct DiscoveryService {
     /// True once the source published its first complete state; no agent is synced before
     /// (a restarting controller must not tell agents to forget everything).
     ready: watch::Receiver<bool>,
-    auth: Auth,
+    auth: Authenticator,
 }
 
 impl DiscoveryService {
-    pub fn new(views: Arc<Views>, ready: watch::Receiver<bool>, auth: Auth) -> Self {
+    pub fn new(views: Arc<Views>, ready: watch::Receiver<bool>, auth: Authenticator) -> Self {
         Self { views, ready, auth }
     }
 
-    fn authenticate(
+    /// The node the stream may be for (`None`: any, insecure mode).
+    async fn authenticate(
         &self,
         req: &Request<Streaming<AgentMessage>>,
     ) -> Result<Option<String>, Status> {
-        self.auth.node_for(req.metadata())
-    }
-}
-
-impl Auth {
-    /// The node a caller may speak for (`None`: any node, insecure mode), from its credentials.
-    /// The identity work swaps bootstrap tokens for node certificates here.
-    pub fn node_for(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<Option<String>, Status> {
-        let tokens = match self {
-            Auth::Insecure => return Ok(None),
-            Auth::Tokens(t) => t,
-        };
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("no credentials: the agent must send `authorization: Bearer <bootstrap token>` (check --bootstrap-token-file)"))?;
-        let value = header
-            .to_str()
-            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
-        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-            Status::unauthenticated("authorization header must be `Bearer <token>`")
-        })?;
-        tokens
-            .node_of(token.trim())
-            .map(|n| Some(n.to_string()))
-            .ok_or_else(|| Status::unauthenticated("unknown bootstrap token (check the agent's --bootstrap-token-file against the controller's --bootstrap-tokens)"))
+        self.auth.node_for(req).await
     }
 }
 
@@ -119,7 +253,11 @@ impl Discovery for DiscoveryService {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let authorised_node = self.authenticate(&req)?;
+        let authorised_node = self.authenticate(&req).await?;
+        // A stream opened with a node certificate lasts no longer than the certificate: the
+        // agent reconnects with its renewed one (and a node whose token was revoked, unable
+        // to renew, is cut off).
+        let expires = peer_certificate_expiry(&req);
         let peer = req.remote_addr();
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -143,7 +281,7 @@ impl Discovery for DiscoveryService {
             && *n != hello.node
         {
             return Err(Status::permission_denied(format!(
-                "this token belongs to node {n}, not {}",
+                "this credential belongs to node {n}, not {}",
                 hello.node
             )));
         }
@@ -153,15 +291,28 @@ impl Discovery for DiscoveryService {
         let views = self.views.clone();
         let ready = self.ready.clone();
         tokio::spawn(async move {
-            serve(
+            let serving = serve(
                 views,
                 ready,
-                node,
+                node.clone(),
                 hello.known.into_iter().collect(),
                 inbound,
-                tx,
-            )
-            .await;
+                tx.clone(),
+            );
+            match expires {
+                None => serving.await,
+                Some(at) => tokio::select! {
+                    () = serving => {}
+                    () = tokio::time::sleep_until(at) => {
+                        tracing::info!(%node, "the stream's node certificate expired; closing the stream");
+                        let _ = tx
+                            .send(Err(Status::unauthenticated(
+                                "the node certificate this stream was opened with expired; reconnect with the renewed certificate",
+                            )))
+                            .await;
+                    }
+                },
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

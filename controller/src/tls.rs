@@ -1,8 +1,8 @@
-//! The config stream's server certificate. Until node identities exist (identity issue), the
-//! stream is TLS with a server certificate, and agents prove who they are with a per-node
-//! bootstrap token. The certificate is either the operator's (`--tls-cert/--tls-key`) or
-//! generated on first start into `--state-dir` (a private CA, `ca.pem`, that agents trust with
-//! `--controller-ca`), and reused afterwards.
+//! The config stream's server certificate, which agents verify. (Agents authenticate
+//! themselves with node certificates from the mesh CA, see `server::Authenticator`.) The
+//! certificate is either the operator's (`--tls-cert/--tls-key`) or generated on first start
+//! into `--state-dir` (a private CA, `ca.pem`, that agents trust with `--controller-ca`), and
+//! reused afterwards.
 
 use std::io::Write as _;
 use std::net::IpAddr;

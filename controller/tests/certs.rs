@@ -14,7 +14,7 @@ use weft_api::wire::pb::certificates_server::CertificatesServer;
 use weft_api::{CaptureSettings, MeshState, WorkloadInfo};
 use weft_controller::ca::{Ca, DEFAULT_WORKLOAD_TTL};
 use weft_controller::certs::CertificateService;
-use weft_controller::server::{Auth, Tokens};
+use weft_controller::server::{Auth, Authenticator, Tokens};
 
 const N1: &str = "token-for-node-one-0123456789";
 const N2: &str = "token-for-node-two-0123456789";
@@ -54,7 +54,7 @@ async fn start_with(auth: Auth) -> (String, tempdir::Dir) {
     }
     let (tx, rx) = watch::channel(Arc::new(state));
     std::mem::forget(tx);
-    let svc = CertificateService::new(ca, rx, auth, "cluster.local".into());
+    let svc = CertificateService::new(ca, rx, Authenticator::new(auth, "cluster.local"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

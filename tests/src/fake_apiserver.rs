@@ -13,9 +13,12 @@
 //! stored status; status writes change only the status) and `metadata.generation`. A write
 //! that changes nothing keeps the resourceVersion, as on the real server, so a controller
 //! re-applying the same status does not loop. Not modelled: RBAC, admission, schemas, JSON
-//! patch, set-based selectors, pagination, managedFields, finalizers. Faults: `inject_errors`
-//! (the next requests fail with 500), `fail_path` (requests to one collection fail with a
-//! chosen status, e.g. 404 for a CRD that is not installed), `drop_watches`, `compact`.
+//! patch, set-based selectors, pagination, managedFields, finalizers. TokenReviews
+//! (`POST /apis/authentication.k8s.io/v1/tokenreviews`) answer from the tokens given to
+//! `add_token` (audiences checked; unknown tokens refused); they are not stored. Faults:
+//! `inject_errors` (the next requests fail with 500), `fail_path` (requests to one collection
+//! fail with a chosen status, e.g. 404 for a CRD that is not installed), `drop_watches`,
+//! `compact`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -105,6 +108,49 @@ struct Shared {
     log: Mutex<Vec<RequestRecord>>,
     bookmark_every: Mutex<Duration>,
     bookmarks: Mutex<Vec<(String, u64)>>,
+    /// TokenReview: token -> who it authenticates.
+    tokens: Mutex<BTreeMap<String, TokenUser>>,
+}
+
+/// The API path of TokenReviews (`create` only, like the real server).
+pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// Who a token authenticates as in a TokenReview ([`FakeApiServer::add_token`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenUser {
+    pub username: String,
+    pub uid: String,
+    /// The token's audiences; a review asking for none of them is refused, as on the real
+    /// server.
+    pub audiences: Vec<String>,
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl TokenUser {
+    /// A projected token of service account `ns/name` with `audience`, bound to a pod.
+    pub fn service_account(ns: &str, name: &str, audience: &str) -> Self {
+        Self {
+            username: format!("system:serviceaccount:{ns}:{name}"),
+            uid: format!("uid-sa-{ns}-{name}"),
+            audiences: vec![audience.into()],
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Bound to pod `name` (UID `uid`) and, when given, node `node` (the node-name extra,
+    /// Kubernetes 1.30+; without it a reviewer must look the pod up).
+    pub fn bound_to(mut self, pod: &str, uid: &str, node: Option<&str>) -> Self {
+        let mut put = |k: &str, v: &str| {
+            self.extra
+                .insert(format!("authentication.kubernetes.io/{k}"), vec![v.into()]);
+        };
+        put("pod-name", pod);
+        put("pod-uid", uid);
+        if let Some(n) = node {
+            put("node-name", n);
+        }
+        self
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -139,6 +185,7 @@ impl FakeApiServer {
             log: Mutex::new(Vec::new()),
             bookmark_every: Mutex::new(Duration::from_secs(60)),
             bookmarks: Mutex::new(Vec::new()),
+            tokens: Mutex::new(BTreeMap::new()),
         });
         let sh = shared.clone();
         let accept = tokio::spawn(async move {
@@ -257,6 +304,16 @@ impl FakeApiServer {
     /// Every request answered so far, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.shared.log).clone()
+    }
+
+    /// TokenReviews of `token` authenticate it as `user` (unknown tokens are refused).
+    pub fn add_token(&self, token: &str, user: TokenUser) {
+        lock(&self.shared.tokens).insert(token.into(), user);
+    }
+
+    /// Forgets `token` (as if it expired or its pod was deleted).
+    pub fn revoke_token(&self, token: &str) {
+        lock(&self.shared.tokens).remove(token);
     }
 
     /// The latest resourceVersion.
@@ -576,6 +633,12 @@ fn route(
     body: &[u8],
 ) -> (Response<Body>, u16) {
     let reply = match Target::parse(path) {
+        _ if path == TOKEN_REVIEWS && *m == Method::POST => token_review(sh, body),
+        _ if path.starts_with(TOKEN_REVIEWS) => fail(
+            405,
+            "MethodNotAllowed",
+            format!("{m} {path}: tokenreviews are create-only"),
+        ),
         None => fail(404, "NotFound", format!("no such resource: {path}")),
         Some(t) if *m == Method::GET && !t.named && is_watch(q) => {
             return start_watch(sh, t, q);
@@ -598,6 +661,40 @@ fn route(
     };
     let (code, v) = reply.unwrap_or_else(|f| (f.0, f.status()));
     (respond(code, full(&v)), code)
+}
+
+/// A TokenReview: the request echoed with its status, as the real server answers (201).
+fn token_review(sh: &Shared, body: &[u8]) -> Reply {
+    let mut review: Value = serde_json::from_slice(body)
+        .map_err(|e| Fail(400, "BadRequest", format!("body is not JSON: {e}")))?;
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(|v| v.as_str().map(Into::into))
+            .collect(),
+        _ => vec!["https://kubernetes.default.svc".into()],
+    };
+    let user = lock(&sh.tokens).get(token).cloned();
+    let status = match user {
+        None => json!({"user": {}, "error": "invalid bearer token"}),
+        Some(u) => {
+            let common: Vec<&String> = wanted.iter().filter(|a| u.audiences.contains(a)).collect();
+            if common.is_empty() {
+                json!({"user": {}, "error": format!("token audiences {:?} is invalid for the target audiences {:?}", u.audiences, wanted)})
+            } else {
+                json!({"authenticated": true, "audiences": common,
+                       "user": {"username": u.username, "uid": u.uid,
+                                "groups": ["system:serviceaccounts", "system:authenticated"],
+                                "extra": u.extra}})
+            }
+        }
+    };
+    review["status"] = status;
+    if let Some(spec) = review["spec"].as_object_mut() {
+        spec.remove("token");
+    }
+    Ok((201, review))
 }
 
 fn not_found(k: &Key) -> Fail {
@@ -1131,5 +1228,59 @@ mod tests {
         assert!(slices.list(&ListParams::default()).await.is_err());
         server.fail_path(path, 403, 0);
         assert!(slices.list(&ListParams::default()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn token_reviews_answer_from_configured_tokens() {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let server = FakeApiServer::start().await;
+        server.add_token(
+            "t1",
+            TokenUser::service_account("weft-system", "weft-agent", "aud").bound_to(
+                "p",
+                "u",
+                Some("n1"),
+            ),
+        );
+        let api: Api<TokenReview> = Api::all(server.client());
+        let review = |token: &str, aud: &str| TokenReview {
+            spec: TokenReviewSpec {
+                audiences: Some(vec![aud.into()]),
+                token: Some(token.into()),
+            },
+            ..Default::default()
+        };
+        let pp = PostParams::default();
+        let ok = api.create(&pp, &review("t1", "aud")).await.expect("review");
+        let status = ok.status.expect("status");
+        assert_eq!(status.authenticated, Some(true));
+        let user = status.user.expect("user");
+        assert_eq!(
+            user.username.as_deref(),
+            Some("system:serviceaccount:weft-system:weft-agent")
+        );
+        let extra = user.extra.expect("extra");
+        assert_eq!(
+            extra["authentication.kubernetes.io/node-name"],
+            vec!["n1".to_string()]
+        );
+        for (token, aud, why) in [
+            ("t1", "other", "audiences"),
+            ("nope", "aud", "invalid bearer token"),
+        ] {
+            let r = api.create(&pp, &review(token, aud)).await.expect("review");
+            let status = r.status.expect("status");
+            assert_ne!(status.authenticated, Some(true));
+            assert!(status.error.unwrap_or_default().contains(why), "{why}");
+        }
+        server.revoke_token("t1");
+        let r = api.create(&pp, &review("t1", "aud")).await.expect("review");
+        assert_ne!(r.status.expect("status").authenticated, Some(true));
+        // Reviews are not stored.
+        let e = Api::<TokenReview>::all(server.client())
+            .get("anything")
+            .await
+            .expect_err("no GET");
+        assert!(matches!(&e, kube::Error::Api(s) if s.code == 405), "{e:?}");
     }
 }

@@ -486,6 +486,8 @@ pub struct MeshLab {
     config_path: PathBuf,
     dir: PathBuf,
     extra_agent_args: Vec<String>,
+    /// Extra controller arguments (see [`MeshLab::set_controller_args`]).
+    controller_args: Vec<String>,
     /// Dropped last (fields drop in order): agents stop before the namespaces go.
     pub lab: Lab,
 }
@@ -504,6 +506,7 @@ impl MeshLab {
             config_path,
             dir,
             extra_agent_args: extra.iter().map(|s| s.to_string()).collect(),
+            controller_args: Vec::new(),
             lab,
         };
         mesh.write_config()?;
@@ -545,6 +548,7 @@ impl MeshLab {
             config_path: config_dir.join("mesh.yaml"),
             dir,
             extra_agent_args: extra.iter().map(|s| s.to_string()).collect(),
+            controller_args: Vec::new(),
             lab,
         };
         mesh.write_config()?;
@@ -570,10 +574,17 @@ impl MeshLab {
             &self.dir.join("controller"),
             &self.dir.join("tokens.yaml"),
             &self.dir,
+            &self.controller_args,
         )?;
         c.wait_listening(Duration::from_secs(20))?;
         self.controller = Some(c);
         Ok(())
+    }
+
+    /// Extra arguments for the controller from its next (re)start on, e.g.
+    /// `--require-node-certificates` or `--node-cert-ttl 60`.
+    pub fn set_controller_args(&mut self, args: &[&str]) {
+        self.controller_args = args.iter().map(|s| s.to_string()).collect();
     }
 
     /// Kills the controller (SIGKILL), as an outage would.
@@ -708,13 +719,14 @@ pub struct ControllerProcess {
 
 impl ControllerProcess {
     /// Starts `weft-controller --config-dir <config_dir>` listening on the node's fabric
-    /// address, port [`CONTROLLER_PORT`].
+    /// address, port [`CONTROLLER_PORT`], with `extra` arguments.
     pub fn start(
         node: &Node,
         config_dir: &Path,
         state_dir: &Path,
         tokens: &Path,
         dir: &Path,
+        extra: &[String],
     ) -> Result<Self, MeshError> {
         let bin = controller_binary()?;
         let log_path = dir.join("controller.log");
@@ -736,6 +748,7 @@ impl ControllerProcess {
             .arg(node.ip4.to_string())
             .arg("--bootstrap-tokens")
             .arg(tokens)
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use weft_api::wire::pb::{self, agent_message, discovery_client::DiscoveryClient};
 use weft_api::{CaptureSettings, MeshState, WorkloadInfo};
-use weft_controller::server::{Auth, DiscoveryService};
+use weft_controller::server::{Auth, Authenticator, DiscoveryService};
 use weft_controller::view::Views;
 
 /// Sizes of the simulated cluster.
@@ -151,7 +151,11 @@ async fn bench(args: ControlPlaneArgs, json: bool) -> anyhow::Result<()> {
     ready_tx.send_replace(true);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
-    let service = DiscoveryService::new(views.clone(), ready_rx, Auth::Insecure);
+    let service = DiscoveryService::new(
+        views.clone(),
+        ready_rx,
+        Authenticator::new(Auth::Insecure, "cluster.local"),
+    );
     let server = Server::builder()
         .tls_config(
             ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem)),

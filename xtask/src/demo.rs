@@ -85,7 +85,7 @@ pub fn run() -> anyhow::Result<()> {
         "--bins",
     ]))?;
     println!(
-        "\n== Building a two-node lab: weft-controller on node n1 (config directory, TLS, bootstrap tokens), one weft-agent per node =="
+        "\n== Building a two-node lab: weft-controller on node n1 (config directory; bootstrap tokens exchanged for node certificates, mTLS), one weft-agent per node =="
     );
     let started = Instant::now();
     let w = world(&[APP_PORT, EXCLUDED_PORT], &["--trace-unenrolled"], true)?;
