@@ -40,6 +40,8 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub control_plane: crate::bench_control_plane::ControlPlaneArgs,
+    #[command(flatten)]
+    pub l4: crate::bench_l4::L4Args,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -48,6 +50,9 @@ pub enum Target {
     Capture,
     /// Config streaming at scale: full push, per-change latency and bytes, RSS.
     ControlPlane,
+    /// The L4 mesh against the same workloads direct: throughput, latency, req/s, conn/s,
+    /// agent RSS and CPU.
+    L4,
 }
 
 /// An echo server (no greeting) on its own thread; stops and joins on drop.
@@ -171,6 +176,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         Target::Capture => capture(args),
         Target::ControlPlane => crate::bench_control_plane::run(args.control_plane, args.json),
+        Target::L4 => crate::bench_l4::run(args.l4, args.json),
     }
 }
 

@@ -195,16 +195,19 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
-    println!("\n== What each agent forwarded (access log) ==");
+    println!(
+        "\n== What each agent forwarded (access log; mutual_tls = carried in an HBONE tunnel, none = plaintext) =="
+    );
     for a in &w.mesh.agents {
         for l in a.access_log() {
             println!(
-                "  [{}] {:<8} {:<13} {:>24} -> {:<24} sent {:>3} B, received {:>3} B, {:.2} ms, {}",
+                "  [{}] {:<8} {:<13} {:>24} -> {:<24} {:<10} sent {:>3} B, received {:>3} B, {:.2} ms, {}",
                 a.node.name,
                 l["direction"].as_str().unwrap_or("?"),
                 l["pod"].as_str().unwrap_or("?"),
                 l["src"].as_str().unwrap_or("?"),
                 l["dst"].as_str().unwrap_or("?"),
+                l["security"].as_str().unwrap_or("?"),
                 l["bytes_sent"].as_u64().unwrap_or(0),
                 l["bytes_received"].as_u64().unwrap_or(0),
                 l["duration_ms"].as_f64().unwrap_or(0.0),
