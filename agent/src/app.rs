@@ -277,7 +277,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Applies every new state, and retries failed enrolments every second.
+/// After a trust bundle change, certificates are renewed this long after the change...
+const TRUST_BUNDLE_RENEW_SETTLE: Duration = Duration::from_secs(2);
+/// ...plus a random delay up to this, so a node's identities do not all reach the CA at once.
+const TRUST_BUNDLE_RENEW_SPREAD: Duration = Duration::from_secs(1);
+
+/// Applies every new state, and retries failed enrolments every second. A change of the trust
+/// bundle (not the first one seen) renews every held certificate within seconds.
 async fn reconcile_loop(
     mut states: watch::Receiver<Option<Arc<MeshState>>>,
     pods: Arc<Mutex<PodManager>>,
@@ -286,6 +292,8 @@ async fn reconcile_loop(
 ) {
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The last non-empty trust bundle seen.
+    let mut trust_bundle: Option<Vec<String>> = None;
     loop {
         tokio::select! {
             changed = states.changed() => {
@@ -312,8 +320,41 @@ async fn reconcile_loop(
                         .map(|w| spiffe_id(td, &w.namespace, &w.service_account)),
                 );
             }
+            if !state.trust_bundle.is_empty() && trust_bundle.as_ref() != Some(&state.trust_bundle)
+            {
+                if trust_bundle.is_some() {
+                    renew_after_trust_bundle_change(&state, identities.as_ref(), &admin);
+                }
+                trust_bundle = Some(state.trust_bundle.clone());
+            }
         }
     }
+}
+
+/// A root rotation step: certificates from the (possibly new) CA are fetched within seconds
+/// rather than at half-life. The settle delay lets every agent receive the new bundle (over its
+/// own stream) before any peer presents a certificate issued under a newly added root.
+fn renew_after_trust_bundle_change(
+    state: &MeshState,
+    identities: Option<&(Arc<CertManager>, String, String)>,
+    admin: &AdminState,
+) {
+    let workload = identities.map_or(0, |(certs, _, _)| {
+        certs.renew_all_soon(TRUST_BUNDLE_RENEW_SETTLE, TRUST_BUNDLE_RENEW_SPREAD)
+    });
+    // The node certificate too: once the old root is removed, the controller no longer
+    // accepts one issued under it.
+    let node = admin.node_certs.as_ref().map_or(0, |certs| {
+        certs.renew_all_soon(TRUST_BUNDLE_RENEW_SETTLE, TRUST_BUNDLE_RENEW_SPREAD)
+    });
+    metrics::counter!("weft_trust_bundle_changes_total").increment(1);
+    tracing::info!(
+        roots = state.trust_bundle.len(),
+        workload_certificates = workload,
+        node_certificates = node,
+        within_ms = (TRUST_BUNDLE_RENEW_SETTLE + TRUST_BUNDLE_RENEW_SPREAD).as_millis() as u64,
+        "trust bundle changed: renewing every certificate from the current CA"
+    );
 }
 
 pub use crate::mesh::spiffe_id;

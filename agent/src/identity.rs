@@ -4,7 +4,9 @@
 //! to the controller's CA, and caches the result per identity. Certificates are fetched on
 //! demand, renewed at half-life (with jitter, so a node's certificates do not all renew at
 //! once), and retried with backoff while the CA is unreachable; a certificate keeps being
-//! served until it expires. Time is measured with tokio's clock, so tests can pause it.
+//! served until it expires. When the mesh's trust bundle changes (a root rotation), every held
+//! certificate is renewed within seconds instead of at half-life
+//! ([`CertManager::renew_all_soon`]). Time is measured with tokio's clock, so tests can pause it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -228,6 +230,18 @@ struct Slot {
     task: Option<tokio::task::AbortHandle>,
     /// Serialises first fetches of this identity, so concurrent callers share one CSR.
     fetching: Arc<tokio::sync::Mutex<()>>,
+    /// An early renewal asked for (trust bundle change): renew at this time instead of at
+    /// half-life.
+    early: Option<Instant>,
+    /// Wakes the renewal task when `early` is set.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Why a renewal happens (the `reason` of the log line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reason {
+    HalfLife,
+    TrustBundle,
 }
 
 /// Certificates by identity.
@@ -386,35 +400,120 @@ impl CertManager {
         }
     }
 
+    /// The current certificate of `identity` (even expired), and the renewal task's wake-up.
+    fn renewal_state(&self, identity: &str) -> Option<(Arc<Certified>, Arc<tokio::sync::Notify>)> {
+        let slots = self.slots();
+        let slot = slots.get(identity)?;
+        Some((slot.cert.clone()?, slot.wake.clone()))
+    }
+
+    /// An early renewal due now (taken, so it happens once), if any.
+    fn take_early(&self, identity: &str) -> Option<Instant> {
+        let mut slots = self.slots();
+        let slot = slots.get_mut(identity)?;
+        match slot.early {
+            Some(at) if at <= Instant::now() => slot.early.take(),
+            _ => None,
+        }
+    }
+
+    fn early(&self, identity: &str) -> Option<Instant> {
+        self.slots().get(identity).and_then(|s| s.early)
+    }
+
     async fn renew_forever(self: Arc<Self>, identity: String) {
         loop {
-            let Some(current) = self.slots().get(&identity).and_then(|s| s.cert.clone()) else {
+            let Some((current, wake)) = self.renewal_state(&identity) else {
                 return;
             };
             let jitter = (rand::random::<f64>() - 0.5) * 0.2;
-            tokio::time::sleep_until(current.renew_at(jitter)).await;
-            let mut retry = RETRY_MIN;
-            loop {
-                match fetch(self.ca.as_ref(), &identity).await {
-                    Ok(c) => {
-                        metrics::counter!("weft_certificate_renewals_total", "result" => "ok")
-                            .increment(1);
-                        tracing::info!(%identity, not_after = c.not_after, "certificate renewed");
-                        let _ = self.store(&identity, Ok(c));
-                        break;
+            let due = current.renew_at(jitter);
+            // Until half-life, or an earlier renewal asked for in the meantime.
+            let reason = loop {
+                let at = self.early(&identity).map_or(due, |e| e.min(due));
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = wake.notified() => continue,
+                }
+                if self.take_early(&identity).is_some() {
+                    break Reason::TrustBundle;
+                }
+                if Instant::now() >= due {
+                    break Reason::HalfLife;
+                }
+            };
+            self.renew_now(&identity, &current, &wake, reason).await;
+        }
+    }
+
+    /// Renews `identity` until it succeeds (retrying with backoff); `current` stays in use
+    /// meanwhile.
+    async fn renew_now(
+        &self,
+        identity: &str,
+        current: &Certified,
+        wake: &tokio::sync::Notify,
+        mut reason: Reason,
+    ) {
+        let mut retry = RETRY_MIN;
+        loop {
+            let result = fetch(self.ca.as_ref(), identity).await;
+            let outcome = if result.is_ok() { "ok" } else { "error" };
+            metrics::counter!("weft_certificate_renewals_total", "result" => outcome).increment(1);
+            if reason == Reason::TrustBundle {
+                metrics::counter!("weft_certificate_trust_bundle_renewals_total", "result" => outcome)
+                    .increment(1);
+            }
+            match result {
+                Ok(c) => {
+                    tracing::info!(%identity, not_after = c.not_after, reason = ?reason, "certificate renewed");
+                    let _ = self.store(identity, Ok(c));
+                    return;
+                }
+                Err(e) => {
+                    let still_valid = current.valid();
+                    tracing::warn!(%identity, error = %e, still_valid, retry_in_s = retry.as_secs(), reason = ?reason, "certificate renewal failed; the current certificate stays in use until it expires");
+                    let _ = self.store(identity, Err(e));
+                    // A trust bundle change during the backoff: one early retry (the CA may
+                    // have been replaced by a reachable one), then the backoff goes on.
+                    tokio::select! {
+                        () = tokio::time::sleep(retry) => {}
+                        () = wake.notified() => {
+                            if let Some(at) = self.early(identity) {
+                                tokio::time::sleep_until(at).await;
+                            }
+                            if self.take_early(identity).is_some() {
+                                reason = Reason::TrustBundle;
+                            }
+                        }
                     }
-                    Err(e) => {
-                        metrics::counter!("weft_certificate_renewals_total", "result" => "error")
-                            .increment(1);
-                        let still_valid = current.valid();
-                        tracing::warn!(%identity, error = %e, still_valid, retry_in_s = retry.as_secs(), "certificate renewal failed; the current certificate stays in use until it expires");
-                        let _ = self.store(&identity, Err(e));
-                        tokio::time::sleep(retry).await;
-                        retry = (retry * 2).min(RETRY_MAX);
-                    }
+                    retry = (retry * 2).min(RETRY_MAX);
                 }
             }
         }
+    }
+
+    /// Renews every certificate this manager keeps renewed `settle` from now plus a random
+    /// delay up to `spread` (so a node's identities do not all reach the CA at once), instead
+    /// of at half-life: after a trust bundle change, so that certificates issued by a new CA
+    /// are in use within seconds. Current certificates stay in use until their successors
+    /// arrive; failures retry with the usual backoff. Returns how many certificates are to be
+    /// renewed.
+    pub fn renew_all_soon(&self, settle: Duration, spread: Duration) -> usize {
+        let now = Instant::now() + settle;
+        let mut n = 0;
+        for (identity, slot) in self.slots().iter_mut() {
+            // Only certificates under renewal: a first fetch under way asks the current CA.
+            if !slot.renewing || slot.cert.is_none() {
+                continue;
+            }
+            let at = now + spread.mul_f64(rand::random::<f64>());
+            slot.early = Some(slot.early.map_or(at, |e| e.min(at)));
+            slot.wake.notify_one();
+            tracing::debug!(%identity, in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64, "early renewal scheduled");
+            n += 1;
+        }
+        n
     }
 
     /// Makes sure every identity in `identities` has (or is getting) a certificate, and drops
@@ -660,6 +759,66 @@ mod tests {
         assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
         // The forgotten certificate's renewal stopped: only the new one renews.
         tokio::time::sleep(Duration::from_secs(2200)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_trust_bundle_change_renews_every_certificate_promptly() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        assert_eq!(
+            m.renew_all_soon(Duration::ZERO, Duration::from_secs(1)),
+            0,
+            "nothing held, nothing to renew"
+        );
+        const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+        let web = m.get(ID).await.expect("web");
+        let api = m.get(API).await.expect("api");
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            m.renew_all_soon(Duration::from_secs(2), Duration::from_secs(1)),
+            2
+        );
+        // Before the settle delay: nothing asked yet, the old certificates are served.
+        tokio::time::sleep(Duration::from_millis(1900)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
+        assert!(m.current(ID).is_some_and(|c| Arc::ptr_eq(&c, &web)));
+        // Within settle + spread: both renewed once, with new keys.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 4);
+        let web2 = m.current(ID).expect("renewed web");
+        assert!(!Arc::ptr_eq(&web2, &web));
+        assert_ne!(web2.key_pem, web.key_pem, "a new key");
+        assert!(m.current(API).is_some_and(|c| !Arc::ptr_eq(&c, &api)));
+        // Half-life now counts from the new certificates (40% of an hour after ~3 s).
+        tokio::time::sleep(Duration::from_secs(1400)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 4);
+        tokio::time::sleep(Duration::from_secs(800)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn identity_trust_bundle_renewal_keeps_the_old_certificate_while_the_ca_fails() {
+        let ca = fake(3600);
+        let m = CertManager::new(ca.clone());
+        let first = m.get(ID).await.expect("first");
+        ca.up.store(false, Ordering::SeqCst);
+        assert_eq!(m.renew_all_soon(Duration::ZERO, Duration::from_secs(1)), 1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2, "asked promptly");
+        assert!(m.current(ID).is_some_and(|c| Arc::ptr_eq(&c, &first)));
+        assert!(
+            m.status()[0]
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("unreachable"))
+        );
+        // The usual backoff (1 s, then 2 s) brings the new certificate once the CA is back.
+        ca.up.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let s = &m.status()[0];
+        assert!(s.valid && s.last_error.is_none(), "{s:?}");
+        assert!(m.current(ID).is_some_and(|c| !Arc::ptr_eq(&c, &first)));
         assert_eq!(ca.calls.load(Ordering::SeqCst), 3);
     }
 }
