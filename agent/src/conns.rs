@@ -99,6 +99,11 @@ impl Connections {
         *self.count.borrow()
     }
 
+    /// Whether no connection is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Closes every live inbound connection the policies no longer allow; returns how many.
     pub fn enforce(
         &self,

@@ -37,6 +37,10 @@ pub struct L4Args {
     /// Seconds per load run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=120))]
     pub seconds: u64,
+    /// Also profile both agents with `perf` during an extra one-connection run through the mesh
+    /// and print where their CPU time goes.
+    #[arg(long)]
+    pub perf: bool,
 }
 
 /// A tiny HTTP/1.1 server on its own runtime, listening inside a namespace.
@@ -348,6 +352,15 @@ pub fn run(args: L4Args, json_out: bool) -> anyhow::Result<()> {
         },
     )?;
     let rss = [rss_mb(pids[0]), rss_mb(pids[1])];
+    if args.perf {
+        profile(
+            &ns_name(web),
+            IpAddr::V4(api.ip4),
+            pids,
+            args.seconds,
+            w.mesh.dir(),
+        )?;
+    }
     let per_1k = |i: usize| cpu_used[i] / (mesh.c16_requests / 1000.0).max(1e-9);
     let agent = json!({
         "rss_mb": rss[0].max(rss[1]),
@@ -393,6 +406,70 @@ pub fn run(args: L4Args, json_out: bool) -> anyhow::Result<()> {
         per_1k(0),
         per_1k(1)
     );
+    Ok(())
+}
+
+/// `perf record` on both agents during a one-connection wrk run, then the top symbols.
+fn profile(
+    client_ns: &str,
+    server_ip: IpAddr,
+    pids: [u32; 2],
+    secs: u64,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let mut recs = Vec::new();
+    for (i, pid) in pids.iter().enumerate() {
+        let out = dir.join(format!("perf-agent{}.data", i + 1));
+        let child = Command::new("perf")
+            .args(["record", "-F", "2000", "-g", "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf (Debian package linux-perf)")?;
+        recs.push((child, out));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let url = format!("http://{server_ip}:{HTTP_PORT}/");
+    in_netns(
+        client_ns,
+        &["wrk", "-t1", "-c1", "-d", &format!("{secs}s"), &url],
+    )?;
+    for (child, out) in recs.iter_mut() {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+        let _ = child.wait();
+        for (sort, limit) in [("dso", "0.5"), ("sym", "0.7")] {
+            let report = Command::new("perf")
+                .args([
+                    "report",
+                    "--stdio",
+                    "--no-children",
+                    "--percent-limit",
+                    limit,
+                    "--sort",
+                    sort,
+                    "-g",
+                    "none",
+                    "-i",
+                ])
+                .arg(&*out)
+                .output()
+                .context("perf report")?;
+            println!(
+                "\n== perf: {} by {sort} (self time, >= {limit}%) ==",
+                out.display()
+            );
+            for line in String::from_utf8_lossy(&report.stdout)
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .take(30)
+            {
+                println!("{line}");
+            }
+        }
+    }
     Ok(())
 }
 
