@@ -510,72 +510,57 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
     let tunnelled = ctx.mtls() && dst_peer.as_ref().is_some_and(|p| p.meshed);
     parties.mtls = tunnelled;
     parties.set_dst_peer(dst_peer.as_deref(), tunnelled);
-    let reg = ctx.conns.register(None);
-    let connect_start = Instant::now();
-    if let Some(dst_peer) = dst_peer.clone().filter(|_| tunnelled) {
-        let opened = open_tunnel(pod, ctx, &view, &dst_peer, dst, peer.ip()).await;
-        if let Some(p) = &pick {
-            p.observe(match &opened {
-                Ok(_) => connect_start.elapsed(),
-                Err(_) => lb::FAILURE_PENALTY,
-            });
-        }
-        match opened {
-            Ok((tunnel, lease)) => {
-                let _ = client.set_nodelay(true);
-                let _ = socket2::SockRef::from(&client).set_tcp_keepalive(&keepalive());
-                let flow = Flow {
-                    dir: Direction::Outbound,
-                    pod,
-                    src: peer,
-                    dst,
-                    parties,
-                    verdict: None,
-                    start,
-                };
-                flow.run(client, tunnel, reg, (BUF_TCP, BUF_TUNNEL)).await;
-                drop(lease);
-            }
-            Err(e) => {
-                refused(Direction::Outbound, pod, peer, Some(dst), &parties, &e);
-                reset(&client);
-            }
-        }
-        return;
-    }
     if dst_peer.is_none() && !ctx.passthrough {
         let e = RejectReason::PassthroughDenied { dst };
         refused(Direction::Outbound, pod, peer, Some(dst), &parties, &e);
         return reset(&client);
     }
-    let upstream = connect_from(pod, ctx, dst).await;
+    let reg = ctx.conns.register(None);
+    let connect_start = Instant::now();
+    let connected = match dst_peer.filter(|_| tunnelled) {
+        Some(dst_peer) => open_tunnel(pod, ctx, &view, &dst_peer, dst, peer.ip())
+            .await
+            .map(|(tunnel, lease)| Upstream::Tunnel(tunnel, lease)),
+        None => connect_from(pod, ctx, dst).await.map(Upstream::Plain),
+    };
     if let Some(p) = &pick {
-        p.observe(match &upstream {
+        p.observe(match &connected {
             Ok(_) => connect_start.elapsed(),
             Err(_) => lb::FAILURE_PENALTY,
         });
     }
-    match upstream {
-        Ok(upstream) => {
-            let _ = client.set_nodelay(true);
-            let _ = socket2::SockRef::from(&client).set_tcp_keepalive(&keepalive());
-            let flow = Flow {
-                dir: Direction::Outbound,
-                pod,
-                src: peer,
-                dst,
-                parties,
-                verdict: None,
-                start,
-            };
-            flow.run(client, upstream, reg, (BUF_TCP, BUF_TCP)).await;
-        }
+    let upstream = match connected {
+        Ok(u) => u,
         Err(e) => {
             refused(Direction::Outbound, pod, peer, Some(dst), &parties, &e);
-            reset(&client);
+            return reset(&client);
         }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = socket2::SockRef::from(&client).set_tcp_keepalive(&keepalive());
+    let flow = Flow {
+        dir: Direction::Outbound,
+        pod,
+        src: peer,
+        dst,
+        parties,
+        verdict: None,
+        start,
+    };
+    match upstream {
+        Upstream::Tunnel(tunnel, lease) => {
+            flow.run(client, tunnel, reg, (BUF_TCP, BUF_TUNNEL)).await;
+            drop(lease);
+        }
+        Upstream::Plain(stream) => flow.run(client, stream, reg, (BUF_TCP, BUF_TCP)).await,
     }
     drop(pick);
+}
+
+/// Where an outbound connection goes: a tunnel (holding its pooled connection) or plain TCP.
+enum Upstream {
+    Tunnel(Tunnel, Lease),
+    Plain(TcpStream),
 }
 
 fn outbound_destination(

@@ -22,7 +22,7 @@ use serde_json::json;
 use socket2::{Domain, Protocol, Socket, Type};
 use weft_netns::NetNs;
 
-use crate::setup::{self, SetupArgs, cargo, run_cmd};
+use crate::setup;
 
 const PORT: u16 = 7000;
 const MSG: usize = 64;
@@ -181,12 +181,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn capture(args: BenchArgs) -> anyhow::Result<()> {
-    setup::run(SetupArgs { ci: false })?;
-    if !setup::is_root() {
-        bail!("the benchmark builds a lab and loads eBPF programs: run it as root");
-    }
+    setup::prepare_lab("the benchmark")?;
     // Benchmarks measure the optimised agent.
-    run_cmd(cargo().args(["build", "--release", "-p", "weft-agent", "--bins"]))?;
+    setup::build_mesh_binaries(true)?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::PathBuf::from("target"),
         std::path::PathBuf::from,

@@ -26,7 +26,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_netns::NetNs;
 
-use crate::setup::{self, SetupArgs, cargo, run_cmd};
+use crate::setup;
 
 const HTTP_PORT: u16 = 8088;
 const IPERF_PORT: u16 = 5201;
@@ -286,19 +286,8 @@ fn measure(
 }
 
 pub fn run(args: L4Args, json_out: bool) -> anyhow::Result<()> {
-    setup::run(SetupArgs { ci: false })?;
-    if !setup::is_root() {
-        bail!("the benchmark builds a lab and loads eBPF programs: run it as root");
-    }
-    run_cmd(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "weft-agent",
-        "-p",
-        "weft-controller",
-        "--bins",
-    ]))?;
+    setup::prepare_lab("the benchmark")?;
+    setup::build_mesh_binaries(true)?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::PathBuf::from("target"),
         std::path::PathBuf::from,

@@ -38,14 +38,7 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
             "warning: not root: the lab and capture tests will be skipped (run as root for the full suite)"
         );
     }
-    run_cmd(cargo().args([
-        "build",
-        "-p",
-        "weft-agent",
-        "-p",
-        "weft-controller",
-        "--bins",
-    ]))?;
+    crate::setup::build_mesh_binaries(false)?;
     run_cmd(with_packages(cargo().arg("test")).arg("--").args(extra))?;
     Ok(())
 }

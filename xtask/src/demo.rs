@@ -4,12 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde_json::Value;
 use weft_tests::mesh::{MeshConfig, MeshLab, WorkloadSpec};
 use weft_tests::{Lab, LabSpec, Pod, TestServer, ask, tcp_connect_in};
 
-use crate::setup::{self, SetupArgs, cargo, run_cmd};
+use crate::setup;
 
 /// Port every demo app listens on.
 pub const APP_PORT: u16 = 8080;
@@ -72,18 +72,8 @@ struct Flow {
 
 /// Runs the demo.
 pub fn run() -> anyhow::Result<()> {
-    setup::run(SetupArgs { ci: false })?;
-    if !setup::is_root() {
-        bail!("the demo builds network namespaces and loads eBPF programs: run it as root");
-    }
-    run_cmd(cargo().args([
-        "build",
-        "-p",
-        "weft-agent",
-        "-p",
-        "weft-controller",
-        "--bins",
-    ]))?;
+    setup::prepare_lab("the demo")?;
+    setup::build_mesh_binaries(false)?;
     println!(
         "\n== Building a two-node lab: weft-controller on node n1 (config directory; bootstrap tokens exchanged for node certificates, mTLS), one weft-agent per node =="
     );

@@ -72,6 +72,25 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// Builds the agent and controller binaries the lab starts (optimised for benchmarks).
+pub fn build_mesh_binaries(release: bool) -> anyhow::Result<()> {
+    let mut cmd = cargo();
+    cmd.arg("build");
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(cmd.args(["-p", "weft-agent", "-p", "weft-controller", "--bins"]))
+}
+
+/// Installs what is missing and checks for root, which the lab needs (`what` needs it).
+pub fn prepare_lab(what: &str) -> anyhow::Result<()> {
+    run(SetupArgs { ci: false })?;
+    if !is_root() {
+        anyhow::bail!("{what} builds network namespaces and loads eBPF programs: run it as root");
+    }
+    Ok(())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
