@@ -127,8 +127,12 @@ mod tests {
         let lb = Balancer::default();
         let (fast, slow) = (ip("10.0.0.1"), ip("10.0.0.2"));
         let c = [fast, slow];
-        lb.pick(&[fast]).expect("pick").observe(Duration::from_micros(100));
-        lb.pick(&[slow]).expect("pick").observe(Duration::from_millis(20));
+        lb.pick(&[fast])
+            .expect("pick")
+            .observe(Duration::from_micros(100));
+        lb.pick(&[slow])
+            .expect("pick")
+            .observe(Duration::from_millis(20));
         let mut n_fast = 0;
         for _ in 0..1000 {
             let p = lb.pick(&c).expect("pick");
