@@ -1,0 +1,1223 @@
+//! The waypoint's configuration: listeners with HTTPRoute-style routes, and backends.
+//!
+//! The shape follows Gateway API `HTTPRoute` (matches, filters, backendRefs, timeouts), with
+//! Weft extensions on each route (`retry`, `fault`, `rateLimit`) and on each backend
+//! (`circuitBreaker`, `outlierDetection`, `loadBalancer`). [`Config::from_yaml`] parses and
+//! validates; every validation error names the field path (`listeners[0].routes[2].matches[0]
+//! .path.value`) and how to fix it.
+//!
+//! ```yaml
+//! listeners:
+//!   - name: reviews
+//!     address: 0.0.0.0:15080
+//!     routes:
+//!       - name: v2-canary
+//!         matches:
+//!           - path: { type: PathPrefix, value: /api }
+//!             headers: [{ name: x-canary, value: "true" }]
+//!         backendRefs: [{ name: reviews-v2, weight: 1 }]
+//!         timeouts: { request: 5s, backendRequest: 1s }
+//!         retry: { attempts: 3, retryOn: [connect-failure, "503"] }
+//! backends:
+//!   - name: reviews-v2
+//!     endpoints: ["10.0.0.7:8080", "10.0.0.8:8080"]
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::GatewayDuration;
+
+/// The whole waypoint configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// The sockets the waypoint serves, each with its own route table.
+    pub listeners: Vec<ListenerConfig>,
+    /// The backends routes send traffic to.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// Largest request body buffered (bodies are buffered so that retries can resend them).
+    #[serde(default = "default_max_body")]
+    pub max_request_body_bytes: usize,
+}
+
+fn default_max_body() -> usize {
+    4 * 1024 * 1024
+}
+
+/// One listening socket and its routes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name, used in metrics.
+    pub name: String,
+    /// `ip:port` to listen on.
+    pub address: String,
+    /// The routes, in the order that breaks precedence ties.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One HTTPRoute rule with its hostnames and Weft extensions.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and logs; defaults to `<listener>/<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Hosts this route serves (exact, or `*.example.com`); empty means any host.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Any one of these must match; empty means `PathPrefix /`.
+    #[serde(default)]
+    pub matches: Vec<MatchConfig>,
+    /// Applied in order before the request is forwarded.
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+    /// Weighted backends; may be empty only when a `RequestRedirect` filter answers.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+    /// Request and per-attempt timeouts.
+    #[serde(default)]
+    pub timeouts: Option<TimeoutsConfig>,
+    /// Weft extension: retries.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Weft extension: fault injection.
+    #[serde(default)]
+    pub fault: Option<FaultConfig>,
+    /// Weft extension: local rate limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// One HTTPRouteMatch: every present condition must hold.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MatchConfig {
+    /// Path condition; absent means `PathPrefix /`.
+    #[serde(default)]
+    pub path: Option<PathMatch>,
+    /// Exact header conditions (names are case-insensitive).
+    #[serde(default)]
+    pub headers: Vec<NameValue>,
+    /// Exact query parameter conditions.
+    #[serde(default)]
+    pub query_params: Vec<NameValue>,
+    /// HTTP method.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// A path condition.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    /// How `value` is compared.
+    #[serde(rename = "type", default)]
+    pub kind: PathMatchType,
+    /// The path, prefix or regular expression.
+    pub value: String,
+}
+
+/// Path comparison, as in Gateway API.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub enum PathMatchType {
+    /// The whole path equals the value.
+    Exact,
+    /// The path starts with the value, element-wise (`/foo` matches `/foo/bar`, not `/foobar`).
+    #[default]
+    PathPrefix,
+    /// The whole path matches the regular expression.
+    RegularExpression,
+}
+
+/// A name and a value (headers, query parameters).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NameValue {
+    /// Name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// A reference from a route to a backend, with its share of the traffic.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    /// Name of an entry of `backends`.
+    pub name: String,
+    /// Relative weight (Gateway API default 1); 0 sends no traffic.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// An HTTPRoute filter.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "type")]
+pub enum FilterConfig {
+    /// Changes request headers before forwarding.
+    RequestHeaderModifier {
+        /// The changes.
+        #[serde(rename = "requestHeaderModifier")]
+        request_header_modifier: HeaderModifierConfig,
+    },
+    /// Changes response headers before answering.
+    ResponseHeaderModifier {
+        /// The changes.
+        #[serde(rename = "responseHeaderModifier")]
+        response_header_modifier: HeaderModifierConfig,
+    },
+    /// Rewrites the path and/or host before forwarding.
+    #[serde(rename = "URLRewrite")]
+    UrlRewrite {
+        /// The rewrite.
+        #[serde(rename = "urlRewrite")]
+        url_rewrite: UrlRewriteConfig,
+    },
+    /// Answers with a redirect instead of forwarding.
+    RequestRedirect {
+        /// The redirect.
+        #[serde(rename = "requestRedirect")]
+        request_redirect: RedirectConfig,
+    },
+}
+
+/// Header changes: `set` replaces, `add` appends, `remove` deletes.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderModifierConfig {
+    /// Headers set, replacing existing values.
+    #[serde(default)]
+    pub set: Vec<NameValue>,
+    /// Headers appended to existing values.
+    #[serde(default)]
+    pub add: Vec<NameValue>,
+    /// Header names removed.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A URL rewrite.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UrlRewriteConfig {
+    /// New `Host`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New path.
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+}
+
+/// How a rewrite or redirect changes the path.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(tag = "type")]
+pub enum PathModifier {
+    /// Replaces the whole path.
+    ReplaceFullPath {
+        /// The new path.
+        #[serde(rename = "replaceFullPath")]
+        replace_full_path: String,
+    },
+    /// Replaces the part matched by the route's `PathPrefix`.
+    ReplacePrefixMatch {
+        /// The new prefix.
+        #[serde(rename = "replacePrefixMatch")]
+        replace_prefix_match: String,
+    },
+}
+
+/// A redirect answer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// `http` or `https`; default: unchanged.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// New host; default: the request's.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New port; default: none in the Location.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// New path; default: the request's.
+    #[serde(default)]
+    pub path: Option<PathModifier>,
+    /// 301 or 302 (default 302).
+    #[serde(default = "default_redirect_status")]
+    pub status_code: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    302
+}
+
+/// Gateway API timeouts.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// Whole request, retries and delays included, until the response headers.
+    #[serde(default)]
+    pub request: Option<GatewayDuration>,
+    /// Each attempt to a backend, until its response headers.
+    #[serde(default)]
+    pub backend_request: Option<GatewayDuration>,
+}
+
+/// Weft extension: retries.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total attempts including the first (1 disables retries).
+    pub attempts: u32,
+    /// Exponential backoff between attempts, with full jitter.
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+    /// Conditions that trigger a retry.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<RetryOn>,
+    /// Cap on retries relative to requests.
+    #[serde(default)]
+    pub budget: RetryBudgetConfig,
+}
+
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::ConnectFailure, RetryOn::Reset, RetryOn::Status503]
+}
+
+/// Exponential backoff: attempt `n` waits a random time in `[0, min(max, base * 2^n)]`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// First backoff ceiling.
+    pub base: GatewayDuration,
+    /// Largest backoff ceiling.
+    pub max: GatewayDuration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            base: GatewayDuration(std::time::Duration::from_millis(25)),
+            max: GatewayDuration(std::time::Duration::from_millis(250)),
+        }
+    }
+}
+
+/// A retry condition.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub enum RetryOn {
+    /// The TCP connection to the endpoint failed.
+    #[serde(rename = "connect-failure")]
+    ConnectFailure,
+    /// The connection broke before the response headers.
+    #[serde(rename = "reset")]
+    Reset,
+    /// Any 5xx response.
+    #[serde(rename = "5xx")]
+    Status5xx,
+    /// A 503 response.
+    #[serde(rename = "503")]
+    Status503,
+    /// gRPC status CANCELLED (1).
+    #[serde(rename = "cancelled")]
+    GrpcCancelled,
+    /// gRPC status DEADLINE_EXCEEDED (4).
+    #[serde(rename = "deadline-exceeded")]
+    GrpcDeadlineExceeded,
+    /// gRPC status RESOURCE_EXHAUSTED (8).
+    #[serde(rename = "resource-exhausted")]
+    GrpcResourceExhausted,
+    /// gRPC status INTERNAL (13).
+    #[serde(rename = "internal")]
+    GrpcInternal,
+    /// gRPC status UNAVAILABLE (14).
+    #[serde(rename = "unavailable")]
+    GrpcUnavailable,
+}
+
+/// Retry budget: over a sliding window, retries may not exceed `ratio` times the requests
+/// plus `minRetriesPerSecond` times the window length in seconds.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed per request (0.2 = one retry per five requests).
+    pub ratio: f64,
+    /// Retries always allowed per second, so that low traffic can still retry.
+    #[serde(default = "default_min_retries")]
+    pub min_retries_per_second: u32,
+    /// Window length.
+    #[serde(default = "default_budget_window")]
+    pub window: GatewayDuration,
+}
+
+fn default_min_retries() -> u32 {
+    1
+}
+
+fn default_budget_window() -> GatewayDuration {
+    GatewayDuration(std::time::Duration::from_secs(10))
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        RetryBudgetConfig {
+            ratio: 0.2,
+            min_retries_per_second: default_min_retries(),
+            window: default_budget_window(),
+        }
+    }
+}
+
+/// Weft extension: fault injection (delay first, then abort).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Delay a share of requests.
+    #[serde(default)]
+    pub delay: Option<DelayFault>,
+    /// Answer a share of requests with an error status without forwarding.
+    #[serde(default)]
+    pub abort: Option<AbortFault>,
+}
+
+/// A fixed delay on a percentage of requests.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DelayFault {
+    /// The delay.
+    pub fixed_delay: GatewayDuration,
+    /// Share of requests delayed, 0 to 100.
+    pub percentage: f64,
+}
+
+/// An error answer on a percentage of requests.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AbortFault {
+    /// Status answered, 200 to 599.
+    pub http_status: u16,
+    /// Share of requests aborted, 0 to 100.
+    pub percentage: f64,
+}
+
+/// Weft extension: local token-bucket rate limits.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// One bucket shared by every request of the route.
+    #[serde(default)]
+    pub route: Option<TokenBucketConfig>,
+    /// One bucket per source identity.
+    #[serde(default)]
+    pub per_source: Option<PerSourceLimit>,
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Burst size (bucket capacity, starts full).
+    pub capacity: u32,
+    /// Tokens added per second.
+    pub refill_per_second: f64,
+}
+
+/// A token bucket per source.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PerSourceLimit {
+    /// Burst size per source.
+    pub capacity: u32,
+    /// Tokens added per second per source.
+    pub refill_per_second: f64,
+    /// Header carrying the source identity; without it (or when absent) the peer IP is the key.
+    #[serde(default)]
+    pub identity_header: Option<String>,
+}
+
+/// A backend: a set of endpoints behind one name.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Unique name referenced by routes' `backendRefs`.
+    pub name: String,
+    /// `ip:port` endpoints.
+    pub endpoints: Vec<String>,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: BackendProtocol,
+    /// Concurrency limits.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Ejection of failing endpoints.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetectionConfig>,
+    /// Endpoint choice.
+    #[serde(default)]
+    pub load_balancer: LoadBalancerConfig,
+}
+
+/// Protocol spoken to a backend's endpoints.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+/// Per-backend limits: above `maxConcurrentRequests` requests queue, above
+/// `maxPendingRequests` queued ones they are answered 503 at once.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Requests in flight to the backend.
+    pub max_concurrent_requests: usize,
+    /// Requests waiting for a slot.
+    #[serde(default)]
+    pub max_pending_requests: usize,
+}
+
+/// Outlier detection: per-endpoint circuit (closed -> open -> half-open -> closed).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetectionConfig {
+    /// Consecutive 5xx (or resets) that eject an endpoint; 0 disables.
+    #[serde(default = "default_consecutive_5xx", rename = "consecutive5xx")]
+    pub consecutive_5xx: u32,
+    /// Consecutive connect failures that eject an endpoint; 0 disables.
+    #[serde(default = "default_consecutive_connect")]
+    pub consecutive_connect_failures: u32,
+    /// First ejection length; the n-th consecutive ejection lasts n times as long.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_time: GatewayDuration,
+    /// Longest ejection.
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_time: GatewayDuration,
+}
+
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+fn default_consecutive_connect() -> u32 {
+    3
+}
+fn default_base_ejection() -> GatewayDuration {
+    GatewayDuration(std::time::Duration::from_secs(30))
+}
+fn default_max_ejection() -> GatewayDuration {
+    GatewayDuration(std::time::Duration::from_secs(300))
+}
+
+impl Default for OutlierDetectionConfig {
+    fn default() -> Self {
+        OutlierDetectionConfig {
+            consecutive_5xx: default_consecutive_5xx(),
+            consecutive_connect_failures: default_consecutive_connect(),
+            base_ejection_time: default_base_ejection(),
+            max_ejection_time: default_max_ejection(),
+        }
+    }
+}
+
+/// Endpoint choice: power of two choices over a peak-sensitive EWMA of latency.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerConfig {
+    /// Decay time of the latency average.
+    #[serde(default = "default_decay")]
+    pub decay: GatewayDuration,
+    /// Latency assumed for an endpoint never measured.
+    #[serde(default = "default_initial_latency")]
+    pub initial_latency: GatewayDuration,
+}
+
+fn default_decay() -> GatewayDuration {
+    GatewayDuration(std::time::Duration::from_secs(10))
+}
+fn default_initial_latency() -> GatewayDuration {
+    GatewayDuration(std::time::Duration::from_millis(1))
+}
+
+impl Default for LoadBalancerConfig {
+    fn default() -> Self {
+        LoadBalancerConfig {
+            decay: default_decay(),
+            initial_latency: default_initial_latency(),
+        }
+    }
+}
+
+/// One validation problem, with the path of the offending field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// E.g. `listeners[0].routes[2].matches[0].path.value`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The YAML does not parse or does not have the expected shape.
+    #[error(
+        "the waypoint config is not valid YAML of the expected shape: {0}; fix the field named at that line and column"
+    )]
+    Parse(#[from] serde_yaml::Error),
+    /// The config parses but is inconsistent.
+    #[error("the waypoint config has {} problem(s):\n{}", .0.len(), render(.0))]
+    Invalid(Vec<FieldError>),
+    /// The config file could not be read.
+    #[error(
+        "could not read the waypoint config file {path}: {source}; check the path and its permissions"
+    )]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+fn render(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Parses and validates a YAML config.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a YAML config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Checks everything serde cannot: references, ranges, syntax of paths, regexes, headers.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |path: String, message: String| errors.push(FieldError { path, message });
+
+        let mut backend_names = HashSet::new();
+        for (b, backend) in self.backends.iter().enumerate() {
+            let at = format!("backends[{b}]");
+            if backend.name.is_empty() {
+                err(
+                    format!("{at}.name"),
+                    "is empty; give the backend a name routes can reference".into(),
+                );
+            } else if !backend_names.insert(backend.name.as_str()) {
+                err(
+                    format!("{at}.name"),
+                    format!(
+                        "`{}` is used by another backend; backend names must be unique",
+                        backend.name
+                    ),
+                );
+            }
+            if backend.endpoints.is_empty() {
+                err(
+                    format!("{at}.endpoints"),
+                    "is empty; list at least one `ip:port` endpoint".into(),
+                );
+            }
+            for (e, endpoint) in backend.endpoints.iter().enumerate() {
+                if endpoint.parse::<SocketAddr>().is_err() {
+                    err(
+                        format!("{at}.endpoints[{e}]"),
+                        format!(
+                            "`{endpoint}` is not an `ip:port` address; write e.g. `10.0.0.7:8080` (names are not resolved)"
+                        ),
+                    );
+                }
+            }
+            if let Some(cb) = &backend.circuit_breaker
+                && cb.max_concurrent_requests == 0
+            {
+                err(format!("{at}.circuitBreaker.maxConcurrentRequests"), "is 0, which would reject every request; set at least 1 or remove circuitBreaker".into());
+            }
+            if let Some(od) = &backend.outlier_detection {
+                if od.base_ejection_time.0.is_zero() {
+                    err(
+                        format!("{at}.outlierDetection.baseEjectionTime"),
+                        "is 0; set a positive duration such as 30s".into(),
+                    );
+                }
+                if od.max_ejection_time < od.base_ejection_time {
+                    err(
+                        format!("{at}.outlierDetection.maxEjectionTime"),
+                        "is shorter than baseEjectionTime; make it at least as long".into(),
+                    );
+                }
+            }
+            if backend.load_balancer.decay.0.is_zero() {
+                err(
+                    format!("{at}.loadBalancer.decay"),
+                    "is 0; set a positive duration such as 10s".into(),
+                );
+            }
+        }
+
+        let mut listener_names = HashSet::new();
+        let mut addresses = HashSet::new();
+        if self.listeners.is_empty() {
+            err(
+                "listeners".into(),
+                "is empty; declare at least one listener with a name, an address and routes".into(),
+            );
+        }
+        for (l, listener) in self.listeners.iter().enumerate() {
+            let at = format!("listeners[{l}]");
+            if !listener_names.insert(listener.name.as_str()) {
+                err(
+                    format!("{at}.name"),
+                    format!(
+                        "`{}` is used by another listener; listener names must be unique",
+                        listener.name
+                    ),
+                );
+            }
+            match listener.address.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    if !addresses.insert(addr) {
+                        err(
+                            format!("{at}.address"),
+                            format!(
+                                "{addr} is used by another listener; give each listener its own port"
+                            ),
+                        );
+                    }
+                }
+                Err(_) => err(
+                    format!("{at}.address"),
+                    format!(
+                        "`{}` is not an `ip:port` address; write e.g. `0.0.0.0:15080`",
+                        listener.address
+                    ),
+                ),
+            }
+            for (r, route) in listener.routes.iter().enumerate() {
+                validate_route(
+                    &format!("{at}.routes[{r}]"),
+                    route,
+                    &backend_names,
+                    &mut err,
+                );
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+fn validate_route(
+    at: &str,
+    route: &RouteConfig,
+    backends: &HashSet<&str>,
+    err: &mut impl FnMut(String, String),
+) {
+    for (h, host) in route.hostnames.iter().enumerate() {
+        let bare = host.strip_prefix("*.").unwrap_or(host);
+        if bare.is_empty() || bare.contains(['*', ':', '/']) {
+            err(
+                format!("{at}.hostnames[{h}]"),
+                format!(
+                    "`{host}` is not a hostname; write `example.com` or `*.example.com` (no port)"
+                ),
+            );
+        }
+    }
+    for (m, matching) in route.matches.iter().enumerate() {
+        let at = format!("{at}.matches[{m}]");
+        if let Some(path) = &matching.path {
+            match path.kind {
+                PathMatchType::Exact | PathMatchType::PathPrefix => {
+                    if !path.value.starts_with('/') {
+                        err(
+                            format!("{at}.path.value"),
+                            format!(
+                                "`{}` does not start with `/`; paths are absolute",
+                                path.value
+                            ),
+                        );
+                    }
+                }
+                PathMatchType::RegularExpression => {
+                    if let Err(e) = regex::Regex::new(&path.value) {
+                        err(
+                            format!("{at}.path.value"),
+                            format!("is not a valid regular expression ({e}); fix the syntax"),
+                        );
+                    }
+                }
+            }
+        }
+        for (h, header) in matching.headers.iter().enumerate() {
+            if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
+                err(
+                    format!("{at}.headers[{h}].name"),
+                    format!(
+                        "`{}` is not a valid header name; use letters, digits and `-`",
+                        header.name
+                    ),
+                );
+            }
+            if http::HeaderValue::from_str(&header.value).is_err() {
+                err(
+                    format!("{at}.headers[{h}].value"),
+                    "is not a valid header value; remove control characters".into(),
+                );
+            }
+        }
+        for (q, param) in matching.query_params.iter().enumerate() {
+            if param.name.is_empty() {
+                err(
+                    format!("{at}.queryParams[{q}].name"),
+                    "is empty; name the query parameter".into(),
+                );
+            }
+        }
+        if let Some(method) = &matching.method
+            && http::Method::from_bytes(method.as_bytes()).is_err()
+        {
+            err(
+                format!("{at}.method"),
+                format!("`{method}` is not an HTTP method; write e.g. GET or POST"),
+            );
+        }
+    }
+    let mut redirects = false;
+    for (f, filter) in route.filters.iter().enumerate() {
+        let at = format!("{at}.filters[{f}]");
+        match filter {
+            FilterConfig::RequestHeaderModifier {
+                request_header_modifier: m,
+            } => validate_headers(&format!("{at}.requestHeaderModifier"), m, err),
+            FilterConfig::ResponseHeaderModifier {
+                response_header_modifier: m,
+            } => validate_headers(&format!("{at}.responseHeaderModifier"), m, err),
+            FilterConfig::UrlRewrite { url_rewrite } => validate_path_modifier(
+                &format!("{at}.urlRewrite.path"),
+                url_rewrite.path.as_ref(),
+                route,
+                err,
+            ),
+            FilterConfig::RequestRedirect { request_redirect } => {
+                redirects = true;
+                if !matches!(request_redirect.status_code, 301 | 302) {
+                    err(
+                        format!("{at}.requestRedirect.statusCode"),
+                        format!(
+                            "{} is not allowed; use 301 or 302",
+                            request_redirect.status_code
+                        ),
+                    );
+                }
+                if let Some(scheme) = &request_redirect.scheme
+                    && scheme != "http"
+                    && scheme != "https"
+                {
+                    err(
+                        format!("{at}.requestRedirect.scheme"),
+                        format!("`{scheme}` is not allowed; use http or https"),
+                    );
+                }
+                validate_path_modifier(
+                    &format!("{at}.requestRedirect.path"),
+                    request_redirect.path.as_ref(),
+                    route,
+                    err,
+                )
+            }
+        }
+    }
+    if redirects && !route.backend_refs.is_empty() {
+        err(format!("{at}.backendRefs"), "must be empty on a route with a RequestRedirect filter (the redirect answers); remove one of them".into());
+    }
+    if !redirects && route.backend_refs.is_empty() {
+        err(
+            format!("{at}.backendRefs"),
+            "is empty; reference at least one backend (or add a RequestRedirect filter)".into(),
+        );
+    }
+    for (b, backend_ref) in route.backend_refs.iter().enumerate() {
+        if !backends.contains(backend_ref.name.as_str()) {
+            err(
+                format!("{at}.backendRefs[{b}].name"),
+                format!(
+                    "backend `{}` is not declared; add it to `backends` or fix the name",
+                    backend_ref.name
+                ),
+            );
+        }
+    }
+    if !route.backend_refs.is_empty() && route.backend_refs.iter().all(|b| b.weight == 0) {
+        err(
+            format!("{at}.backendRefs"),
+            "all weights are 0, so no traffic can be sent; give one backend a positive weight"
+                .into(),
+        );
+    }
+    if let Some(timeouts) = &route.timeouts {
+        if timeouts.request.is_some_and(|d| d.0.is_zero()) {
+            err(
+                format!("{at}.timeouts.request"),
+                "is 0; set a positive duration or remove it".into(),
+            );
+        }
+        if timeouts.backend_request.is_some_and(|d| d.0.is_zero()) {
+            err(
+                format!("{at}.timeouts.backendRequest"),
+                "is 0; set a positive duration or remove it".into(),
+            );
+        }
+        if let (Some(request), Some(backend)) = (timeouts.request, timeouts.backend_request)
+            && backend > request
+        {
+            err(
+                format!("{at}.timeouts.backendRequest"),
+                "is longer than timeouts.request; make it at most as long".into(),
+            );
+        }
+    }
+    if let Some(retry) = &route.retry {
+        if !(1..=10).contains(&retry.attempts) {
+            err(
+                format!("{at}.retry.attempts"),
+                format!(
+                    "{} is out of range; use 1 to 10 (attempts include the first one)",
+                    retry.attempts
+                ),
+            );
+        }
+        if retry.backoff.base > retry.backoff.max {
+            err(
+                format!("{at}.retry.backoff.base"),
+                "is longer than backoff.max; make base at most max".into(),
+            );
+        }
+        if retry.retry_on.is_empty() {
+            err(
+                format!("{at}.retry.retryOn"),
+                "is empty, so nothing is retried; list conditions or remove retry".into(),
+            );
+        }
+        if !(retry.budget.ratio > 0.0 && retry.budget.ratio <= 1.0) {
+            err(
+                format!("{at}.retry.budget.ratio"),
+                format!(
+                    "{} is out of range; use a ratio in (0, 1], e.g. 0.2",
+                    retry.budget.ratio
+                ),
+            );
+        }
+        if retry.budget.window.0 < std::time::Duration::from_secs(1) {
+            err(
+                format!("{at}.retry.budget.window"),
+                "is shorter than 1s; use e.g. 10s".into(),
+            );
+        }
+    }
+    if let Some(fault) = &route.fault {
+        if let Some(delay) = &fault.delay
+            && !(0.0..=100.0).contains(&delay.percentage)
+        {
+            err(
+                format!("{at}.fault.delay.percentage"),
+                format!("{} is out of range; use 0 to 100", delay.percentage),
+            );
+        }
+        if let Some(abort) = &fault.abort {
+            if !(0.0..=100.0).contains(&abort.percentage) {
+                err(
+                    format!("{at}.fault.abort.percentage"),
+                    format!("{} is out of range; use 0 to 100", abort.percentage),
+                );
+            }
+            if !(200..=599).contains(&abort.http_status) {
+                err(
+                    format!("{at}.fault.abort.httpStatus"),
+                    format!("{} is not a status code; use 200 to 599", abort.http_status),
+                );
+            }
+        }
+    }
+    if let Some(limit) = &route.rate_limit {
+        if let Some(bucket) = &limit.route {
+            validate_bucket(
+                &format!("{at}.rateLimit.route"),
+                bucket.capacity,
+                bucket.refill_per_second,
+                err,
+            );
+        }
+        if let Some(per_source) = &limit.per_source {
+            validate_bucket(
+                &format!("{at}.rateLimit.perSource"),
+                per_source.capacity,
+                per_source.refill_per_second,
+                err,
+            );
+            if let Some(header) = &per_source.identity_header
+                && http::HeaderName::from_bytes(header.as_bytes()).is_err()
+            {
+                err(
+                    format!("{at}.rateLimit.perSource.identityHeader"),
+                    format!("`{header}` is not a valid header name"),
+                );
+            }
+        }
+    }
+}
+
+fn validate_bucket(at: &str, capacity: u32, refill: f64, err: &mut impl FnMut(String, String)) {
+    if capacity == 0 {
+        err(
+            format!("{at}.capacity"),
+            "is 0, which rejects every request; set at least 1".into(),
+        );
+    }
+    if !(refill > 0.0 && refill.is_finite()) {
+        err(
+            format!("{at}.refillPerSecond"),
+            format!("{refill} is not a positive number; set e.g. 10"),
+        );
+    }
+}
+
+fn validate_headers(
+    at: &str,
+    modifier: &HeaderModifierConfig,
+    err: &mut impl FnMut(String, String),
+) {
+    for (kind, list) in [("set", &modifier.set), ("add", &modifier.add)] {
+        for (i, header) in list.iter().enumerate() {
+            if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
+                err(
+                    format!("{at}.{kind}[{i}].name"),
+                    format!(
+                        "`{}` is not a valid header name; use letters, digits and `-`",
+                        header.name
+                    ),
+                );
+            }
+            if http::HeaderValue::from_str(&header.value).is_err() {
+                err(
+                    format!("{at}.{kind}[{i}].value"),
+                    "is not a valid header value; remove control characters".into(),
+                );
+            }
+        }
+    }
+    for (i, name) in modifier.remove.iter().enumerate() {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            err(
+                format!("{at}.remove[{i}]"),
+                format!("`{name}` is not a valid header name"),
+            );
+        }
+    }
+}
+
+fn validate_path_modifier(
+    at: &str,
+    modifier: Option<&PathModifier>,
+    route: &RouteConfig,
+    err: &mut impl FnMut(String, String),
+) {
+    match modifier {
+        Some(PathModifier::ReplaceFullPath {
+            replace_full_path: path,
+        }) if !path.starts_with('/') => {
+            err(
+                format!("{at}.replaceFullPath"),
+                format!("`{path}` does not start with `/`"),
+            );
+        }
+        Some(PathModifier::ReplacePrefixMatch {
+            replace_prefix_match: path,
+        }) => {
+            if !path.starts_with('/') {
+                err(
+                    format!("{at}.replacePrefixMatch"),
+                    format!("`{path}` does not start with `/`"),
+                );
+            }
+            let all_prefix = !route.matches.is_empty()
+                && route.matches.iter().all(|m| {
+                    m.path
+                        .as_ref()
+                        .is_some_and(|p| p.kind == PathMatchType::PathPrefix)
+                });
+            if !all_prefix {
+                err(format!("{at}.replacePrefixMatch"), "needs every match of the route to have a PathPrefix path; use ReplaceFullPath or add PathPrefix matches".into());
+            }
+        }
+        Some(PathModifier::ReplaceFullPath { .. }) | None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:15080
+    routes:
+      - name: api
+        hostnames: [reviews.default.svc]
+        matches:
+          - path: { type: PathPrefix, value: /api }
+            headers: [{ name: x-canary, value: "true" }]
+            queryParams: [{ name: debug, value: "1" }]
+            method: GET
+        filters:
+          - type: RequestHeaderModifier
+            requestHeaderModifier: { set: [{ name: x-a, value: b }], remove: [x-drop] }
+          - type: URLRewrite
+            urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /v2 } }
+        backendRefs: [{ name: v1, weight: 90 }, { name: v2, weight: 10 }]
+        timeouts: { request: 5s, backendRequest: 1s }
+        retry:
+          attempts: 3
+          backoff: { base: 10ms, max: 100ms }
+          retryOn: [connect-failure, reset, "503", unavailable]
+          budget: { ratio: 0.25 }
+        fault:
+          delay: { fixedDelay: 100ms, percentage: 1 }
+          abort: { httpStatus: 503, percentage: 0.5 }
+        rateLimit:
+          route: { capacity: 100, refillPerSecond: 50 }
+          perSource: { capacity: 10, refillPerSecond: 5, identityHeader: x-weft-identity }
+      - matches: [{ path: { type: Exact, value: /old } }]
+        filters:
+          - type: RequestRedirect
+            requestRedirect: { path: { type: ReplaceFullPath, replaceFullPath: /new }, statusCode: 301 }
+backends:
+  - name: v1
+    endpoints: ["10.0.0.1:8080", "10.0.0.2:8080"]
+    circuitBreaker: { maxConcurrentRequests: 100, maxPendingRequests: 10 }
+    outlierDetection: { consecutive5xx: 5, baseEjectionTime: 30s }
+  - name: v2
+    endpoints: ["10.0.0.3:8080"]
+    protocol: http2
+"#;
+
+    #[test]
+    fn full_example_parses_and_validates() {
+        let config = Config::from_yaml(GOOD).expect("valid");
+        let route = &config.listeners[0].routes[0];
+        assert_eq!(route.backend_refs[1].weight, 10);
+        assert_eq!(route.retry.as_ref().map(|r| r.attempts), Some(3));
+        assert_eq!(config.backends[1].protocol, BackendProtocol::Http2);
+        assert!(matches!(route.filters[1], FilterConfig::UrlRewrite { .. }));
+        assert_eq!(config.max_request_body_bytes, 4 * 1024 * 1024);
+    }
+
+    fn problems(yaml: &str) -> Vec<FieldError> {
+        match Config::from_yaml(yaml) {
+            Err(ConfigError::Invalid(errors)) => errors,
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_path() {
+        let bad = GOOD
+            .replace("value: /api", "value: api")
+            .replace("{ name: v2, weight: 10 }", "{ name: v3, weight: 10 }")
+            .replace("\"10.0.0.3:8080\"", "\"backend:80\"")
+            .replace("attempts: 3", "attempts: 0")
+            .replace("percentage: 0.5", "percentage: 150");
+        let errors = problems(&bad);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "backends[1].endpoints[0]",
+            "listeners[0].routes[0].matches[0].path.value",
+            "listeners[0].routes[0].backendRefs[1].name",
+            "listeners[0].routes[0].retry.attempts",
+            "listeners[0].routes[0].fault.abort.percentage",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "{expected} missing from {paths:?}"
+            );
+        }
+        let text = ConfigError::Invalid(errors).to_string();
+        assert!(text.contains("backend `v3` is not declared"), "{text}");
+    }
+
+    #[test]
+    fn prefix_rewrite_needs_prefix_matches() {
+        let bad = GOOD.replace("type: PathPrefix, value: /api", "type: Exact, value: /api");
+        let errors = problems(&bad);
+        assert!(
+            errors.iter().any(|e| e
+                .path
+                .ends_with("filters[1].urlRewrite.path.replacePrefixMatch")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_durations_are_parse_errors() {
+        let err = Config::from_yaml(&GOOD.replace("backendRequest: 1s", "backendRequest: 1sec"))
+            .expect_err("bad");
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+        let err =
+            Config::from_yaml(&GOOD.replace("attempts: 3", "attempts: 3\n          tries: 3"))
+                .expect_err("bad");
+        assert!(err.to_string().contains("tries"), "{err}");
+    }
+
+    #[test]
+    fn redirect_and_backends_are_exclusive() {
+        let bad = GOOD.replace(
+            "statusCode: 301 }",
+            "statusCode: 301 }\n        backendRefs: [{ name: v1 }]",
+        );
+        let errors = problems(&bad);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "listeners[0].routes[1].backendRefs"),
+            "{errors:?}"
+        );
+    }
+}

@@ -1,0 +1,492 @@
+//! Endpoint choice within a backend: power of two choices over a peak-sensitive EWMA of
+//! latency, weighted by requests in flight (cost = ewma x (in_flight + 1)). Endpoints ejected by
+//! outlier detection ([`super::circuit::EndpointCircuit`]) are skipped; their outcomes feed it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use super::circuit::{EndpointCircuit, Outcome, Ticket};
+use super::{BoxFuture, Inner, ProxyResult, SelectedEndpoint};
+use crate::body::Request;
+use crate::config::{LoadBalancerConfig, OutlierDetectionConfig};
+use crate::error::ProxyError;
+
+#[derive(Debug)]
+struct Ewma {
+    nanos: f64,
+    updated: Instant,
+}
+
+/// One endpoint with its load statistics and circuit.
+#[derive(Debug)]
+pub struct Endpoint {
+    addr: SocketAddr,
+    ewma: Mutex<Ewma>,
+    in_flight: AtomicUsize,
+    circuit: Option<Mutex<EndpointCircuit>>,
+}
+
+impl Endpoint {
+    /// The endpoint's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn cost(&self) -> f64 {
+        let ewma = self.ewma.lock().map(|e| e.nanos).unwrap_or(f64::MAX);
+        ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
+    }
+
+    fn observe(&self, rtt: Duration, decay: Duration) {
+        if let Ok(mut ewma) = self.ewma.lock() {
+            let now = Instant::now();
+            let rtt = rtt.as_nanos() as f64;
+            if rtt > ewma.nanos {
+                // Peak sensitive: a slow response counts at once.
+                ewma.nanos = rtt;
+            } else {
+                let elapsed = now.saturating_duration_since(ewma.updated).as_secs_f64();
+                let w = (-elapsed / decay.as_secs_f64()).exp();
+                ewma.nanos = ewma.nanos * w + rtt * (1.0 - w);
+            }
+            ewma.updated = now;
+        }
+    }
+}
+
+/// A backend's endpoints, shared by every route that uses the backend.
+#[derive(Debug)]
+pub struct EndpointSet {
+    backend: Arc<str>,
+    endpoints: Vec<Endpoint>,
+    decay: Duration,
+}
+
+impl EndpointSet {
+    /// Endpoints of `backend`, with outlier detection when `outlier` is set.
+    pub fn new(
+        backend: Arc<str>,
+        addrs: &[SocketAddr],
+        lb: LoadBalancerConfig,
+        outlier: Option<OutlierDetectionConfig>,
+    ) -> Self {
+        let now = Instant::now();
+        let endpoints = addrs
+            .iter()
+            .map(|&addr| Endpoint {
+                addr,
+                ewma: Mutex::new(Ewma {
+                    nanos: lb.initial_latency.0.as_nanos() as f64,
+                    updated: now,
+                }),
+                in_flight: AtomicUsize::new(0),
+                circuit: outlier
+                    .map(|o| Mutex::new(EndpointCircuit::new(o, backend.clone(), addr))),
+            })
+            .collect();
+        EndpointSet {
+            backend,
+            endpoints,
+            decay: lb.decay.0.max(Duration::from_millis(1)),
+        }
+    }
+
+    /// The endpoints.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    fn available(&self, index: usize, now: Instant) -> bool {
+        self.endpoints[index]
+            .circuit
+            .as_ref()
+            .is_none_or(|c| c.lock().map(|c| c.is_available(now)).unwrap_or(false))
+    }
+
+    /// Picks an endpoint with p2c and admits the request through its circuit.
+    fn choose(&self) -> Option<(usize, Option<Ticket>)> {
+        let now = Instant::now();
+        // An endpoint whose ejection expired gets the next request as its probe: left to p2c,
+        // its stale latency could keep it from ever being tried, and so ejected for good.
+        for (index, endpoint) in self.endpoints.iter().enumerate() {
+            if let Some(circuit) = &endpoint.circuit
+                && let Ok(mut circuit) = circuit.lock()
+                && circuit.wants_probe(now)
+                && let Some(ticket) = circuit.try_acquire(now)
+            {
+                return Some((index, Some(ticket)));
+            }
+        }
+        let candidates: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.available(i, now))
+            .collect();
+        let mut order = match candidates.len() {
+            0 => return None,
+            1 => vec![candidates[0]],
+            n => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let (a, b) = (candidates[a], candidates[b]);
+                if self.endpoints[b].cost() < self.endpoints[a].cost() {
+                    vec![b, a]
+                } else {
+                    vec![a, b]
+                }
+            }
+        };
+        // The loser is the fallback if the winner's probe slot was just taken by another request.
+        for index in order.drain(..) {
+            match &self.endpoints[index].circuit {
+                None => return Some((index, None)),
+                Some(circuit) => {
+                    if let Some(ticket) = circuit.lock().ok().and_then(|mut c| c.try_acquire(now)) {
+                        return Some((index, Some(ticket)));
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Spreads requests over a backend's endpoints; the inner service forwards to the
+/// [`SelectedEndpoint`] found in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct BalanceLayer {
+    set: Arc<EndpointSet>,
+}
+
+impl BalanceLayer {
+    /// A layer over `set`.
+    pub fn new(set: Arc<EndpointSet>) -> Self {
+        BalanceLayer { set }
+    }
+}
+
+impl<S> Layer<S> for BalanceLayer {
+    type Service = Balance<S>;
+    fn layer(&self, inner: S) -> Balance<S> {
+        Balance {
+            inner,
+            set: self.set.clone(),
+        }
+    }
+}
+
+/// The service of [`BalanceLayer`].
+#[derive(Debug, Clone)]
+pub struct Balance<S> {
+    inner: S,
+    set: Arc<EndpointSet>,
+}
+
+/// Keeps `in_flight` right and reports cancellation to the circuit if the future is dropped.
+struct InFlight {
+    set: Arc<EndpointSet>,
+    index: usize,
+    ticket: Option<Ticket>,
+}
+
+impl InFlight {
+    fn finish(mut self, outcome: Outcome) {
+        self.record(outcome);
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        if let Some(ticket) = self.ticket.take()
+            && let Some(circuit) = &self.set.endpoints[self.index].circuit
+            && let Ok(mut circuit) = circuit.lock()
+        {
+            circuit.record(ticket, outcome, Instant::now());
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.record(Outcome::Cancelled);
+        self.set.endpoints[self.index]
+            .in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<S: Inner> Service<Request> for Balance<S> {
+    type Response = crate::body::Response;
+    type Error = ProxyError;
+    type Future = BoxFuture<ProxyResult>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: Request) -> Self::Future {
+        let set = self.set.clone();
+        let Some((index, ticket)) = set.choose() else {
+            let backend = set.backend.to_string();
+            return Box::pin(async move { Err(ProxyError::NoHealthyEndpoint { backend }) });
+        };
+        let endpoint = &set.endpoints[index];
+        endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
+        request.extensions_mut().insert(SelectedEndpoint {
+            backend: set.backend.clone(),
+            addr: endpoint.addr,
+        });
+        let inner = self.inner.clone();
+        let guard = InFlight {
+            set: set.clone(),
+            index,
+            ticket,
+        };
+        Box::pin(async move {
+            let start = Instant::now();
+            let result = inner.oneshot(request).await;
+            let outcome = match &result {
+                Ok(response) if response.status().is_server_error() => Outcome::Failure5xx,
+                Ok(_) => Outcome::Success,
+                Err(ProxyError::Connect { .. }) => Outcome::ConnectFailure,
+                Err(_) => Outcome::Failure5xx,
+            };
+            if outcome != Outcome::ConnectFailure {
+                set.endpoints[index].observe(start.elapsed(), set.decay);
+            }
+            guard.finish(outcome);
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duration::GatewayDuration;
+    use crate::layers::ProxyService;
+    use crate::layers::circuit::CircuitState;
+    use crate::layers::testing::request;
+    use std::collections::HashMap;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Answers after `latency[port]`, with `status[port]`, counting calls per port.
+    fn fake(
+        latency: HashMap<u16, Duration>,
+        status: HashMap<u16, u16>,
+        calls: Arc<Mutex<HashMap<u16, usize>>>,
+    ) -> ProxyService {
+        ProxyService::new(tower::service_fn(move |request: Request| {
+            let port = request
+                .extensions()
+                .get::<SelectedEndpoint>()
+                .map(|e| e.addr.port())
+                .unwrap_or(0);
+            *calls.lock().expect("lock").entry(port).or_default() += 1;
+            let delay = latency.get(&port).copied().unwrap_or_default();
+            let code = status.get(&port).copied().unwrap_or(200);
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, ProxyError>(crate::body::text_response(
+                    http::StatusCode::from_u16(code).expect("status"),
+                    "x",
+                ))
+            }
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p2c_prefers_the_fast_endpoint() {
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1), addr(2), addr(3)],
+            LoadBalancerConfig::default(),
+            None,
+        ));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let latency = HashMap::from([
+            (1, Duration::from_millis(50)),
+            (2, Duration::from_millis(2)),
+            (3, Duration::from_millis(50)),
+        ]);
+        let service = BalanceLayer::new(set).layer(fake(latency, HashMap::new(), calls.clone()));
+        for _ in 0..300 {
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response");
+        }
+        let calls = calls.lock().expect("lock");
+        let fast = calls.get(&2).copied().unwrap_or(0);
+        // p2c picks the fast endpoint whenever it is one of the two candidates (2/3 of the time).
+        assert!(fast > 180, "fast endpoint got {fast} of 300: {calls:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_load_spreads_concurrent_requests() {
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1), addr(2)],
+            LoadBalancerConfig::default(),
+            None,
+        ));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let latency = HashMap::from([
+            (1, Duration::from_millis(10)),
+            (2, Duration::from_millis(10)),
+        ]);
+        let service =
+            BalanceLayer::new(set.clone()).layer(fake(latency, HashMap::new(), calls.clone()));
+        let tasks: Vec<_> = (0..10)
+            .map(|_| tokio::spawn(service.clone().oneshot(request("/"))))
+            .collect();
+        for task in tasks {
+            task.await.expect("join").expect("response");
+        }
+        let calls = calls.lock().expect("lock");
+        assert_eq!(
+            calls.get(&1).copied().unwrap_or(0) + calls.get(&2).copied().unwrap_or(0),
+            10
+        );
+        assert!(
+            calls.get(&1).copied().unwrap_or(0) >= 3 && calls.get(&2).copied().unwrap_or(0) >= 3,
+            "{calls:?}"
+        );
+        assert!(
+            set.endpoints()
+                .iter()
+                .all(|e| e.in_flight.load(Ordering::SeqCst) == 0)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_endpoint_is_ejected_then_probed_back() {
+        let outlier = OutlierDetectionConfig {
+            consecutive_5xx: 2,
+            consecutive_connect_failures: 2,
+            base_ejection_time: GatewayDuration(Duration::from_secs(5)),
+            max_ejection_time: GatewayDuration(Duration::from_secs(50)),
+        };
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1), addr(2)],
+            LoadBalancerConfig::default(),
+            Some(outlier),
+        ));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let service = BalanceLayer::new(set.clone()).layer(fake(
+            HashMap::new(),
+            HashMap::from([(1, 500)]),
+            calls.clone(),
+        ));
+        for _ in 0..50 {
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response");
+        }
+        let bad_calls = calls.lock().expect("lock").get(&1).copied().unwrap_or(0);
+        assert_eq!(bad_calls, 2, "ejected after 2 consecutive 5xx");
+        let state = |i: usize| {
+            set.endpoints()[i]
+                .circuit
+                .as_ref()
+                .expect("circuit")
+                .lock()
+                .expect("lock")
+                .state()
+        };
+        assert_eq!(state(0), CircuitState::Open);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        for _ in 0..50 {
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response");
+        }
+        assert_eq!(
+            calls.lock().expect("lock").get(&1).copied().unwrap_or(0),
+            3,
+            "exactly one half-open probe"
+        );
+        assert_eq!(state(0), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_ejected_is_no_healthy_endpoint() {
+        let outlier = OutlierDetectionConfig {
+            consecutive_5xx: 1,
+            ..OutlierDetectionConfig::default()
+        };
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1)],
+            LoadBalancerConfig::default(),
+            Some(outlier),
+        ));
+        let service = BalanceLayer::new(set).layer(fake(
+            HashMap::new(),
+            HashMap::from([(1, 503)]),
+            Arc::new(Mutex::new(HashMap::new())),
+        ));
+        assert_eq!(
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response")
+                .status(),
+            503
+        );
+        let err = service.oneshot(request("/")).await.expect_err("ejected");
+        assert!(matches!(err, ProxyError::NoHealthyEndpoint { .. }), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancelled_probe_reopens_the_circuit() {
+        let outlier = OutlierDetectionConfig {
+            consecutive_5xx: 1,
+            base_ejection_time: GatewayDuration(Duration::from_secs(1)),
+            ..OutlierDetectionConfig::default()
+        };
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1)],
+            LoadBalancerConfig::default(),
+            Some(outlier),
+        ));
+        let service = BalanceLayer::new(set.clone()).layer(fake(
+            HashMap::from([(1, Duration::from_secs(10))]),
+            HashMap::from([(1, 500)]),
+            Arc::new(Mutex::new(HashMap::new())),
+        ));
+        service
+            .clone()
+            .oneshot(request("/"))
+            .await
+            .expect("response");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // The probe is dropped by a timeout: the circuit must not stay half-open forever.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(10),
+            service.clone().oneshot(request("/")),
+        )
+        .await;
+        let circuit = set.endpoints()[0].circuit.as_ref().expect("circuit");
+        assert_eq!(circuit.lock().expect("lock").state(), CircuitState::Open);
+        assert_eq!(set.endpoints()[0].in_flight.load(Ordering::SeqCst), 0);
+    }
+}

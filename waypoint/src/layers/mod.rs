@@ -1,0 +1,124 @@
+//! The L7 features as tower layers. Each works on buffered requests ([`crate::body::Request`])
+//! and streaming responses ([`crate::body::Response`]) with [`ProxyError`] as error type, has
+//! its own config type, and is tested against an in-memory `tower::service_fn`.
+//!
+//! Every service here is "always ready": `poll_ready` returns ready and `call` clones the inner
+//! service and drives it with `oneshot`, so they compose freely and can be boxed into a
+//! `BoxCloneSyncService` shared by every connection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use crate::error::ProxyError;
+
+pub mod balance;
+pub mod circuit;
+pub mod fault;
+pub mod headers;
+pub mod ratelimit;
+pub mod retry;
+pub mod split;
+pub mod timeout;
+
+/// The boxed future every layer returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The result every layer produces.
+pub type ProxyResult = Result<crate::body::Response, ProxyError>;
+
+/// A boxed, cloneable, shareable service: what a route or a backend compiles to.
+pub type ProxyService =
+    tower::util::BoxCloneSyncService<crate::body::Request, crate::body::Response, ProxyError>;
+
+/// Request extension: the client's socket address (the rate limiter's default source key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Request extension: the endpoint the balancer picked, read by the forwarder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedEndpoint {
+    /// The backend's name.
+    pub backend: Arc<str>,
+    /// The endpoint.
+    pub addr: SocketAddr,
+}
+
+/// Request extension shared by all attempts of one request: which backend served it last,
+/// for the golden metrics.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    backend: Arc<Mutex<Option<Arc<str>>>>,
+}
+
+impl RequestContext {
+    /// Records the backend the weighted split chose.
+    pub fn set_backend(&self, backend: Arc<str>) {
+        if let Ok(mut slot) = self.backend.lock() {
+            *slot = Some(backend);
+        }
+    }
+
+    /// The backend chosen by the last attempt, if any.
+    pub fn backend(&self) -> Option<Arc<str>> {
+        self.backend.lock().ok().and_then(|slot| slot.clone())
+    }
+}
+
+/// Bounds every layer puts on its inner service.
+pub trait Inner:
+    tower::Service<
+        crate::body::Request,
+        Response = crate::body::Response,
+        Error = ProxyError,
+        Future: Send,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: tower::Service<
+            crate::body::Request,
+            Response = crate::body::Response,
+            Error = ProxyError,
+            Future: Send,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! In-memory services for the layer tests.
+    use super::*;
+    use crate::body;
+    use bytes::Bytes;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A request for `path`.
+    pub fn request(path: &str) -> crate::body::Request {
+        http::Request::builder()
+            .uri(path)
+            .body(Bytes::new())
+            .expect("request")
+    }
+
+    /// A service answering `status` and counting calls.
+    pub fn status_service(status: u16, calls: Arc<AtomicUsize>) -> ProxyService {
+        ProxyService::new(tower::service_fn(move |_req: crate::body::Request| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok::<_, ProxyError>(body::text_response(
+                    http::StatusCode::from_u16(status).expect("status"),
+                    "x",
+                ))
+            }
+        }))
+    }
+}

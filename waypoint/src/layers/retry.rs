@@ -1,0 +1,377 @@
+//! Retries with exponential backoff (full jitter) and a retry budget.
+//!
+//! The budget is shared by every request of a route: over a sliding window, retries may not
+//! exceed `ratio` times the requests plus `minRetriesPerSecond` per second of window. This keeps
+//! retries from multiplying the load on a backend that is already failing.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use super::{BoxFuture, Inner, ProxyResult};
+use crate::body::{Request, clone_request};
+use crate::config::{RetryBudgetConfig, RetryConfig, RetryOn};
+use crate::error::ProxyError;
+
+const SLOTS: usize = 10;
+
+/// A sliding-window retry budget (10 slots over the window).
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    reserve: f64,
+    slot_len: Duration,
+    start: Instant,
+    slots: Mutex<[(u64, u64, u64); SLOTS]>,
+}
+
+impl RetryBudget {
+    /// A budget with `config`.
+    pub fn new(config: &RetryBudgetConfig) -> Self {
+        let window = config.window.0.max(Duration::from_secs(1));
+        RetryBudget {
+            ratio: config.ratio,
+            reserve: f64::from(config.min_retries_per_second) * window.as_secs_f64(),
+            slot_len: window / SLOTS as u32,
+            start: Instant::now(),
+            slots: Mutex::new([(u64::MAX, 0, 0); SLOTS]),
+        }
+    }
+
+    fn with_slots<T>(&self, f: impl FnOnce(&mut [(u64, u64, u64); SLOTS], u64) -> T) -> Option<T> {
+        let epoch = (self.start.elapsed().as_nanos() / self.slot_len.as_nanos().max(1)) as u64;
+        let mut slots = self.slots.lock().ok()?;
+        let slot = &mut slots[(epoch % SLOTS as u64) as usize];
+        if slot.0 != epoch {
+            *slot = (epoch, 0, 0);
+        }
+        Some(f(&mut slots, epoch))
+    }
+
+    /// Counts one original request.
+    pub fn deposit(&self) {
+        self.with_slots(|slots, epoch| slots[(epoch % SLOTS as u64) as usize].1 += 1);
+    }
+
+    /// Takes one retry from the budget; false when the budget is spent.
+    pub fn try_withdraw(&self) -> bool {
+        let (ratio, reserve) = (self.ratio, self.reserve);
+        self.with_slots(|slots, epoch| {
+            let live = |s: &&(u64, u64, u64)| s.0 != u64::MAX && s.0 + SLOTS as u64 > epoch;
+            let requests: u64 = slots.iter().filter(live).map(|s| s.1).sum();
+            let retries: u64 = slots.iter().filter(live).map(|s| s.2).sum();
+            let allowed = ratio * requests as f64 + reserve;
+            if (retries as f64) + 1.0 <= allowed {
+                slots[(epoch % SLOTS as u64) as usize].2 += 1;
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(false)
+    }
+}
+
+/// Whether `result` of an attempt is worth retrying under `retry_on`.
+pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
+    match result {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            if status == 503 && retry_on.contains(&RetryOn::Status503) {
+                return true;
+            }
+            if status >= 500 && retry_on.contains(&RetryOn::Status5xx) {
+                return true;
+            }
+            let grpc = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u8>().ok());
+            match grpc {
+                Some(1) => retry_on.contains(&RetryOn::GrpcCancelled),
+                Some(4) => retry_on.contains(&RetryOn::GrpcDeadlineExceeded),
+                Some(8) => retry_on.contains(&RetryOn::GrpcResourceExhausted),
+                Some(13) => retry_on.contains(&RetryOn::GrpcInternal),
+                Some(14) => retry_on.contains(&RetryOn::GrpcUnavailable),
+                _ => false,
+            }
+        }
+        Err(ProxyError::Connect { .. }) => retry_on.contains(&RetryOn::ConnectFailure),
+        Err(ProxyError::Upstream { .. }) => {
+            retry_on.contains(&RetryOn::Reset) || retry_on.contains(&RetryOn::Status5xx)
+        }
+        // Per-attempt timeouts count as gateway errors (as in Envoy's `5xx`).
+        Err(ProxyError::Timeout { .. }) => retry_on.contains(&RetryOn::Status5xx),
+        Err(ProxyError::NoHealthyEndpoint { .. } | ProxyError::Overflow { .. }) => {
+            retry_on.contains(&RetryOn::Status503) || retry_on.contains(&RetryOn::Status5xx)
+        }
+        Err(
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody { .. }
+            | ProxyError::Internal(_),
+        ) => false,
+    }
+}
+
+/// The backoff before retry number `retry` (1-based): random in `[0, min(max, base * 2^(retry-1))]`.
+pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
+    let ceiling = config
+        .backoff
+        .base
+        .0
+        .saturating_mul(1u32 << retry.saturating_sub(1).min(20))
+        .min(config.backoff.max.0);
+    if ceiling.is_zero() {
+        return ceiling;
+    }
+    let nanos = rand::rng().random_range(0..=ceiling.as_nanos().min(u128::from(u64::MAX)) as u64);
+    Duration::from_nanos(nanos)
+}
+
+/// Retries failed attempts per [`RetryConfig`], within a [`RetryBudget`].
+#[derive(Debug, Clone)]
+pub struct RetryLayer {
+    config: Arc<RetryConfig>,
+    budget: Arc<RetryBudget>,
+    route: Arc<str>,
+}
+
+impl RetryLayer {
+    /// A layer for `route` with its own budget.
+    pub fn new(config: RetryConfig, route: Arc<str>) -> Self {
+        let budget = Arc::new(RetryBudget::new(&config.budget));
+        RetryLayer {
+            config: Arc::new(config),
+            budget,
+            route,
+        }
+    }
+
+    /// The layer's budget (shared by the services it builds).
+    pub fn budget(&self) -> &Arc<RetryBudget> {
+        &self.budget
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`RetryLayer`].
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+    layer: RetryLayer,
+}
+
+impl<S: Inner> Service<Request> for Retry<S> {
+    type Response = crate::body::Response;
+    type Error = ProxyError;
+    type Future = BoxFuture<ProxyResult>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let inner = self.inner.clone();
+        let RetryLayer {
+            config,
+            budget,
+            route,
+        } = self.layer.clone();
+        Box::pin(async move {
+            budget.deposit();
+            let mut attempt = 1;
+            loop {
+                let result = inner.clone().oneshot(clone_request(&request)).await;
+                if attempt >= config.attempts || !is_retryable(&result, &config.retry_on) {
+                    return result;
+                }
+                if !budget.try_withdraw() {
+                    metrics::counter!("weft_waypoint_retry_budget_exhausted_total", "route" => route.to_string()).increment(1);
+                    return result;
+                }
+                metrics::counter!("weft_waypoint_retries_total", "route" => route.to_string())
+                    .increment(1);
+                drop(result);
+                tokio::time::sleep(backoff(&config, attempt)).await;
+                attempt += 1;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duration::GatewayDuration;
+    use crate::layers::ProxyService;
+    use crate::layers::testing::{request, status_service};
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn config(attempts: u32, ratio: f64, min: u32) -> RetryConfig {
+        RetryConfig {
+            attempts,
+            backoff: crate::config::BackoffConfig {
+                base: GatewayDuration(Duration::from_millis(10)),
+                max: GatewayDuration(Duration::from_millis(40)),
+            },
+            retry_on: vec![RetryOn::ConnectFailure, RetryOn::Status503],
+            budget: RetryBudgetConfig {
+                ratio,
+                min_retries_per_second: min,
+                window: GatewayDuration(Duration::from_secs(10)),
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_503_until_success() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let flaky = ProxyService::new(tower::service_fn(move |_| {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let status = if n < 2 {
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    http::StatusCode::OK
+                };
+                Ok::<_, ProxyError>(crate::body::text_response(status, "x"))
+            }
+        }));
+        let service = RetryLayer::new(config(3, 1.0, 10), "r".into()).layer(flaky);
+        let response = service.oneshot(request("/")).await.expect("response");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_attempts_and_ignores_other_statuses() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service = RetryLayer::new(config(3, 1.0, 10), "r".into())
+            .layer(status_service(503, calls.clone()));
+        assert_eq!(
+            service
+                .oneshot(request("/"))
+                .await
+                .expect("response")
+                .status(),
+            503
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service = RetryLayer::new(config(3, 1.0, 10), "r".into())
+            .layer(status_service(500, calls.clone()));
+        assert_eq!(
+            service
+                .oneshot(request("/"))
+                .await
+                .expect("response")
+                .status(),
+            500
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "500 is not in retryOn");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failures_are_retried() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let refusing = ProxyService::new(tower::service_fn(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Err::<crate::body::Response, _>(ProxyError::Connect {
+                    backend: "b".into(),
+                    endpoint: SocketAddr::from(([127, 0, 0, 1], 1)),
+                    reason: "refused".into(),
+                })
+            }
+        }));
+        let service = RetryLayer::new(config(4, 1.0, 10), "r".into()).layer(refusing);
+        let err = service
+            .oneshot(request("/"))
+            .await
+            .expect_err("still failing");
+        assert!(matches!(err, ProxyError::Connect { .. }));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_caps_retries_to_ratio_of_requests() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = RetryLayer::new(config(3, 0.2, 0), "r".into());
+        let service = layer.layer(status_service(503, calls.clone()));
+        for _ in 0..100 {
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response");
+        }
+        let retries = calls.load(Ordering::SeqCst) - 100;
+        // Without a budget 100 requests x 2 retries = 200; the budget allows 20% of requests.
+        assert!(
+            retries <= 20,
+            "retries {retries} exceed 20% of 100 requests"
+        );
+        assert!(
+            retries >= 15,
+            "retries {retries}: the budget should still allow some"
+        );
+    }
+
+    #[test]
+    fn budget_reserve_allows_low_traffic_retries() {
+        let budget = RetryBudget::new(&RetryBudgetConfig {
+            ratio: 0.1,
+            min_retries_per_second: 1,
+            window: GatewayDuration(Duration::from_secs(10)),
+        });
+        budget.deposit();
+        let granted = (0..20).filter(|_| budget.try_withdraw()).count();
+        assert_eq!(granted, 10, "0.1 * 1 request + 1/s * 10 s = 10.1 retries");
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let config = config(5, 1.0, 1);
+        for retry in 1..=6 {
+            let ceiling =
+                Duration::from_millis(10 * (1 << (retry - 1))).min(Duration::from_millis(40));
+            for _ in 0..50 {
+                assert!(backoff(&config, retry) <= ceiling);
+            }
+        }
+        let distinct: std::collections::HashSet<_> = (0..20).map(|_| backoff(&config, 3)).collect();
+        assert!(distinct.len() > 1, "jitter varies the backoff");
+    }
+
+    #[test]
+    fn grpc_codes_are_classified() {
+        let mut response = crate::body::text_response(http::StatusCode::OK, "");
+        response
+            .headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("14"));
+        let result: ProxyResult = Ok(response);
+        assert!(is_retryable(&result, &[RetryOn::GrpcUnavailable]));
+        assert!(!is_retryable(
+            &result,
+            &[RetryOn::GrpcInternal, RetryOn::Status5xx]
+        ));
+    }
+}

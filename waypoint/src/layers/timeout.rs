@@ -1,0 +1,114 @@
+//! Timeouts until the response headers: `timeouts.request` around the whole request (retries
+//! included) and `timeouts.backendRequest` around each attempt. A timeout answers 504.
+
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::{Layer, Service, ServiceExt};
+
+use super::{BoxFuture, Inner, ProxyResult};
+use crate::body::Request;
+use crate::error::ProxyError;
+
+/// Config of one timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeoutConfig {
+    /// Time allowed until the response headers.
+    pub after: Duration,
+    /// Which config field this is, for the error message.
+    pub which: &'static str,
+}
+
+/// Fails with [`ProxyError::Timeout`] when the inner service takes longer than the limit.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeoutLayer {
+    config: TimeoutConfig,
+}
+
+impl TimeoutLayer {
+    /// A layer applying `config`.
+    pub fn new(config: TimeoutConfig) -> Self {
+        TimeoutLayer { config }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout {
+            inner,
+            config: self.config,
+        }
+    }
+}
+
+/// The service of [`TimeoutLayer`].
+#[derive(Debug, Clone)]
+pub struct Timeout<S> {
+    inner: S,
+    config: TimeoutConfig,
+}
+
+impl<S: Inner> Service<Request> for Timeout<S> {
+    type Response = crate::body::Response;
+    type Error = ProxyError;
+    type Future = BoxFuture<ProxyResult>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let inner = self.inner.clone();
+        let TimeoutConfig { after, which } = self.config;
+        Box::pin(async move {
+            match tokio::time::timeout(after, inner.oneshot(request)).await {
+                Ok(result) => result,
+                Err(_) => Err(ProxyError::Timeout { after, which }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body;
+    use crate::layers::testing::request;
+
+    fn slow(delay: Duration) -> crate::layers::ProxyService {
+        crate::layers::ProxyService::new(tower::service_fn(move |_| async move {
+            tokio::time::sleep(delay).await;
+            Ok::<_, ProxyError>(body::text_response(http::StatusCode::OK, "done"))
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_inner_times_out_with_504() {
+        let layer = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_millis(100),
+            which: "timeouts.request",
+        });
+        let err = layer
+            .layer(slow(Duration::from_secs(1)))
+            .oneshot(request("/"))
+            .await
+            .expect_err("timeout");
+        assert_eq!(err.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert!(err.to_string().contains("timeouts.request"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fast_inner_passes() {
+        let layer = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_millis(100),
+            which: "timeouts.request",
+        });
+        let response = layer
+            .layer(slow(Duration::from_millis(10)))
+            .oneshot(request("/"))
+            .await
+            .expect("ok");
+        assert_eq!(response.status(), http::StatusCode::OK);
+    }
+}

@@ -1,0 +1,61 @@
+//! # weft-waypoint
+//!
+//! Weft's waypoint: a per-namespace L7 proxy (issue #6). This crate is the first increment:
+//! the proxy itself, configured from a YAML file. The node agent integration (sending a
+//! namespace's traffic to its waypoint), HBONE termination (mTLS on port 15008) and lab tests
+//! come later; today the waypoint speaks plain TCP on both sides.
+//!
+//! ## What exists
+//!
+//! * **Config** ([`config`]): listeners with Gateway API HTTPRoute-style routes (`hostnames`,
+//!   `matches` on path `Exact` / `PathPrefix` / `RegularExpression`, exact headers, exact query
+//!   parameters and method; `filters` `RequestHeaderModifier`, `ResponseHeaderModifier`,
+//!   `URLRewrite`, `RequestRedirect`; weighted `backendRefs`; `timeouts.request` and
+//!   `timeouts.backendRequest`), Weft extensions per route (`retry`, `fault`, `rateLimit`) and
+//!   per backend (`circuitBreaker`, `outlierDetection`, `loadBalancer`, `protocol`). Validation
+//!   reports every problem with its field path (`listeners[0].routes[2].retry.attempts: ...`).
+//! * **Route table** ([`route`]): compiled once per config version, Gateway API precedence
+//!   (hostname specificity, then exact > longest prefix > regex, then method, header count,
+//!   query count, declaration order).
+//! * **L7 layers** ([`layers`]), each a tower layer with its config and unit tests:
+//!   [`layers::timeout`], [`layers::retry`] (exponential backoff with full jitter, retry
+//!   conditions incl. gRPC codes, a sliding-window retry budget), [`layers::fault`] (delay,
+//!   abort), [`layers::ratelimit`] (token buckets per route and per source identity, 429 with
+//!   `Retry-After`), [`layers::circuit`] (per-endpoint outlier detection closed -> open ->
+//!   half-open -> closed with `weft_waypoint_circuit_transitions_total`, per-backend
+//!   concurrent/pending request limits), [`layers::headers`], [`layers::split`] (weighted
+//!   backend choice) and [`layers::balance`] (power of two choices over a peak EWMA of latency
+//!   times requests in flight, skipping ejected endpoints).
+//! * **Proxy** ([`proxy`]): hyper server (HTTP/1.1 and HTTP/2 prior knowledge through the
+//!   hyper-util auto builder) per listener; a pooled hyper client per backend (HTTP/1.1 or h2c);
+//!   404 naming the request when no route matches; golden metrics
+//!   `weft_waypoint_requests_total` and `weft_waypoint_request_duration_seconds` by listener,
+//!   route, backend and code ([`metrics`]); config reload (`Waypoint::reload`, SIGHUP in the
+//!   binary) that swaps compiled routes atomically.
+//! * **Binary** `weft-waypoint --config waypoint.yaml [--metrics-address 127.0.0.1:15090]
+//!   [--check]`: serves the listeners, Prometheus metrics on `/metrics`.
+//!
+//! ## What does not exist yet
+//!
+//! * HBONE / mTLS on either side, identities from certificates (the per-source rate limit keys
+//!   on a configurable header or the peer IP), authorization policies.
+//! * Config from the controller (only a file), Kubernetes HTTPRoute translation.
+//! * `circuitBreaker.maxConnections` (the concurrent-request limit bounds connections in use for
+//!   HTTP/1.1 backends), outlier detection's max ejection percentage, success-rate ejection.
+//! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
+//!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
+//!   response headers, not the response body. Upgrades (WebSocket, CONNECT) are not proxied.
+//! * Header/query matches other than `Exact`, query parameters are compared undecoded;
+//!   `RequestMirror` and gRPC-specific routes; DNS names as endpoints (only `ip:port`).
+//! * Graceful drain on shutdown.
+
+pub mod body;
+pub mod config;
+pub mod duration;
+pub mod error;
+pub mod filters;
+pub mod forward;
+pub mod layers;
+pub mod metrics;
+pub mod proxy;
+pub mod route;

@@ -1,0 +1,40 @@
+//! Metric names and help texts.
+
+/// Buckets of `weft_waypoint_request_duration_seconds`: 1 ms to 60 s.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Registers help texts for every metric the waypoint exports.
+pub fn describe() {
+    use metrics::{describe_counter, describe_histogram};
+    describe_counter!(
+        "weft_waypoint_requests_total",
+        "Requests answered, by listener, route, backend (empty when none was chosen) and status code."
+    );
+    describe_histogram!(
+        "weft_waypoint_request_duration_seconds",
+        "Time from request headers to response headers, seconds (same labels as weft_waypoint_requests_total)."
+    );
+    describe_counter!("weft_waypoint_retries_total", "Retries sent, by route.");
+    describe_counter!(
+        "weft_waypoint_retry_budget_exhausted_total",
+        "Retries skipped because the route's retry budget was spent."
+    );
+    describe_counter!(
+        "weft_waypoint_faults_total",
+        "Faults injected, by kind (delay, abort)."
+    );
+    describe_counter!(
+        "weft_waypoint_rate_limited_total",
+        "Requests answered 429, by route and limit (rateLimit.route, rateLimit.perSource)."
+    );
+    describe_counter!(
+        "weft_waypoint_circuit_transitions_total",
+        "Outlier detection state changes of an endpoint, by backend, endpoint, from and to (closed, open, half-open)."
+    );
+    describe_counter!(
+        "weft_waypoint_circuit_overflow_total",
+        "Requests refused because a backend's circuitBreaker limits were full."
+    );
+}

@@ -1,0 +1,481 @@
+//! The proxy: compiles a [`Config`] into per-listener route tables and service stacks, and
+//! serves HTTP/1.1 and HTTP/2 (prior knowledge) on TCP listeners.
+//!
+//! Per request: route lookup -> `RequestRedirect` / `URLRewrite` filters -> the route's stack
+//! (header modifiers -> rate limit -> fault -> `timeouts.request` -> retry ->
+//! `timeouts.backendRequest` -> weighted backend choice) -> the backend's stack (concurrency
+//! limit -> p2c endpoint choice with outlier detection -> forwarder) -> response. Each request
+//! counts `weft_waypoint_requests_total{listener, route, backend, code}` and observes
+//! `weft_waypoint_request_duration_seconds{listener, route, backend, code}`.
+//!
+//! Backends are shared by every route and listener of a config version, so their limits,
+//! latency statistics and circuits are per backend, not per route.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tower::{Layer, ServiceExt};
+
+use crate::body::{self, Response};
+use crate::config::{
+    BackendConfig, Config, FilterConfig, ListenerConfig, RedirectConfig, RouteConfig,
+    UrlRewriteConfig,
+};
+use crate::error::ProxyError;
+use crate::filters;
+use crate::forward::Forwarder;
+use crate::layers::balance::{BalanceLayer, EndpointSet};
+use crate::layers::circuit::ConcurrencyLimitLayer;
+use crate::layers::fault::FaultLayer;
+use crate::layers::headers::{HeaderModifier, HeaderModifierError, HeaderModifierLayer};
+use crate::layers::ratelimit::RateLimitLayer;
+use crate::layers::retry::RetryLayer;
+use crate::layers::split::{WeightedBackend, WeightedSplit};
+use crate::layers::timeout::{TimeoutConfig, TimeoutLayer};
+use crate::layers::{PeerAddr, ProxyService, RequestContext};
+use crate::route::{RouteError, RouteTable};
+
+/// A config that validated but could not be compiled, or a listener that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyBuildError {
+    /// Validation failed.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A route table could not be compiled.
+    #[error("listener `{listener}`: {source}")]
+    Route {
+        /// The listener.
+        listener: String,
+        /// The cause.
+        source: RouteError,
+    },
+    /// A header modifier could not be compiled.
+    #[error("listener `{listener}` route `{route}`: {source}")]
+    Headers {
+        /// The listener.
+        listener: String,
+        /// The route.
+        route: String,
+        /// The cause.
+        source: HeaderModifierError,
+    },
+    /// A listener could not bind its address.
+    #[error(
+        "listener `{listener}` could not bind {address}: {source}; free the port or change the listener's address"
+    )]
+    Bind {
+        /// The listener.
+        listener: String,
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A listener of the new config does not exist in the running one.
+    #[error(
+        "listener `{0}` is not running: reloads can change routes and backends but not add listeners or change addresses; restart the waypoint"
+    )]
+    ListenerChanged(String),
+}
+
+/// A route compiled for serving.
+struct CompiledRoute {
+    name: Arc<str>,
+    redirect: Option<RedirectConfig>,
+    rewrite: Option<UrlRewriteConfig>,
+    service: ProxyService,
+}
+
+/// One listener's routes for one config version.
+pub struct CompiledListener {
+    name: Arc<str>,
+    address: SocketAddr,
+    version: u64,
+    table: RouteTable,
+    routes: Vec<CompiledRoute>,
+    max_body: usize,
+}
+
+impl CompiledListener {
+    /// The config version this was compiled from.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The route table.
+    pub fn table(&self) -> &RouteTable {
+        &self.table
+    }
+}
+
+fn compile_backend(config: &BackendConfig) -> ProxyService {
+    let name: Arc<str> = config.name.as_str().into();
+    // Validation guarantees the endpoints parse.
+    let addrs: Vec<SocketAddr> = config
+        .endpoints
+        .iter()
+        .filter_map(|e| e.parse().ok())
+        .collect();
+    let set = Arc::new(EndpointSet::new(
+        name.clone(),
+        &addrs,
+        config.load_balancer,
+        config.outlier_detection,
+    ));
+    let service = ProxyService::new(BalanceLayer::new(set).layer(Forwarder::new(config.protocol)));
+    match config.circuit_breaker {
+        Some(limits) => ProxyService::new(ConcurrencyLimitLayer::new(limits, name).layer(service)),
+        None => service,
+    }
+}
+
+fn compile_route(
+    listener: &str,
+    index: usize,
+    route: &RouteConfig,
+    backends: &HashMap<String, ProxyService>,
+) -> Result<CompiledRoute, ProxyBuildError> {
+    let name: Arc<str> = route
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{listener}/{index}"))
+        .into();
+    let header_error = |source| ProxyBuildError::Headers {
+        listener: listener.to_string(),
+        route: name.to_string(),
+        source,
+    };
+    let mut request_modifiers = Vec::new();
+    let mut response_modifiers = Vec::new();
+    let mut redirect = None;
+    let mut rewrite = None;
+    for filter in &route.filters {
+        match filter {
+            FilterConfig::RequestHeaderModifier {
+                request_header_modifier,
+            } => request_modifiers
+                .push(HeaderModifier::new(request_header_modifier).map_err(header_error)?),
+            FilterConfig::ResponseHeaderModifier {
+                response_header_modifier,
+            } => response_modifiers
+                .push(HeaderModifier::new(response_header_modifier).map_err(header_error)?),
+            FilterConfig::UrlRewrite { url_rewrite } => rewrite = Some(url_rewrite.clone()),
+            FilterConfig::RequestRedirect { request_redirect } => {
+                redirect = Some(request_redirect.clone())
+            }
+        }
+    }
+
+    let weighted: Vec<WeightedBackend> = route
+        .backend_refs
+        .iter()
+        .filter_map(|r| {
+            backends.get(&r.name).map(|service| WeightedBackend {
+                name: r.name.as_str().into(),
+                weight: r.weight,
+                service: service.clone(),
+            })
+        })
+        .collect();
+    let mut service = match WeightedSplit::new(weighted) {
+        Some(split) => ProxyService::new(split),
+        // Redirect-only routes never reach the stack.
+        None => ProxyService::new(tower::service_fn(|_| async {
+            Err(ProxyError::Internal("route without backends"))
+        })),
+    };
+    let timeouts = route.timeouts.unwrap_or_default();
+    if let Some(after) = timeouts.backend_request {
+        service = ProxyService::new(
+            TimeoutLayer::new(TimeoutConfig {
+                after: after.0,
+                which: "timeouts.backendRequest",
+            })
+            .layer(service),
+        );
+    }
+    if let Some(retry) = &route.retry
+        && retry.attempts > 1
+    {
+        service = ProxyService::new(RetryLayer::new(retry.clone(), name.clone()).layer(service));
+    }
+    if let Some(after) = timeouts.request {
+        service = ProxyService::new(
+            TimeoutLayer::new(TimeoutConfig {
+                after: after.0,
+                which: "timeouts.request",
+            })
+            .layer(service),
+        );
+    }
+    if let Some(fault) = route.fault {
+        service = ProxyService::new(FaultLayer::new(fault).layer(service));
+    }
+    if let Some(limit) = &route.rate_limit {
+        service = ProxyService::new(RateLimitLayer::new(limit, name.clone()).layer(service));
+    }
+    let headers = HeaderModifierLayer::new(request_modifiers, response_modifiers);
+    if !headers.is_empty() {
+        service = ProxyService::new(headers.layer(service));
+    }
+    Ok(CompiledRoute {
+        name,
+        redirect,
+        rewrite,
+        service,
+    })
+}
+
+/// Compiles a validated config into one [`CompiledListener`] per listener.
+pub fn compile(config: &Config, version: u64) -> Result<Vec<CompiledListener>, ProxyBuildError> {
+    config.validate()?;
+    let backends: HashMap<String, ProxyService> = config
+        .backends
+        .iter()
+        .map(|b| (b.name.clone(), compile_backend(b)))
+        .collect();
+    config
+        .listeners
+        .iter()
+        .map(|listener: &ListenerConfig| {
+            let table =
+                RouteTable::compile(&listener.routes).map_err(|source| ProxyBuildError::Route {
+                    listener: listener.name.clone(),
+                    source,
+                })?;
+            let routes = listener
+                .routes
+                .iter()
+                .enumerate()
+                .map(|(i, route)| compile_route(&listener.name, i, route, &backends))
+                .collect::<Result<_, _>>()?;
+            let address = listener
+                .address
+                .parse()
+                .map_err(|_| ProxyBuildError::ListenerChanged(listener.name.clone()))?;
+            Ok(CompiledListener {
+                name: listener.name.as_str().into(),
+                address,
+                version,
+                table,
+                routes,
+                max_body: config.max_request_body_bytes,
+            })
+        })
+        .collect()
+}
+
+/// The current routes of a listener, swapped atomically on reload.
+pub type SharedListener = Arc<RwLock<Arc<CompiledListener>>>;
+
+/// A running set of listeners whose routes can be reloaded.
+pub struct Waypoint {
+    listeners: Vec<SharedListener>,
+    version: std::sync::atomic::AtomicU64,
+}
+
+impl Waypoint {
+    /// Compiles `config` (version 1).
+    pub fn new(config: &Config) -> Result<Waypoint, ProxyBuildError> {
+        let listeners = compile(config, 1)?
+            .into_iter()
+            .map(|l| Arc::new(RwLock::new(Arc::new(l))))
+            .collect();
+        Ok(Waypoint {
+            listeners,
+            version: std::sync::atomic::AtomicU64::new(1),
+        })
+    }
+
+    /// Compiles `config` as the next version and swaps every listener's routes. In-flight
+    /// requests finish on the old version. Listener names and addresses must not change.
+    pub fn reload(&self, config: &Config) -> Result<u64, ProxyBuildError> {
+        let version = self.version.load(std::sync::atomic::Ordering::SeqCst) + 1;
+        let compiled = compile(config, version)?;
+        let mut swaps = Vec::new();
+        for new in compiled {
+            let slot = self
+                .listeners
+                .iter()
+                .find(|slot| {
+                    slot.read()
+                        .is_ok_and(|l| l.name == new.name && l.address == new.address)
+                })
+                .ok_or_else(|| ProxyBuildError::ListenerChanged(new.name.to_string()))?;
+            swaps.push((slot, new));
+        }
+        for (slot, new) in swaps {
+            if let Ok(mut current) = slot.write() {
+                *current = Arc::new(new);
+            }
+        }
+        self.version
+            .store(version, std::sync::atomic::Ordering::SeqCst);
+        Ok(version)
+    }
+
+    /// Binds every listener's address.
+    pub async fn bind(&self) -> Result<Vec<(TcpListener, SharedListener)>, ProxyBuildError> {
+        let mut bound = Vec::new();
+        for slot in &self.listeners {
+            let (name, address) = {
+                let current = current(slot);
+                (current.name.to_string(), current.address)
+            };
+            let socket =
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ProxyBuildError::Bind {
+                        listener: name,
+                        address,
+                        source,
+                    })?;
+            bound.push((socket, slot.clone()));
+        }
+        Ok(bound)
+    }
+
+    /// The listeners' current compiled routes.
+    pub fn listeners(&self) -> Vec<Arc<CompiledListener>> {
+        self.listeners.iter().map(current).collect()
+    }
+}
+
+fn current(slot: &SharedListener) -> Arc<CompiledListener> {
+    match slot.read() {
+        Ok(guard) => guard.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+/// Accepts connections on `socket` forever, serving HTTP/1.1 and HTTP/2 with `listener`'s
+/// current routes.
+pub async fn serve(socket: TcpListener, listener: SharedListener) {
+    loop {
+        let (stream, peer) = match socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let listener = listener.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let routes = current(&listener);
+                handle(routes, peer, request)
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Serves one request with `listener`'s routes.
+pub async fn handle(
+    listener: Arc<CompiledListener>,
+    peer: SocketAddr,
+    request: http::Request<Incoming>,
+) -> Result<Response, Infallible> {
+    let start = Instant::now();
+    let (parts, incoming) = request.into_parts();
+    let Some(matched) = listener.table.lookup(&parts) else {
+        let response = body::text_response(
+            http::StatusCode::NOT_FOUND,
+            format!(
+                "no route matched {} {}{} on listener `{}`; add a route whose hostnames and matches cover this request\n",
+                parts.method,
+                crate::route::request_host(&parts),
+                parts.uri.path(),
+                listener.name
+            ),
+        );
+        record(&listener.name, "", "", response.status(), start);
+        return Ok(response);
+    };
+    let route = &listener.routes[matched.route];
+    if let Some(config) = &route.redirect {
+        let response = filters::redirect(config, &parts, matched.matched_prefix_len)
+            .unwrap_or_else(|e| {
+                body::text_response(http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+            });
+        record(&listener.name, &route.name, "", response.status(), start);
+        return Ok(response);
+    }
+    let context = RequestContext::default();
+    let response = match Limited::new(incoming, listener.max_body).collect().await {
+        Err(e) => {
+            let error = if e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ProxyError::BodyTooLarge {
+                    limit: listener.max_body,
+                }
+            } else {
+                ProxyError::ClientBody {
+                    reason: e.to_string(),
+                }
+            };
+            error.into_response()
+        }
+        Ok(collected) => {
+            let mut request = http::Request::from_parts(parts, collected.to_bytes());
+            match route
+                .rewrite
+                .as_ref()
+                .map(|r| filters::rewrite(r, &mut request, matched.matched_prefix_len))
+            {
+                Some(Err(e)) => {
+                    body::text_response(http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+                }
+                _ => {
+                    request.extensions_mut().insert(PeerAddr(peer));
+                    request.extensions_mut().insert(context.clone());
+                    match route.service.clone().oneshot(request).await {
+                        Ok(response) => response,
+                        Err(error) => {
+                            tracing::debug!(route = %route.name, %error, "request failed");
+                            error.into_response()
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let backend = context.backend();
+    record(
+        &listener.name,
+        &route.name,
+        backend.as_deref().unwrap_or(""),
+        response.status(),
+        start,
+    );
+    Ok(response)
+}
+
+fn record(listener: &str, route: &str, backend: &str, status: http::StatusCode, start: Instant) {
+    let labels = [
+        ("listener", listener.to_string()),
+        ("route", route.to_string()),
+        ("backend", backend.to_string()),
+        ("code", status.as_u16().to_string()),
+    ];
+    metrics::counter!("weft_waypoint_requests_total", &labels).increment(1);
+    metrics::histogram!("weft_waypoint_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
+}

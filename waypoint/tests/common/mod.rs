@@ -1,0 +1,156 @@
+//! Loopback harness: tiny backends, the proxy in front, and clients.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use weft_waypoint::config::Config;
+use weft_waypoint::proxy::{Waypoint, serve};
+
+/// A backend answering with its name; behaviour by path:
+/// `/slow` sleeps 1 s, `/flaky/<n>` answers 503 to its first n requests, anything else 200.
+/// Response headers echo what it saw: `x-backend`, `x-path`, `x-version`, `x-host`, and
+/// `x-seen-<name>` for request headers starting with `x-`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub calls: Arc<AtomicUsize>,
+}
+
+pub async fn backend(name: &'static str) -> Backend {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = socket.local_addr().expect("addr");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let flaky: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = socket.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            let flaky = flaky.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let flaky = flaky.clone();
+                        async move {
+                            let path = request.uri().path().to_string();
+                            let mut status = 200;
+                            if path == "/slow" {
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                            if let Some(n) = path
+                                .strip_prefix("/flaky/")
+                                .and_then(|n| n.parse::<usize>().ok())
+                            {
+                                let mut seen = flaky.lock().expect("lock");
+                                let count = seen.entry(path.clone()).or_default();
+                                *count += 1;
+                                if *count <= n {
+                                    status = 503;
+                                }
+                            }
+                            let mut response = http::Response::builder()
+                                .status(status)
+                                .header("x-backend", name)
+                                .header(
+                                    "x-path",
+                                    request.uri().path_and_query().map_or("/", |p| p.as_str()),
+                                )
+                                .header("x-version", format!("{:?}", request.version()));
+                            if let Some(host) = request.headers().get("host") {
+                                response = response.header("x-host", host);
+                            }
+                            for (key, value) in request.headers() {
+                                if key.as_str().starts_with("x-") {
+                                    response = response.header(format!("x-seen-{key}"), value);
+                                }
+                            }
+                            Ok::<_, Infallible>(
+                                response
+                                    .body(Full::new(Bytes::from(name)))
+                                    .expect("response"),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, calls }
+}
+
+/// Starts the proxy with `yaml` (its single listener on 127.0.0.1:0) and returns its address.
+pub async fn proxy(yaml: &str) -> SocketAddr {
+    let config = Config::from_yaml(yaml).expect("valid config");
+    let waypoint = Waypoint::new(&config).expect("compile");
+    let mut bound = waypoint.bind().await.expect("bind");
+    let (socket, listener) = bound.remove(0);
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(serve(socket, listener));
+    addr
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    proxy: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut request = http::Request::builder().uri(format!("http://{proxy}{path}"));
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = client
+        .request(request.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("proxy answers");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub async fn get(proxy: SocketAddr, path: &str) -> Answer {
+    send(&client(), proxy, path, &[]).await
+}

@@ -1,0 +1,360 @@
+//! The proxy in front of real loopback backends.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::{backend, client, get, h2_client, proxy, send};
+
+fn backends_yaml(list: &[(&str, Vec<std::net::SocketAddr>)]) -> String {
+    let mut yaml = String::from("backends:\n");
+    for (name, addrs) in list {
+        let endpoints: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+        yaml.push_str(&format!(
+            "  - name: {name}\n    endpoints: [{}]\n",
+            endpoints.join(", ")
+        ));
+    }
+    yaml
+}
+
+#[tokio::test]
+async fn routes_by_path_header_and_answers_404_otherwise() {
+    let (a, b, c) = (backend("a").await, backend("b").await, backend("c").await);
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: api
+        matches: [{{ path: {{ type: PathPrefix, value: /api }} }}]
+        backendRefs: [{{ name: a }}]
+      - name: api-canary
+        matches:
+          - path: {{ type: PathPrefix, value: /api }}
+            headers: [{{ name: x-canary, value: "yes" }}]
+        backendRefs: [{{ name: b }}]
+      - name: health
+        matches: [{{ path: {{ type: Exact, value: /health }} }}]
+        backendRefs: [{{ name: c }}]
+{}"#,
+        backends_yaml(&[
+            ("a", vec![a.addr]),
+            ("b", vec![b.addr]),
+            ("c", vec![c.addr])
+        ])
+    );
+    let proxy = proxy(&yaml).await;
+    let http = client();
+    assert_eq!(send(&http, proxy, "/api/users?id=1", &[]).await.body, "a");
+    let answer = send(&http, proxy, "/api/users?id=1", &[("x-canary", "yes")]).await;
+    assert_eq!(answer.body, "b");
+    assert_eq!(answer.headers["x-path"], "/api/users?id=1");
+    assert_eq!(answer.headers["x-seen-x-canary"], "yes");
+    assert_eq!(send(&http, proxy, "/health", &[]).await.body, "c");
+    let missing = send(&http, proxy, "/health/deep", &[]).await;
+    assert_eq!(missing.status, 404);
+    assert!(
+        missing.body.contains("no route matched GET"),
+        "{}",
+        missing.body
+    );
+}
+
+#[tokio::test]
+async fn weighted_split_follows_weights() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a, weight: 80 }}, {{ name: b, weight: 20 }}]
+{}"#,
+        backends_yaml(&[("a", vec![a.addr]), ("b", vec![b.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let http = client();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let n = 1000;
+    for _ in 0..n {
+        *counts
+            .entry(send(&http, proxy, "/", &[]).await.body)
+            .or_default() += 1;
+    }
+    let share_a = counts.get("a").copied().unwrap_or(0) as f64 / n as f64;
+    assert!(
+        (share_a - 0.8).abs() < 0.05,
+        "a got {share_a} of traffic, expected 0.8: {counts:?}"
+    );
+    assert_eq!(counts.values().sum::<usize>(), n);
+}
+
+#[tokio::test]
+async fn retry_on_503_succeeds() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: retried
+        matches: [{{ path: {{ type: PathPrefix, value: /flaky/2 }} }}]
+        backendRefs: [{{ name: a }}]
+        retry: {{ attempts: 3, backoff: {{ base: 1ms, max: 5ms }}, retryOn: ["503"], budget: {{ ratio: 0.5, minRetriesPerSecond: 10 }} }}
+      - name: not-retried
+        backendRefs: [{{ name: a }}]
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let answer = get(proxy, "/flaky/2").await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(a.calls.load(Ordering::SeqCst), 3, "two 503s then a 200");
+    assert_eq!(
+        get(proxy, "/flaky/1").await.status,
+        503,
+        "the route without retry passes the 503 on"
+    );
+}
+
+#[tokio::test]
+async fn connect_failure_is_retried_and_the_dead_endpoint_ejected() {
+    let a = backend("a").await;
+    let dead = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        socket.local_addr().expect("addr")
+    };
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        retry: {{ attempts: 3, backoff: {{ base: 1ms, max: 2ms }}, retryOn: [connect-failure], budget: {{ ratio: 1 }} }}
+backends:
+  - name: a
+    endpoints: ["{dead}", "{}"]
+    outlierDetection: {{ consecutiveConnectFailures: 1, baseEjectionTime: 60s }}
+"#,
+        a.addr
+    );
+    let proxy = proxy(&yaml).await;
+    for _ in 0..20 {
+        assert_eq!(get(proxy, "/").await.status, 200);
+    }
+    assert_eq!(a.calls.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test]
+async fn request_timeout_answers_504() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        timeouts: {{ request: 150ms }}
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let start = Instant::now();
+    let answer = get(proxy, "/slow").await;
+    assert_eq!(answer.status, 504);
+    assert!(answer.body.contains("timed out"), "{}", answer.body);
+    assert!(start.elapsed() < Duration::from_millis(900));
+    assert_eq!(get(proxy, "/fast").await.status, 200);
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        rateLimit: {{ route: {{ capacity: 2, refillPerSecond: 0.2 }} }}
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    assert_eq!(get(proxy, "/").await.status, 200);
+    assert_eq!(get(proxy, "/").await.status, 200);
+    let limited = get(proxy, "/").await;
+    assert_eq!(limited.status, 429);
+    let retry_after: u64 = limited.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=5).contains(&retry_after), "retry-after {retry_after}");
+    assert_eq!(a.calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn fault_abort_answers_without_calling_the_backend() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        fault: {{ abort: {{ httpStatus: 418, percentage: 100 }} }}
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let answer = get(proxy, "/").await;
+    assert_eq!(answer.status, 418);
+    assert!(answer.body.contains("fault injected"));
+    assert_eq!(a.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_clients_and_backends() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - matches: [{{ path: {{ type: PathPrefix, value: /h1 }} }}]
+        backendRefs: [{{ name: a }}]
+      - matches: [{{ path: {{ type: PathPrefix, value: /h2 }} }}]
+        backendRefs: [{{ name: b }}]
+backends:
+  - name: a
+    endpoints: ["{}"]
+  - name: b
+    endpoints: ["{}"]
+    protocol: http2
+"#,
+        a.addr, b.addr
+    );
+    let proxy = proxy(&yaml).await;
+    let h2 = h2_client();
+    let answer = send(&h2, proxy, "/h1/x", &[]).await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "a"));
+    assert_eq!(
+        answer.headers["x-version"], "HTTP/1.1",
+        "HTTP/2 in, HTTP/1.1 to an http1 backend"
+    );
+    assert_eq!(
+        answer.headers["x-host"],
+        proxy.to_string(),
+        "the :authority became the Host header"
+    );
+    let answer = send(&h2, proxy, "/h2/x", &[]).await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "b"));
+    assert_eq!(answer.headers["x-version"], "HTTP/2.0");
+    // Many concurrent streams on one connection.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let h2 = h2.clone();
+            tokio::spawn(async move { send(&h2, proxy, "/h2/y", &[]).await.status })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("join"), 200);
+    }
+}
+
+#[tokio::test]
+async fn filters_rewrite_modify_headers_and_redirect() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - matches: [{{ path: {{ type: PathPrefix, value: /old }} }}]
+        filters:
+          - type: RequestRedirect
+            requestRedirect: {{ scheme: https, hostname: example.com, path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /new }}, statusCode: 301 }}
+      - matches: [{{ path: {{ type: PathPrefix, value: /api }} }}]
+        filters:
+          - type: URLRewrite
+            urlRewrite: {{ hostname: internal.svc, path: {{ type: ReplacePrefixMatch, replacePrefixMatch: /v2 }} }}
+          - type: RequestHeaderModifier
+            requestHeaderModifier: {{ set: [{{ name: x-env, value: prod }}], remove: [x-secret] }}
+          - type: ResponseHeaderModifier
+            responseHeaderModifier: {{ add: [{{ name: x-via, value: waypoint }}], remove: [x-backend] }}
+        backendRefs: [{{ name: a }}]
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let http = client();
+    let redirect = send(&http, proxy, "/old/page?q=1", &[]).await;
+    assert_eq!(redirect.status, 301);
+    assert_eq!(
+        redirect.headers["location"],
+        "https://example.com/new/page?q=1"
+    );
+    assert_eq!(a.calls.load(Ordering::SeqCst), 0);
+
+    let answer = send(
+        &http,
+        proxy,
+        "/api/users?id=7",
+        &[("x-secret", "s"), ("x-env", "dev")],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["x-path"], "/v2/users?id=7");
+    assert_eq!(answer.headers["x-host"], "internal.svc");
+    assert_eq!(answer.headers["x-seen-x-env"], "prod");
+    assert!(answer.headers.get("x-seen-x-secret").is_none());
+    assert_eq!(answer.headers["x-via"], "waypoint");
+    assert!(answer.headers.get("x-backend").is_none());
+}
+
+#[tokio::test]
+async fn post_bodies_are_forwarded_and_limited() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+maxRequestBodyBytes: 16
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let http = client();
+    let post = |body: &'static str| {
+        http::Request::post(format!("http://{proxy}/"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .expect("request")
+    };
+    assert_eq!(
+        http.request(post("small")).await.expect("answer").status(),
+        200
+    );
+    assert_eq!(
+        http.request(post("far more than sixteen bytes"))
+            .await
+            .expect("answer")
+            .status(),
+        413
+    );
+}
