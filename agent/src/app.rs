@@ -142,6 +142,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         conns: Default::default(),
         passthrough: cfg.outbound_passthrough,
         draining: false.into(),
+        trust_domain: cfg.trust_domain.clone(),
     });
     let conns = ctx.conns.clone();
     let pods = Arc::new(Mutex::new(PodManager::new(
@@ -231,17 +232,24 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
         let identities = certs.map(|c| (c, cfg.node.clone(), cfg.trust_domain.clone()));
-        let reconcile = reconcile_loop(state_rx, pods.clone(), admin_state.clone(), identities);
+        // A task of its own: configuration keeps applying while the agent drains (a policy
+        // change still closes live connections it denies, removed pods are still unenrolled).
+        let mut reconcile = tokio::spawn(reconcile_loop(
+            state_rx,
+            pods.clone(),
+            admin_state.clone(),
+            identities,
+        ));
         tokio::select! {
-            () = reconcile => {},
+            _ = &mut reconcile => {},
             r = shutdown_signal() => {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "cannot listen for signals");
                 }
             }
         }
-        // Graceful drain: no new connections (listeners closed, new tunnels refused), live
-        // ones may finish until the deadline.
+        // Graceful drain: no new connections (outbound listeners closed, inbound ones refuse),
+        // live ones may finish until the deadline.
         admin_state.ready.store(false, Ordering::Release);
         match pods.lock() {
             Ok(mut p) => p.stop_accepting(),
@@ -265,6 +273,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 tracing::info!("drained: every connection finished");
             }
         }
+        reconcile.abort();
         tracing::info!("shutting down: unenrolling pods");
         match pods.lock() {
             Ok(mut p) => p.clear(),

@@ -21,6 +21,22 @@ pub struct Subject {
     pub workload: String,
     pub source: Source,
     pub port: u16,
+    /// It came through a mutual-TLS tunnel (a plaintext one is closed if the workload turns
+    /// `strict`).
+    pub mtls: bool,
+}
+
+/// Whether a connection is allowed into `workloads` now: the workload is still here, its mTLS
+/// mode admits the connection, and the policies allow it.
+pub fn allowed(
+    s: &Subject,
+    policies: &[PolicyInfo],
+    workloads: &HashMap<String, WorkloadInfo>,
+) -> bool {
+    workloads.get(&s.workload).is_some_and(|w| {
+        (s.mtls || !w.capture.strict_mtls)
+            && policy::evaluate(policies, w, &s.source, s.port).allowed
+    })
 }
 
 struct Entry {
@@ -54,12 +70,10 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let n = {
-            let mut live = self.registry.lock();
-            live.remove(&self.id);
-            live.len()
-        };
-        self.registry.count.send_replace(n);
+        let mut live = self.registry.lock();
+        live.remove(&self.id);
+        // Published under the lock, so concurrent changes cannot publish out of order.
+        self.registry.count.send_replace(live.len());
     }
 }
 
@@ -75,7 +89,7 @@ impl Connections {
     pub fn register(self: &Arc<Self>, subject: Option<Subject>) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        let n = {
+        {
             let mut live = self.lock();
             live.insert(
                 id,
@@ -84,9 +98,8 @@ impl Connections {
                     cancel: cancel.clone(),
                 },
             );
-            live.len()
-        };
-        self.count.send_replace(n);
+            self.count.send_replace(live.len());
+        }
         Registration {
             id,
             cancel,
@@ -104,20 +117,22 @@ impl Connections {
         self.len() == 0
     }
 
-    /// Closes every live inbound connection the policies no longer allow; returns how many.
+    /// Closes every live inbound connection the policies (or the workload's mTLS mode) no
+    /// longer allow; returns how many. Evaluates outside the registry's lock, so the data path
+    /// is not held up while a large registry is checked.
     pub fn enforce(
         &self,
         policies: &[PolicyInfo],
         workloads: &HashMap<String, WorkloadInfo>,
     ) -> usize {
-        let live = self.lock();
+        let live: Vec<(Subject, CancellationToken)> = self
+            .lock()
+            .values()
+            .filter_map(|e| Some((e.subject.clone()?, e.cancel.clone())))
+            .collect();
         let mut closed = 0;
-        for e in live.values() {
-            let Some(s) = &e.subject else { continue };
-            let allowed = workloads
-                .get(&s.workload)
-                .is_some_and(|w| policy::evaluate(policies, w, &s.source, s.port).allowed);
-            if !allowed && !e.cancel.is_cancelled() {
+        for (s, cancel) in live {
+            if !allowed(&s, policies, workloads) && !cancel.is_cancelled() {
                 tracing::info!(
                     target: "weft::access",
                     workload = %s.workload,
@@ -126,7 +141,7 @@ impl Connections {
                     port = s.port,
                     "closing a live connection the current policies deny"
                 );
-                e.cancel.cancel();
+                cancel.cancel();
                 closed += 1;
             }
         }
@@ -169,6 +184,7 @@ mod tests {
                 ip: "198.18.1.11".parse().expect("ip"),
             },
             port: 80,
+            mtls: false,
         };
         let a = c.register(Some(subject));
         let b = c.register(None);
@@ -183,6 +199,35 @@ mod tests {
         };
         assert_eq!(c.enforce(&[deny], &workloads), 1);
         assert!(a.cancel.is_cancelled() && !b.cancel.is_cancelled());
+        // A plaintext connection is closed when its workload turns strict; a tunnelled one
+        // is not.
+        let mut strict = workloads.clone();
+        if let Some(w) = strict.get_mut("shop/api") {
+            w.capture.strict_mtls = true;
+        }
+        let plain = c.register(Some(Subject {
+            workload: "shop/api".into(),
+            source: Source {
+                namespace: None,
+                principal: None,
+                ip: "198.18.1.12".parse().expect("ip"),
+            },
+            port: 80,
+            mtls: false,
+        }));
+        let tunnelled = c.register(Some(Subject {
+            workload: "shop/api".into(),
+            source: Source {
+                namespace: Some("shop".into()),
+                principal: Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+                ip: "198.18.1.11".parse().expect("ip"),
+            },
+            port: 80,
+            mtls: true,
+        }));
+        assert_eq!(c.enforce(&[], &strict), 1);
+        assert!(plain.cancel.is_cancelled() && !tunnelled.cancel.is_cancelled());
+        drop((plain, tunnelled));
         assert_eq!(c.len(), 2);
         drop(a);
         let waiter = {

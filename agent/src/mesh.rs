@@ -143,11 +143,13 @@ impl SharedView {
         }
     }
 
-    pub fn set(&self, v: View) {
+    /// Publishes a new snapshot and returns it.
+    pub fn set(&self, v: View) -> Arc<View> {
         let v = Arc::new(v);
         match self.0.write() {
-            Ok(mut g) => *g = v,
-            Err(p) => *p.into_inner() = v,
+            Ok(mut g) => *g = v.clone(),
+            Err(p) => *p.into_inner() = v.clone(),
         }
+        v
     }
 }

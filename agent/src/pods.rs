@@ -54,12 +54,13 @@ struct Enrolled {
     /// (device, inode) of the namespace when enrolled: a namespace recreated at the same path
     /// is a different pod sandbox and must be enrolled afresh.
     netns_id: (u64, u64),
-    tasks: Vec<AbortHandle>,
+    /// Accept loops, with the listener each serves.
+    tasks: Vec<(Port, AbortHandle)>,
 }
 
 impl Drop for Enrolled {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for (_, t) in &self.tasks {
             t.abort();
         }
     }
@@ -139,18 +140,33 @@ impl PodManager {
         if policies_changed {
             self.policies = state.policies.values().cloned().collect();
         }
-        // The data path's snapshot first, so a pod enrolled below is known to it.
+        // The data path's snapshot first, so a pod enrolled below is known to it; then live
+        // connections are checked against it (published first: a connection admitted
+        // concurrently re-checks when it sees the snapshot changed under it).
         let view = View::build(state, &self.node, &self.trust_domain);
-        if policies_changed && self.close_denied {
+        let local_changed = self.ctx.view.get().local != view.local;
+        let endpoints: std::collections::HashSet<IpAddr> = view
+            .services
+            .values()
+            .flat_map(|s| s.endpoints.iter())
+            .flat_map(|e| {
+                e.ip4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(e.ip6.map(IpAddr::V6))
+            })
+            .collect();
+        self.ctx.lb.retain(|ip| endpoints.contains(ip));
+        let view = self.ctx.view.set(view);
+        if (policies_changed || local_changed) && self.close_denied {
             let closed = self.ctx.conns.enforce(&view.policies, &view.local);
             if closed > 0 {
                 tracing::info!(
                     closed,
-                    "policy change: closed live connections it no longer allows"
+                    "configuration change: closed live connections it no longer allows"
                 );
             }
         }
-        self.ctx.view.set(view);
         let node = self.node.clone();
         let desired: BTreeMap<String, &WorkloadInfo> = state
             .workloads_on_node(&node)
@@ -305,13 +321,14 @@ impl PodManager {
             (hbone, Port::Hbone, PORT_HBONE),
         ] {
             match tokio::net::TcpListener::from_std(listener) {
-                Ok(l) => tasks.push(
+                Ok(l) => tasks.push((
+                    port,
                     self.runtime
                         .spawn(proxy::accept_loop(l, meta.clone(), self.ctx.clone(), port))
                         .abort_handle(),
-                ),
+                )),
                 Err(source) => {
-                    for t in &tasks {
+                    for (_, t) in &tasks {
                         t.abort();
                     }
                     self.lock_capture().remove_pod(&capture);
@@ -347,16 +364,23 @@ impl PodManager {
         }
     }
 
-    /// Stops accepting new connections on every pod's listeners (graceful drain); capture and
-    /// live connections stay.
+    /// Graceful drain: new connections are refused while live ones finish. The outbound
+    /// listeners close (a new captured connect is refused by the kernel); the inbound ones stay
+    /// open and refuse (reset, or `503` on a tunnel): closing them would empty the sk_lookup
+    /// socket map, and inbound connections would then reach the applications directly,
+    /// skipping STRICT mode and the policies.
     pub fn stop_accepting(&mut self) {
         self.ctx
             .draining
             .store(true, std::sync::atomic::Ordering::Release);
         for p in self.pods.values_mut() {
-            for t in p.tasks.drain(..) {
-                t.abort();
-            }
+            p.tasks.retain(|(port, t)| {
+                let outbound = *port == Port::Outbound;
+                if outbound {
+                    t.abort();
+                }
+                !outbound
+            });
         }
     }
 

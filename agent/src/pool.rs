@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,6 +16,10 @@ use weft_tunnel::hbone::{Client, MAX_STREAMS};
 /// What a pooled connection is for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PoolKey {
+    /// The source pod (its agent-local id): the connection is opened from its network
+    /// namespace and carries its address, so pods sharing a service account never share one
+    /// (the destination authorizes `ipBlocks` on that address).
+    pub pod: u32,
     /// SPIFFE ID the connection authenticates as.
     pub source: String,
     /// The destination pod's address (the tunnel ends at its port 15008).
@@ -27,28 +31,48 @@ pub struct PoolKey {
     pub generation: i64,
 }
 
+/// Use accounting shared by a pooled connection and its leases.
+struct Usage {
+    id: u64,
+    active: AtomicUsize,
+    /// Milliseconds since the pool's epoch when the last lease was released.
+    released_ms: AtomicU64,
+}
+
 struct Pooled {
     client: Client,
-    active: Arc<AtomicUsize>,
-    idle_since: Instant,
+    usage: Arc<Usage>,
 }
 
 /// A tunnel's claim on its pooled connection; released when dropped.
 pub struct Lease {
     pub client: Client,
-    active: Arc<AtomicUsize>,
+    usage: Arc<Usage>,
+    epoch: Instant,
     /// Whether this lease opened a new connection.
     pub fresh: bool,
 }
 
+impl Lease {
+    /// Identifies the pooled connection (for [`Pool::evict`]).
+    pub fn connection_id(&self) -> u64 {
+        self.usage.id
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::AcqRel);
+        self.usage
+            .released_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        self.usage.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// The pool.
 pub struct Pool {
+    epoch: Instant,
+    next_id: AtomicU64,
     conns: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
     /// One connect at a time per key, so a burst of connections shares the first handshake.
     opening: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -58,6 +82,8 @@ pub struct Pool {
 impl Pool {
     pub fn new(idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
             idle_timeout,
@@ -77,11 +103,12 @@ impl Pool {
         list.retain(|p| !p.client.is_closed());
         let p = list
             .iter()
-            .find(|p| p.active.load(Ordering::Acquire) < MAX_STREAMS as usize)?;
-        p.active.fetch_add(1, Ordering::AcqRel);
+            .find(|p| p.usage.active.load(Ordering::Acquire) < MAX_STREAMS as usize)?;
+        p.usage.active.fetch_add(1, Ordering::AcqRel);
         Some(Lease {
             client: p.client.clone(),
-            active: p.active.clone(),
+            usage: p.usage.clone(),
+            epoch: self.epoch,
             fresh: false,
         })
     }
@@ -107,35 +134,46 @@ impl Pool {
             return Ok(l);
         }
         let client = connect().await?;
-        let active = Arc::new(AtomicUsize::new(1));
+        let usage = Arc::new(Usage {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            active: AtomicUsize::new(1),
+            released_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+        });
         self.conns().entry(key.clone()).or_default().push(Pooled {
             client: client.clone(),
-            active: active.clone(),
-            idle_since: Instant::now(),
+            usage: usage.clone(),
         });
         metrics::counter!("weft_hbone_connections_opened_total").increment(1);
         self.publish();
         Ok(Lease {
             client,
-            active,
+            usage,
+            epoch: self.epoch,
             fresh: true,
         })
     }
 
-    /// Closes connections idle for longer than the timeout, and forgets closed ones.
+    /// Removes a connection that failed (it may not know it is dead yet): the next lease for
+    /// the key opens a new one. Tunnels still on it keep running.
+    pub fn evict(&self, key: &PoolKey, connection_id: u64) {
+        if let Some(list) = self.conns().get_mut(key) {
+            list.retain(|p| p.usage.id != connection_id);
+        }
+        self.publish();
+    }
+
+    /// Closes connections that carried no tunnel for longer than the timeout, and forgets
+    /// closed ones.
     pub fn reap(&self) {
-        let now = Instant::now();
+        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let idle_ms = self.idle_timeout.as_millis() as u64;
         {
             let mut conns = self.conns();
             for list in conns.values_mut() {
-                for p in list.iter_mut() {
-                    if p.active.load(Ordering::Acquire) > 0 {
-                        p.idle_since = now;
-                    }
-                }
                 list.retain(|p| {
-                    !p.client.is_closed()
-                        && now.saturating_duration_since(p.idle_since) < self.idle_timeout
+                    let busy = p.usage.active.load(Ordering::Acquire) > 0;
+                    let released = p.usage.released_ms.load(Ordering::Acquire);
+                    !p.client.is_closed() && (busy || now_ms.saturating_sub(released) < idle_ms)
                 });
             }
             conns.retain(|_, l| !l.is_empty());

@@ -62,6 +62,8 @@ pub struct ProxyContext {
     pub passthrough: bool,
     /// Set on SIGTERM: new tunnels are refused while live connections finish.
     pub draining: AtomicBool,
+    /// This mesh's SPIFFE trust domain: tunnel peers from any other are refused.
+    pub trust_domain: String,
 }
 
 impl ProxyContext {
@@ -139,6 +141,12 @@ pub enum RejectReason {
     },
     #[error("the HBONE tunnel to {dst} could not be opened: {detail}")]
     Tunnel { dst: SocketAddr, detail: String },
+    #[error("the destination's agent refused the tunnel to {dst}: {status} {reason}")]
+    Refused {
+        dst: SocketAddr,
+        status: u16,
+        reason: String,
+    },
     #[error(
         "plaintext from {peer} refused: workload {workload} accepts only mutual TLS (weft.dev/mtls: strict)"
     )]
@@ -167,6 +175,8 @@ impl RejectReason {
             Self::Certificate { .. } => "no_certificate",
             Self::Tls { kind, .. } => kind,
             Self::Tunnel { .. } => "tunnel_failed",
+            Self::Refused { status: 403, .. } => "denied_by_destination",
+            Self::Refused { .. } => "refused_by_destination",
             Self::StrictMtls { .. } => "plaintext_refused",
             Self::Denied(_) => "policy_denied",
             Self::UnknownWorkload(_) => "unknown_workload",
@@ -180,7 +190,11 @@ impl RejectReason {
             Self::Connect { .. } | Self::Tls { .. } | Self::Tunnel { .. } => "UF",
             Self::ConnectTimeout { .. } => "UT",
             Self::NoHealthyEndpoint { .. } | Self::NoServicePort { .. } => "UH",
-            Self::Denied(_) | Self::StrictMtls { .. } | Self::PassthroughDenied { .. } => "RBAC",
+            Self::Denied(_)
+            | Self::StrictMtls { .. }
+            | Self::PassthroughDenied { .. }
+            | Self::Refused { status: 403, .. } => "RBAC",
+            Self::Refused { .. } => "UF",
             Self::Draining => "DR",
             _ => "DC",
         }
@@ -471,6 +485,17 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
         ..Default::default()
     };
     let orig = match outbound_destination(peer, pod, ctx) {
+        Ok(_) if ctx.draining.load(Ordering::Acquire) => {
+            refused(
+                Direction::Outbound,
+                pod,
+                peer,
+                None,
+                &parties,
+                &RejectReason::Draining,
+            );
+            return reset(&client);
+        }
         Ok(d) => d,
         Err(e) => {
             refused(Direction::Outbound, pod, peer, None, &parties, &e);
@@ -524,10 +549,13 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
         None => connect_from(pod, ctx, dst).await.map(Upstream::Plain),
     };
     if let Some(p) = &pick {
-        p.observe(match &connected {
-            Ok(_) => connect_start.elapsed(),
-            Err(_) => lb::FAILURE_PENALTY,
-        });
+        match &connected {
+            Ok(_) => p.observe(connect_start.elapsed()),
+            // A refusal by the destination's agent (policy, draining) says nothing about the
+            // endpoint's health.
+            Err(RejectReason::Refused { .. }) => {}
+            Err(_) => p.observe(lb::FAILURE_PENALTY),
+        }
     }
     let upstream = match connected {
         Ok(u) => u,
@@ -626,20 +654,28 @@ async fn open_tunnel(
         identity: pod.identity.clone(),
         detail: "mutual TLS is off (no certificate authority)".into(),
     })?;
-    let cert = certs
-        .get(&pod.identity)
+    let cert = tokio::time::timeout(ctx.connect_timeout, certs.get(&pod.identity))
         .await
+        .map_err(|_| RejectReason::Certificate {
+            identity: pod.identity.clone(),
+            detail: format!(
+                "the CA did not answer within {:?} (is the controller reachable?)",
+                ctx.connect_timeout
+            ),
+        })?
         .map_err(|e| RejectReason::Certificate {
             identity: pod.identity.clone(),
             detail: e.to_string(),
         })?;
     let key = PoolKey {
+        pod: pod.pod_id,
         source: pod.identity.clone(),
         destination: dst.ip(),
         expected: dst_peer.identity.clone(),
         generation: cert.not_after,
     };
-    // A pooled connection may have died since it was last used: one retry on a fresh one.
+    // A pooled connection may have died since it was last used: it is evicted and the tunnel
+    // retried once on a fresh connection.
     for attempt in 0..2 {
         let lease = ctx
             .pool
@@ -648,11 +684,27 @@ async fn open_tunnel(
             })
             .await?;
         let mut client = lease.client.clone();
-        match client.connect(dst, Some(src_ip), None).await {
+        let opened =
+            tokio::time::timeout(ctx.connect_timeout, client.connect(dst, Some(src_ip), None))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(hbone::HboneError::Header(format!(
+                        "no answer to CONNECT within {:?}",
+                        ctx.connect_timeout
+                    )))
+                });
+        match opened {
             Ok(t) => return Ok((t, lease)),
+            Err(hbone::HboneError::Refused { status, reason, .. }) => {
+                return Err(RejectReason::Refused {
+                    dst,
+                    status: status.as_u16(),
+                    reason,
+                });
+            }
             Err(e) => {
-                let refused_by_peer = matches!(e, hbone::HboneError::Refused { .. });
-                if refused_by_peer || lease.fresh || attempt == 1 {
+                ctx.pool.evict(&key, lease.connection_id());
+                if lease.fresh || attempt == 1 {
                     return Err(RejectReason::Tunnel {
                         dst,
                         detail: e.to_string(),
@@ -780,7 +832,7 @@ async fn inbound_plaintext(client: TcpStream, peer: SocketAddr, pod: &PodMeta, c
 async fn admit(
     pod: &PodMeta,
     ctx: &ProxyContext,
-    view: &View,
+    view: &Arc<View>,
     peer: SocketAddr,
     source: Source,
     dst: SocketAddr,
@@ -821,11 +873,23 @@ async fn admit(
             verdict.reason.clone().unwrap_or_default()
         )));
     }
-    let reg = ctx.conns.register(Some(Subject {
+    let subject = Subject {
         workload: pod.name.clone(),
         source,
         port: dst.port(),
-    }));
+        mtls,
+    };
+    let reg = ctx.conns.register(Some(subject.clone()));
+    // A configuration published between the check above and the registration was enforced
+    // without this connection: check again against it.
+    let now = ctx.view.get();
+    if !Arc::ptr_eq(view, &now) && !crate::conns::allowed(&subject, &now.policies, &now.local) {
+        return Err(RejectReason::Denied(format!(
+            "{} -> {}: the configuration changed while the connection was being admitted and no longer allows it",
+            peer.ip(),
+            pod.name
+        )));
+    }
     let upstream = connect_from(pod, ctx, dst).await?;
     Ok((upstream, verdict, reg))
 }
@@ -909,6 +973,15 @@ async fn hbone_connection(
         Ok(i) => i,
         Err(e) => return fail(verify_label(&e), e.to_string()),
     };
+    if identity.trust_domain().as_str() != ctx.trust_domain {
+        return fail(
+            "tls_peer_wrong_trust_domain",
+            format!(
+                "the peer {identity} is not in this mesh's trust domain `{}` (a root of another trust domain is in the trust bundle?)",
+                ctx.trust_domain
+            ),
+        );
+    }
     let handler = Inbound {
         pod,
         ctx,
@@ -947,10 +1020,12 @@ impl Handler for Inbound {
         let pod = &*self.pod;
         let view = self.ctx.view.get();
         let dst = canonical(req.dst);
-        let src = SocketAddr::new(
-            req.forwarded_for.unwrap_or(self.peer.ip()).to_canonical(),
-            0,
-        );
+        // The tunnel's TCP peer is the source pod (the source agent connects from its
+        // namespace); `Forwarded: for=` is the client's claim and is only logged.
+        let src = self.peer;
+        if let Some(f) = req.forwarded_for.filter(|f| f.to_canonical() != src.ip()) {
+            tracing::debug!(%src, forwarded_for = %f, "CONNECT names another original source than the tunnel's peer");
+        }
         let mut parties = Parties {
             dst_workload: pod.name.clone(),
             dst_namespace: pod.namespace.clone(),

@@ -275,7 +275,7 @@ fn l4_allow_and_deny_policies_decide_with_metric_and_log_line() {
     // The source side logs the refusal it got from the peer.
     wait_log(&w, 0, "source-side refusal", |l| {
         l["direction"] == "outbound"
-            && l["result"] == "tunnel_failed"
+            && l["result"] == "denied_by_destination"
             && l["error"].as_str().unwrap_or("").contains("403")
     });
     // Dry run: the same DENY in dry-run mode only logs.

@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// The HBONE port on every meshed pod.
@@ -163,6 +163,10 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 /// Streams one HBONE connection carries at once.
 pub const MAX_STREAMS: u32 = 100;
+/// HTTP/2 PINGs on a quiet connection, so a peer that vanished (node lost, partition) is
+/// noticed in seconds instead of when TCP gives up.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves HBONE on one (already authenticated) connection until the peer closes it. Every
 /// CONNECT is admitted (or refused) by `handler`, then run on its own task.
@@ -202,6 +206,9 @@ where
         }
     });
     hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(64 * 1024)
@@ -225,6 +232,10 @@ impl Client {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(64 * 1024)
