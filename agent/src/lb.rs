@@ -1,7 +1,9 @@
 //! Latency-aware endpoint choice for Service VIPs: power of two choices over a cost that is the
 //! EWMA of connect latency times (outstanding connections + 1), as in Finagle/Linkerd's
 //! "P2C + peak EWMA" family. An endpoint never measured costs nothing, so new endpoints are tried
-//! soon; a failed connect counts as a slow one.
+//! soon; a failed connect counts as a slow one. The average decays toward zero while an
+//! endpoint is not measured (time constant [`DECAY`]), so an endpoint that failed once is tried
+//! again later instead of being avoided for ever.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,33 +17,51 @@ use rand::Rng as _;
 const ALPHA: f64 = 0.3;
 /// What a failed connect counts as.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// Time constant of the average's decay while an endpoint is not measured.
+pub const DECAY: Duration = Duration::from_secs(10);
+
+/// Nanoseconds since the first use (a shared monotonic epoch).
+fn now_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_nanos() as u64
+}
 
 #[derive(Default)]
 struct Stats {
     /// EWMA of connect latency, nanoseconds (f64 bits).
     ewma_ns: AtomicU64,
+    /// When `ewma_ns` was last updated ([`now_ns`]).
+    updated_ns: AtomicU64,
     outstanding: AtomicU64,
 }
 
 impl Stats {
-    fn cost(&self) -> f64 {
+    /// The average as of `now`, decayed for the time since it was measured.
+    fn ewma_at(&self, now: u64) -> f64 {
         let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
-        (ewma + 1.0) * (self.outstanding.load(Ordering::Relaxed) as f64 + 1.0)
+        let age = now.saturating_sub(self.updated_ns.load(Ordering::Relaxed)) as f64;
+        ewma * (-age / DECAY.as_nanos() as f64).exp()
+    }
+
+    fn cost(&self) -> f64 {
+        (self.ewma_at(now_ns()) + 1.0) * (self.outstanding.load(Ordering::Relaxed) as f64 + 1.0)
     }
 
     fn observe(&self, latency: Duration) {
         let sample = latency.as_nanos() as f64;
-        let _ = self
-            .ewma_ns
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                let old = f64::from_bits(bits);
-                let next = if old == 0.0 {
-                    sample
-                } else {
-                    ALPHA * sample + (1.0 - ALPHA) * old
-                };
-                Some(next.to_bits())
-            });
+        let now = now_ns();
+        let old = self.ewma_at(now);
+        let next = if old == 0.0 {
+            sample
+        } else {
+            ALPHA * sample + (1.0 - ALPHA) * old
+        };
+        // Racing observers may lose a sample; the average stays an average.
+        self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
+        self.updated_ns.store(now, Ordering::Relaxed);
     }
 }
 
@@ -142,6 +162,17 @@ mod tests {
         }
         // With two endpoints P2C compares both every time: the fast one always wins.
         assert_eq!(n_fast, 1000);
+    }
+
+    #[test]
+    fn a_failed_endpoint_is_forgiven_as_its_penalty_decays() {
+        let s = Stats::default();
+        s.observe(FAILURE_PENALTY);
+        let t0 = s.updated_ns.load(Ordering::Relaxed);
+        let fresh = s.ewma_at(t0);
+        let later = s.ewma_at(t0 + 5 * DECAY.as_nanos() as u64);
+        assert!((fresh - 1e9).abs() < 1.0, "{fresh}");
+        assert!(later < fresh / 100.0, "{later}");
     }
 
     #[test]
