@@ -109,9 +109,8 @@ impl Service<Request> for Forwarder {
                 BackendProtocol::Http1 => Version::HTTP_11,
                 BackendProtocol::Http2 => Version::HTTP_2,
             };
-            if protocol == BackendProtocol::Http2 {
-                parts.headers.remove(header::HOST);
-            }
+            // For HTTP/2 endpoints the :authority is the endpoint's address (the client connects
+            // by URI); the original host travels in the Host header, which HTTP/2 allows.
             let upstream = http::Request::from_parts(parts, Full::new(body));
             match client.request(upstream).await {
                 Ok(response) => {

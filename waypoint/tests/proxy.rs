@@ -262,6 +262,11 @@ backends:
     let answer = send(&h2, proxy, "/h2/x", &[]).await;
     assert_eq!((answer.status, answer.body.as_str()), (200, "b"));
     assert_eq!(answer.headers["x-version"], "HTTP/2.0");
+    assert_eq!(
+        answer.headers["x-host"],
+        proxy.to_string(),
+        "the original host reaches h2 backends"
+    );
     // Many concurrent streams on one connection.
     let tasks: Vec<_> = (0..20)
         .map(|_| {
@@ -356,5 +361,50 @@ listeners:
             .expect("answer")
             .status(),
         413
+    );
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_atomically_and_refuses_listener_changes() {
+    use weft_waypoint::config::Config;
+    use weft_waypoint::proxy::{Waypoint, serve};
+    let (a, b) = (backend("a").await, backend("b").await);
+    let config = |target: &str, address: &str| {
+        format!(
+            r#"
+listeners:
+  - name: web
+    address: {address}
+    routes:
+      - backendRefs: [{{ name: {target} }}]
+{}"#,
+            backends_yaml(&[("a", vec![a.addr]), ("b", vec![b.addr])])
+        )
+    };
+    let waypoint = Waypoint::new(&Config::from_yaml(&config("a", "127.0.0.1:0")).expect("valid"))
+        .expect("compile");
+    let (socket, listener) = waypoint.bind().await.expect("bind").remove(0);
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(serve(socket, listener));
+    assert_eq!(get(addr, "/").await.body, "a");
+    assert_eq!(waypoint.listeners()[0].version(), 1);
+
+    let version = waypoint
+        .reload(&Config::from_yaml(&config("b", "127.0.0.1:0")).expect("valid"))
+        .expect("reload");
+    assert_eq!(version, 2);
+    assert_eq!(waypoint.listeners()[0].version(), 2);
+    // The same client connection sees the new routes.
+    let http = client();
+    assert_eq!(send(&http, addr, "/", &[]).await.body, "b");
+
+    let err = waypoint
+        .reload(&Config::from_yaml(&config("a", "127.0.0.1:1")).expect("valid"))
+        .expect_err("address change");
+    assert!(err.to_string().contains("restart the waypoint"), "{err}");
+    assert_eq!(
+        send(&http, addr, "/", &[]).await.body,
+        "b",
+        "a refused reload keeps the running config"
     );
 }

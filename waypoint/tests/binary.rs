@@ -1,0 +1,118 @@
+//! The `weft-waypoint` binary: config check, serving, metrics endpoint.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{backend, get};
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-waypoint");
+
+fn free_port() -> std::net::SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr")
+}
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("weft-waypoint-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_reports_every_problem_with_its_field_path() {
+    let path = write_config(
+        "bad",
+        r#"
+listeners:
+  - name: web
+    address: nowhere
+    routes:
+      - backendRefs: [{ name: missing }]
+        retry: { attempts: 20 }
+"#,
+    );
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "listeners[0].address",
+        "listeners[0].routes[0].backendRefs[0].name",
+        "listeners[0].routes[0].retry.attempts",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected} missing from:\n{stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn serves_the_config_and_exports_metrics() {
+    let a = backend("a").await;
+    let (listen, metrics) = (free_port(), free_port());
+    let path = write_config(
+        "good",
+        &format!(
+            r#"
+listeners:
+  - name: web
+    address: {listen}
+    routes:
+      - name: all
+        backendRefs: [{{ name: a }}]
+backends:
+  - name: a
+    endpoints: ["{}"]
+"#,
+            a.addr
+        ),
+    );
+    let _child = Child(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("--metrics-address")
+            .arg(metrics.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the binary"),
+    );
+    let mut ready = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok()
+            && tokio::net::TcpStream::connect(metrics).await.is_ok()
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the binary did not listen within 5 s");
+    assert_eq!(get(listen, "/hello").await.body, "a");
+    let exported = get(metrics, "/metrics").await.body;
+    assert!(
+        exported.contains("weft_waypoint_requests_total"),
+        "{exported}"
+    );
+    assert!(exported.contains("route=\"all\""), "{exported}");
+    let _ = std::fs::remove_file(path);
+}
