@@ -157,6 +157,10 @@ pub enum RejectReason {
     UnknownWorkload(String),
     #[error("the agent is draining (shutting down) and takes no new connections")]
     Draining,
+    #[error(
+        "the certificate {peer} proved its identity with on this connection expired at {not_after} (Unix): open a new connection with the renewed certificate"
+    )]
+    PeerExpired { peer: String, not_after: i64 },
 }
 
 impl RejectReason {
@@ -181,6 +185,7 @@ impl RejectReason {
             Self::Denied(_) => "policy_denied",
             Self::UnknownWorkload(_) => "unknown_workload",
             Self::Draining => "draining",
+            Self::PeerExpired { .. } => "tls_peer_expired",
         }
     }
 
@@ -973,6 +978,10 @@ async fn hbone_connection(
         Ok(i) => i,
         Err(e) => return fail(verify_label(&e), e.to_string()),
     };
+    let peer_expiry = match weft_tunnel::peer_not_after(tls.get_ref().1) {
+        Ok(t) => t.unix(),
+        Err(e) => return fail(verify_label(&e), e.to_string()),
+    };
     if identity.trust_domain().as_str() != ctx.trust_domain {
         return fail(
             "tls_peer_wrong_trust_domain",
@@ -987,6 +996,7 @@ async fn hbone_connection(
         ctx,
         peer,
         identity,
+        peer_expiry,
     };
     if let Err(e) = hbone::serve(tls, handler).await {
         tracing::debug!(src = %peer, error = %e, "HBONE connection ended");
@@ -1000,6 +1010,9 @@ struct Inbound {
     ctx: Arc<ProxyContext>,
     peer: SocketAddr,
     identity: Identity,
+    /// Expiry of the certificate the peer proved its identity with (Unix seconds): after it,
+    /// the connection takes no new tunnels (live ones continue).
+    peer_expiry: i64,
 }
 
 struct Admitted {
@@ -1036,7 +1049,15 @@ impl Handler for Inbound {
             ..Default::default()
         };
         parties.set_src_peer(view.peer(self.peer.ip()).map(|p| &**p));
-        let result = if !pod.ips.contains(&dst.ip()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let result = if now >= self.peer_expiry {
+            Err(RejectReason::PeerExpired {
+                peer: self.identity.to_string(),
+                not_after: self.peer_expiry,
+            })
+        } else if !pod.ips.contains(&dst.ip()) {
             Err(RejectReason::Tunnel {
                 dst,
                 detail: format!(

@@ -8,5 +8,5 @@ pub mod tls;
 pub use identity::{Identity, IdentityError, IdentityErrorKind, TrustDomain};
 pub use tls::{
     Timestamp, TlsError, TrustBundle, VerifyError, certs_from_pem, client_config, identity_of,
-    peer_identity, private_key_from_pem, server_config,
+    peer_identity, peer_not_after, private_key_from_pem, server_config,
 };

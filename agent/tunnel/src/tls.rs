@@ -384,6 +384,17 @@ pub fn peer_identity(conn: &CommonState) -> Result<Identity, VerifyError> {
     identity_of(leaf)
 }
 
+/// When the peer's certificate of a completed handshake expires (Unix seconds). A connection
+/// outliving it should take no new work.
+pub fn peer_not_after(conn: &CommonState) -> Result<Timestamp, VerifyError> {
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .ok_or(VerifyError::NoCertificate)?;
+    let cert = parse_x509(leaf).map_err(VerifyError::Malformed)?;
+    Ok(Timestamp(cert.validity().not_after.timestamp()))
+}
+
 /// The server side of the data path's mutual TLS: TLS 1.3 only, a client certificate required,
 /// chained to `trust` and carrying exactly one SPIFFE ID. `cert_chain` (leaf first) and `key` are
 /// this workload's; the leaf must carry a SPIFFE ID. Session resumption is off, so every
