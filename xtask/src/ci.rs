@@ -14,6 +14,7 @@ pub const HOST_PACKAGES: &[&str] = &[
     "weft-api",
     "weft-controller",
     "weft-agent",
+    "weft-waypoint",
     "weft-tests",
     "xtask",
 ];
