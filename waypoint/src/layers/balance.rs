@@ -39,8 +39,15 @@ impl Endpoint {
         self.addr
     }
 
-    fn cost(&self) -> f64 {
-        let ewma = self.ewma.lock().map(|e| e.nanos).unwrap_or(f64::MAX);
+    /// Load estimate: the latency average, decayed toward zero for the time since the last
+    /// measurement (so an endpoint that lost every pairing is tried again and re-measured),
+    /// times the requests in flight plus one.
+    fn cost(&self, now: Instant, decay: Duration) -> f64 {
+        let ewma = self
+            .ewma
+            .lock()
+            .map(|e| e.nanos * decay_weight(now.saturating_duration_since(e.updated), decay))
+            .unwrap_or(f64::MAX);
         ewma * (self.in_flight.load(Ordering::Relaxed) as f64 + 1.0)
     }
 
@@ -48,17 +55,21 @@ impl Endpoint {
         if let Ok(mut ewma) = self.ewma.lock() {
             let now = Instant::now();
             let rtt = rtt.as_nanos() as f64;
-            if rtt > ewma.nanos {
+            let w = decay_weight(now.saturating_duration_since(ewma.updated), decay);
+            if rtt > ewma.nanos * w {
                 // Peak sensitive: a slow response counts at once.
                 ewma.nanos = rtt;
             } else {
-                let elapsed = now.saturating_duration_since(ewma.updated).as_secs_f64();
-                let w = (-elapsed / decay.as_secs_f64()).exp();
                 ewma.nanos = ewma.nanos * w + rtt * (1.0 - w);
             }
             ewma.updated = now;
         }
     }
+}
+
+/// Weight of the old estimate after `elapsed`: `exp(-elapsed / decay)`.
+fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
+    (-elapsed.as_secs_f64() / decay.as_secs_f64()).exp()
 }
 
 /// A backend's endpoints, shared by every route that uses the backend.
@@ -138,7 +149,8 @@ impl EndpointSet {
                     b += 1;
                 }
                 let (a, b) = (candidates[a], candidates[b]);
-                if self.endpoints[b].cost() < self.endpoints[a].cost() {
+                if self.endpoints[b].cost(now, self.decay) < self.endpoints[a].cost(now, self.decay)
+                {
                     vec![b, a]
                 } else {
                     vec![a, b]
@@ -331,6 +343,66 @@ mod tests {
         let fast = calls.get(&2).copied().unwrap_or(0);
         // p2c picks the fast endpoint whenever it is one of the two candidates (2/3 of the time).
         assert!(fast > 180, "fast endpoint got {fast} of 300: {calls:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unmeasured_slow_endpoint_is_tried_again_after_decay() {
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1), addr(2)],
+            LoadBalancerConfig::default(),
+            None,
+        ));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let slow_then_fast = {
+            let calls = calls.clone();
+            let start = Instant::now();
+            ProxyService::new(tower::service_fn(move |request: Request| {
+                let port = request
+                    .extensions()
+                    .get::<SelectedEndpoint>()
+                    .map(|e| e.addr.port())
+                    .unwrap_or(0);
+                *calls.lock().expect("lock").entry(port).or_default() += 1;
+                // Endpoint 1 is slow for the first minute, then as fast as endpoint 2.
+                let delay = if port == 1 && start.elapsed() < Duration::from_secs(60) {
+                    Duration::from_millis(500)
+                } else {
+                    Duration::from_millis(5)
+                };
+                async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, ProxyError>(crate::body::text_response(http::StatusCode::OK, "x"))
+                }
+            }))
+        };
+        let service = BalanceLayer::new(set).layer(slow_then_fast);
+        for _ in 0..20 {
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response");
+        }
+        let slow_before = calls.lock().expect("lock").get(&1).copied().unwrap_or(0);
+        assert!(
+            slow_before <= 1,
+            "the slow endpoint is avoided: {slow_before}"
+        );
+        tokio::time::advance(Duration::from_secs(120)).await;
+        for _ in 0..200 {
+            service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("response");
+            tokio::time::advance(Duration::from_millis(100)).await;
+        }
+        let slow_after = calls.lock().expect("lock").get(&1).copied().unwrap_or(0) - slow_before;
+        assert!(
+            slow_after >= 40,
+            "the recovered endpoint gets traffic again: {slow_after} of 200"
+        );
     }
 
     #[tokio::test(start_paused = true)]
