@@ -480,15 +480,20 @@ pub enum BackendProtocol {
 }
 
 /// Per-backend limits: above `maxConcurrentRequests` requests queue, above
-/// `maxPendingRequests` queued ones they are answered 503 at once.
+/// `maxPendingRequests` queued ones they are answered 503 at once; at most `maxConnections`
+/// connections are open (a request needing another waits up to 3 s for one to free).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
-    /// Requests in flight to the backend.
+    /// Requests in flight to the backend (default 1024).
+    #[serde(default = "default_circuit_limit")]
     pub max_concurrent_requests: usize,
-    /// Requests waiting for a slot.
-    #[serde(default)]
+    /// Requests waiting for a slot (default 1024).
+    #[serde(default = "default_circuit_limit")]
     pub max_pending_requests: usize,
+    /// Connections open to the backend's endpoints together; unbounded when absent.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 /// Outlier detection: per-endpoint circuit (closed -> open -> half-open -> closed).
@@ -507,6 +512,10 @@ pub struct OutlierDetectionConfig {
     /// Longest ejection.
     #[serde(default = "default_max_ejection")]
     pub max_ejection_time: GatewayDuration,
+}
+
+fn default_circuit_limit() -> usize {
+    1024
 }
 
 fn default_consecutive_5xx() -> u32 {
@@ -662,10 +671,16 @@ impl Config {
                     );
                 }
             }
-            if let Some(cb) = &backend.circuit_breaker
-                && cb.max_concurrent_requests == 0
-            {
-                err(format!("{at}.circuitBreaker.maxConcurrentRequests"), "is 0, which would reject every request; set at least 1 or remove circuitBreaker".into());
+            if let Some(cb) = &backend.circuit_breaker {
+                if cb.max_concurrent_requests == 0 {
+                    err(format!("{at}.circuitBreaker.maxConcurrentRequests"), "is 0, which would reject every request; set at least 1 or remove circuitBreaker".into());
+                }
+                if cb.max_connections == Some(0) {
+                    err(
+                        format!("{at}.circuitBreaker.maxConnections"),
+                        "is 0, which would fail every request; set at least 1 or remove it".into(),
+                    );
+                }
             }
             if let Some(od) = &backend.outlier_detection {
                 if od.base_ejection_time.0.is_zero() {

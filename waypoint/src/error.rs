@@ -65,6 +65,16 @@ pub enum ProxyError {
         /// circuitBreaker.maxPendingRequests.
         max_pending: usize,
     },
+    /// Every connection allowed by `circuitBreaker.maxConnections` stayed busy.
+    #[error(
+        "backend `{backend}` has all {max} connections allowed by circuitBreaker.maxConnections busy; raise maxConnections or add endpoints"
+    )]
+    ConnectionLimit {
+        /// The backend.
+        backend: String,
+        /// circuitBreaker.maxConnections.
+        max: usize,
+    },
     /// The request body exceeds the waypoint's buffering limit.
     #[error(
         "request body larger than {limit} bytes; the waypoint buffers bodies to retry them, raise maxRequestBodyBytes in the config or send a smaller body"
@@ -92,7 +102,8 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. }
             | ProxyError::NoHealthyEndpoint { .. }
-            | ProxyError::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::Overflow { .. }
+            | ProxyError::ConnectionLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -15,6 +15,7 @@ use tower::Service;
 
 use crate::body::Request;
 use crate::config::BackendProtocol;
+use crate::connect::{LimitedConnector, is_max_connections};
 use crate::error::ProxyError;
 use crate::layers::{BoxFuture, ProxyResult, SelectedEndpoint};
 
@@ -53,13 +54,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Forwards requests to the endpoint chosen by the balancer.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<LimitedConnector, Full<Bytes>>,
     protocol: BackendProtocol,
 }
 
 impl Forwarder {
-    /// A forwarder with its own connection pool speaking `protocol`.
-    pub fn new(protocol: BackendProtocol) -> Self {
+    /// A forwarder with its own connection pool speaking `protocol`, holding at most
+    /// `max_connections` connections open (unbounded when `None`).
+    pub fn new(protocol: BackendProtocol, max_connections: Option<usize>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -69,7 +71,7 @@ impl Forwarder {
             builder.http2_only(true);
         }
         Forwarder {
-            client: builder.build(connector),
+            client: builder.build(LimitedConnector::new(connector, max_connections)),
             protocol,
         }
     }
@@ -117,6 +119,12 @@ impl Service<Request> for Forwarder {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     Ok(http::Response::from_parts(parts, body.boxed()))
+                }
+                Err(e) if let Some(max) = is_max_connections(&e) => {
+                    Err(ProxyError::ConnectionLimit {
+                        backend: target.backend.to_string(),
+                        max,
+                    })
                 }
                 Err(e) if e.is_connect() => Err(ProxyError::Connect {
                     backend: target.backend.to_string(),
@@ -181,7 +189,7 @@ mod tests {
             backend: "b".into(),
             addr,
         });
-        let err = tower::ServiceExt::oneshot(Forwarder::new(BackendProtocol::Http1), request)
+        let err = tower::ServiceExt::oneshot(Forwarder::new(BackendProtocol::Http1, None), request)
             .await
             .expect_err("refused");
         assert!(matches!(err, ProxyError::Connect { .. }), "{err}");

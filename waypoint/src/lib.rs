@@ -23,7 +23,8 @@
 //!   abort), [`layers::ratelimit`] (token buckets per route and per source identity, 429 with
 //!   `Retry-After`), [`layers::circuit`] (per-endpoint outlier detection closed -> open ->
 //!   half-open -> closed with `weft_waypoint_circuit_transitions_total`, per-backend
-//!   concurrent/pending request limits), [`layers::headers`], [`layers::split`] (weighted
+//!   concurrent/pending request limits; `maxConnections` is enforced by the backend's connector,
+//!   [`connect`]), [`layers::headers`], [`layers::split`] (weighted
 //!   backend choice) and [`layers::balance`] (power of two choices over a peak EWMA of latency
 //!   times requests in flight, skipping ejected endpoints).
 //! * **Proxy** ([`proxy`]): hyper server (HTTP/1.1 and HTTP/2 prior knowledge through the
@@ -40,8 +41,7 @@
 //! * HBONE / mTLS on either side, identities from certificates (the per-source rate limit keys
 //!   on a configurable header or the peer IP), authorization policies.
 //! * Config from the controller (only a file), Kubernetes HTTPRoute translation.
-//! * `circuitBreaker.maxConnections` (the concurrent-request limit bounds connections in use for
-//!   HTTP/1.1 backends), outlier detection's max ejection percentage, success-rate ejection.
+//! * Outlier detection's max ejection percentage and success-rate ejection.
 //! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
 //!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
 //!   response headers, not the response body. Upgrades (WebSocket, CONNECT) are not proxied.
@@ -51,6 +51,7 @@
 
 pub mod body;
 pub mod config;
+pub mod connect;
 pub mod duration;
 pub mod error;
 pub mod filters;

@@ -130,7 +130,10 @@ fn compile_backend(config: &BackendConfig) -> ProxyService {
         config.load_balancer,
         config.outlier_detection,
     ));
-    let service = ProxyService::new(BalanceLayer::new(set).layer(Forwarder::new(config.protocol)));
+    let service = ProxyService::new(BalanceLayer::new(set).layer(Forwarder::new(
+        config.protocol,
+        config.circuit_breaker.and_then(|c| c.max_connections),
+    )));
     match config.circuit_breaker {
         Some(limits) => ProxyService::new(ConcurrencyLimitLayer::new(limits, name).layer(service)),
         None => service,

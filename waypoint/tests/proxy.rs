@@ -408,3 +408,53 @@ listeners:
         "a refused reload keeps the running config"
     );
 }
+
+#[tokio::test]
+async fn max_connections_bounds_the_backend_pool() {
+    let (limited, free) = (backend("limited").await, backend("free").await);
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - matches: [{{ path: {{ type: PathPrefix, value: /delay }}, headers: [{{ name: x-free, value: "1" }}] }}]
+        backendRefs: [{{ name: free }}]
+      - backendRefs: [{{ name: limited }}]
+backends:
+  - name: limited
+    endpoints: ["{}"]
+    circuitBreaker: {{ maxConnections: 2 }}
+  - name: free
+    endpoints: ["{}"]
+"#,
+        limited.addr, free.addr
+    );
+    let proxy = proxy(&yaml).await;
+    let run = |headers: &'static [(&'static str, &'static str)]| {
+        let tasks: Vec<_> = (0..12)
+            .map(|_| {
+                tokio::spawn(
+                    async move { send(&client(), proxy, "/delay/50", headers).await.status },
+                )
+            })
+            .collect();
+        async move {
+            for task in tasks {
+                assert_eq!(task.await.expect("join"), 200);
+            }
+        }
+    };
+    run(&[]).await;
+    run(&[("x-free", "1")]).await;
+    assert_eq!(limited.calls.load(Ordering::SeqCst), 12);
+    assert!(
+        limited.connections.load(Ordering::SeqCst) <= 2,
+        "{} connections",
+        limited.connections.load(Ordering::SeqCst)
+    );
+    assert!(
+        free.connections.load(Ordering::SeqCst) > 2,
+        "without the limit the pool opens more"
+    );
+}

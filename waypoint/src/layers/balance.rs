@@ -268,6 +268,8 @@ impl<S: Inner> Service<Request> for Balance<S> {
                 Ok(response) if response.status().is_server_error() => Outcome::Failure5xx,
                 Ok(_) => Outcome::Success,
                 Err(ProxyError::Connect { .. }) => Outcome::ConnectFailure,
+                // Our own limit, not the endpoint's fault.
+                Err(ProxyError::ConnectionLimit { .. }) => Outcome::Cancelled,
                 Err(_) => Outcome::Failure5xx,
             };
             if outcome != Outcome::ConnectFailure {

@@ -445,6 +445,7 @@ mod tests {
             CircuitBreakerConfig {
                 max_concurrent_requests: 2,
                 max_pending_requests: 1,
+                max_connections: None,
             },
             "b".into(),
         )

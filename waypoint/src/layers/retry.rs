@@ -107,9 +107,11 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
         }
         // Per-attempt timeouts count as gateway errors (as in Envoy's `5xx`).
         Err(ProxyError::Timeout { .. }) => retry_on.contains(&RetryOn::Status5xx),
-        Err(ProxyError::NoHealthyEndpoint { .. } | ProxyError::Overflow { .. }) => {
-            retry_on.contains(&RetryOn::Status503) || retry_on.contains(&RetryOn::Status5xx)
-        }
+        Err(
+            ProxyError::NoHealthyEndpoint { .. }
+            | ProxyError::Overflow { .. }
+            | ProxyError::ConnectionLimit { .. },
+        ) => retry_on.contains(&RetryOn::Status503) || retry_on.contains(&RetryOn::Status5xx),
         Err(
             ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody { .. }

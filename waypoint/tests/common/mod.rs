@@ -17,12 +17,14 @@ use weft_waypoint::config::Config;
 use weft_waypoint::proxy::{Waypoint, serve};
 
 /// A backend answering with its name; behaviour by path:
-/// `/slow` sleeps 1 s, `/flaky/<n>` answers 503 to its first n requests, anything else 200.
+/// `/slow` sleeps 1 s, `/delay/<ms>` sleeps that long, `/flaky/<n>` answers 503 to its first n requests, anything else 200.
 /// Response headers echo what it saw: `x-backend`, `x-path`, `x-version`, `x-host`, and
 /// `x-seen-<name>` for request headers starting with `x-`.
 pub struct Backend {
     pub addr: SocketAddr,
     pub calls: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicUsize>,
 }
 
 pub async fn backend(name: &'static str) -> Backend {
@@ -32,12 +34,15 @@ pub async fn backend(name: &'static str) -> Backend {
     let addr = socket.local_addr().expect("addr");
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let accepted = connections.clone();
     let flaky: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = socket.accept().await else {
                 continue;
             };
+            accepted.fetch_add(1, Ordering::SeqCst);
             let counter = counter.clone();
             let flaky = flaky.clone();
             tokio::spawn(async move {
@@ -92,7 +97,11 @@ pub async fn backend(name: &'static str) -> Backend {
             });
         }
     });
-    Backend { addr, calls }
+    Backend {
+        addr,
+        calls,
+        connections,
+    }
 }
 
 /// Starts the proxy with `yaml` (its single listener on 127.0.0.1:0) and returns its address.
