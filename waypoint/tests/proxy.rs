@@ -458,3 +458,93 @@ backends:
         "without the limit the pool opens more"
     );
 }
+
+/// A raw TCP endpoint that closes its first `broken` connections right after reading the
+/// request, and answers 200 `ok` on the others.
+async fn resetting_endpoint(broken: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((mut stream, _)) = socket.accept().await {
+            accepted += 1;
+            let mut buf = vec![0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            if accepted > broken {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn reset_is_502_and_retried_when_configured() {
+    let (once, always) = (
+        resetting_endpoint(1).await,
+        resetting_endpoint(usize::MAX).await,
+    );
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - matches: [{{ path: {{ type: PathPrefix, value: /retried }} }}]
+        backendRefs: [{{ name: once }}]
+        retry: {{ attempts: 2, backoff: {{ base: 1ms, max: 1ms }}, retryOn: [reset] }}
+      - backendRefs: [{{ name: always }}]
+backends:
+  - name: once
+    endpoints: ["{once}"]
+  - name: always
+    endpoints: ["{always}"]
+"#
+    );
+    let proxy = proxy(&yaml).await;
+    let answer = get(proxy, "/retried").await;
+    assert_eq!((answer.status, answer.body.as_str()), (200, "ok"));
+    let broken = get(proxy, "/other").await;
+    assert_eq!(broken.status, 502);
+    assert!(broken.body.contains("reset the request"), "{}", broken.body);
+}
+
+#[tokio::test]
+async fn per_source_rate_limit_keys_on_the_identity_header() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        rateLimit: {{ perSource: {{ capacity: 1, refillPerSecond: 0.1, identityHeader: x-weft-identity }} }}
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    let http = client();
+    let alice = [("x-weft-identity", "spiffe://weft/ns/a/sa/alice")];
+    let bob = [("x-weft-identity", "spiffe://weft/ns/a/sa/bob")];
+    assert_eq!(send(&http, proxy, "/", &alice).await.status, 200);
+    let limited = send(&http, proxy, "/", &alice).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(limited.headers["retry-after"], "10");
+    assert!(
+        limited.body.contains("rateLimit.perSource"),
+        "{}",
+        limited.body
+    );
+    assert_eq!(send(&http, proxy, "/", &bob).await.status, 200);
+    // Without the header the peer address is the key: one shared bucket for this test's client.
+    assert_eq!(send(&http, proxy, "/", &[]).await.status, 200);
+    assert_eq!(send(&http, proxy, "/", &[]).await.status, 429);
+}

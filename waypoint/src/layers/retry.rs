@@ -19,6 +19,9 @@ use crate::error::ProxyError;
 
 const SLOTS: usize = 10;
 
+/// Request header telling the endpoint which attempt this is (1 for the first).
+pub const ATTEMPT_HEADER: http::HeaderName = http::HeaderName::from_static("x-weft-attempt");
+
 /// A sliding-window retry budget (10 slots over the window).
 #[derive(Debug)]
 pub struct RetryBudget {
@@ -197,7 +200,10 @@ impl<S: Inner> Service<Request> for Retry<S> {
             budget.deposit();
             let mut attempt = 1;
             loop {
-                let result = inner.clone().oneshot(clone_request(&request)).await;
+                let mut copy = clone_request(&request);
+                copy.headers_mut()
+                    .insert(ATTEMPT_HEADER, http::HeaderValue::from(attempt));
+                let result = inner.clone().oneshot(copy).await;
                 if attempt >= config.attempts || !is_retryable(&result, &config.retry_on) {
                     return result;
                 }
@@ -244,8 +250,16 @@ mod tests {
     async fn retries_503_until_success() {
         let calls = Arc::new(AtomicUsize::new(0));
         let counter = calls.clone();
-        let flaky = ProxyService::new(tower::service_fn(move |_| {
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let seen = attempts.clone();
+        let flaky = ProxyService::new(tower::service_fn(move |request: Request| {
             let n = counter.fetch_add(1, Ordering::SeqCst);
+            seen.lock().expect("lock").push(
+                request.headers()[ATTEMPT_HEADER]
+                    .to_str()
+                    .expect("ascii")
+                    .to_string(),
+            );
             async move {
                 let status = if n < 2 {
                     http::StatusCode::SERVICE_UNAVAILABLE
@@ -259,6 +273,7 @@ mod tests {
         let response = service.oneshot(request("/")).await.expect("response");
         assert_eq!(response.status(), http::StatusCode::OK);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(*attempts.lock().expect("lock"), ["1", "2", "3"]);
     }
 
     #[tokio::test(start_paused = true)]
