@@ -32,9 +32,10 @@
 //!   404 naming the request when no route matches; golden metrics
 //!   `weft_waypoint_requests_total` and `weft_waypoint_request_duration_seconds` by listener,
 //!   route, backend and code ([`metrics`]); config reload (`Waypoint::reload`, SIGHUP in the
-//!   binary) that swaps compiled routes atomically.
+//!   binary) that swaps compiled routes atomically; graceful drain
+//!   ([`proxy::serve_until`], SIGTERM in the binary).
 //! * **Binary** `weft-waypoint --config waypoint.yaml [--metrics-address 127.0.0.1:15090]
-//!   [--check]`: serves the listeners, Prometheus metrics on `/metrics`.
+//!   [--drain-seconds 10] [--check]`: serves the listeners, Prometheus metrics on `/metrics`.
 //!
 //! ## What does not exist yet
 //!
@@ -47,7 +48,6 @@
 //!   response headers, not the response body. Upgrades (WebSocket, CONNECT) are not proxied.
 //! * Header/query matches other than `Exact`, query parameters are compared undecoded;
 //!   `RequestMirror` and gRPC-specific routes; DNS names as endpoints (only `ip:port`).
-//! * Graceful drain on shutdown.
 
 pub mod body;
 pub mod config;

@@ -1,5 +1,5 @@
 //! `weft-waypoint`: loads a YAML config and serves it. SIGHUP reloads the config file (routes
-//! and backends; listeners must stay the same).
+//! and backends; listeners must stay the same); SIGTERM drains open connections and exits.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use weft_waypoint::config::Config;
-use weft_waypoint::proxy::{Waypoint, serve};
+use weft_waypoint::proxy::{Waypoint, serve_until};
 
 /// Weft waypoint: a per-namespace L7 proxy.
 #[derive(Debug, Parser)]
@@ -27,6 +27,9 @@ struct Args {
         default_value = "127.0.0.1:15090"
     )]
     metrics_address: SocketAddr,
+    /// On SIGTERM, how long open connections may take to finish, in seconds.
+    #[arg(long, env = "WEFT_WAYPOINT_DRAIN_SECONDS", default_value_t = 10)]
+    drain_seconds: u64,
     /// Only validate the config and exit.
     #[arg(long)]
     check: bool,
@@ -54,9 +57,16 @@ async fn main() -> anyhow::Result<()> {
     weft_waypoint::metrics::describe();
 
     let waypoint = Arc::new(Waypoint::new(&config)?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let drain = std::time::Duration::from_secs(args.drain_seconds);
+    let mut servers = Vec::new();
     for (socket, listener) in waypoint.bind().await? {
         tracing::info!(address = %socket.local_addr()?, "listening");
-        tokio::spawn(serve(socket, listener));
+        let mut stopped = stopped.clone();
+        let shutdown = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        servers.push(tokio::spawn(serve_until(socket, listener, shutdown, drain)));
     }
     let metrics_socket = tokio::net::TcpListener::bind(args.metrics_address)
         .await
@@ -84,7 +94,14 @@ async fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    tracing::info!("shutting down");
+    tracing::info!(
+        ?drain,
+        "shutting down: no new connections, draining open ones"
+    );
+    let _ = stop.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
     Ok(())
 }
 

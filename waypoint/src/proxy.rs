@@ -15,12 +15,13 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 
@@ -362,29 +363,58 @@ fn current(slot: &SharedListener) -> Arc<CompiledListener> {
 /// Accepts connections on `socket` forever, serving HTTP/1.1 and HTTP/2 with `listener`'s
 /// current routes.
 pub async fn serve(socket: TcpListener, listener: SharedListener) {
+    serve_until(socket, listener, std::future::pending(), Duration::ZERO).await
+}
+
+/// Like [`serve`] until `shutdown` completes; then stops accepting, asks open connections to
+/// finish (HTTP/1.1 after the response in flight, HTTP/2 with GOAWAY) and waits up to `drain`
+/// for them.
+pub async fn serve_until(
+    socket: TcpListener,
+    listener: SharedListener,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = match socket.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
+        let (stream, peer) = tokio::select! {
+            accepted = socket.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let listener = listener.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let routes = current(&listener);
                 handle(routes, peer, request)
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+    drop(socket);
+    let open = graceful.count();
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open,
+            ?drain,
+            "connections still open after the drain timeout; closing them"
+        );
     }
 }
 

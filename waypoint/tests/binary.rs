@@ -85,7 +85,7 @@ backends:
             a.addr
         ),
     );
-    let _child = Child(
+    let mut child = Child(
         Command::new(BIN)
             .arg("--config")
             .arg(&path)
@@ -114,5 +114,27 @@ backends:
         "{exported}"
     );
     assert!(exported.contains("route=\"all\""), "{exported}");
+
+    // SIGTERM: drain and exit cleanly.
+    let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {exited:?}"
+    );
     let _ = std::fs::remove_file(path);
 }

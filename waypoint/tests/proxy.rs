@@ -548,3 +548,49 @@ listeners:
     assert_eq!(send(&http, proxy, "/", &[]).await.status, 200);
     assert_eq!(send(&http, proxy, "/", &[]).await.status, 429);
 }
+
+#[tokio::test]
+async fn shutdown_drains_requests_in_flight_and_refuses_new_connections() {
+    use weft_waypoint::config::Config;
+    use weft_waypoint::proxy::{Waypoint, serve_until};
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let waypoint = Waypoint::new(&Config::from_yaml(&yaml).expect("valid")).expect("compile");
+    let (socket, listener) = waypoint.bind().await.expect("bind").remove(0);
+    let addr = socket.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_until(
+        socket,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let in_flight = tokio::spawn(async move { get(addr, "/delay/300").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop.send(());
+    let answer = in_flight.await.expect("join");
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, "a"),
+        "the request in flight finished"
+    );
+    tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .expect("drained in time")
+        .expect("join");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the listener is closed"
+    );
+}
