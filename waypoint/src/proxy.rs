@@ -201,7 +201,7 @@ fn compile_route(
         service = ProxyService::new(
             TimeoutLayer::new(TimeoutConfig {
                 after: after.0,
-                which: "timeouts.backendRequest",
+                which: crate::layers::timeout::BACKEND_REQUEST,
             })
             .layer(service),
         );
@@ -215,7 +215,7 @@ fn compile_route(
         service = ProxyService::new(
             TimeoutLayer::new(TimeoutConfig {
                 after: after.0,
-                which: "timeouts.request",
+                which: crate::layers::timeout::REQUEST,
             })
             .layer(service),
         );

@@ -594,3 +594,50 @@ listeners:
         "the listener is closed"
     );
 }
+
+#[tokio::test]
+async fn black_hole_endpoint_times_out_per_attempt_is_retried_and_ejected() {
+    let good = backend("good").await;
+    let black_hole = {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = socket.accept().await {
+                held.push(stream);
+            }
+        });
+        addr
+    };
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: pool }}]
+        timeouts: {{ request: 3s, backendRequest: 100ms }}
+        retry: {{ attempts: 3, backoff: {{ base: 1ms, max: 1ms }}, retryOn: [5xx], budget: {{ ratio: 1 }} }}
+backends:
+  - name: pool
+    endpoints: ["{black_hole}", "{}"]
+    outlierDetection: {{ consecutive5xx: 1, baseEjectionTime: 60s }}
+"#,
+        good.addr
+    );
+    let proxy = proxy(&yaml).await;
+    let start = std::time::Instant::now();
+    for _ in 0..10 {
+        let answer = get(proxy, "/").await;
+        assert_eq!((answer.status, answer.body.as_str()), (200, "good"));
+    }
+    // At most one attempt waited 100 ms for the black hole before it was ejected.
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(good.calls.load(Ordering::SeqCst), 10);
+}

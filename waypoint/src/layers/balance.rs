@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::circuit::{EndpointCircuit, Outcome, Ticket};
-use super::{BoxFuture, Inner, ProxyResult, SelectedEndpoint};
+use super::{BoxFuture, Deadline, Inner, ProxyResult, SelectedEndpoint};
 use crate::body::Request;
 use crate::config::{LoadBalancerConfig, OutlierDetectionConfig};
 use crate::error::ProxyError;
@@ -263,7 +263,18 @@ impl<S: Inner> Service<Request> for Balance<S> {
         };
         Box::pin(async move {
             let start = Instant::now();
-            let result = inner.oneshot(request).await;
+            let deadline = request.extensions().get::<Deadline>().copied();
+            let result = match deadline {
+                None => inner.oneshot(request).await,
+                // Enforced here too (the outer timeout fires at the same instant but polls this
+                // future first), so that the endpoint is charged with the timeout.
+                Some(Deadline { at, after, which }) => {
+                    match tokio::time::timeout_at(at, inner.oneshot(request)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(ProxyError::Timeout { after, which }),
+                    }
+                }
+            };
             let outcome = match &result {
                 Ok(response) if response.status().is_server_error() => Outcome::Failure5xx,
                 Ok(_) => Outcome::Success,
@@ -497,6 +508,54 @@ mod tests {
             "exactly one half-open probe"
         );
         assert_eq!(state(0), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_that_never_answers_is_ejected_by_timeouts() {
+        use crate::layers::timeout::{TimeoutConfig, TimeoutLayer};
+        // Threshold 1: p2c alone steers away from the slow endpoint after its first timeout
+        // (peak EWMA); this isolates the ejection.
+        let outlier = OutlierDetectionConfig {
+            consecutive_5xx: 1,
+            ..OutlierDetectionConfig::default()
+        };
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1), addr(2)],
+            LoadBalancerConfig::default(),
+            Some(outlier),
+        ));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let black_hole = HashMap::from([(1, Duration::from_secs(3600))]);
+        let balanced = ProxyService::new(BalanceLayer::new(set.clone()).layer(fake(
+            black_hole,
+            HashMap::new(),
+            calls.clone(),
+        )));
+        let service = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_millis(100),
+            which: "timeouts.backendRequest",
+        })
+        .layer(balanced);
+        let mut timeouts = 0;
+        for _ in 0..40 {
+            match service.clone().oneshot(request("/")).await {
+                Ok(_) => {}
+                Err(ProxyError::Timeout { which, .. }) => {
+                    assert_eq!(which, "timeouts.backendRequest");
+                    timeouts += 1;
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert_eq!(timeouts, 1, "the first timeout ejects the black hole");
+        let circuit = set.endpoints()[0].circuit.as_ref().expect("circuit");
+        assert_eq!(circuit.lock().expect("lock").state(), CircuitState::Open);
+        assert!(
+            set.endpoints()
+                .iter()
+                .all(|e| e.in_flight.load(Ordering::SeqCst) == 0)
+        );
     }
 
     #[tokio::test(start_paused = true)]

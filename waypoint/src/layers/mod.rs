@@ -45,6 +45,20 @@ pub struct SelectedEndpoint {
     pub addr: SocketAddr,
 }
 
+/// Request extension: the earliest timeout the request is under, set by
+/// [`timeout::TimeoutLayer`]. The balancer enforces it itself, so that an endpoint that does
+/// not answer in time counts as failing for outlier detection (instead of its attempt being
+/// dropped unnoticed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// When the timeout fires.
+    pub at: tokio::time::Instant,
+    /// Its configured length, for the error message.
+    pub after: std::time::Duration,
+    /// Which timeout it is (`timeouts.request` or `timeouts.backendRequest`).
+    pub which: &'static str,
+}
+
 /// Request extension shared by all attempts of one request: which backend served it last,
 /// for the golden metrics.
 #[derive(Debug, Clone, Default)]

@@ -109,7 +109,10 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
             retry_on.contains(&RetryOn::Reset) || retry_on.contains(&RetryOn::Status5xx)
         }
         // Per-attempt timeouts count as gateway errors (as in Envoy's `5xx`).
-        Err(ProxyError::Timeout { .. }) => retry_on.contains(&RetryOn::Status5xx),
+        // ... but not once the whole request's time is up.
+        Err(ProxyError::Timeout { which, .. }) => {
+            *which != super::timeout::REQUEST && retry_on.contains(&RetryOn::Status5xx)
+        }
         Err(
             ProxyError::NoHealthyEndpoint { .. }
             | ProxyError::Overflow { .. }

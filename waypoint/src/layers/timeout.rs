@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use tower::{Layer, Service, ServiceExt};
 
-use super::{BoxFuture, Inner, ProxyResult};
+use super::{BoxFuture, Deadline, Inner, ProxyResult};
 use crate::body::Request;
 use crate::error::ProxyError;
+
+/// [`TimeoutConfig::which`] of the whole-request timeout.
+pub const REQUEST: &str = "timeouts.request";
+/// [`TimeoutConfig::which`] of the per-attempt timeout.
+pub const BACKEND_REQUEST: &str = "timeouts.backendRequest";
 
 /// Config of one timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +63,19 @@ impl<S: Inner> Service<Request> for Timeout<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let inner = self.inner.clone();
         let TimeoutConfig { after, which } = self.config;
+        let at = tokio::time::Instant::now() + after;
+        if request
+            .extensions()
+            .get::<Deadline>()
+            .is_none_or(|d| at < d.at)
+        {
+            request
+                .extensions_mut()
+                .insert(Deadline { at, after, which });
+        }
         Box::pin(async move {
             match tokio::time::timeout(after, inner.oneshot(request)).await {
                 Ok(result) => result,
@@ -96,6 +111,48 @@ mod tests {
             .expect_err("timeout");
         assert_eq!(err.status(), http::StatusCode::GATEWAY_TIMEOUT);
         assert!(err.to_string().contains("timeouts.request"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_earliest_deadline_is_published_to_inner_layers() {
+        let seen =
+            crate::layers::ProxyService::new(tower::service_fn(|request: Request| async move {
+                let deadline = request
+                    .extensions()
+                    .get::<Deadline>()
+                    .copied()
+                    .expect("deadline");
+                Ok::<_, ProxyError>(body::text_response(http::StatusCode::OK, deadline.which))
+            }));
+        let outer = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_secs(5),
+            which: "timeouts.request",
+        });
+        let inner = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_secs(1),
+            which: "timeouts.backendRequest",
+        });
+        let response = outer
+            .layer(inner.layer(seen.clone()))
+            .oneshot(request("/"))
+            .await
+            .expect("ok");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body.as_ref(), b"timeouts.backendRequest");
+        // A later inner timeout does not replace an earlier outer one.
+        let response = inner
+            .layer(outer.layer(seen))
+            .oneshot(request("/"))
+            .await
+            .expect("ok");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(body.as_ref(), b"timeouts.backendRequest");
     }
 
     #[tokio::test(start_paused = true)]
