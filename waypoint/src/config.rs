@@ -742,7 +742,18 @@ impl Config {
                     ),
                 ),
             }
+            let mut route_names = HashSet::new();
             for (r, route) in listener.routes.iter().enumerate() {
+                if let Some(name) = &route.name
+                    && !route_names.insert(name.as_str())
+                {
+                    err(
+                        format!("{at}.routes[{r}].name"),
+                        format!(
+                            "`{name}` is used by another route of this listener; route names must be unique (they label metrics)"
+                        ),
+                    );
+                }
                 validate_route(
                     &format!("{at}.routes[{r}]"),
                     route,
@@ -1153,6 +1164,28 @@ backends:
     endpoints: ["10.0.0.3:8080"]
     protocol: http2
 "#;
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let config = Config::from_yaml(include_str!("../waypoint.example.yaml"))
+            .expect("the example config is valid");
+        assert_eq!(config.listeners[0].routes.len(), 4);
+    }
+
+    #[test]
+    fn duplicate_route_names_are_rejected() {
+        let bad = GOOD.replace(
+            "      - matches: [{ path: { type: Exact, value: /old } }]",
+            "      - name: api\n        matches: [{ path: { type: Exact, value: /old } }]",
+        );
+        let errors = problems(&bad);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "listeners[0].routes[1].name" && e.message.contains("unique")),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn full_example_parses_and_validates() {

@@ -8,6 +8,9 @@
 //! counts `weft_waypoint_requests_total{listener, route, backend, code}` and observes
 //! `weft_waypoint_request_duration_seconds{listener, route, backend, code}`.
 //!
+//! Requests reach the backend with `x-forwarded-for` (the client appended) and
+//! `x-forwarded-proto`, and `x-weft-attempt` when the route retries.
+//!
 //! Backends are shared by every route and listener of a config version, so their limits,
 //! latency statistics and circuits are per backend, not per route.
 
@@ -477,6 +480,7 @@ pub async fn handle(
                     body::text_response(http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
                 }
                 _ => {
+                    forwarded_headers(request.headers_mut(), peer);
                     request.extensions_mut().insert(PeerAddr(peer));
                     request.extensions_mut().insert(context.clone());
                     match route.service.clone().oneshot(request).await {
@@ -499,6 +503,23 @@ pub async fn handle(
         start,
     );
     Ok(response)
+}
+
+/// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent.
+fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
+    const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+    const XFP: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+    let ip = peer.ip().to_string();
+    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = http::HeaderValue::from_str(&value) {
+        headers.insert(XFF, value);
+    }
+    if !headers.contains_key(&XFP) {
+        headers.insert(XFP, http::HeaderValue::from_static("http"));
+    }
 }
 
 fn record(listener: &str, route: &str, backend: &str, status: http::StatusCode, start: Instant) {

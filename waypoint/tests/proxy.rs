@@ -54,6 +54,13 @@ listeners:
     assert_eq!(answer.body, "b");
     assert_eq!(answer.headers["x-path"], "/api/users?id=1");
     assert_eq!(answer.headers["x-seen-x-canary"], "yes");
+    assert_eq!(answer.headers["x-seen-x-forwarded-for"], "127.0.0.1");
+    assert_eq!(answer.headers["x-seen-x-forwarded-proto"], "http");
+    let forwarded = send(&http, proxy, "/api", &[("x-forwarded-for", "10.1.1.1")]).await;
+    assert_eq!(
+        forwarded.headers["x-seen-x-forwarded-for"],
+        "10.1.1.1, 127.0.0.1"
+    );
     assert_eq!(send(&http, proxy, "/health", &[]).await.body, "c");
     let missing = send(&http, proxy, "/health/deep", &[]).await;
     assert_eq!(missing.status, 404);
