@@ -30,7 +30,7 @@ use tower::{Layer, ServiceExt};
 
 use crate::body::{self, Response};
 use crate::config::{
-    BackendConfig, Config, FilterConfig, ListenerConfig, RedirectConfig, RouteConfig,
+    BackendConfig, Config, FilterConfig, RateLimitConfig, RedirectConfig, RetryConfig, RouteConfig,
     UrlRewriteConfig,
 };
 use crate::error::ProxyError;
@@ -144,11 +144,22 @@ fn compile_backend(config: &BackendConfig) -> ProxyService {
     }
 }
 
+/// State kept from one config version to the next where the config did not change: backends
+/// (connection pools, latency statistics, circuits, limits), rate-limit buckets and retry
+/// budgets. Without it a reload would un-eject failing endpoints and refill every bucket.
+#[derive(Default, Clone)]
+pub struct Carried {
+    backends: HashMap<String, (BackendConfig, ProxyService)>,
+    limiters: HashMap<(String, String), (RateLimitConfig, RateLimitLayer)>,
+    retries: HashMap<(String, String), (RetryConfig, RetryLayer)>,
+}
+
 fn compile_route(
     listener: &str,
     index: usize,
     route: &RouteConfig,
-    backends: &HashMap<String, ProxyService>,
+    previous: &Carried,
+    next: &mut Carried,
 ) -> Result<CompiledRoute, ProxyBuildError> {
     let name: Arc<str> = route
         .name
@@ -185,11 +196,13 @@ fn compile_route(
         .backend_refs
         .iter()
         .filter_map(|r| {
-            backends.get(&r.name).map(|service| WeightedBackend {
-                name: r.name.as_str().into(),
-                weight: r.weight,
-                service: service.clone(),
-            })
+            next.backends
+                .get(&r.name)
+                .map(|(_, service)| WeightedBackend {
+                    name: r.name.as_str().into(),
+                    weight: r.weight,
+                    service: service.clone(),
+                })
         })
         .collect();
     let mut service = match WeightedSplit::new(weighted) {
@@ -212,7 +225,13 @@ fn compile_route(
     if let Some(retry) = &route.retry
         && retry.attempts > 1
     {
-        service = ProxyService::new(RetryLayer::new(retry.clone(), name.clone()).layer(service));
+        let key = (listener.to_string(), name.to_string());
+        let layer = match previous.retries.get(&key) {
+            Some((config, layer)) if config == retry => layer.clone(),
+            _ => RetryLayer::new(retry.clone(), name.clone()),
+        };
+        next.retries.insert(key, (retry.clone(), layer.clone()));
+        service = ProxyService::new(layer.layer(service));
     }
     if let Some(after) = timeouts.request {
         service = ProxyService::new(
@@ -227,7 +246,13 @@ fn compile_route(
         service = ProxyService::new(FaultLayer::new(fault).layer(service));
     }
     if let Some(limit) = &route.rate_limit {
-        service = ProxyService::new(RateLimitLayer::new(limit, name.clone()).layer(service));
+        let key = (listener.to_string(), name.to_string());
+        let layer = match previous.limiters.get(&key) {
+            Some((config, layer)) if config == limit => layer.clone(),
+            _ => RateLimitLayer::new(limit, name.clone()),
+        };
+        next.limiters.insert(key, (limit.clone(), layer.clone()));
+        service = ProxyService::new(layer.layer(service));
     }
     let headers = HeaderModifierLayer::new(request_modifiers, response_modifiers);
     if !headers.is_empty() {
@@ -243,41 +268,53 @@ fn compile_route(
 
 /// Compiles a validated config into one [`CompiledListener`] per listener.
 pub fn compile(config: &Config, version: u64) -> Result<Vec<CompiledListener>, ProxyBuildError> {
+    compile_carrying(config, version, &Carried::default()).map(|(listeners, _)| listeners)
+}
+
+/// Like [`compile`], reusing the state of `previous` for backends, rate limits and retry
+/// budgets whose config is unchanged; returns the state to carry to the next version.
+pub fn compile_carrying(
+    config: &Config,
+    version: u64,
+    previous: &Carried,
+) -> Result<(Vec<CompiledListener>, Carried), ProxyBuildError> {
     config.validate()?;
-    let backends: HashMap<String, ProxyService> = config
-        .backends
-        .iter()
-        .map(|b| (b.name.clone(), compile_backend(b)))
-        .collect();
-    config
-        .listeners
-        .iter()
-        .map(|listener: &ListenerConfig| {
-            let table =
-                RouteTable::compile(&listener.routes).map_err(|source| ProxyBuildError::Route {
-                    listener: listener.name.clone(),
-                    source,
-                })?;
-            let routes = listener
-                .routes
-                .iter()
-                .enumerate()
-                .map(|(i, route)| compile_route(&listener.name, i, route, &backends))
-                .collect::<Result<_, _>>()?;
-            let address = listener
-                .address
-                .parse()
-                .map_err(|_| ProxyBuildError::ListenerChanged(listener.name.clone()))?;
-            Ok(CompiledListener {
-                name: listener.name.as_str().into(),
-                address,
-                version,
-                table,
-                routes,
-                max_body: config.max_request_body_bytes,
-            })
-        })
-        .collect()
+    let mut next = Carried::default();
+    for backend in &config.backends {
+        let service = match previous.backends.get(&backend.name) {
+            Some((old, service)) if old == backend => service.clone(),
+            _ => compile_backend(backend),
+        };
+        next.backends
+            .insert(backend.name.clone(), (backend.clone(), service));
+    }
+    let mut listeners = Vec::new();
+    for listener in &config.listeners {
+        let table =
+            RouteTable::compile(&listener.routes).map_err(|source| ProxyBuildError::Route {
+                listener: listener.name.clone(),
+                source,
+            })?;
+        let routes = listener
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| compile_route(&listener.name, i, route, previous, &mut next))
+            .collect::<Result<_, _>>()?;
+        let address = listener
+            .address
+            .parse()
+            .map_err(|_| ProxyBuildError::ListenerChanged(listener.name.clone()))?;
+        listeners.push(CompiledListener {
+            name: listener.name.as_str().into(),
+            address,
+            version,
+            table,
+            routes,
+            max_body: config.max_request_body_bytes,
+        });
+    }
+    Ok((listeners, next))
 }
 
 /// The current routes of a listener, swapped atomically on reload.
@@ -287,26 +324,35 @@ pub type SharedListener = Arc<RwLock<Arc<CompiledListener>>>;
 pub struct Waypoint {
     listeners: Vec<SharedListener>,
     version: std::sync::atomic::AtomicU64,
+    carried: std::sync::Mutex<Carried>,
 }
 
 impl Waypoint {
     /// Compiles `config` (version 1).
     pub fn new(config: &Config) -> Result<Waypoint, ProxyBuildError> {
-        let listeners = compile(config, 1)?
-            .into_iter()
-            .map(|l| Arc::new(RwLock::new(Arc::new(l))))
-            .collect();
+        let (listeners, carried) = compile_carrying(config, 1, &Carried::default())?;
         Ok(Waypoint {
-            listeners,
+            listeners: listeners
+                .into_iter()
+                .map(|l| Arc::new(RwLock::new(Arc::new(l))))
+                .collect(),
             version: std::sync::atomic::AtomicU64::new(1),
+            carried: std::sync::Mutex::new(carried),
         })
     }
 
     /// Compiles `config` as the next version and swaps every listener's routes. In-flight
     /// requests finish on the old version. Listener names and addresses must not change.
+    /// Backends, rate limits and retry budgets whose config did not change keep their state
+    /// (pools, circuits, latency statistics, buckets).
     pub fn reload(&self, config: &Config) -> Result<u64, ProxyBuildError> {
+        // One reload at a time; a failed one leaves the carried state as it was.
+        let mut carried = match self.carried.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         let version = self.version.load(std::sync::atomic::Ordering::SeqCst) + 1;
-        let compiled = compile(config, version)?;
+        let (compiled, next) = compile_carrying(config, version, &carried)?;
         let mut swaps = Vec::new();
         for new in compiled {
             let slot = self
@@ -324,6 +370,7 @@ impl Waypoint {
                 *current = Arc::new(new);
             }
         }
+        *carried = next;
         self.version
             .store(version, std::sync::atomic::Ordering::SeqCst);
         Ok(version)

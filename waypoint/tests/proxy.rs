@@ -648,3 +648,51 @@ backends:
     );
     assert_eq!(good.calls.load(Ordering::SeqCst), 10);
 }
+
+#[tokio::test]
+async fn reload_keeps_the_state_of_unchanged_backends_and_limits() {
+    use weft_waypoint::config::Config;
+    use weft_waypoint::proxy::{Waypoint, serve};
+    let a = backend("a").await;
+    let config = |path: &str, capacity: u32| {
+        format!(
+            r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: limited
+        matches: [{{ path: {{ type: PathPrefix, value: {path} }} }}]
+        backendRefs: [{{ name: a }}]
+        rateLimit: {{ route: {{ capacity: {capacity}, refillPerSecond: 0.01 }} }}
+{}"#,
+            backends_yaml(&[("a", vec![a.addr])])
+        )
+    };
+    let waypoint =
+        Waypoint::new(&Config::from_yaml(&config("/", 2)).expect("valid")).expect("compile");
+    let (socket, listener) = waypoint.bind().await.expect("bind").remove(0);
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(serve(socket, listener));
+    let http = client();
+    assert_eq!(send(&http, addr, "/x", &[]).await.status, 200);
+    assert_eq!(send(&http, addr, "/x", &[]).await.status, 200);
+    assert_eq!(send(&http, addr, "/x", &[]).await.status, 429);
+
+    // Another match, same limit and backend: the bucket stays empty, the pooled connection stays.
+    waypoint
+        .reload(&Config::from_yaml(&config("/x", 2)).expect("valid"))
+        .expect("reload");
+    assert_eq!(send(&http, addr, "/x", &[]).await.status, 429);
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "the backend's pool survived the reload"
+    );
+
+    // A changed limit starts a fresh bucket.
+    waypoint
+        .reload(&Config::from_yaml(&config("/x", 3)).expect("valid"))
+        .expect("reload");
+    assert_eq!(send(&http, addr, "/x", &[]).await.status, 200);
+}
