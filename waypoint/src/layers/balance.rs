@@ -354,8 +354,9 @@ mod tests {
         }
         let calls = calls.lock().expect("lock");
         let fast = calls.get(&2).copied().unwrap_or(0);
-        // p2c picks the fast endpoint whenever it is one of the two candidates (2/3 of the time).
-        assert!(fast > 180, "fast endpoint got {fast} of 300: {calls:?}");
+        // p2c picks the fast endpoint whenever it is one of the two candidates: 2/3 of the
+        // time, 200 expected (sigma ~8), against 100 for a random choice.
+        assert!(fast > 160, "fast endpoint got {fast} of 300: {calls:?}");
     }
 
     #[tokio::test(start_paused = true)]
