@@ -512,6 +512,10 @@ pub struct OutlierDetectionConfig {
     /// Longest ejection.
     #[serde(default = "default_max_ejection")]
     pub max_ejection_time: GatewayDuration,
+    /// Largest share of the backend's endpoints ejected at once (default 10); at least one
+    /// endpoint may always be ejected.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
 }
 
 fn default_circuit_limit() -> usize {
@@ -523,6 +527,9 @@ fn default_consecutive_5xx() -> u32 {
 }
 fn default_consecutive_connect() -> u32 {
     3
+}
+fn default_max_ejection_percent() -> u32 {
+    10
 }
 fn default_base_ejection() -> GatewayDuration {
     GatewayDuration(std::time::Duration::from_secs(30))
@@ -538,6 +545,7 @@ impl Default for OutlierDetectionConfig {
             consecutive_connect_failures: default_consecutive_connect(),
             base_ejection_time: default_base_ejection(),
             max_ejection_time: default_max_ejection(),
+            max_ejection_percent: default_max_ejection_percent(),
         }
     }
 }
@@ -687,6 +695,12 @@ impl Config {
                     err(
                         format!("{at}.outlierDetection.baseEjectionTime"),
                         "is 0; set a positive duration such as 30s".into(),
+                    );
+                }
+                if od.max_ejection_percent > 100 {
+                    err(
+                        format!("{at}.outlierDetection.maxEjectionPercent"),
+                        format!("{} is above 100; use 0 to 100", od.max_ejection_percent),
                     );
                 }
                 if od.max_ejection_time < od.base_ejection_time {

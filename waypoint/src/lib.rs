@@ -22,7 +22,8 @@
 //!   conditions incl. gRPC codes, a sliding-window retry budget), [`layers::fault`] (delay,
 //!   abort), [`layers::ratelimit`] (token buckets per route and per source identity, 429 with
 //!   `Retry-After`), [`layers::circuit`] (per-endpoint outlier detection closed -> open ->
-//!   half-open -> closed with `weft_waypoint_circuit_transitions_total`, per-backend
+//!   half-open -> closed with `weft_waypoint_circuit_transitions_total`, timeouts charged to
+//!   the endpoint, `maxEjectionPercent`; per-backend
 //!   concurrent/pending request limits; `maxConnections` is enforced by the backend's connector,
 //!   [`connect`]), [`layers::headers`], [`layers::split`] (weighted
 //!   backend choice) and [`layers::balance`] (power of two choices over a peak EWMA of latency
@@ -42,7 +43,8 @@
 //! * HBONE / mTLS on either side, identities from certificates (the per-source rate limit keys
 //!   on a configurable header or the peer IP), authorization policies.
 //! * Config from the controller (only a file), Kubernetes HTTPRoute translation.
-//! * Outlier detection's max ejection percentage and success-rate ejection.
+//! * Success-rate (statistical) outlier ejection and a panic threshold; only consecutive
+//!   failures eject (bounded by `maxEjectionPercent`).
 //! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
 //!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
 //!   response headers, not the response body. Upgrades (WebSocket, CONNECT) are not proxied.

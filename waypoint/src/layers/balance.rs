@@ -12,7 +12,7 @@ use rand::Rng;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::circuit::{EndpointCircuit, Outcome, Ticket};
+use super::circuit::{CircuitState, EndpointCircuit, Outcome, Ticket};
 use super::{BoxFuture, Deadline, Inner, ProxyResult, SelectedEndpoint};
 use crate::body::Request;
 use crate::config::{LoadBalancerConfig, OutlierDetectionConfig};
@@ -78,6 +78,7 @@ pub struct EndpointSet {
     backend: Arc<str>,
     endpoints: Vec<Endpoint>,
     decay: Duration,
+    max_ejection_percent: u32,
 }
 
 impl EndpointSet {
@@ -106,7 +107,26 @@ impl EndpointSet {
             backend,
             endpoints,
             decay: lb.decay.0.max(Duration::from_millis(1)),
+            max_ejection_percent: outlier.map_or(100, |o| o.max_ejection_percent),
         }
+    }
+
+    /// Whether one more endpoint (other than `index`) may be ejected under
+    /// `maxEjectionPercent`: at least one always may, as in Envoy.
+    fn may_eject(&self, index: usize) -> bool {
+        let ejected = self
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(i, e)| {
+                *i != index
+                    && e.circuit
+                        .as_ref()
+                        .is_some_and(|c| c.lock().is_ok_and(|c| c.state() == CircuitState::Open))
+            })
+            .count();
+        let allowed = (self.endpoints.len() * self.max_ejection_percent as usize / 100).max(1);
+        ejected < allowed
     }
 
     /// The endpoints.
@@ -218,9 +238,11 @@ impl InFlight {
     fn record(&mut self, outcome: Outcome) {
         if let Some(ticket) = self.ticket.take()
             && let Some(circuit) = &self.set.endpoints[self.index].circuit
-            && let Ok(mut circuit) = circuit.lock()
         {
-            circuit.record(ticket, outcome, Instant::now());
+            let may_eject = self.set.may_eject(self.index);
+            if let Ok(mut circuit) = circuit.lock() {
+                circuit.record_limited(ticket, outcome, Instant::now(), may_eject);
+            }
         }
     }
 }
@@ -297,7 +319,6 @@ mod tests {
     use super::*;
     use crate::duration::GatewayDuration;
     use crate::layers::ProxyService;
-    use crate::layers::circuit::CircuitState;
     use crate::layers::testing::request;
     use std::collections::HashMap;
 
@@ -463,6 +484,7 @@ mod tests {
             consecutive_connect_failures: 2,
             base_ejection_time: GatewayDuration(Duration::from_secs(5)),
             max_ejection_time: GatewayDuration(Duration::from_secs(50)),
+            max_ejection_percent: 100,
         };
         let set = Arc::new(EndpointSet::new(
             "b".into(),
@@ -560,9 +582,55 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_keeps_endpoints_in_service() {
+        let outlier = OutlierDetectionConfig {
+            consecutive_5xx: 1,
+            max_ejection_percent: 50,
+            ..OutlierDetectionConfig::default()
+        };
+        let addrs: Vec<_> = (1..=4).map(addr).collect();
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &addrs,
+            LoadBalancerConfig::default(),
+            Some(outlier),
+        ));
+        // Every endpoint fails: only half of them may be ejected.
+        let all_fail = (1..=4).map(|p| (p, 503)).collect();
+        let service = BalanceLayer::new(set.clone()).layer(fake(
+            HashMap::new(),
+            all_fail,
+            Arc::new(Mutex::new(HashMap::new())),
+        ));
+        for _ in 0..50 {
+            let response = service
+                .clone()
+                .oneshot(request("/"))
+                .await
+                .expect("never all ejected");
+            assert_eq!(response.status(), 503);
+        }
+        let open = set
+            .endpoints()
+            .iter()
+            .filter(|e| {
+                e.circuit
+                    .as_ref()
+                    .expect("circuit")
+                    .lock()
+                    .expect("lock")
+                    .state()
+                    == CircuitState::Open
+            })
+            .count();
+        assert_eq!(open, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn all_ejected_is_no_healthy_endpoint() {
         let outlier = OutlierDetectionConfig {
             consecutive_5xx: 1,
+            max_ejection_percent: 100,
             ..OutlierDetectionConfig::default()
         };
         let set = Arc::new(EndpointSet::new(

@@ -134,6 +134,19 @@ impl EndpointCircuit {
 
     /// Records how an admitted request ended.
     pub fn record(&mut self, ticket: Ticket, outcome: Outcome, now: Instant) {
+        self.record_limited(ticket, outcome, now, true);
+    }
+
+    /// Like [`EndpointCircuit::record`]; when `may_eject` is false (the backend already has
+    /// `maxEjectionPercent` of its endpoints ejected) a closed circuit keeps counting failures
+    /// but does not open, so it opens on the next failure once ejecting is allowed again.
+    pub fn record_limited(
+        &mut self,
+        ticket: Ticket,
+        outcome: Outcome,
+        now: Instant,
+        may_eject: bool,
+    ) {
         match (self.state, ticket.probe) {
             (CircuitState::HalfOpen, true) => {
                 self.probe_in_flight = false;
@@ -153,7 +166,8 @@ impl EndpointCircuit {
                 }
                 Outcome::Failure5xx => {
                     self.consecutive_5xx += 1;
-                    if self.config.consecutive_5xx > 0
+                    if may_eject
+                        && self.config.consecutive_5xx > 0
                         && self.consecutive_5xx >= self.config.consecutive_5xx
                     {
                         self.eject(now);
@@ -161,7 +175,8 @@ impl EndpointCircuit {
                 }
                 Outcome::ConnectFailure => {
                     self.consecutive_connect += 1;
-                    if self.config.consecutive_connect_failures > 0
+                    if may_eject
+                        && self.config.consecutive_connect_failures > 0
                         && self.consecutive_connect >= self.config.consecutive_connect_failures
                     {
                         self.eject(now);
@@ -324,6 +339,7 @@ mod tests {
             consecutive_connect_failures: 2,
             base_ejection_time: GatewayDuration(Duration::from_secs(10)),
             max_ejection_time: GatewayDuration(Duration::from_secs(25)),
+            max_ejection_percent: 100,
         }
     }
 
