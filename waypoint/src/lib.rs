@@ -48,7 +48,7 @@
 //! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
 //!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
 //!   response headers, not the response body. Upgrades (WebSocket, CONNECT) are not proxied.
-//! * Header/query matches other than `Exact`, query parameters are compared undecoded;
+//! * Header/query matches other than `Exact` (query parameters are percent-decoded first);
 //!   `RequestMirror` and gRPC-specific routes; DNS names as endpoints (only `ip:port`).
 
 pub mod body;

@@ -133,7 +133,7 @@ impl Entry {
             for (name, value) in &self.query {
                 let found = query.split('&').any(|pair| {
                     let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    k == name && v == value
+                    percent_decode(k) == name.as_str() && percent_decode(v) == value.as_str()
                 });
                 if !found {
                     return None;
@@ -222,6 +222,33 @@ impl RouteTable {
     /// Whether the table has no entry (nothing can match).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// Decodes `%XX` escapes (invalid escapes and non-UTF-8 results stay as written).
+pub fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('%') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(decoded) => std::borrow::Cow::Owned(decoded),
+        Err(_) => std::borrow::Cow::Borrowed(text),
     }
 }
 
@@ -472,6 +499,21 @@ mod tests {
         ])
         .expect("compile");
         assert_eq!(lookup(&table, "/a", &[]), Some(0));
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        let mut m = path(PathMatchType::PathPrefix, "/");
+        m.query_params = vec![NameValue {
+            name: "user name".into(),
+            value: "a&b/c".into(),
+        }];
+        let table = RouteTable::compile(&[route(&[], vec![m])]).expect("compile");
+        assert_eq!(lookup(&table, "/?user%20name=a%26b%2Fc", &[]), Some(0));
+        assert_eq!(lookup(&table, "/?user%20name=a%26b", &[]), None);
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+        assert_eq!(percent_decode("%ff"), "%ff", "not UTF-8: kept as written");
     }
 
     #[test]
