@@ -47,9 +47,11 @@
 //!   failures eject (bounded by `maxEjectionPercent`).
 //! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
 //!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
-//!   response headers, not the response body. Upgrades (WebSocket, CONNECT) are not proxied.
+//!   response headers, not the response body. Upgrades (WebSocket) and CONNECT are answered 501.
 //! * Header/query matches other than `Exact` (query parameters are percent-decoded first);
 //!   `RequestMirror` and gRPC-specific routes; DNS names as endpoints (only `ip:port`).
+//! * Retries on gRPC codes look at `grpc-status` in the response headers (trailers-only
+//!   answers, how servers report errors before any message), as Envoy does, not in trailers.
 
 pub mod body;
 pub mod config;

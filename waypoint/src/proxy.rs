@@ -476,6 +476,14 @@ pub async fn handle(
 ) -> Result<Response, Infallible> {
     let start = Instant::now();
     let (parts, incoming) = request.into_parts();
+    if parts.method == http::Method::CONNECT || parts.headers.contains_key(http::header::UPGRADE) {
+        let response = body::text_response(
+            http::StatusCode::NOT_IMPLEMENTED,
+            "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
+        );
+        record(&listener.name, "", "", response.status(), start);
+        return Ok(response);
+    }
     let Some(matched) = listener.table.lookup(&parts) else {
         let response = body::text_response(
             http::StatusCode::NOT_FOUND,
@@ -570,6 +578,15 @@ fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
 }
 
 fn record(listener: &str, route: &str, backend: &str, status: http::StatusCode, start: Instant) {
+    tracing::debug!(
+        target: "weft_waypoint::access",
+        listener,
+        route,
+        backend,
+        code = status.as_u16(),
+        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
     let labels = [
         ("listener", listener.to_string()),
         ("route", route.to_string()),

@@ -62,6 +62,15 @@ listeners:
         "10.1.1.1, 127.0.0.1"
     );
     assert_eq!(send(&http, proxy, "/health", &[]).await.body, "c");
+    let upgrade = send(
+        &http,
+        proxy,
+        "/api",
+        &[("connection", "upgrade"), ("upgrade", "websocket")],
+    )
+    .await;
+    assert_eq!(upgrade.status, 501);
+    assert!(upgrade.body.contains("upgrades"), "{}", upgrade.body);
     let missing = send(&http, proxy, "/health/deep", &[]).await;
     assert_eq!(missing.status, 404);
     assert!(
