@@ -91,6 +91,14 @@ pub enum ProxyError {
         /// The underlying error.
         reason: String,
     },
+    /// The client did not send its request body in time.
+    #[error(
+        "the client did not send the request body within {after:?}; send the body promptly (slow uploads are cut off)"
+    )]
+    ClientTimeout {
+        /// The limit.
+        after: Duration,
+    },
     /// A bug: a layer below the backend choice ran without the data it needs.
     #[error("internal error: {0}; this is a waypoint bug, please report it")]
     Internal(&'static str),
@@ -108,6 +116,7 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

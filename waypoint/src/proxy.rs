@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -46,6 +46,9 @@ use crate::layers::split::{WeightedBackend, WeightedSplit};
 use crate::layers::timeout::{TimeoutConfig, TimeoutLayer};
 use crate::layers::{PeerAddr, ProxyService, RequestContext};
 use crate::route::{RouteError, RouteTable};
+
+/// Longest time a client may take to send its request body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A config that validated but could not be compiled, or a listener that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -447,7 +450,9 @@ pub async fn serve_until(
                 let routes = current(&listener);
                 handle(routes, peer, request)
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // The timer makes hyper enforce its HTTP/1 header read timeout (30 s).
+            builder.http1().timer(TokioTimer::new());
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -508,8 +513,17 @@ pub async fn handle(
         return Ok(response);
     }
     let context = RequestContext::default();
-    let response = match Limited::new(incoming, listener.max_body).collect().await {
-        Err(e) => {
+    let body = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        Limited::new(incoming, listener.max_body).collect(),
+    )
+    .await;
+    let response = match body {
+        Err(_) => ProxyError::ClientTimeout {
+            after: BODY_READ_TIMEOUT,
+        }
+        .into_response(),
+        Ok(Err(e)) => {
             let error = if e
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -524,7 +538,7 @@ pub async fn handle(
             };
             error.into_response()
         }
-        Ok(collected) => {
+        Ok(Ok(collected)) => {
             let mut request = http::Request::from_parts(parts, collected.to_bytes());
             match route
                 .rewrite

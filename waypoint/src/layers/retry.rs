@@ -121,6 +121,7 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
         Err(
             ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody { .. }
+            | ProxyError::ClientTimeout { .. }
             | ProxyError::Internal(_),
         ) => false,
     }
