@@ -19,6 +19,9 @@ use crate::error::ProxyError;
 /// Source buckets kept before idle (full) ones are dropped.
 const MAX_SOURCES: usize = 65_536;
 
+/// The bucket shared by new sources while [`MAX_SOURCES`] active ones are tracked.
+const OVERFLOW_KEY: &str = "\u{0}overflow";
+
 /// A token bucket: `capacity` tokens, refilled continuously at `refill_per_second`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -74,6 +77,7 @@ type PerSourceBuckets = (
 
 #[derive(Debug)]
 struct Limiter {
+    max_sources: usize,
     route_name: Arc<str>,
     route: Option<Mutex<TokenBucket>>,
     per_source: Option<PerSourceBuckets>,
@@ -82,6 +86,7 @@ struct Limiter {
 impl Limiter {
     fn check(&self, request: &Request) -> Result<(), (Duration, &'static str)> {
         let now = Instant::now();
+        let max_sources = self.max_sources;
         if let Some((config, header, buckets)) = &self.per_source {
             let key = header
                 .as_ref()
@@ -96,8 +101,15 @@ impl Limiter {
                 })
                 .unwrap_or_default();
             if let Ok(mut buckets) = buckets.lock() {
-                if buckets.len() >= MAX_SOURCES && !buckets.contains_key(&key) {
+                let mut key = key;
+                if buckets.len() >= max_sources && !buckets.contains_key(&key) {
+                    // Idle sources (full buckets) are equivalent to new ones: drop them.
                     buckets.retain(|_, bucket| !bucket.is_full(now));
+                    if buckets.len() >= max_sources {
+                        // Still full of active sources: new ones share one bucket, so that
+                        // made-up identities cannot grow memory without bound.
+                        key = OVERFLOW_KEY.to_string();
+                    }
                 }
                 let bucket = buckets
                     .entry(key)
@@ -141,6 +153,7 @@ impl RateLimitLayer {
         });
         RateLimitLayer {
             limiter: Arc::new(Limiter {
+                max_sources: MAX_SOURCES,
                 route_name: route,
                 route: config.route.map(|c| Mutex::new(TokenBucket::new(c, now))),
                 per_source,
@@ -262,6 +275,44 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(status(&service, request("/")).await.0, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn source_count_is_bounded() {
+        let config = RateLimitConfig {
+            route: None,
+            per_source: Some(PerSourceLimit {
+                capacity: 1,
+                refill_per_second: 0.001,
+                identity_header: Some("x-id".into()),
+            }),
+        };
+        let mut layer = RateLimitLayer::new(&config, "r".into());
+        Arc::get_mut(&mut layer.limiter)
+            .expect("unshared")
+            .max_sources = 3;
+        let service = layer.layer(status_service(200, Arc::new(AtomicUsize::new(0))));
+        let with_id = |id: usize| {
+            let mut r = request("/");
+            r.headers_mut().insert("x-id", http::HeaderValue::from(id));
+            r
+        };
+        for id in 0..3 {
+            assert_eq!(status(&service, with_id(id)).await.0, 200);
+        }
+        // Three active sources tracked: newcomers share the overflow bucket.
+        assert_eq!(status(&service, with_id(100)).await.0, 200);
+        assert_eq!(status(&service, with_id(101)).await.0, 429);
+        let tracked = service
+            .limiter
+            .per_source
+            .as_ref()
+            .map(|(_, _, b)| b.lock().expect("lock").len());
+        assert_eq!(
+            tracked,
+            Some(4),
+            "the three sources plus the shared overflow bucket"
+        );
     }
 
     #[tokio::test(start_paused = true)]
