@@ -18,25 +18,39 @@
 //!   (hostname specificity, then exact > longest prefix > regex, then method, header count,
 //!   query count, declaration order).
 //! * **L7 layers** ([`layers`]), each a tower layer with its config and unit tests:
-//!   [`layers::timeout`], [`layers::retry`] (exponential backoff with full jitter, retry
-//!   conditions incl. gRPC codes, a sliding-window retry budget), [`layers::fault`] (delay,
-//!   abort), [`layers::ratelimit`] (token buckets per route and per source identity, 429 with
-//!   `Retry-After`), [`layers::circuit`] (per-endpoint outlier detection closed -> open ->
-//!   half-open -> closed with `weft_waypoint_circuit_transitions_total`, timeouts charged to
-//!   the endpoint, `maxEjectionPercent`; per-backend
-//!   concurrent/pending request limits; `maxConnections` is enforced by the backend's connector,
-//!   [`connect`]), [`layers::headers`], [`layers::split`] (weighted
-//!   backend choice) and [`layers::balance`] (power of two choices over a peak EWMA of latency
-//!   times requests in flight, skipping ejected endpoints).
+//!   * [`layers::timeout`]: `timeouts.request` / `timeouts.backendRequest` (504); the deadline
+//!     is published so the balancer charges a timed-out endpoint.
+//!   * [`layers::retry`]: attempts, exponential backoff with full jitter, `retryOn`
+//!     (connect-failure, reset, 5xx, 503, gRPC codes), a sliding-window retry budget;
+//!     `x-weft-attempt` on each attempt.
+//!   * [`layers::fault`]: delay and abort on a percentage of requests.
+//!   * [`layers::ratelimit`]: token buckets per route and per source identity (header or peer
+//!     IP, memory bounded), 429 with `Retry-After`.
+//!   * [`layers::circuit`]: per-endpoint outlier detection (closed -> open -> half-open ->
+//!     closed, `weft_waypoint_circuit_transitions_total`, growing ejections,
+//!     `maxEjectionPercent`) and per-backend concurrent/pending request limits;
+//!     `maxConnections` is enforced by the backend's connector ([`connect`]).
+//!   * [`layers::headers`]: request/response header modifiers.
+//!   * [`layers::split`]: weighted backend choice.
+//!   * [`layers::balance`]: power of two choices over a peak EWMA of latency (decaying while
+//!     unmeasured) times requests in flight, skipping ejected endpoints, probing recovered ones.
 //! * **Proxy** ([`proxy`]): hyper server (HTTP/1.1 and HTTP/2 prior knowledge through the
 //!   hyper-util auto builder) per listener; a pooled hyper client per backend (HTTP/1.1 or h2c);
-//!   404 naming the request when no route matches; golden metrics
+//!   404 naming the request when no route matches; `x-forwarded-for` / `x-forwarded-proto`;
+//!   30 s limits on reading request headers and body; golden metrics
 //!   `weft_waypoint_requests_total` and `weft_waypoint_request_duration_seconds` by listener,
 //!   route, backend and code ([`metrics`]); config reload (`Waypoint::reload`, SIGHUP in the
-//!   binary) that swaps compiled routes atomically; graceful drain
+//!   binary) that swaps compiled routes atomically and keeps the state (pools, circuits,
+//!   buckets, budgets) of what did not change; graceful drain
 //!   ([`proxy::serve_until`], SIGTERM in the binary).
 //! * **Binary** `weft-waypoint --config waypoint.yaml [--metrics-address 127.0.0.1:15090]
 //!   [--drain-seconds 10] [--check]`: serves the listeners, Prometheus metrics on `/metrics`.
+//!   `waypoint.example.yaml` shows every field.
+//!
+//! Tests: unit tests next to each module (layers against `tower::service_fn`, paused time);
+//! `tests/proxy.rs` runs the proxy between real loopback clients and backends (routing, split
+//! ratios, retries, timeouts, rate limits, faults, HTTP/2, filters, connection limits, reload,
+//! drain); `tests/metrics.rs` checks the golden metrics; `tests/binary.rs` the binary.
 //!
 //! ## What does not exist yet
 //!
