@@ -115,8 +115,63 @@ backends:
     );
     assert!(exported.contains("route=\"all\""), "{exported}");
 
-    // SIGTERM: drain and exit cleanly.
+    // SIGHUP reloads the file: a new route answers 418 through a fault.
+    let b = backend("b").await;
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+listeners:
+  - name: web
+    address: {listen}
+    routes:
+      - name: all
+        backendRefs: [{{ name: a }}]
+      - name: teapot
+        matches: [{{ path: {{ type: Exact, value: /teapot }} }}]
+        backendRefs: [{{ name: b }}]
+        fault: {{ abort: {{ httpStatus: 418, percentage: 100 }} }}
+backends:
+  - name: a
+    endpoints: ["{}"]
+  - name: b
+    endpoints: ["{}"]
+"#,
+            a.addr, b.addr
+        ),
+    )
+    .expect("rewrite config");
     let pid = child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if get(listen, "/teapot").await.status == 418 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "SIGHUP did not reload the config");
+    assert_eq!(get(listen, "/hello").await.body, "a");
+    // A broken file is refused and the running config stays.
+    std::fs::write(&path, "listeners: [").expect("rewrite config");
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(get(listen, "/teapot").await.status, 418);
+
+    // SIGTERM: drain and exit cleanly.
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])

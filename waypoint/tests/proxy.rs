@@ -705,3 +705,62 @@ listeners:
         .expect("reload");
     assert_eq!(send(&http, addr, "/x", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_load_through_every_layer_h1_and_h2() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: everything
+        filters:
+          - type: RequestHeaderModifier
+            requestHeaderModifier: {{ add: [{{ name: x-load, value: "1" }}] }}
+        backendRefs: [{{ name: a, weight: 1 }}, {{ name: b, weight: 1 }}]
+        timeouts: {{ request: 5s, backendRequest: 2s }}
+        retry: {{ attempts: 2, retryOn: [connect-failure, "503"] }}
+        fault: {{ delay: {{ fixedDelay: 1ms, percentage: 10 }} }}
+        rateLimit: {{ route: {{ capacity: 100000, refillPerSecond: 100000 }} }}
+backends:
+  - name: a
+    endpoints: ["{}"]
+    circuitBreaker: {{ maxConcurrentRequests: 16, maxPendingRequests: 1000, maxConnections: 8 }}
+    outlierDetection: {{}}
+  - name: b
+    endpoints: ["{}"]
+    protocol: http2
+"#,
+        a.addr, b.addr
+    );
+    let proxy = proxy(&yaml).await;
+    let (h1, h2) = (client(), h2_client());
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let http = if i % 2 == 0 { h1.clone() } else { h2.clone() };
+            tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..25 {
+                    if send(&http, proxy, "/delay/2", &[]).await.status == 200 {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        ok += task.await.expect("join");
+    }
+    assert_eq!(ok, 1000);
+    let (to_a, to_b) = (
+        a.calls.load(Ordering::SeqCst),
+        b.calls.load(Ordering::SeqCst),
+    );
+    assert_eq!(to_a + to_b, 1000, "no retries were needed");
+    assert!(to_a > 350 && to_b > 350, "1:1 split: {to_a} / {to_b}");
+    assert!(a.connections.load(Ordering::SeqCst) <= 8);
+}
