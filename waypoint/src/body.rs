@@ -34,6 +34,54 @@ pub fn text_response(status: http::StatusCode, text: impl Into<Bytes>) -> Respon
     response
 }
 
+/// A response body that holds `guard` until the body ends or is dropped (e.g. a backend's
+/// concurrency slot for the whole stream, not just until the headers).
+pub struct Guarded<G> {
+    inner: Body,
+    guard: Option<G>,
+}
+
+impl<G: Send + Sync + Unpin + 'static> Guarded<G> {
+    /// `response` whose body holds `guard`.
+    pub fn wrap(response: Response, guard: G) -> Response {
+        response.map(|inner| {
+            Guarded {
+                inner,
+                guard: Some(guard),
+            }
+            .boxed()
+        })
+    }
+}
+
+impl<G: Unpin> http_body::Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(
+            polled,
+            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_)))
+        ) {
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A copy of `request` (method, URI, version, headers, extensions, body) for a retry.
 pub fn clone_request(request: &Request) -> Request {
     let mut copy = http::Request::new(request.body().clone());
@@ -48,6 +96,32 @@ pub fn clone_request(request: &Request) -> Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn guard_lives_until_the_body_ends() {
+        let guard = std::sync::Arc::new(());
+        let response = Guarded::wrap(text_response(http::StatusCode::OK, "body"), guard.clone());
+        assert_eq!(std::sync::Arc::strong_count(&guard), 2);
+        let collected = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        assert_eq!(collected.as_ref(), b"body");
+        assert_eq!(
+            std::sync::Arc::strong_count(&guard),
+            1,
+            "released at the end of the body"
+        );
+        let response = Guarded::wrap(text_response(http::StatusCode::OK, "body"), guard.clone());
+        drop(response);
+        assert_eq!(
+            std::sync::Arc::strong_count(&guard),
+            1,
+            "released when the body is dropped"
+        );
+    }
 
     #[test]
     fn clone_keeps_everything() {

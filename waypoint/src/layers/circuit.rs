@@ -301,7 +301,7 @@ impl<S: Inner> Service<Request> for ConcurrencyLimit<S> {
                     max_pending: limits.config.max_pending_requests,
                 }
             };
-            let _permit = match limits.semaphore.clone().try_acquire_owned() {
+            let permit = match limits.semaphore.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
                     let queued = limits.pending.fetch_add(1, Ordering::SeqCst);
@@ -320,7 +320,9 @@ impl<S: Inner> Service<Request> for ConcurrencyLimit<S> {
                     permit
                 }
             };
-            inner.oneshot(request).await
+            // The slot is held until the response body ends, so long streams count.
+            let response = inner.oneshot(request).await?;
+            Ok(crate::body::Guarded::wrap(response, permit))
         })
     }
 }
@@ -449,6 +451,36 @@ mod tests {
                 ("open".to_string(), "half-open".to_string()),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_streaming_response_holds_its_slot_until_the_body_ends() {
+        let service = ConcurrencyLimitLayer::new(
+            CircuitBreakerConfig {
+                max_concurrent_requests: 1,
+                max_pending_requests: 0,
+                max_connections: None,
+            },
+            "b".into(),
+        )
+        .layer(crate::layers::testing::status_service(
+            200,
+            Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        ));
+        let streaming = service.clone().oneshot(request("/")).await.expect("first");
+        let err = service
+            .clone()
+            .oneshot(request("/"))
+            .await
+            .expect_err("slot still taken by the body");
+        assert!(matches!(err, ProxyError::Overflow { .. }), "{err}");
+        http_body_util::BodyExt::collect(streaming.into_body())
+            .await
+            .expect("body");
+        service
+            .oneshot(request("/"))
+            .await
+            .expect("slot released at the end of the body");
     }
 
     #[tokio::test(start_paused = true)]
