@@ -516,6 +516,10 @@ pub struct OutlierDetectionConfig {
     /// endpoint may always be ejected.
     #[serde(default = "default_max_ejection_percent")]
     pub max_ejection_percent: u32,
+    /// Below this percentage of endpoints in service, balance over all of them, ejected or
+    /// not (default 50, as Envoy; 0 disables, then a fully ejected backend answers 503).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u32,
 }
 
 fn default_circuit_limit() -> usize {
@@ -527,6 +531,9 @@ fn default_consecutive_5xx() -> u32 {
 }
 fn default_consecutive_connect() -> u32 {
     3
+}
+fn default_panic_threshold() -> u32 {
+    50
 }
 fn default_max_ejection_percent() -> u32 {
     10
@@ -546,6 +553,7 @@ impl Default for OutlierDetectionConfig {
             base_ejection_time: default_base_ejection(),
             max_ejection_time: default_max_ejection(),
             max_ejection_percent: default_max_ejection_percent(),
+            panic_threshold: default_panic_threshold(),
         }
     }
 }
@@ -695,6 +703,12 @@ impl Config {
                     err(
                         format!("{at}.outlierDetection.baseEjectionTime"),
                         "is 0; set a positive duration such as 30s".into(),
+                    );
+                }
+                if od.panic_threshold > 100 {
+                    err(
+                        format!("{at}.outlierDetection.panicThreshold"),
+                        format!("{} is above 100; use 0 to 100", od.panic_threshold),
                     );
                 }
                 if od.max_ejection_percent > 100 {

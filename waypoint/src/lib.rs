@@ -28,7 +28,8 @@
 //!     IP, memory bounded), 429 with `Retry-After`.
 //!   * [`layers::circuit`]: per-endpoint outlier detection (closed -> open -> half-open ->
 //!     closed, `weft_waypoint_circuit_transitions_total`, growing ejections,
-//!     `maxEjectionPercent`) and per-backend concurrent/pending request limits;
+//!     `maxEjectionPercent`, Envoy's panic threshold) and per-backend concurrent/pending
+//!     request limits (held until the response body ends);
 //!     `maxConnections` is enforced by the backend's connector ([`connect`]).
 //!   * [`layers::headers`]: request/response header modifiers.
 //!   * [`layers::split`]: weighted backend choice.
@@ -57,8 +58,7 @@
 //! * HBONE / mTLS on either side, identities from certificates (the per-source rate limit keys
 //!   on a configurable header or the peer IP), authorization policies.
 //! * Config from the controller (only a file), Kubernetes HTTPRoute translation.
-//! * Success-rate (statistical) outlier ejection and a panic threshold; only consecutive
-//!   failures eject (bounded by `maxEjectionPercent`).
+//! * Success-rate (statistical) outlier ejection; only consecutive failures eject.
 //! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
 //!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
 //!   response headers, not the response body. Upgrades (WebSocket) and CONNECT are answered 501.

@@ -79,6 +79,7 @@ pub struct EndpointSet {
     endpoints: Vec<Endpoint>,
     decay: Duration,
     max_ejection_percent: u32,
+    panic_threshold: u32,
 }
 
 impl EndpointSet {
@@ -108,6 +109,7 @@ impl EndpointSet {
             endpoints,
             decay: lb.decay.0.max(Duration::from_millis(1)),
             max_ejection_percent: outlier.map_or(100, |o| o.max_ejection_percent),
+            panic_threshold: outlier.map_or(0, |o| o.panic_threshold),
         }
     }
 
@@ -155,9 +157,16 @@ impl EndpointSet {
                 return Some((index, Some(ticket)));
             }
         }
-        let candidates: Vec<usize> = (0..self.endpoints.len())
+        let mut candidates: Vec<usize> = (0..self.endpoints.len())
             .filter(|&i| self.available(i, now))
             .collect();
+        // Panic mode (as in Envoy): with too few endpoints in service, ejections would overload
+        // the rest or refuse everything (a single-endpoint backend); spread over all instead.
+        let panic = candidates.len() * 100 < self.panic_threshold as usize * self.endpoints.len();
+        if panic {
+            metrics::counter!("weft_waypoint_panic_routing_total", "backend" => self.backend.to_string()).increment(1);
+            candidates = (0..self.endpoints.len()).collect();
+        }
         let mut order = match candidates.len() {
             0 => return None,
             1 => vec![candidates[0]],
@@ -179,6 +188,10 @@ impl EndpointSet {
         };
         // The loser is the fallback if the winner's probe slot was just taken by another request.
         for index in order.drain(..) {
+            if panic {
+                // Outcomes are not recorded: the circuits keep their own schedule.
+                return Some((index, None));
+            }
             match &self.endpoints[index].circuit {
                 None => return Some((index, None)),
                 Some(circuit) => {
@@ -485,6 +498,7 @@ mod tests {
             base_ejection_time: GatewayDuration(Duration::from_secs(5)),
             max_ejection_time: GatewayDuration(Duration::from_secs(50)),
             max_ejection_percent: 100,
+            panic_threshold: 0,
         };
         let set = Arc::new(EndpointSet::new(
             "b".into(),
@@ -627,10 +641,49 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn panic_mode_keeps_a_lone_ejected_endpoint_in_service() {
+        let outlier = OutlierDetectionConfig {
+            consecutive_5xx: 1,
+            ..OutlierDetectionConfig::default()
+        };
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1)],
+            LoadBalancerConfig::default(),
+            Some(outlier),
+        ));
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let service = BalanceLayer::new(set.clone()).layer(fake(
+            HashMap::new(),
+            HashMap::from([(1, 503)]),
+            calls.clone(),
+        ));
+        for _ in 0..5 {
+            assert_eq!(
+                service
+                    .clone()
+                    .oneshot(request("/"))
+                    .await
+                    .expect("panic routing")
+                    .status(),
+                503
+            );
+        }
+        assert_eq!(calls.lock().expect("lock").get(&1).copied(), Some(5));
+        let circuit = set.endpoints()[0].circuit.as_ref().expect("circuit");
+        assert_eq!(
+            circuit.lock().expect("lock").state(),
+            CircuitState::Open,
+            "still ejected, just not refused"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn all_ejected_is_no_healthy_endpoint() {
         let outlier = OutlierDetectionConfig {
             consecutive_5xx: 1,
             max_ejection_percent: 100,
+            panic_threshold: 0,
             ..OutlierDetectionConfig::default()
         };
         let set = Arc::new(EndpointSet::new(

@@ -342,6 +342,7 @@ mod tests {
             base_ejection_time: GatewayDuration(Duration::from_secs(10)),
             max_ejection_time: GatewayDuration(Duration::from_secs(25)),
             max_ejection_percent: 100,
+            panic_threshold: 0,
         }
     }
 
