@@ -764,3 +764,36 @@ backends:
     assert!(to_a > 350 && to_b > 350, "1:1 split: {to_a} / {to_b}");
     assert!(a.connections.load(Ordering::SeqCst) <= 8);
 }
+
+#[tokio::test]
+async fn grpc_unavailable_is_retried_over_h2() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        retry: {{ attempts: 3, backoff: {{ base: 1ms, max: 1ms }}, retryOn: [unavailable], budget: {{ ratio: 1 }} }}
+backends:
+  - name: a
+    endpoints: ["{}"]
+    protocol: http2
+"#,
+        a.addr
+    );
+    let proxy = proxy(&yaml).await;
+    let h2 = h2_client();
+    let answer = send(
+        &h2,
+        proxy,
+        "/grpc-flaky/2",
+        &[("content-type", "application/grpc"), ("te", "trailers")],
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["grpc-status"], "0");
+    assert_eq!(a.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(answer.headers["x-seen-x-weft-attempt"], "3");
+}

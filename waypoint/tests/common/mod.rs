@@ -17,7 +17,9 @@ use weft_waypoint::config::Config;
 use weft_waypoint::proxy::{Waypoint, serve};
 
 /// A backend answering with its name; behaviour by path:
-/// `/slow` sleeps 1 s, `/delay/<ms>` sleeps that long, `/flaky/<n>` answers 503 to its first n requests, anything else 200.
+/// `/slow` sleeps 1 s, `/delay/<ms>` sleeps that long, `/flaky/<n>` answers 503 to its first n
+/// requests, `/grpc-flaky/<n>` answers `grpc-status: 14` to its first n requests then `0`,
+/// anything else 200.
 /// Response headers echo what it saw: `x-backend`, `x-path`, `x-version`, `x-host`, and
 /// `x-seen-<name>` for request headers starting with `x-`.
 pub struct Backend {
@@ -56,6 +58,23 @@ pub async fn backend(name: &'static str) -> Backend {
                             if path == "/slow" {
                                 tokio::time::sleep(Duration::from_secs(1)).await;
                             }
+                            if let Some(ms) = path
+                                .strip_prefix("/delay/")
+                                .and_then(|n| n.parse::<u64>().ok())
+                            {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            // gRPC trailers-only errors: `grpc-status: 14` (UNAVAILABLE) n times.
+                            let mut grpc_status = None;
+                            if let Some(n) = path
+                                .strip_prefix("/grpc-flaky/")
+                                .and_then(|n| n.parse::<usize>().ok())
+                            {
+                                let mut seen = flaky.lock().expect("lock");
+                                let count = seen.entry(path.clone()).or_default();
+                                *count += 1;
+                                grpc_status = Some(if *count <= n { "14" } else { "0" });
+                            }
                             if let Some(n) = path
                                 .strip_prefix("/flaky/")
                                 .and_then(|n| n.parse::<usize>().ok())
@@ -75,6 +94,11 @@ pub async fn backend(name: &'static str) -> Backend {
                                     request.uri().path_and_query().map_or("/", |p| p.as_str()),
                                 )
                                 .header("x-version", format!("{:?}", request.version()));
+                            if let Some(code) = grpc_status {
+                                response = response
+                                    .header("grpc-status", code)
+                                    .header("content-type", "application/grpc");
+                            }
                             if let Some(host) = request.headers().get("host") {
                                 response = response.header("x-host", host);
                             }
