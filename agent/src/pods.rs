@@ -86,10 +86,11 @@ pub struct PodManager {
     events: Arc<EventLog>,
     runtime: tokio::runtime::Handle,
     pods: BTreeMap<String, Enrolled>,
-    /// Services known from the last state (used by load balancing later; shown in
-    /// /config_dump).
+    /// Services known from the last state (the data path balances over them from its own
+    /// snapshot, [`crate::mesh::View`]; kept here for `/config_dump`).
     services: Vec<weft_api::model::ServiceInfo>,
-    /// AuthorizationPolicies from the last state (enforced by the L4 data path later).
+    /// AuthorizationPolicies from the last state (enforced by the data path from its snapshot;
+    /// kept here to notice changes and for `/config_dump`).
     policies: Vec<weft_api::model::PolicyInfo>,
     /// Roots workload certificates chain to (from the controller).
     trust_bundle: Vec<String>,

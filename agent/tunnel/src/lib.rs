@@ -1,5 +1,5 @@
-//! The mesh data path's tunnel. For now: workload identities ([`identity`]) and the mutual
-//! TLS 1.3 layer ([`tls`]) that HBONE will run over. See docs/security.md.
+//! The mesh data path's tunnel: workload identities ([`identity`]), the mutual TLS 1.3 layer
+//! ([`tls`]) and HBONE, HTTP/2 CONNECT over it ([`hbone`]). See docs/security.md.
 
 pub mod hbone;
 pub mod identity;
