@@ -53,6 +53,8 @@ pub enum Target {
     /// The L4 mesh against the same workloads direct: throughput, latency, req/s, conn/s,
     /// agent RSS and CPU.
     L4,
+    /// The waypoint against nginx as a reverse proxy: req/s, p50/p99, RSS, CPU per 1k req/s.
+    Waypoint,
 }
 
 /// An echo server (no greeting) on its own thread; stops and joins on drop.
@@ -177,6 +179,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Target::Capture => capture(args),
         Target::ControlPlane => crate::bench_control_plane::run(args.control_plane, args.json),
         Target::L4 => crate::bench_l4::run(args.l4, args.json),
+        Target::Waypoint => crate::bench_waypoint::run(args.l4.seconds, args.json),
     }
 }
 

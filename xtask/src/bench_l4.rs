@@ -44,12 +44,12 @@ pub struct L4Args {
 }
 
 /// A tiny HTTP/1.1 server on its own runtime, listening inside a namespace.
-struct HttpServer {
+pub(crate) struct HttpServer {
     rt: Option<tokio::runtime::Runtime>,
 }
 
 impl HttpServer {
-    fn start(ns: &NetNs, port: u16) -> anyhow::Result<Self> {
+    pub(crate) fn start(ns: &NetNs, port: u16) -> anyhow::Result<Self> {
         let sock = ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)))??;
         sock.set_reuse_address(true)?;
         sock.set_nonblocking(true)?;
@@ -131,6 +131,22 @@ fn in_netns(ns: &str, cmd: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs wrk in the current network namespace; its stdout.
+pub(crate) fn wrk(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("wrk")
+        .args(args)
+        .output()
+        .context("running wrk (install it with `cargo xtask setup`)")?;
+    if !out.status.success() {
+        bail!(
+            "wrk {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// A wrk duration (`812.00us`, `1.20ms`, `2.00s`) in microseconds.
 fn wrk_us(v: &str) -> Option<f64> {
     let (num, mult) = if let Some(n) = v.strip_suffix("us") {
@@ -146,7 +162,7 @@ fn wrk_us(v: &str) -> Option<f64> {
 }
 
 /// (requests/s, p50 µs, p99 µs, total requests) from wrk's `--latency` output.
-fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
+pub(crate) fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
     let mut rps = None;
     let mut p50 = None;
     let mut p99 = None;
@@ -168,7 +184,7 @@ fn parse_wrk(out: &str) -> anyhow::Result<(f64, f64, f64, f64)> {
 }
 
 /// CPU time (user + system) of a process, milliseconds.
-fn cpu_ms(pid: u32) -> f64 {
+pub(crate) fn cpu_ms(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the `(comm)`; utime and stime are fields 14 and 15 (1-based).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -179,7 +195,7 @@ fn cpu_ms(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) * 1000.0 / hz.max(1.0)
 }
 
-fn rss_mb(pid: u32) -> f64 {
+pub(crate) fn rss_mb(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()

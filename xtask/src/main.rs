@@ -6,6 +6,7 @@
 mod bench;
 mod bench_control_plane;
 mod bench_l4;
+mod bench_waypoint;
 mod ci;
 mod codegen;
 mod demo;
@@ -43,7 +44,7 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Benchmarks (not tests): `cargo xtask bench capture|l4|control-plane [--json]` (root).
+    /// Benchmarks (not tests): `cargo xtask bench capture|l4|waypoint|control-plane [--json]` (root).
     Bench(bench::BenchArgs),
     /// Simulated multi-node cluster on this machine, built from network namespaces (root).
     #[command(subcommand)]

@@ -91,6 +91,32 @@ pub fn prepare_lab(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs the Debian packages among `packages` that are missing (root only).
+pub fn ensure_debian(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "Debian packages missing: {} (run as root, or `apt-get install {}`)",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -148,27 +174,7 @@ pub fn run(args: SetupArgs) -> anyhow::Result<()> {
     }
 
     // 3. Debian packages.
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !succeeds(Command::new("dpkg").args(["-s", p])))
-        .collect();
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!(
-                "Debian packages missing: {} (run as root, or `apt-get install {}`)",
-                missing.join(" "),
-                missing.join(" ")
-            );
-        }
-        run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    ensure_debian(DEBIAN_PACKAGES)?;
 
     // 4. CI tools.
     if args.ci {
