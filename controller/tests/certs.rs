@@ -8,32 +8,22 @@ use std::time::Duration;
 use rcgen::{CertificateParams, KeyPair};
 use tokio::sync::watch;
 use tonic::transport::Server;
+use weft_api::MeshState;
 use weft_api::wire::pb::SignRequest;
 use weft_api::wire::pb::certificates_client::CertificatesClient;
 use weft_api::wire::pb::certificates_server::CertificatesServer;
-use weft_api::{CaptureSettings, MeshState, WorkloadInfo};
 use weft_controller::ca::{Ca, DEFAULT_WORKLOAD_TTL};
 use weft_controller::certs::CertificateService;
 use weft_controller::server::{Auth, Authenticator, Tokens};
 
+mod common;
+
+use common::{Dir, workload};
+
 const N1: &str = "token-for-node-one-0123456789";
 const N2: &str = "token-for-node-two-0123456789";
 
-fn workload(name: &str, node: &str, sa: &str) -> WorkloadInfo {
-    WorkloadInfo {
-        name: name.into(),
-        namespace: "shop".into(),
-        service_account: sa.into(),
-        node: node.into(),
-        ip4: Some(std::net::Ipv4Addr::new(198, 18, 1, name.len() as u8)),
-        ip6: None,
-        netns: "/x".into(),
-        labels: Default::default(),
-        capture: CaptureSettings::default(),
-    }
-}
-
-async fn start() -> (String, tempdir::Dir) {
+async fn start() -> (String, Dir) {
     let tokens = HashMap::from([
         ("n1".to_string(), N1.to_string()),
         ("n2".to_string(), N2.to_string()),
@@ -45,11 +35,11 @@ async fn start() -> (String, tempdir::Dir) {
 }
 
 /// The service with web on n1 and api on n2, on a loopback port.
-async fn start_with(auth: Auth) -> (String, tempdir::Dir) {
-    let dir = tempdir::Dir::new();
+async fn start_with(auth: Auth) -> (String, Dir) {
+    let dir = Dir::new("weft-certs-test");
     let ca = Arc::new(Ca::load_or_generate(&dir.0, DEFAULT_WORKLOAD_TTL).expect("ca"));
     let mut state = MeshState::default();
-    for w in [workload("web", "n1", "web"), workload("api", "n2", "api")] {
+    for w in [workload("web", "n1", 3), workload("api", "n2", 4)] {
         state.workloads.insert(w.key(), w);
     }
     let (tx, rx) = watch::channel(Arc::new(state));
@@ -65,28 +55,6 @@ async fn start_with(auth: Auth) -> (String, tempdir::Dir) {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     (format!("http://{addr}"), dir)
-}
-
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "weft-certs-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            Self(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 fn csr() -> String {

@@ -11,59 +11,25 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server};
 use tonic::transport::{ServerTlsConfig, server::TcpIncoming};
+use weft_api::MeshState;
 use weft_api::wire::pb::{
     self, AgentMessage, SignNodeRequest, SignRequest, SignResponse, agent_message,
     certificates_client::CertificatesClient, certificates_server::CertificatesServer,
     discovery_client::DiscoveryClient, discovery_server::DiscoveryServer,
 };
-use weft_api::{CaptureSettings, MeshState, WorkloadInfo};
 use weft_controller::ca::{Ca, DEFAULT_WORKLOAD_TTL};
 use weft_controller::certs::CertificateService;
 use weft_controller::server::{Auth, Authenticator, DiscoveryService, Tokens};
 use weft_controller::view::Views;
 
+mod common;
+
+use common::{Dir, workload};
+
 const N1: &str = "token-for-node-one-0123456789";
 const N2: &str = "token-for-node-two-0123456789";
 const TD: &str = "cluster.local";
 
-fn workload(name: &str, node: &str, ip: u8) -> WorkloadInfo {
-    WorkloadInfo {
-        name: name.into(),
-        namespace: "shop".into(),
-        service_account: name.into(),
-        node: node.into(),
-        ip4: Some(std::net::Ipv4Addr::new(198, 18, 1, ip)),
-        ip6: None,
-        netns: "/x".into(),
-        labels: Default::default(),
-        capture: CaptureSettings::default(),
-    }
-}
-
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new() -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "weft-node-id-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        Self(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The controller's two services over TLS as `main.rs` wires them (client certificates
-/// optional, chained to the mesh CA), with web on n1 and api on n2.
 struct Controller {
     addr: std::net::SocketAddr,
     server_ca: Vec<u8>,
@@ -99,7 +65,7 @@ async fn start_with_ttl(
     require_node_certificates: bool,
     node_ttl: Duration,
 ) -> Controller {
-    let dir = Dir::new();
+    let dir = Dir::new("weft-node-id-test");
     let tls = weft_controller::tls::load_or_generate(&dir.0.join("tls"), &[]).expect("tls");
     let server_ca = std::fs::read(dir.0.join("tls/ca.pem")).expect("ca.pem");
     let ca = Arc::new(Ca::load_or_generate(&dir.0.join("ca"), DEFAULT_WORKLOAD_TTL).expect("ca"));
@@ -467,7 +433,7 @@ async fn identity_config_stream_works_over_mtls_with_the_node_certificate() {
         e.message()
     );
     // A certificate from another CA fails the handshake.
-    let other = Dir::new();
+    let other = Dir::new("weft-node-id-test");
     let foreign = Ca::load_or_generate(&other.0, DEFAULT_WORKLOAD_TTL).expect("ca");
     let (key, csr) = csr("spiffe://cluster.local/weft/node/n1");
     let forged = foreign
