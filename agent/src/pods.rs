@@ -99,6 +99,9 @@ pub struct PodManager {
     trust_domain: String,
     /// Close live connections a policy change no longer allows.
     close_denied: bool,
+    /// The state the data path's snapshot was built from: the once-a-second retry of failed
+    /// enrolments reuses the snapshot instead of rebuilding it (O(workloads of the mesh)).
+    applied: Option<Arc<MeshState>>,
 }
 
 impl PodManager {
@@ -125,12 +128,23 @@ impl PodManager {
             next_id: 1,
             trust_domain,
             close_denied,
+            applied: None,
         }
     }
 
     /// Brings kernel state and listeners in line with `state`. Pods that fail are reported
     /// (and retried next time); the others are unaffected.
-    pub fn reconcile(&mut self, state: &MeshState) {
+    pub fn reconcile(&mut self, state: &Arc<MeshState>) {
+        if !self.applied.as_ref().is_some_and(|a| Arc::ptr_eq(a, state)) {
+            self.apply_snapshot(state);
+            self.applied = Some(state.clone());
+        }
+        self.reconcile_pods(state);
+    }
+
+    /// Everything derived from a new state that is not a pod: services, policies and the
+    /// data path's snapshot (then live connections are checked against it).
+    fn apply_snapshot(&mut self, state: &MeshState) {
         if !self.services.iter().eq(state.services.values()) {
             self.services = state.services.values().cloned().collect();
         }
@@ -168,6 +182,10 @@ impl PodManager {
                 );
             }
         }
+    }
+
+    /// Enrols, updates and unenrols this node's pods to match `state`.
+    fn reconcile_pods(&mut self, state: &MeshState) {
         let node = self.node.clone();
         let desired: BTreeMap<String, &WorkloadInfo> = state
             .workloads_on_node(&node)

@@ -116,8 +116,41 @@ fn build(
     }
     let config = tweak(standard_config(&lab));
     let mesh = if controller {
-        MeshLab::start_with_controller(lab, config, agent_args)
-            .expect("controller and agents start")
+        let mesh = MeshLab::start_with_controller(lab, config, agent_args)
+            .expect("controller and agents start");
+        // Ready means configured; certificates arrive right after. Tests that then take the
+        // controller away (or measure the data path) must start from a mesh that has them.
+        for node in 0..mesh.agents.len() {
+            // One certificate per identity of the node's captured workloads.
+            let meshed = |ns: &str| {
+                mesh.config
+                    .namespaces
+                    .iter()
+                    .any(|n| n.name == ns && n.meshed)
+            };
+            let wanted: std::collections::BTreeSet<(String, String)> = mesh
+                .config
+                .workloads
+                .iter()
+                .filter(|w| w.pod.node_index == node + 1 && meshed(&w.namespace))
+                .filter(|w| {
+                    w.labels.get(weft_api::labels::MESH).map(String::as_str) != Some("disabled")
+                })
+                .map(|w| (w.namespace.clone(), w.service_account.clone()))
+                .collect();
+            wait_for(
+                T,
+                &format!("{} certificate(s) on node {node}", wanted.len()),
+                || {
+                    let dump = mesh.agent(node).get_json("/config_dump").ok()?;
+                    let certs = dump["certificates"].as_array()?.clone();
+                    (certs.len() >= wanted.len() && certs.iter().all(|c| c["valid"] == true))
+                        .then_some(())
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", mesh.agent(node).log_tail(30)));
+        }
+        mesh
     } else {
         MeshLab::start(lab, config, agent_args).expect("agents start")
     };
