@@ -479,8 +479,10 @@ impl CertManager {
                     tokio::select! {
                         () = tokio::time::sleep(retry) => {}
                         () = wake.notified() => {
-                            if let Some(at) = self.early(identity) {
-                                tokio::time::sleep_until(at).await;
+                            // A stale wake-up (no early renewal pending) keeps the backoff.
+                            match self.early(identity) {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => tokio::time::sleep(retry).await,
                             }
                             if self.take_early(identity).is_some() {
                                 reason = Reason::TrustBundle;
@@ -803,8 +805,10 @@ mod tests {
         let m = CertManager::new(ca.clone());
         let first = m.get(ID).await.expect("first");
         ca.up.store(false, Ordering::SeqCst);
-        assert_eq!(m.renew_all_soon(Duration::ZERO, Duration::from_secs(1)), 1);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // No spread: the early renewal is due at once (a random spread would let the first
+        // backoff retry land inside the window too).
+        assert_eq!(m.renew_all_soon(Duration::ZERO, Duration::ZERO), 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(ca.calls.load(Ordering::SeqCst), 2, "asked promptly");
         assert!(m.current(ID).is_some_and(|c| Arc::ptr_eq(&c, &first)));
         assert!(
