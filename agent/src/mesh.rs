@@ -29,6 +29,8 @@ pub struct Peer {
 pub struct View {
     pub peers: HashMap<IpAddr, Arc<Peer>>,
     pub services: HashMap<IpAddr, Arc<ServiceInfo>>,
+    /// Services by `namespace/name` (waypoints are looked up by it).
+    pub services_by_key: HashMap<String, Arc<ServiceInfo>>,
     /// This node's workloads by `namespace/name`.
     pub local: HashMap<String, WorkloadInfo>,
     pub policies: Vec<PolicyInfo>,
@@ -67,11 +69,13 @@ impl View {
             }
         }
         let mut services = HashMap::new();
+        let mut services_by_key = HashMap::new();
         for s in state.services.values() {
             let s = Arc::new(s.clone());
             for vip in &s.vips {
                 services.insert(*vip, s.clone());
             }
+            services_by_key.insert(s.key(), s);
         }
         let trust = if state.trust_bundle.is_empty() {
             None
@@ -87,6 +91,7 @@ impl View {
         Self {
             peers,
             services,
+            services_by_key,
             local,
             policies: state.policies.values().cloned().collect(),
             trust,
@@ -104,23 +109,45 @@ impl View {
         let svc = self.services.get(&dst.ip().to_canonical())?;
         let port = svc.ports.iter().find(|p| p.port == dst.port());
         let candidates = port
-            .map(|_| {
-                svc.endpoints
-                    .iter()
-                    .filter(|e| e.ready)
-                    .filter_map(|e| match dst.ip() {
-                        IpAddr::V4(_) => e.ip4.map(IpAddr::V4),
-                        IpAddr::V6(_) => e.ip6.map(IpAddr::V6),
-                    })
-                    .collect()
-            })
+            .map(|_| ready_addresses(svc, dst.ip()))
             .unwrap_or_default();
+        let waypoint = svc.waypoint.as_ref().map(|key| WaypointTarget {
+            key: key.clone(),
+            candidates: self
+                .services_by_key
+                .get(key)
+                .map(|w| ready_addresses(w, dst.ip()))
+                .unwrap_or_default(),
+        });
         Some(ServiceTarget {
             service: svc.clone(),
             target_port: port.map(|p| p.target_port),
             candidates,
+            waypoint,
         })
     }
+}
+
+/// Addresses of `svc`'s ready endpoints in `family`'s address family.
+fn ready_addresses(svc: &ServiceInfo, family: IpAddr) -> Vec<IpAddr> {
+    svc.endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| match family {
+            IpAddr::V4(_) => e.ip4.map(IpAddr::V4),
+            IpAddr::V6(_) => e.ip6.map(IpAddr::V6),
+        })
+        .collect()
+}
+
+/// The waypoint a service's traffic goes through.
+pub struct WaypointTarget {
+    /// `namespace/name` of the waypoint's Service.
+    pub key: String,
+    /// Its ready endpoints (waypoint pods) in the destination's address family; empty when the
+    /// waypoint is not deployed or not ready (the connection is then refused: a waypoint may
+    /// enforce policy, so it is never bypassed).
+    pub candidates: Vec<IpAddr>,
 }
 
 /// A service destination to pick an endpoint for.
@@ -129,6 +156,8 @@ pub struct ServiceTarget {
     /// `None`: the service has no such port.
     pub target_port: Option<u16>,
     pub candidates: Vec<IpAddr>,
+    /// Set when the service is bound to a waypoint: connections go there instead.
+    pub waypoint: Option<WaypointTarget>,
 }
 
 /// The current snapshot, swapped whole.

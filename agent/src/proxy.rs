@@ -126,6 +126,14 @@ pub enum RejectReason {
     )]
     NoHealthyEndpoint { service: String },
     #[error(
+        "service {service} is bound to waypoint {waypoint}, which has no ready pod with an address of the destination's family (deploy it with `weftctl waypoint deploy`, or check its pods; traffic never bypasses a waypoint)"
+    )]
+    NoWaypoint { service: String, waypoint: String },
+    #[error(
+        "service {service} is bound to waypoint {waypoint}, but mutual TLS is off on this agent (no certificate authority): waypoints are reached only through HBONE"
+    )]
+    WaypointNeedsMtls { service: String, waypoint: String },
+    #[error(
         "{dst} is outside the mesh and plaintext passthrough is denied (--outbound-passthrough=deny)"
     )]
     PassthroughDenied { dst: SocketAddr },
@@ -175,6 +183,8 @@ impl RejectReason {
             Self::AgentPort { .. } => "agent_port",
             Self::NoServicePort { .. } => "no_service_port",
             Self::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
+            Self::NoWaypoint { .. } => "no_waypoint",
+            Self::WaypointNeedsMtls { .. } => "waypoint_needs_mtls",
             Self::PassthroughDenied { .. } => "passthrough_denied",
             Self::Certificate { .. } => "no_certificate",
             Self::Tls { kind, .. } => kind,
@@ -194,7 +204,10 @@ impl RejectReason {
         match self {
             Self::Connect { .. } | Self::Tls { .. } | Self::Tunnel { .. } => "UF",
             Self::ConnectTimeout { .. } => "UT",
-            Self::NoHealthyEndpoint { .. } | Self::NoServicePort { .. } => "UH",
+            Self::NoHealthyEndpoint { .. }
+            | Self::NoServicePort { .. }
+            | Self::NoWaypoint { .. }
+            | Self::WaypointNeedsMtls { .. } => "UH",
             Self::Denied(_)
             | Self::StrictMtls { .. }
             | Self::PassthroughDenied { .. }
@@ -507,25 +520,44 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
             return reset(&client);
         }
     };
-    // A service VIP becomes one of its endpoints.
+    // A service VIP becomes one of its endpoints, or, for a service bound to a waypoint, stays
+    // the CONNECT authority of a tunnel to one of the waypoint's pods.
     let mut pick = None;
+    let mut waypoint = None;
     let dst = match view.service_target(orig) {
         None => Ok(orig),
         Some(t) => {
             parties.dst_service = t.service.hostname.clone();
-            match (t.target_port, ctx.lb.pick(&t.candidates)) {
+            match (t.target_port, &t.waypoint) {
                 (None, _) => Err(RejectReason::NoServicePort {
                     service: t.service.key(),
                     port: orig.port(),
                 }),
-                (Some(_), None) => Err(RejectReason::NoHealthyEndpoint {
-                    service: t.service.key(),
-                }),
-                (Some(port), Some(p)) => {
-                    let dst = SocketAddr::new(p.ip, port);
-                    pick = Some(p);
-                    Ok(dst)
-                }
+                (Some(_), Some(w)) => match ctx.lb.pick(&w.candidates) {
+                    _ if !ctx.mtls() => Err(RejectReason::WaypointNeedsMtls {
+                        service: t.service.key(),
+                        waypoint: w.key.clone(),
+                    }),
+                    Some(p) if view.peer(p.ip).is_some() => {
+                        waypoint = Some(p.ip);
+                        pick = Some(p);
+                        Ok(orig)
+                    }
+                    _ => Err(RejectReason::NoWaypoint {
+                        service: t.service.key(),
+                        waypoint: w.key.clone(),
+                    }),
+                },
+                (Some(port), None) => match ctx.lb.pick(&t.candidates) {
+                    None => Err(RejectReason::NoHealthyEndpoint {
+                        service: t.service.key(),
+                    }),
+                    Some(p) => {
+                        let dst = SocketAddr::new(p.ip, port);
+                        pick = Some(p);
+                        Ok(dst)
+                    }
+                },
             }
         }
     };
@@ -536,8 +568,12 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
             return reset(&client);
         }
     };
-    let dst_peer = view.peer(dst.ip()).cloned();
-    let tunnelled = ctx.mtls() && dst_peer.as_ref().is_some_and(|p| p.meshed);
+    // Through a waypoint: its pod is the tunnel's other end (it speaks HBONE, though its own
+    // traffic is not captured).
+    let hbone_ip = waypoint.unwrap_or(dst.ip());
+    let dst_peer = view.peer(hbone_ip).cloned();
+    let tunnelled =
+        ctx.mtls() && (waypoint.is_some() || dst_peer.as_ref().is_some_and(|p| p.meshed));
     parties.mtls = tunnelled;
     parties.set_dst_peer(dst_peer.as_deref(), tunnelled);
     if dst_peer.is_none() && !ctx.passthrough {
@@ -548,7 +584,7 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
     let reg = ctx.conns.register(None);
     let connect_start = Instant::now();
     let connected = match dst_peer.filter(|_| tunnelled) {
-        Some(dst_peer) => open_tunnel(pod, ctx, &view, &dst_peer, dst, peer.ip())
+        Some(dst_peer) => open_tunnel(pod, ctx, &view, &dst_peer, hbone_ip, dst, peer.ip())
             .await
             .map(|(tunnel, lease)| Upstream::Tunnel(tunnel, lease)),
         None => connect_from(pod, ctx, dst).await.map(Upstream::Plain),
@@ -646,12 +682,14 @@ fn certificate(
     Ok((chain, key))
 }
 
-/// A tunnel to `dst` through a pooled HBONE connection to the destination pod.
+/// A tunnel to `dst` (the CONNECT authority) through a pooled HBONE connection to the pod at
+/// `hbone_ip`: the destination pod, or a waypoint.
 async fn open_tunnel(
     pod: &PodMeta,
     ctx: &ProxyContext,
     view: &View,
     dst_peer: &Peer,
+    hbone_ip: IpAddr,
     dst: SocketAddr,
     src_ip: IpAddr,
 ) -> Result<(Tunnel, Lease), RejectReason> {
@@ -675,7 +713,7 @@ async fn open_tunnel(
     let key = PoolKey {
         pod: pod.pod_id,
         source: pod.identity.clone(),
-        destination: dst.ip(),
+        destination: hbone_ip,
         expected: dst_peer.identity.clone(),
         generation: cert.not_after,
     };
@@ -685,7 +723,7 @@ async fn open_tunnel(
         let lease = ctx
             .pool
             .get(&key, || {
-                connect_hbone(pod, ctx, view, &cert, dst_peer, dst.ip())
+                connect_hbone(pod, ctx, view, &cert, dst_peer, hbone_ip)
             })
             .await?;
         let mut client = lease.client.clone();

@@ -349,10 +349,14 @@ fn publish(
 pub fn build_state(objects: &Objects) -> Result<Snapshot, Vec<ModelError>> {
     let mut skipped = BTreeMap::new();
     let mut docs = Vec::with_capacity(objects.namespaces.len() + objects.pods.len());
+    let mut waypoints = BTreeMap::new();
     for ns in &objects.namespaces {
         let (doc, problem) = namespace_resource(ns);
         if let Some(problem) = problem {
             skipped.insert(format!("namespace {}", doc.metadata.name), problem);
+        }
+        if let Ok(Some(w)) = weft_api::model::namespace_waypoint(&doc) {
+            waypoints.insert(doc.metadata.name.clone(), w);
         }
         docs.push(Resource::Namespace(doc));
     }
@@ -412,6 +416,7 @@ pub fn build_state(objects: &Objects) -> Result<Snapshot, Vec<ModelError>> {
         &mut state,
         &objects.services,
         &objects.endpoint_slices,
+        &waypoints,
         &mut skipped,
     );
     for policy in &objects.policies {
@@ -441,6 +446,7 @@ fn add_services(
     state: &mut MeshState,
     services: &[Arc<Service>],
     slices: &[Arc<EndpointSlice>],
+    waypoints: &BTreeMap<String, String>,
     skipped: &mut BTreeMap<String, String>,
 ) {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -482,7 +488,15 @@ fn add_services(
         let key = format!("{}/{}", id.0, id.1);
         let slices = by_service.get(&id).map(Vec::as_slice).unwrap_or_default();
         let mut notes = Vec::new();
-        let info = match service_info(svc, slices, &state.workloads, &addresses, &mut notes) {
+        let waypoint = waypoints.get(&id.0).map(String::as_str);
+        let info = match service_info(
+            svc,
+            slices,
+            &state.workloads,
+            &addresses,
+            waypoint,
+            &mut notes,
+        ) {
             Ok(Some(info)) => info,
             Ok(None) => continue,
             Err(reason) => {
@@ -521,6 +535,7 @@ pub fn service_info(
     slices: &[&EndpointSlice],
     workloads: &BTreeMap<String, WorkloadInfo>,
     addresses: &BTreeMap<IpAddr, String>,
+    namespace_waypoint: Option<&str>,
     notes: &mut Vec<(String, String)>,
 ) -> Result<Option<ServiceInfo>, String> {
     let Some(spec) = &svc.spec else {
@@ -578,10 +593,18 @@ pub fn service_info(
             app_protocol: p.app_protocol.clone(),
         });
     }
+    // The labels the model reads (waypoint binding).
+    let labels = svc
+        .labels()
+        .iter()
+        .filter(|(k, _)| *k == labels::USE_WAYPOINT || *k == labels::WAYPOINT)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let doc = resource::Service {
         metadata: ObjectMeta {
             name: svc.name_any(),
             namespace: Some(namespace.clone()),
+            labels,
             ..ObjectMeta::default()
         },
         spec: resource::ServiceSpec {
@@ -592,7 +615,8 @@ pub fn service_info(
         },
     };
     let endpoints = slice_endpoints(&namespace, slices, workloads, addresses, notes);
-    let mut info = service_from_parts(&doc, endpoints).map_err(|e| e.to_string())?;
+    let mut info =
+        service_from_parts(&doc, endpoints, namespace_waypoint).map_err(|e| e.to_string())?;
     info.ports.retain(|p| !unresolved.contains(&p.port));
     Ok(Some(info))
 }
@@ -723,6 +747,24 @@ pub fn namespace_resource(ns: &Namespace) -> (resource::Namespace, Option<String
             Err(errors) => {
                 let reasons: Vec<String> = errors.iter().map(ToString::to_string).collect();
                 problem = Some(format!("{}; treated as not meshed", reasons.join("; ")));
+            }
+        }
+    }
+    if let Some(value) = ns.labels().get(labels::USE_WAYPOINT) {
+        let candidate = resource::Namespace {
+            metadata: ObjectMeta {
+                name: name.clone(),
+                labels: BTreeMap::from([(labels::USE_WAYPOINT.to_string(), value.clone())]),
+                ..ObjectMeta::default()
+            },
+        };
+        match weft_api::model::namespace_waypoint(&candidate) {
+            Ok(_) => {
+                labels.insert(labels::USE_WAYPOINT.to_string(), value.clone());
+            }
+            Err(e) => {
+                let p = format!("{e}; no waypoint used");
+                problem = Some(problem.map_or(p.clone(), |q| format!("{q}; {p}")));
             }
         }
     }
@@ -1035,6 +1077,80 @@ mod tests {
         T::Err: std::fmt::Debug,
     {
         s.parse().expect("an address")
+    }
+
+    #[test]
+    fn waypoint_labels_bind_services_and_waypoint_pods_are_not_captured() {
+        let mut shop = (*ns("shop", Some("enabled"))).clone();
+        shop.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(labels::USE_WAYPOINT.into(), "waypoint".into());
+        let mut bad = (*ns("bad", Some("enabled"))).clone();
+        bad.metadata
+            .labels
+            .get_or_insert_default()
+            .insert(labels::USE_WAYPOINT.into(), "Bad Name".into());
+        let pods = [pod(
+            "shop",
+            "waypoint-1",
+            &["10.0.0.9"],
+            serde_json::json!({"metadata": {"labels": {"weft.dev/waypoint": "waypoint"}}}),
+        )];
+        let spec = serde_json::json!({"clusterIP": "10.96.0.10", "ports": [{"port": 80}]});
+        let labelled = |ns: &str, name: &str, ip: &str, labels: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
+                "spec": spec.clone(),
+            });
+            v["spec"]["clusterIP"] = ip.into();
+            from_json(v)
+        };
+        let mut o = objects(&[Arc::new(shop), Arc::new(bad)], &pods);
+        o.services = vec![
+            service("shop", "web", spec.clone()),
+            labelled(
+                "shop",
+                "db",
+                "10.96.0.11",
+                serde_json::json!({"weft.dev/use-waypoint": "none"}),
+            ),
+            labelled(
+                "shop",
+                "waypoint",
+                "10.96.0.12",
+                serde_json::json!({"weft.dev/waypoint": "waypoint"}),
+            ),
+            labelled(
+                "bad",
+                "one",
+                "10.96.0.13",
+                serde_json::json!({"weft.dev/use-waypoint": "wp"}),
+            ),
+            labelled("bad", "two", "10.96.0.14", serde_json::json!({})),
+        ];
+        let snap = build_state(&o).expect("state");
+        let wp = |k: &str| snap.state.services[k].waypoint.clone();
+        assert_eq!(wp("shop/web").as_deref(), Some("shop/waypoint"));
+        assert_eq!(wp("shop/db"), None);
+        assert_eq!(wp("shop/waypoint"), None);
+        assert_eq!(
+            wp("bad/one").as_deref(),
+            Some("bad/wp"),
+            "a service label still binds"
+        );
+        assert_eq!(
+            wp("bad/two"),
+            None,
+            "an invalid namespace label binds nothing"
+        );
+        assert!(
+            snap.skipped["namespace bad"].contains("Bad Name"),
+            "{:?}",
+            snap.skipped
+        );
+        assert!(!snap.state.workloads["shop/waypoint-1"].capture.captured());
     }
 
     #[test]

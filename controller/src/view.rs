@@ -388,6 +388,7 @@ mod tests {
             vips: vec!["198.18.100.1".parse().expect("ip")],
             ports: vec![],
             endpoints: vec![],
+            waypoint: None,
         };
         s.services.insert(svc.key(), svc);
         v.apply(Arc::new(s.clone()));

@@ -68,6 +68,11 @@ pub fn controller_binary() -> Result<PathBuf, MeshError> {
     find_binary("weft-controller", "WEFT_CONTROLLER_BIN")
 }
 
+/// Path of the waypoint binary: `$WEFT_WAYPOINT_BIN`, else next to the running binary.
+pub fn waypoint_binary() -> Result<PathBuf, MeshError> {
+    find_binary("weft-waypoint", "WEFT_WAYPOINT_BIN")
+}
+
 fn find_binary(name: &str, env: &str) -> Result<PathBuf, MeshError> {
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);

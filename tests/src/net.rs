@@ -109,6 +109,21 @@ impl TestServer {
 
     /// Serves connections from an existing listener (which can live in any namespace).
     pub fn from_listener(listener: TcpListener) -> io::Result<Self> {
+        Self::with_handler(listener, Arc::new(serve))
+    }
+
+    /// A minimal HTTP/1.1 server in `ns` for waypoint tests: every request is answered `200`
+    /// with the body `<name> <method> <path> xff=<x-forwarded-for or ->` and `Connection:
+    /// close`; a request path starting with `/status/<code>` is answered with that code.
+    pub fn http(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
+        let name = name.to_string();
+        Self::with_handler(
+            tcp_listen_in(ns, addr)?,
+            Arc::new(move |stream, _peer, _stop| serve_http(stream, &name)),
+        )
+    }
+
+    fn with_handler(listener: TcpListener, handler: Handler) -> io::Result<Self> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -118,7 +133,7 @@ impl TestServer {
             .spawn({
                 let stop = Arc::clone(&stop);
                 let accepted = Arc::clone(&accepted);
-                move || accept_loop(&listener, &stop, &accepted)
+                move || accept_loop(&listener, &stop, &accepted, &handler)
             })?;
         Ok(Self {
             addr,
@@ -150,17 +165,26 @@ impl Drop for TestServer {
     }
 }
 
-fn accept_loop(listener: &TcpListener, stop: &Arc<AtomicBool>, accepted: &AtomicUsize) {
+/// Serves one accepted connection until it ends or the server stops.
+type Handler = Arc<dyn Fn(TcpStream, SocketAddr, &AtomicBool) -> io::Result<()> + Send + Sync>;
+
+fn accept_loop(
+    listener: &TcpListener,
+    stop: &Arc<AtomicBool>,
+    accepted: &AtomicUsize,
+    handler: &Handler,
+) {
     let mut conns: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((stream, peer)) => {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let stop = Arc::clone(stop);
+                let handler = Arc::clone(handler);
                 let spawned = std::thread::Builder::new()
                     .name(format!("test-conn-{peer}"))
                     .spawn(move || {
-                        if let Err(e) = serve(stream, peer, &stop) {
+                        if let Err(e) = handler(stream, peer, &stop) {
                             eprintln!("test server: connection from {peer}: {e}");
                         }
                     });
@@ -196,6 +220,44 @@ fn wait_readable(listener: &TcpListener) {
     let timeout_ms = POLL_INTERVAL.as_millis() as libc::c_int;
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+}
+
+/// One HTTP/1.1 request, answered and closed (see [`TestServer::http`]).
+fn serve_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(SERVER_WRITE_TIMEOUT))?;
+    stream.set_write_timeout(Some(SERVER_WRITE_TIMEOUT))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf)?;
+        if n == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let method = first.next().unwrap_or("?").to_string();
+    let path = first.next().unwrap_or("?").to_string();
+    let xff = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-forwarded-for"))
+        .map_or("-".to_string(), |(_, v)| v.trim().to_string());
+    let code: u16 = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(200);
+    let body = format!("{name} {method} {path} xff={xff}");
+    let reply = format!(
+        "HTTP/1.1 {code} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(reply.as_bytes())?;
+    let _ = stream.shutdown(Shutdown::Write);
+    Ok(())
 }
 
 fn serve(mut stream: TcpStream, peer: SocketAddr, stop: &AtomicBool) -> io::Result<()> {

@@ -79,7 +79,15 @@ pub fn build_mesh_binaries(release: bool) -> anyhow::Result<()> {
     if release {
         cmd.arg("--release");
     }
-    run_cmd(cmd.args(["-p", "weft-agent", "-p", "weft-controller", "--bins"]))
+    run_cmd(cmd.args([
+        "-p",
+        "weft-agent",
+        "-p",
+        "weft-controller",
+        "-p",
+        "weft-waypoint",
+        "--bins",
+    ]))
 }
 
 /// Installs what is missing and checks for root, which the lab needs (`what` needs it).

@@ -28,3 +28,14 @@ pub const MTLS: &str = "weft.dev/mtls";
 pub const MTLS_STRICT: &str = "strict";
 /// Value of [`MTLS`]: accept plaintext from outside the mesh (the default).
 pub const MTLS_PERMISSIVE: &str = "permissive";
+
+/// Namespace or Service label: the name of the waypoint (the waypoint's Service, in the same
+/// namespace) that traffic to the namespace's services — or to this one service — goes
+/// through. On a Service, [`USE_WAYPOINT_NONE`] opts it out of its namespace's waypoint.
+pub const USE_WAYPOINT: &str = "weft.dev/use-waypoint";
+/// Value of [`USE_WAYPOINT`] on a Service: never through a waypoint.
+pub const USE_WAYPOINT_NONE: &str = "none";
+/// Pod and Service label set by `weftctl waypoint deploy`: this pod is a waypoint (the node
+/// agent never captures its traffic: it speaks HBONE itself), this Service is a waypoint's (it
+/// is never itself bound to a waypoint). The value is the waypoint's name.
+pub const WAYPOINT: &str = "weft.dev/waypoint";

@@ -71,6 +71,10 @@ pub enum ModelError {
         what: &'static str,
         value: String,
     },
+    #[error(
+        "label weft.dev/use-waypoint on {object}: `{value}` is not a waypoint name (the name of the waypoint's Service in the same namespace, a DNS label such as `waypoint`; `none` on a Service opts it out)"
+    )]
+    BadWaypoint { object: String, value: String },
 }
 
 /// What capture should skip for one workload.
@@ -152,6 +156,9 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
     /// Sorted by workload key.
     pub endpoints: Vec<EndpointInfo>,
+    /// `namespace/name` of the waypoint's Service that traffic to this service goes through
+    /// (from the Service's or its namespace's `weft.dev/use-waypoint` label).
+    pub waypoint: Option<String>,
 }
 
 impl ServiceInfo {
@@ -330,14 +337,69 @@ pub struct MeshState {
     pub trust_bundle: Vec<String>,
 }
 
+/// Whether `v` can name a waypoint (a Service name: a DNS-1123 label).
+fn valid_waypoint_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}
+
+/// The waypoint a namespace's `weft.dev/use-waypoint` label names, validated.
+pub fn namespace_waypoint(ns: &Namespace) -> Result<Option<String>, ModelError> {
+    match ns.metadata.labels.get(labels::USE_WAYPOINT) {
+        None => Ok(None),
+        Some(v) if valid_waypoint_name(v) && v != labels::USE_WAYPOINT_NONE => Ok(Some(v.clone())),
+        Some(v) => Err(ModelError::BadWaypoint {
+            object: format!("namespace {}", ns.metadata.name),
+            value: v.clone(),
+        }),
+    }
+}
+
+/// The waypoint (`namespace/name` of its Service) that traffic to service `s` goes through:
+/// the Service's own `weft.dev/use-waypoint` label (`none`: no waypoint), else its namespace's
+/// (`namespace_waypoint`). A waypoint's own Service (label `weft.dev/waypoint`) never has one.
+fn service_waypoint(
+    s: &Service,
+    namespace: &str,
+    namespace_waypoint: Option<&str>,
+) -> Result<Option<String>, ModelError> {
+    if s.metadata.labels.contains_key(labels::WAYPOINT) {
+        return Ok(None);
+    }
+    let name = match s.metadata.labels.get(labels::USE_WAYPOINT) {
+        Some(v) if v == labels::USE_WAYPOINT_NONE => None,
+        Some(v) if valid_waypoint_name(v) => Some(v.as_str()),
+        Some(v) => {
+            return Err(ModelError::BadWaypoint {
+                object: format!("service {namespace}/{}", s.metadata.name),
+                value: v.clone(),
+            });
+        }
+        None => namespace_waypoint,
+    };
+    Ok(name.map(|n| format!("{namespace}/{n}")))
+}
+
 impl MeshState {
     /// Builds the state from parsed documents. All problems are collected, not just the first.
     pub fn from_resources(resources: &[Resource]) -> Result<Self, Vec<ModelError>> {
         let mut errors = Vec::new();
         let mut namespaces = BTreeMap::new();
         let mut strict = BTreeMap::new();
+        let mut waypoints = BTreeMap::new();
         for r in resources {
             if let Resource::Namespace(ns) = r {
+                match namespace_waypoint(ns) {
+                    Ok(Some(w)) => {
+                        waypoints.insert(ns.metadata.name.clone(), w);
+                    }
+                    Ok(None) => {}
+                    Err(e) => errors.push(e),
+                }
                 match namespace_meshed(ns) {
                     Ok(m) => {
                         namespaces.insert(ns.metadata.name.clone(), m);
@@ -390,7 +452,7 @@ impl MeshState {
         let mut by_vip: BTreeMap<IpAddr, String> = BTreeMap::new();
         for r in resources {
             let Resource::Service(s) = r else { continue };
-            match service_info(s, &workloads) {
+            match service_info(s, &workloads, &waypoints) {
                 Ok(info) => {
                     for vip in &info.vips {
                         if let Some(first) = by_vip.insert(*vip, info.key()) {
@@ -444,6 +506,7 @@ impl MeshState {
 fn service_info(
     s: &Service,
     workloads: &BTreeMap<String, WorkloadInfo>,
+    waypoints: &BTreeMap<String, String>,
 ) -> Result<ServiceInfo, ModelError> {
     let namespace = s.metadata.namespace.as_deref().unwrap_or("default");
     let endpoints = if s.spec.selector.is_empty() {
@@ -466,16 +529,18 @@ fn service_info(
             })
             .collect()
     };
-    service_from_parts(s, endpoints)
+    service_from_parts(s, endpoints, waypoints.get(namespace).map(String::as_str))
 }
 
 /// Validates a service document (virtual IPs, ports) and gives it `endpoints`, sorted by
 /// workload key (then addresses). `spec.selector` is not read: the directory mode selects the
 /// endpoints from its workloads, Kubernetes mode reads them from EndpointSlices. Both modes
-/// validate services here.
+/// validate services here. `namespace_waypoint` is the waypoint the namespace's
+/// `weft.dev/use-waypoint` label names ([`namespace_waypoint`]).
 pub fn service_from_parts(
     s: &Service,
     mut endpoints: Vec<EndpointInfo>,
+    namespace_waypoint: Option<&str>,
 ) -> Result<ServiceInfo, ModelError> {
     let name = s.metadata.name.clone();
     let namespace = s
@@ -524,7 +589,9 @@ pub fn service_from_parts(
         });
     }
     endpoints.sort_by(|a, b| (&a.workload, a.ip4, a.ip6).cmp(&(&b.workload, b.ip4, b.ip6)));
+    let waypoint = service_waypoint(s, &namespace, namespace_waypoint)?;
     Ok(ServiceInfo {
+        waypoint,
         hostname: format!("{name}.{namespace}.svc.cluster.local"),
         name,
         namespace,
@@ -591,17 +658,20 @@ fn workload_info(
     if ip4.is_none() && ip6.is_none() {
         return Err(ModelError::BadIps { namespace, name });
     }
-    let opted_out = match w.metadata.labels.get(labels::MESH).map(String::as_str) {
-        None | Some(labels::MESH_ENABLED) => false,
-        Some(labels::MESH_DISABLED) => true,
-        Some(v) => {
-            return Err(ModelError::BadMeshLabel {
-                object: format!("workload {namespace}/{name}"),
-                label: labels::MESH,
-                value: v.to_string(),
-            });
-        }
-    };
+    // A waypoint speaks HBONE itself: its traffic is never captured.
+    let is_waypoint = w.metadata.labels.contains_key(labels::WAYPOINT);
+    let opted_out = is_waypoint
+        || match w.metadata.labels.get(labels::MESH).map(String::as_str) {
+            None | Some(labels::MESH_ENABLED) => false,
+            Some(labels::MESH_DISABLED) => true,
+            Some(v) => {
+                return Err(ModelError::BadMeshLabel {
+                    object: format!("workload {namespace}/{name}"),
+                    label: labels::MESH,
+                    value: v.to_string(),
+                });
+            }
+        };
     let ann = &w.metadata.annotations;
     let ports = |a: &'static str| -> Result<Vec<u16>, ModelError> {
         parse_list(ann.get(a), |s| s.parse::<u16>().ok().filter(|p| *p != 0)).map_err(|value| {
@@ -785,6 +855,82 @@ spec:
         }
         let e = parse_documents(&doc("{action: DENY, rulez: []}"), "p.yaml").expect_err("typo");
         assert!(e.message.contains("rulez"), "{e}");
+    }
+
+    #[test]
+    fn waypoint_bindings_from_namespace_and_service_labels() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled, weft.dev/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: waypoint-1, namespace: shop, labels: {weft.dev/waypoint: waypoint}}
+spec: {node: n1, ips: [198.18.1.20], netns: /w}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {node: n1, ips: [198.18.1.11], netns: /x}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 198.18.100.1, ports: [{port: 80}], selector: {app: web}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: direct, namespace: shop, labels: {weft.dev/use-waypoint: none}}
+spec: {clusterIP: 198.18.100.2, ports: [{port: 80}], selector: {app: web}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: shop, labels: {weft.dev/waypoint: waypoint}}
+spec: {clusterIP: 198.18.100.3, ports: [{port: 15008}], selector: {weft.dev/waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: plain, labels: {weft.dev/use-waypoint: wp2}}
+spec: {clusterIP: 198.18.100.4, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: unbound, namespace: plain}
+spec: {clusterIP: 198.18.100.5, ports: [{port: 80}]}
+"#;
+        let s = MeshState::from_resources(&parse_documents(text, "t.yaml").expect("parses"))
+            .expect("valid");
+        let wp = |k: &str| s.services[k].waypoint.clone();
+        assert_eq!(wp("shop/web").as_deref(), Some("shop/waypoint"));
+        assert_eq!(wp("shop/direct"), None, "`none` opts a service out");
+        assert_eq!(wp("shop/waypoint"), None, "a waypoint's own service");
+        assert_eq!(wp("plain/other").as_deref(), Some("plain/wp2"));
+        assert_eq!(wp("plain/unbound"), None);
+        assert_eq!(s.services["shop/waypoint"].endpoints.len(), 1);
+        let w = &s.workloads["shop/waypoint-1"];
+        assert!(
+            w.capture.namespace_meshed && !w.capture.captured(),
+            "waypoints are not captured"
+        );
+        assert!(s.workloads["shop/web-1"].capture.captured());
+
+        let bad = text.replace("use-waypoint: wp2", "use-waypoint: Not_A_Name");
+        let e = MeshState::from_resources(&parse_documents(&bad, "t.yaml").expect("parses"))
+            .expect_err("invalid");
+        let msg = e[0].to_string();
+        assert!(
+            msg.contains("service plain/other") && msg.contains("Not_A_Name"),
+            "{msg}"
+        );
+        let bad = text.replace("use-waypoint: waypoint}", "use-waypoint: none}");
+        let e = MeshState::from_resources(&parse_documents(&bad, "t.yaml").expect("parses"))
+            .expect_err("`none` names no waypoint on a namespace");
+        assert!(e[0].to_string().contains("namespace shop"), "{}", e[0]);
     }
 
     #[test]

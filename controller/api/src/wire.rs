@@ -198,6 +198,7 @@ impl From<&ServiceInfo> for pb::Service {
                     ready: e.ready,
                 })
                 .collect(),
+            waypoint: s.waypoint.clone().unwrap_or_default(),
         }
     }
 }
@@ -255,6 +256,21 @@ impl TryFrom<pb::Service> for ServiceInfo {
                 ready: e.ready,
             });
         }
+        let waypoint = match s.waypoint.as_str() {
+            "" => None,
+            w if w
+                .split_once('/')
+                .is_some_and(|(ns, n)| !ns.is_empty() && !n.is_empty()) =>
+            {
+                Some(s.waypoint.clone())
+            }
+            w => {
+                return Err(err(
+                    "waypoint",
+                    format!("`{w}` is not <namespace>/<name> of a waypoint's Service"),
+                ));
+            }
+        };
         Ok(ServiceInfo {
             name: s.name,
             namespace: s.namespace,
@@ -262,6 +278,7 @@ impl TryFrom<pb::Service> for ServiceInfo {
             vips,
             ports,
             endpoints,
+            waypoint,
         })
     }
 }
@@ -501,6 +518,7 @@ mod tests {
                 ip6: None,
                 ready: true,
             }],
+            waypoint: Some("shop/waypoint".into()),
         };
         let r = service_resource(&s);
         assert_eq!(r.key, "Service/shop/web");
