@@ -196,6 +196,8 @@ mod tests {
             action: PolicyAction::Deny,
             rules: vec![PolicyRuleInfo::default()],
             dry_run: false,
+            targets: vec![],
+            agent_workloads: None,
         };
         assert_eq!(c.enforce(&[deny], &workloads), 1);
         assert!(a.cancel.is_cancelled() && !b.cancel.is_cancelled());

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use weft_api::model::{PolicyInfo, ServiceInfo};
+use weft_api::model::{PolicyInfo, PolicyTarget, ServiceInfo};
 use weft_api::{MeshState, WorkloadInfo};
 use weft_tunnel::TrustBundle;
 
@@ -93,7 +93,11 @@ impl View {
             services,
             services_by_key,
             local,
-            policies: state.policies.values().cloned().collect(),
+            policies: state
+                .policies
+                .values()
+                .map(|p| agent_policy(p, state))
+                .collect(),
             trust,
         }
     }
@@ -126,6 +130,30 @@ impl View {
             waypoint,
         })
     }
+}
+
+/// A policy as this agent enforces it: a policy targeting Services (`targetRefs`) applies here
+/// to the endpoints of those of its Services that have no waypoint (the waypoint enforces it
+/// for the others; a `Gateway` target is the waypoint's alone).
+fn agent_policy(p: &PolicyInfo, state: &MeshState) -> PolicyInfo {
+    let mut p = p.clone();
+    if !p.targets.is_empty() {
+        let workloads = p
+            .targets
+            .iter()
+            .filter_map(|t| match t {
+                PolicyTarget::Service(name) => {
+                    state.services.get(&format!("{}/{name}", p.namespace))
+                }
+                PolicyTarget::Waypoint(_) => None,
+            })
+            .filter(|s| s.waypoint.is_none())
+            .flat_map(|s| s.endpoints.iter().map(|e| e.workload.clone()))
+            .filter(|w| !w.is_empty())
+            .collect();
+        p.agent_workloads = Some(workloads);
+    }
+    p
 }
 
 /// Addresses of `svc`'s ready endpoints in `family`'s address family.
@@ -180,5 +208,62 @@ impl SharedView {
             Err(p) => *p.into_inner() = v.clone(),
         }
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targeted_policies_apply_at_the_agent_only_to_services_without_a_waypoint() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec: {node: n1, ips: [198.18.1.11], netns: /a}
+---
+apiVersion: weft.dev/v1alpha1
+kind: Workload
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {node: n1, ips: [198.18.1.12], netns: /b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 198.18.100.1, ports: [{port: 80}], selector: {app: api}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {weft.dev/use-waypoint: waypoint}}
+spec: {clusterIP: 198.18.100.2, ports: [{port: 80}], selector: {app: web}}
+---
+apiVersion: weft.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  action: DENY
+  targetRefs: [{kind: Service, name: api}, {kind: Service, name: web}, {kind: Gateway, name: waypoint}]
+  rules: [{to: [{methods: [DELETE]}]}]
+"#;
+        let docs = weft_api::parse_documents(text, "t.yaml").expect("parses");
+        let state = MeshState::from_resources(&docs).expect("valid");
+        let view = View::build(&state, "n1", "cluster.local");
+        let p = &view.policies[0];
+        assert!(
+            p.selects(&state.workloads["shop/api-1"]),
+            "no waypoint: the agent enforces"
+        );
+        assert!(
+            !p.selects(&state.workloads["shop/web-1"]),
+            "bound to a waypoint: the waypoint enforces"
+        );
+        assert!(p.targets_at_waypoint("shop/web", "shop/other"));
+        assert!(p.targets_at_waypoint("shop/x", "shop/waypoint"));
+        assert!(!p.targets_at_waypoint("shop/x", "shop/other"));
     }
 }

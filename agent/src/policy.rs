@@ -190,6 +190,8 @@ mod tests {
             action,
             rules,
             dry_run: false,
+            targets: vec![],
+            agent_workloads: None,
         }
     }
 
@@ -199,7 +201,7 @@ mod tests {
                 namespaces: vec![ns.into()],
                 ..Default::default()
             }],
-            to: vec![],
+            ..Default::default()
         }
     }
 
@@ -249,6 +251,7 @@ mod tests {
                     ports: vec![80],
                     ..Default::default()
                 }],
+                ..Default::default()
             }],
         );
         let ps = vec![allow, deny];
@@ -266,7 +269,7 @@ mod tests {
                 principals: vec!["spiffe://cluster.local/ns/shop/*".into()],
                 ..Default::default()
             }],
-            to: vec![],
+            ..Default::default()
         };
         let mut p = policy("allow", PolicyAction::Allow, vec![rule]);
         assert!(evaluate(std::slice::from_ref(&p), &api(), &mtls("shop", "web"), 80).allowed);
@@ -286,6 +289,7 @@ mod tests {
                 methods: vec!["GET".into()],
                 ..Default::default()
             }],
+            ..Default::default()
         };
         let allow = policy("allow-get", PolicyAction::Allow, vec![l7.clone()]);
         assert!(!evaluate(&[allow], &api(), &mtls("shop", "web"), 80).allowed);

@@ -68,6 +68,36 @@ pub struct AuthorizationPolicySpec {
     /// Evaluate and log the decision, but never deny because of this policy.
     #[serde(default)]
     pub dry_run: bool,
+    /// Instead of `selector`: the Services (`kind: Service`) or the waypoint (`kind: Gateway`,
+    /// the waypoint's name) of the policy's namespace the policy applies to. Enforced by the
+    /// waypoint, with L7 rules (methods, paths, `when` headers); a targeted Service without a
+    /// waypoint is protected by its endpoints' node agents at L4 (L7 rules fail closed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<TargetRef>,
+}
+
+/// A policy target, Gateway API style.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// `""` (core, for Service) or `gateway.networking.k8s.io` (for Gateway); informational.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    /// `Service` or `Gateway` (a waypoint).
+    pub kind: String,
+    /// Name of the Service or waypoint, in the policy's namespace.
+    pub name: String,
+}
+
+/// An L7 condition on a request header.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `request.headers[<name>]`.
+    pub key: String,
+    /// The header has one of these values: exact, `prefix*`, `*suffix`, or `*` (present).
+    #[serde(default)]
+    pub values: Vec<String>,
 }
 
 /// Selects workloads by their labels.
@@ -102,6 +132,9 @@ pub struct Rule {
     /// Matches when any entry matches. Empty: any destination port.
     #[serde(default)]
     pub to: Vec<Destination>,
+    /// L7: every condition must hold (waypoint only; fails closed at a node agent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
 }
 
 /// Where a request comes from. Every non-empty field must match.
@@ -246,6 +279,38 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), Vec<String>> {
                     ));
                 }
             }
+        }
+        for (w, c) in rule.when.iter().enumerate() {
+            if weft_api::model::header_condition_key(&c.key).is_none() {
+                problems.push(format!(
+                    "spec.rules[{r}].when[{w}].key: `{}` is not supported (only `request.headers[<name>]`)",
+                    c.key
+                ));
+            }
+            if c.values.is_empty() {
+                problems.push(format!(
+                    "spec.rules[{r}].when[{w}].values: give at least one value (`*` for any)"
+                ));
+            }
+        }
+    }
+    if spec.selector.is_some() && !spec.target_refs.is_empty() {
+        problems.push(
+            "spec.selector and spec.targetRefs are exclusive: select workloads or target Services / a waypoint".into(),
+        );
+    }
+    for (i, t) in spec.target_refs.iter().enumerate() {
+        if t.kind != "Service" && t.kind != "Gateway" {
+            problems.push(format!(
+                "spec.targetRefs[{i}].kind: `{}` is not `Service` or `Gateway` (a waypoint)",
+                t.kind
+            ));
+        }
+        if !is_dns_label(&t.name) {
+            problems.push(format!(
+                "spec.targetRefs[{i}].name: `{}` is not a Service name",
+                t.name
+            ));
         }
     }
     if problems.is_empty() {
@@ -445,6 +510,33 @@ mod tests {
 
     fn spec(json: serde_json::Value) -> AuthorizationPolicySpec {
         serde_json::from_value(json).expect("spec parses")
+    }
+
+    #[test]
+    fn targets_and_header_conditions_are_checked_with_field_paths() {
+        let ok = spec(serde_json::json!({
+            "action": "DENY",
+            "targetRefs": [{"kind": "Service", "name": "api"}, {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "waypoint"}],
+            "rules": [{"to": [{"methods": ["DELETE"]}], "when": [{"key": "request.headers[x-user]", "values": ["guest*"]}]}],
+        }));
+        assert_eq!(validate(&ok), Ok(()));
+        let bad = spec(serde_json::json!({
+            "action": "DENY",
+            "selector": {"matchLabels": {"app": "api"}},
+            "targetRefs": [{"kind": "Pod", "name": "Api"}],
+            "rules": [{"when": [{"key": "request.auth.claims[iss]", "values": []}]}],
+        }));
+        let problems = validate(&bad).expect_err("invalid");
+        let all = problems.join("\n");
+        for want in [
+            "spec.rules[0].when[0].key",
+            "spec.rules[0].when[0].values",
+            "exclusive",
+            "spec.targetRefs[0].kind: `Pod`",
+            "spec.targetRefs[0].name: `Api`",
+        ] {
+            assert!(all.contains(want), "missing {want} in:\n{all}");
+        }
     }
 
     #[test]

@@ -100,6 +100,8 @@ fn find_binary(name: &str, env: &str) -> Result<PathBuf, MeshError> {
 pub struct NamespaceSpec {
     pub name: String,
     pub meshed: bool,
+    /// More labels (e.g. `weft.dev/use-waypoint`).
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A workload in the generated configuration, placed on a lab pod.
@@ -150,7 +152,18 @@ impl MeshConfig {
         self.namespaces.push(NamespaceSpec {
             name: name.into(),
             meshed,
+            labels: BTreeMap::new(),
         });
+        self
+    }
+
+    /// Adds a label to a namespace declared with [`MeshConfig::namespace`].
+    pub fn label_namespace(mut self, namespace: &str, key: &str, value: &str) -> Self {
+        for ns in &mut self.namespaces {
+            if ns.name == namespace {
+                ns.labels.insert(key.into(), value.into());
+            }
+        }
         self
     }
 
@@ -172,7 +185,11 @@ impl MeshConfig {
     pub fn to_yaml(&self) -> String {
         let mut docs = Vec::new();
         for ns in &self.namespaces {
-            let mut labels = serde_json::Map::new();
+            let mut labels: serde_json::Map<String, serde_json::Value> = ns
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect();
             if ns.meshed {
                 labels.insert(
                     weft_api::labels::MESH.into(),

@@ -114,7 +114,9 @@ impl TestServer {
 
     /// A minimal HTTP/1.1 server in `ns` for waypoint tests: every request is answered `200`
     /// with the body `<name> <method> <path> xff=<x-forwarded-for or ->` and `Connection:
-    /// close`; a request path starting with `/status/<code>` is answered with that code.
+    /// close`. Paths that change the answer: `/status/<code>...` (that code),
+    /// `/fail-on/<name>/...` (500 from the server called `<name>` only), `/sleep/<ms>/...`
+    /// (answered after `ms` milliseconds, at most 10 s).
     pub fn http(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
         let name = name.to_string();
         Self::with_handler(
@@ -245,11 +247,27 @@ fn serve_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
         .filter_map(|l| l.split_once(':'))
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-forwarded-for"))
         .map_or("-".to_string(), |(_, v)| v.trim().to_string());
-    let code: u16 = path
+    let mut code: u16 = path
         .strip_prefix("/status/")
         .and_then(|c| c.get(..3))
         .and_then(|c| c.parse().ok())
         .unwrap_or(200);
+    // `/fail-on/<name>/...`: only the server called <name> answers 500.
+    if path
+        .strip_prefix("/fail-on/")
+        .and_then(|r| r.split('/').next())
+        .is_some_and(|n| n == name)
+    {
+        code = 500;
+    }
+    // `/sleep/<ms>/...`: answer after that long (at most 10 s).
+    if let Some(ms) = path
+        .strip_prefix("/sleep/")
+        .and_then(|r| r.split('/').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms.min(10_000)));
+    }
     let body = format!("{name} {method} {path} xff={xff}");
     let reply = format!(
         "HTTP/1.1 {code} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -1,7 +1,7 @@
 //! The validated internal model. Documents are converted into it once; nothing downstream
 //! re-parses labels or annotations.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
@@ -193,20 +193,43 @@ pub struct PolicyDestinationInfo {
     pub paths: Vec<String>,
 }
 
-/// One rule: a source entry and a destination entry must match (empty lists match anything).
+/// A condition on a request header (L7): the header (lowercase name) has one of `values`
+/// (exact, `prefix*`, `*suffix`, or `*`: present).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HeaderCondition {
+    pub header: String,
+    pub values: Vec<String>,
+}
+
+/// One rule: a source entry and a destination entry must match (empty lists match anything),
+/// and every `when` condition.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PolicyRuleInfo {
     pub from: Vec<PolicySourceInfo>,
     pub to: Vec<PolicyDestinationInfo>,
+    pub when: Vec<HeaderCondition>,
 }
 
 impl PolicyRuleInfo {
-    /// Whether the rule needs L7 information (methods or paths) to be evaluated.
+    /// Whether the rule needs L7 information (methods, paths or headers) to be evaluated.
     pub fn is_l7(&self) -> bool {
-        self.to
-            .iter()
-            .any(|d| !d.methods.is_empty() || !d.paths.is_empty())
+        !self.when.is_empty()
+            || self
+                .to
+                .iter()
+                .any(|d| !d.methods.is_empty() || !d.paths.is_empty())
     }
+}
+
+/// What a policy with `targetRefs` applies to (in its namespace).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum PolicyTarget {
+    /// A Service: enforced by the Service's waypoint; when the Service has none, by the agents
+    /// of its endpoints (at L4, L7 rules failing closed).
+    Service(String),
+    /// A waypoint (Gateway API `kind: Gateway`, named like the waypoint's Service): every
+    /// request through it.
+    Waypoint(String),
 }
 
 /// A validated AuthorizationPolicy.
@@ -219,6 +242,14 @@ pub struct PolicyInfo {
     pub action: PolicyAction,
     pub rules: Vec<PolicyRuleInfo>,
     pub dry_run: bool,
+    /// `spec.targetRefs`: when not empty, `selector` is `None` and the policy applies to these
+    /// (see [`PolicyTarget`]) rather than to workloads by label.
+    pub targets: Vec<PolicyTarget>,
+    /// Agent-side only (never on the wire): for a policy with `targets`, the workloads
+    /// (`namespace/name`) a node agent enforces it on — endpoints of targeted Services that
+    /// have no waypoint. Filled in by the agent when it builds its view.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_workloads: Option<BTreeSet<String>>,
 }
 
 impl PolicyInfo {
@@ -227,13 +258,28 @@ impl PolicyInfo {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Whether the policy applies to a workload.
+    /// Whether the policy applies to a workload at its node agent.
     pub fn selects(&self, w: &WorkloadInfo) -> bool {
+        if !self.targets.is_empty() {
+            return self
+                .agent_workloads
+                .as_ref()
+                .is_some_and(|set| set.contains(&w.key()));
+        }
         w.namespace == self.namespace
             && self
                 .selector
                 .as_ref()
                 .is_none_or(|sel| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+    }
+
+    /// Whether a waypoint enforces the policy for a request to `service` (`namespace/name`)
+    /// through waypoint `waypoint` (`namespace/name` of its Service).
+    pub fn targets_at_waypoint(&self, service: &str, waypoint: &str) -> bool {
+        self.targets.iter().any(|t| match t {
+            PolicyTarget::Service(s) => format!("{}/{s}", self.namespace) == service,
+            PolicyTarget::Waypoint(w) => format!("{}/{w}", self.namespace) == waypoint,
+        })
     }
 }
 
@@ -309,7 +355,48 @@ pub fn policy_info(p: &AuthorizationPolicy) -> Result<PolicyInfo, ModelError> {
                 paths: d.paths.clone(),
             });
         }
-        rules.push(PolicyRuleInfo { from, to });
+        let mut when = Vec::new();
+        for (j, c) in r.when.iter().enumerate() {
+            let header = header_condition_key(&c.key).ok_or_else(|| {
+                bad(format!(
+                    "spec.rules[{i}].when[{j}].key: `{}` is not supported (only `request.headers[<name>]`)",
+                    c.key
+                ))
+            })?;
+            if c.values.is_empty() {
+                return Err(bad(format!(
+                    "spec.rules[{i}].when[{j}].values: give at least one value (`*` for any)"
+                )));
+            }
+            when.push(HeaderCondition {
+                header,
+                values: c.values.clone(),
+            });
+        }
+        rules.push(PolicyRuleInfo { from, to, when });
+    }
+    if p.spec.selector.is_some() && !p.spec.target_refs.is_empty() {
+        return Err(bad(
+            "spec.selector and spec.targetRefs are exclusive: select workloads (enforced by node agents) or target Services / a waypoint (enforced by the waypoint), not both".into(),
+        ));
+    }
+    let mut targets = Vec::new();
+    for (i, t) in p.spec.target_refs.iter().enumerate() {
+        if !valid_waypoint_name(&t.name) {
+            return Err(bad(format!(
+                "spec.targetRefs[{i}].name: `{}` is not a Service name",
+                t.name
+            )));
+        }
+        targets.push(match t.kind.as_str() {
+            "Service" => PolicyTarget::Service(t.name.clone()),
+            "Gateway" => PolicyTarget::Waypoint(t.name.clone()),
+            k => {
+                return Err(bad(format!(
+                    "spec.targetRefs[{i}].kind: `{k}` is not `Service` or `Gateway` (a waypoint)"
+                )));
+            }
+        });
     }
     Ok(PolicyInfo {
         selector: p.spec.selector.as_ref().map(|s| s.match_labels.clone()),
@@ -318,7 +405,19 @@ pub fn policy_info(p: &AuthorizationPolicy) -> Result<PolicyInfo, ModelError> {
         action,
         rules,
         dry_run: p.spec.dry_run,
+        targets,
+        agent_workloads: None,
     })
+}
+
+/// The header name of a `request.headers[<name>]` condition key, lowercased.
+pub fn header_condition_key(key: &str) -> Option<String> {
+    let name = key.strip_prefix("request.headers[")?.strip_suffix(']')?;
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    ok.then(|| name.to_ascii_lowercase())
 }
 
 /// Everything known about the mesh, validated.
@@ -855,6 +954,51 @@ spec:
         }
         let e = parse_documents(&doc("{action: DENY, rulez: []}"), "p.yaml").expect_err("typo");
         assert!(e.message.contains("rulez"), "{e}");
+    }
+
+    #[test]
+    fn policy_targets_and_header_conditions_are_validated() {
+        let doc = |spec: &str| {
+            let text = format!(
+                "apiVersion: weft.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: shop}}\nspec: {spec}\n"
+            );
+            MeshState::from_resources(&parse_documents(&text, "t.yaml").expect("parses"))
+        };
+        let ok = doc(
+            "{action: ALLOW, targetRefs: [{kind: Service, name: api}, {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}], rules: [{when: [{key: 'request.headers[X-User]', values: [admin]}]}]}",
+        )
+        .expect("valid");
+        let p = &ok.policies["shop/p"];
+        assert_eq!(
+            p.targets,
+            vec![
+                PolicyTarget::Service("api".into()),
+                PolicyTarget::Waypoint("waypoint".into())
+            ]
+        );
+        assert_eq!(p.rules[0].when[0].header, "x-user");
+        assert!(p.rules[0].is_l7());
+        for (spec, want) in [
+            (
+                "{action: ALLOW, selector: {matchLabels: {a: b}}, targetRefs: [{kind: Service, name: api}]}",
+                "exclusive",
+            ),
+            (
+                "{action: ALLOW, targetRefs: [{kind: Pod, name: api}]}",
+                "not `Service` or `Gateway`",
+            ),
+            (
+                "{action: ALLOW, rules: [{when: [{key: source.ip, values: [x]}]}]}",
+                "only `request.headers[<name>]`",
+            ),
+            (
+                "{action: ALLOW, rules: [{when: [{key: 'request.headers[x]'}]}]}",
+                "at least one value",
+            ),
+        ] {
+            let e = doc(spec).expect_err(spec);
+            assert!(e[0].to_string().contains(want), "{spec}: {}", e[0]);
+        }
     }
 
     #[test]

@@ -122,6 +122,31 @@ pub struct PolicySpec {
     pub rules: Vec<PolicyRule>,
     #[serde(default)]
     pub dry_run: bool,
+    /// Services (or the namespace's waypoint, `kind: Gateway`) the policy applies to, enforced
+    /// by their waypoint; exclusive with `selector`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_refs: Vec<PolicyTargetRef>,
+}
+
+/// `spec.targetRefs[]`: `kind` is `Service` or `Gateway` (a waypoint), in the policy's
+/// namespace; `group` is ignored (`""` or `gateway.networking.k8s.io`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetRef {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+}
+
+/// `spec.rules[].when[]`: `key` is `request.headers[<name>]`; the header must have one of
+/// `values` (exact, or `prefix*` / `*suffix`, or `*` for present).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyCondition {
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
 }
 
 /// `spec.selector`.
@@ -140,6 +165,9 @@ pub struct PolicyRule {
     pub from: Vec<PolicySource>,
     #[serde(default)]
     pub to: Vec<PolicyDestination>,
+    /// L7 conditions on request headers (waypoint only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<PolicyCondition>,
 }
 
 /// `spec.rules[].from[]`.

@@ -9,8 +9,9 @@ use ipnet::IpNet;
 use prost::Message as _;
 
 use crate::model::{
-    CaptureSettings, EndpointInfo, Exclusions, PolicyAction, PolicyDestinationInfo, PolicyInfo,
-    PolicyRuleInfo, PolicySourceInfo, ServiceInfo, ServicePort, WorkloadInfo,
+    CaptureSettings, EndpointInfo, Exclusions, HeaderCondition, PolicyAction,
+    PolicyDestinationInfo, PolicyInfo, PolicyRuleInfo, PolicySourceInfo, PolicyTarget, ServiceInfo,
+    ServicePort, WorkloadInfo,
 };
 
 /// Generated protobuf types and gRPC stubs.
@@ -337,9 +338,31 @@ impl From<&PolicyInfo> for pb::AuthorizationPolicy {
                             paths: d.paths.clone(),
                         })
                         .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| pb::PolicyCondition {
+                            header: c.header.clone(),
+                            values: c.values.clone(),
+                        })
+                        .collect(),
                 })
                 .collect(),
             dry_run: p.dry_run,
+            target_refs: p
+                .targets
+                .iter()
+                .map(|t| match t {
+                    PolicyTarget::Service(name) => pb::PolicyTargetRef {
+                        kind: pb::policy_target_ref::Kind::Service as i32,
+                        name: name.clone(),
+                    },
+                    PolicyTarget::Waypoint(name) => pb::PolicyTargetRef {
+                        kind: pb::policy_target_ref::Kind::Waypoint as i32,
+                        name: name.clone(),
+                    },
+                })
+                .collect(),
         }
     }
 }
@@ -401,7 +424,42 @@ impl TryFrom<pb::AuthorizationPolicy> for PolicyInfo {
                     paths: d.paths,
                 });
             }
-            rules.push(PolicyRuleInfo { from, to });
+            let mut when = Vec::new();
+            for c in r.when {
+                if c.header.is_empty() || c.values.is_empty() {
+                    return Err(err(
+                        "when",
+                        "a header condition needs a header and values".into(),
+                    ));
+                }
+                when.push(HeaderCondition {
+                    header: c.header.to_ascii_lowercase(),
+                    values: c.values,
+                });
+            }
+            rules.push(PolicyRuleInfo { from, to, when });
+        }
+        let mut targets = Vec::new();
+        for t in p.target_refs {
+            if t.name.is_empty() {
+                return Err(err("target_refs", "a target needs a name".into()));
+            }
+            targets.push(match pb::policy_target_ref::Kind::try_from(t.kind) {
+                Ok(pb::policy_target_ref::Kind::Service) => PolicyTarget::Service(t.name),
+                Ok(pb::policy_target_ref::Kind::Waypoint) => PolicyTarget::Waypoint(t.name),
+                _ => {
+                    return Err(err(
+                        "target_refs",
+                        format!("kind {} is not SERVICE or WAYPOINT", t.kind),
+                    ));
+                }
+            });
+        }
+        if p.has_selector && !targets.is_empty() {
+            return Err(err(
+                "target_refs",
+                "a policy has a selector or targets, not both".into(),
+            ));
         }
         Ok(PolicyInfo {
             selector: p.has_selector.then_some(p.selector),
@@ -410,6 +468,8 @@ impl TryFrom<pb::AuthorizationPolicy> for PolicyInfo {
             action,
             rules,
             dry_run: p.dry_run,
+            targets,
+            agent_workloads: None,
         })
     }
 }
@@ -552,13 +612,40 @@ mod tests {
                     methods: vec![],
                     paths: vec![],
                 }],
+                when: vec![HeaderCondition {
+                    header: "x-user".into(),
+                    values: vec!["admin*".into()],
+                }],
             }],
             dry_run: false,
+            targets: vec![],
+            agent_workloads: None,
         };
         let Some(pb::resource::Kind::AuthorizationPolicy(wire)) = policy_resource(&p).kind else {
             panic!("not a policy")
         };
         assert_eq!(PolicyInfo::try_from(wire.clone()).expect("valid"), p);
+        let targeted = PolicyInfo {
+            selector: None,
+            targets: vec![
+                PolicyTarget::Service("api".into()),
+                PolicyTarget::Waypoint("waypoint".into()),
+            ],
+            ..p.clone()
+        };
+        let Some(pb::resource::Kind::AuthorizationPolicy(w2)) = policy_resource(&targeted).kind
+        else {
+            panic!("not a policy")
+        };
+        assert_eq!(PolicyInfo::try_from(w2.clone()).expect("valid"), targeted);
+        let mut bad = w2;
+        bad.target_refs[0].kind = 0;
+        assert_eq!(
+            PolicyInfo::try_from(bad)
+                .expect_err("unspecified kind")
+                .field,
+            "target_refs"
+        );
         let mut bad = wire;
         bad.action = 0;
         assert_eq!(
