@@ -113,8 +113,8 @@ impl TestServer {
     }
 
     /// A minimal HTTP/1.1 server in `ns` for waypoint tests: every request is answered `200`
-    /// with the body `<name> <method> <path> xff=<x-forwarded-for or ->` and `Connection:
-    /// close`. Paths that change the answer: `/status/<code>...` (that code),
+    /// with the body `<name> <method> <path> xff=<x-forwarded-for or -> hdr=<x-* request
+    /// headers as k=v, sorted, comma-separated>` and `Connection: close`. Paths that change the answer: `/status/<code>...` (that code),
     /// `/fail-on/<name>/...` (500 from the server called `<name>` only), `/sleep/<ms>/...`
     /// (answered after `ms` milliseconds, at most 10 s).
     pub fn http(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
@@ -243,10 +243,20 @@ fn serve_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
     let mut first = lines.next().unwrap_or_default().split(' ');
     let method = first.next().unwrap_or("?").to_string();
     let path = first.next().unwrap_or("?").to_string();
-    let xff = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("x-forwarded-for"))
-        .map_or("-".to_string(), |(_, v)| v.trim().to_string());
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let xff = headers
+        .iter()
+        .find(|(k, _)| k == "x-forwarded-for")
+        .map_or("-".to_string(), |(_, v)| v.clone());
+    let mut echoed: Vec<String> = headers
+        .iter()
+        .filter(|(k, _)| k.starts_with("x-") && k != "x-forwarded-for")
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    echoed.sort();
     let mut code: u16 = path
         .strip_prefix("/status/")
         .and_then(|c| c.get(..3))
@@ -268,7 +278,7 @@ fn serve_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
     {
         std::thread::sleep(Duration::from_millis(ms.min(10_000)));
     }
-    let body = format!("{name} {method} {path} xff={xff}");
+    let body = format!("{name} {method} {path} xff={xff} hdr={}", echoed.join(","));
     let reply = format!(
         "HTTP/1.1 {code} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
