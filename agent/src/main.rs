@@ -77,9 +77,10 @@ struct Args {
     /// Upstream connect timeout, in milliseconds.
     #[arg(long, env = "WEFT_CONNECT_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     connect_timeout_ms: u64,
-    /// Data-path worker threads.
-    #[arg(long, env = "WEFT_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=256))]
-    worker_threads: u64,
+    /// Data-path worker threads. Default: 1 on nodes with at most 2 CPUs (measured better
+    /// there: lower p99, higher throughput, less CPU and memory per request), else 2.
+    #[arg(long, env = "WEFT_WORKER_THREADS", value_parser = clap::value_parser!(u64).range(1..=256))]
+    worker_threads: Option<u64>,
     /// SPIFFE trust domain of workload identities (must match the controller's).
     #[arg(long, env = "WEFT_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -140,6 +141,14 @@ fn parse_level(s: &str) -> Result<u8, String> {
     })
 }
 
+/// 1 worker on nodes with at most 2 CPUs, else 2 (the agent shares the node with its pods).
+fn default_worker_threads() -> usize {
+    match std::thread::available_parallelism().map(std::num::NonZero::get) {
+        Ok(n) if n > 2 => 2,
+        _ => 1,
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // At most two malloc arenas: glibc's default (8 per core) lets every data-path thread grow
     // its own heap, which costs RSS and buys nothing for a proxy's short-lived buffers.
@@ -183,7 +192,9 @@ fn main() -> std::process::ExitCode {
         ebpf_log_level: args.ebpf_log_level,
         config_poll: Duration::from_millis(args.config_poll_ms),
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        worker_threads: args.worker_threads as usize,
+        worker_threads: args
+            .worker_threads
+            .map_or_else(default_worker_threads, |n| n as usize),
         trust_domain: args.trust_domain,
         outbound_passthrough: matches!(args.outbound_passthrough, Passthrough::Allow),
         close_denied_connections: args.close_denied_connections,
