@@ -80,10 +80,20 @@ impl Certificates for CertificateService {
                 "workload certificates are not issued with --insecure-no-auth: without node credentials anyone could obtain any identity",
             ));
         }
-        let node = self.auth.node_for(&req).await?;
+        let caller = self.auth.caller_for(&req).await?;
+        let node = caller.node;
         let req = req.into_inner();
         let (ns, sa) =
             parse_spiffe_id(&req.identity, &self.trust_domain).map_err(Status::invalid_argument)?;
+        if let Some(own) = &caller.only_identity
+            && *own != req.identity
+        {
+            tracing::warn!(waypoint = %own, identity = %req.identity, "refused a waypoint a certificate for another identity");
+            return Err(Status::permission_denied(format!(
+                "a waypoint's credential obtains only its own certificate ({own}), not {}",
+                req.identity
+            )));
+        }
         if let Some(node) = &node {
             let state = self.state.borrow().clone();
             let runs_it = state

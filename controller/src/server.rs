@@ -19,7 +19,7 @@ use weft_api::wire::pb::{
     self, AgentMessage, ControllerMessage, agent_message, discovery_server::Discovery,
 };
 
-use crate::tokenreview::{ReviewError, TokenReviewer};
+use crate::tokenreview::{ReviewError, Reviewed, TokenReviewer};
 use crate::view::Views;
 
 /// Updates an agent may leave unacknowledged before its stream is closed.
@@ -160,21 +160,57 @@ impl Authenticator {
 
     /// The node a caller may speak for (`None`: any node, insecure mode): from its node
     /// certificate when it presented one, else (unless node certificates are required) from
-    /// its bearer credential.
+    /// its bearer credential. A waypoint's token (Kubernetes mode) speaks for its own node's
+    /// config stream; see [`Authenticator::caller_for`] for what else it may do.
     pub async fn node_for<T>(&self, req: &Request<T>) -> Result<Option<String>, Status> {
+        self.caller_for(req).await.map(|c| c.node)
+    }
+
+    /// Who the caller is: the node it speaks for and, for a waypoint, the one workload identity
+    /// it may obtain a certificate for.
+    pub async fn caller_for<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         if let Some(certs) = req.peer_certs()
             && let Some(leaf) = certs.first()
         {
             return node_of_certificate(leaf, &self.trust_domain)
-                .map(Some)
+                .map(|node| Caller {
+                    node: Some(node),
+                    only_identity: None,
+                })
                 .map_err(Status::unauthenticated);
         }
-        if self.require_node_certificates && !self.is_insecure() {
-            return Err(Status::unauthenticated(
-                "this controller requires a node certificate (--require-node-certificates): the agent must first exchange its token for one with SignNode and connect with it (upgrade the agent)",
-            ));
+        let refuse_agent_tokens = self.require_node_certificates && !self.is_insecure();
+        if let Auth::Kubernetes(reviewer) = &self.credentials {
+            let token = bearer(req.metadata(), "projected service-account token")?;
+            let who = reviewer.caller_of(token).await.map_err(review_status)?;
+            return match who {
+                Reviewed::Waypoint {
+                    node,
+                    namespace,
+                    service_account,
+                } => Ok(Caller {
+                    node: Some(node),
+                    only_identity: Some(format!(
+                        "spiffe://{}/ns/{namespace}/sa/{service_account}",
+                        self.trust_domain
+                    )),
+                }),
+                Reviewed::Agent { .. } if refuse_agent_tokens => Err(require_certificates()),
+                Reviewed::Agent { node } => Ok(Caller {
+                    node: Some(node),
+                    only_identity: None,
+                }),
+            };
         }
-        self.node_for_bearer(req.metadata()).await
+        if refuse_agent_tokens {
+            return Err(require_certificates());
+        }
+        self.node_for_bearer(req.metadata())
+            .await
+            .map(|node| Caller {
+                node,
+                only_identity: None,
+            })
     }
 
     /// The node of the caller's bearer credential (bootstrap token or service-account token),
@@ -190,17 +226,7 @@ impl Authenticator {
                 "projected service-account token (check --service-account-token-file)"
             }
         };
-        let header = metadata.get("authorization").ok_or_else(|| {
-            Status::unauthenticated(format!(
-                "no credentials: the agent must present its node certificate or send `authorization: Bearer <{hint}>`"
-            ))
-        })?;
-        let value = header
-            .to_str()
-            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
-        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
-            Status::unauthenticated("authorization header must be `Bearer <token>`")
-        })?;
+        let token = bearer(metadata, hint)?;
         match &self.credentials {
             Auth::Insecure => Ok(None),
             Auth::Tokens(tokens) => tokens
@@ -208,15 +234,50 @@ impl Authenticator {
                 .map(|n| Some(n.to_string()))
                 .ok_or_else(|| Status::unauthenticated("unknown bootstrap token (check the agent's --bootstrap-token-file against the controller's --bootstrap-tokens)")),
             Auth::Kubernetes(reviewer) => reviewer
-                .node_of(token.trim())
+                .node_of(token)
                 .await
                 .map(Some)
-                .map_err(|e| match e {
-                    ReviewError::Unavailable(_) => Status::unavailable(e.to_string()),
-                    _ => Status::unauthenticated(e.to_string()),
-                }),
+                .map_err(review_status),
         }
     }
+}
+
+/// Who a caller is ([`Authenticator::caller_for`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The node it speaks for (`None`: any, insecure mode).
+    pub node: Option<String>,
+    /// A waypoint: the only workload identity it may obtain a certificate for (its own).
+    pub only_identity: Option<String>,
+}
+
+/// The bearer token of a request (trimmed).
+fn bearer<'a>(metadata: &'a tonic::metadata::MetadataMap, hint: &str) -> Result<&'a str, Status> {
+    let header = metadata.get("authorization").ok_or_else(|| {
+        Status::unauthenticated(format!(
+            "no credentials: the agent must present its node certificate or send `authorization: Bearer <{hint}>`"
+        ))
+    })?;
+    let value = header
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
+    value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .ok_or_else(|| Status::unauthenticated("authorization header must be `Bearer <token>`"))
+}
+
+fn review_status(e: ReviewError) -> Status {
+    match e {
+        ReviewError::Unavailable(_) => Status::unavailable(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
+fn require_certificates() -> Status {
+    Status::unauthenticated(
+        "this controller requires a node certificate (--require-node-certificates): the agent must first exchange its token for one with SignNode and connect with it (upgrade the agent)",
+    )
 }
 
 /// The service.

@@ -37,7 +37,7 @@ pub enum ReviewError {
     )]
     Refused(String, String),
     #[error(
-        "the token belongs to `{got}`, not the agents' service account `{want}` (run the agent under that service account, or set the controller's --agent-service-account)"
+        "the token belongs to `{got}`, not the agents' service account `{want}` (run the agent under that service account, or set the controller's --agent-service-account; a waypoint's token is accepted only from a pod labelled weft.dev/waypoint, and never for a node certificate)"
     )]
     WrongServiceAccount { got: String, want: String },
     #[error(
@@ -52,9 +52,32 @@ pub enum ReviewError {
     BadServiceAccount(String),
 }
 
+/// Who an accepted token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reviewed {
+    /// A node agent (the agents' service account), on `node`.
+    Agent { node: String },
+    /// A waypoint pod (label `weft.dev/waypoint`) running as `namespace/service_account` on
+    /// `node`: it may obtain its own workload certificate and follow its node's config
+    /// stream, nothing else.
+    Waypoint {
+        node: String,
+        namespace: String,
+        service_account: String,
+    },
+}
+
+impl Reviewed {
+    pub fn node(&self) -> &str {
+        match self {
+            Self::Agent { node } | Self::Waypoint { node, .. } => node,
+        }
+    }
+}
+
 struct Cached {
     until: Instant,
-    result: Result<String, ReviewError>,
+    result: Result<Reviewed, ReviewError>,
 }
 
 /// Reviews agent tokens against the API server.
@@ -102,8 +125,24 @@ impl TokenReviewer {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The node the token's pod runs on.
+    /// The node of an agent's token. A waypoint's token is refused here: it never speaks for
+    /// a node (no node certificate, no other workload's certificate).
     pub async fn node_of(&self, token: &str) -> Result<String, ReviewError> {
+        match self.caller_of(token).await? {
+            Reviewed::Agent { node } => Ok(node),
+            Reviewed::Waypoint {
+                namespace,
+                service_account,
+                ..
+            } => Err(ReviewError::WrongServiceAccount {
+                got: format!("system:serviceaccount:{namespace}:{service_account}"),
+                want: self.username(),
+            }),
+        }
+    }
+
+    /// Who the token belongs to: an agent, or a waypoint pod.
+    pub async fn caller_of(&self, token: &str) -> Result<Reviewed, ReviewError> {
         let now = Instant::now();
         if let Some(c) = self.cache().get(token)
             && c.until > now
@@ -132,13 +171,13 @@ impl TokenReviewer {
             }
         }
         match &result {
-            Ok(node) => tracing::debug!(%node, "service-account token accepted"),
+            Ok(who) => tracing::debug!(?who, "service-account token accepted"),
             Err(e) => tracing::warn!(error = %e, "service-account token refused"),
         }
         result
     }
 
-    async fn review(&self, token: &str) -> Result<String, ReviewError> {
+    async fn review(&self, token: &str) -> Result<Reviewed, ReviewError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 audiences: Some(vec![self.audience.clone()]),
@@ -170,12 +209,6 @@ impl TokenReviewer {
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         let want = self.username();
-        if username != want {
-            return Err(ReviewError::WrongServiceAccount {
-                got: username,
-                want,
-            });
-        }
         let extra = user.extra.unwrap_or_default();
         let first = |k: &str| {
             extra
@@ -184,38 +217,94 @@ impl TokenReviewer {
                 .filter(|v| !v.is_empty())
                 .cloned()
         };
-        if let Some(node) = first(EXTRA_NODE_NAME) {
-            return Ok(node);
+        if username == want {
+            if let Some(node) = first(EXTRA_NODE_NAME) {
+                return Ok(Reviewed::Agent { node });
+            }
+            let pod = self
+                .bound_pod(&self.namespace, first(EXTRA_POD_NAME), first(EXTRA_POD_UID))
+                .await?;
+            return Ok(Reviewed::Agent {
+                node: scheduled_node(&pod, &self.namespace)?,
+            });
         }
-        let pod_name = first(EXTRA_POD_NAME)
-            .ok_or_else(|| ReviewError::NotBound("no pod-name in the review".into()))?;
-        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
+        // Another service account: only a waypoint pod's, bound to that pod.
+        let wrong = || ReviewError::WrongServiceAccount {
+            got: username.clone(),
+            want: want.clone(),
+        };
+        let (ns, sa) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .ok_or_else(wrong)?;
+        // Not provably a waypoint pod: refused as another service account (API errors stay
+        // errors, so they are not cached).
+        let pod = match self
+            .bound_pod(ns, first(EXTRA_POD_NAME), first(EXTRA_POD_UID))
+            .await
+        {
+            Ok(pod) => pod,
+            Err(e @ ReviewError::Unavailable(_)) => return Err(e),
+            Err(_) => return Err(wrong()),
+        };
+        let is_waypoint = pod
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(weft_api::labels::WAYPOINT));
+        let runs_as = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .unwrap_or("default");
+        if !is_waypoint || runs_as != sa {
+            return Err(wrong());
+        }
+        Ok(Reviewed::Waypoint {
+            node: scheduled_node(&pod, ns)?,
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+        })
+    }
+
+    /// The pod a token is bound to (pod-name and pod-uid extras), checked to be the same pod.
+    async fn bound_pod(
+        &self,
+        namespace: &str,
+        pod_name: Option<String>,
+        uid: Option<String>,
+    ) -> Result<Pod, ReviewError> {
+        let pod_name =
+            pod_name.ok_or_else(|| ReviewError::NotBound("no pod-name in the review".into()))?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let pod = pods
             .get_opt(&pod_name)
             .await
             .map_err(|e| ReviewError::Unavailable(e.to_string()))?
             .ok_or_else(|| {
-                ReviewError::NotBound(format!(
-                    "its pod {}/{pod_name} no longer exists",
-                    self.namespace
-                ))
+                ReviewError::NotBound(format!("its pod {namespace}/{pod_name} no longer exists"))
             })?;
-        if let Some(uid) = first(EXTRA_POD_UID)
+        if let Some(uid) = uid
             && pod.metadata.uid.as_deref() != Some(uid.as_str())
         {
             return Err(ReviewError::NotBound(format!(
-                "its pod {}/{pod_name} was replaced (UID {uid} is gone)",
-                self.namespace
+                "its pod {namespace}/{pod_name} was replaced (UID {uid} is gone)"
             )));
         }
-        pod.spec
-            .and_then(|s| s.node_name)
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| {
-                ReviewError::NotBound(format!(
-                    "its pod {}/{pod_name} is not scheduled",
-                    self.namespace
-                ))
-            })
+        Ok(pod)
     }
+}
+
+/// The node a bound pod is scheduled on.
+fn scheduled_node(pod: &Pod, namespace: &str) -> Result<String, ReviewError> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ReviewError::NotBound(format!(
+                "its pod {namespace}/{} is not scheduled",
+                pod.metadata.name.as_deref().unwrap_or("?")
+            ))
+        })
 }

@@ -210,3 +210,84 @@ async fn identity_no_certificates_without_node_authentication() {
         e.message()
     );
 }
+
+#[tokio::test]
+async fn identity_waypoint_token_obtains_only_its_own_certificate() {
+    use weft_tests::fake_apiserver::{FakeApiServer, TokenUser};
+    const AUD: &str = "weft-controller";
+    let server = FakeApiServer::start().await;
+    let pod = |name: &str, sa: &str, node: &str, labels: serde_json::Value| {
+        server.apply(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": labels},
+            "spec": {"nodeName": node, "serviceAccountName": sa,
+                     "containers": [{"name": "c", "image": "i"}]},
+        }))["metadata"]["uid"]
+            .as_str()
+            .expect("uid")
+            .to_string()
+    };
+    // The waypoint pod runs as service account `web` on n1 (the state has workload web there).
+    let uid = pod(
+        "web-wp",
+        "web",
+        "n1",
+        serde_json::json!({"weft.dev/waypoint": "wp"}),
+    );
+    server.add_token(
+        "wp-token",
+        TokenUser::service_account("shop", "web", AUD).bound_to("web-wp", &uid, None),
+    );
+    // An ordinary pod's token: not a waypoint.
+    let uid = pod("api-1", "api", "n2", serde_json::json!({}));
+    server.add_token(
+        "plain-token",
+        TokenUser::service_account("shop", "api", AUD).bound_to("api-1", &uid, None),
+    );
+    let reviewer = weft_controller::tokenreview::TokenReviewer::new(
+        server.client(),
+        AUD,
+        "weft-system/weft-agent",
+    )
+    .expect("reviewer");
+    let (url, _dir) = start_with(Auth::Kubernetes(Arc::new(reviewer))).await;
+    let own = "spiffe://cluster.local/ns/shop/sa/web";
+    sign(&url, Some("wp-token"), own, csr())
+        .await
+        .expect("a waypoint obtains its own certificate");
+    let e = sign(
+        &url,
+        Some("wp-token"),
+        "spiffe://cluster.local/ns/shop/sa/api",
+        csr(),
+    )
+    .await
+    .expect_err("another identity");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(e.message().contains("only its own certificate"), "{e}");
+    let e = sign(
+        &url,
+        Some("plain-token"),
+        "spiffe://cluster.local/ns/shop/sa/api",
+        csr(),
+    )
+    .await
+    .expect_err("not a waypoint");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert!(e.message().contains("weft.dev/waypoint"), "{e}");
+    // A waypoint's token never becomes a node certificate.
+    let mut client = CertificatesClient::connect(url.clone())
+        .await
+        .expect("connect");
+    let mut req = tonic::Request::new(weft_api::wire::pb::SignNodeRequest {
+        node: "n1".into(),
+        csr_pem: csr(),
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer wp-token".parse().expect("header"));
+    let e = client
+        .sign_node(req)
+        .await
+        .expect_err("no node certificate");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+}
