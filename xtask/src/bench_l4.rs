@@ -11,7 +11,9 @@
 //! * HTTP latency over one keep-alive connection: wrk -c1 (`c1_p50_us`, `c1_p99_us`);
 //! * HTTP req/s and p99 over 16 keep-alive connections: wrk -c16 (`c16_rps`, `c16_p99_us`);
 //! * new connections per second: wrk with `Connection: close` (`conn_per_s`);
-//! * each agent's RSS after the load and CPU time per 1,000 requests of the -c16 run.
+//! * each agent's RSS after the load and CPU time per 1,000 requests of the -c16 run;
+//! * the floor: the -c1 latency through two minimal plain-TCP relays on the direct path (one
+//!   in the client's namespace, one in the server's, like the two agents; `relay_floor`).
 //!
 //! The HTTP server is a small keep-alive HTTP/1.1 responder on tokio inside the destination
 //! pod (2-byte body), the same for both paths.
@@ -112,6 +114,123 @@ async fn serve_http(mut s: tokio::net::TcpStream) {
         buf.copy_within(end..have, 0);
         have -= end;
     }
+}
+
+/// The floor of any two-proxy design: a minimal plain-TCP relay (one thread, one
+/// current-thread runtime, `copy_bidirectional`, TCP_NODELAY) entered into a namespace for good.
+/// Two of them on the path, like the two agents, give the latency no user-space proxy pair
+/// can beat on this machine; the mesh's extra latency beyond it is what TLS, HTTP/2 and Weft
+/// add.
+struct Relay {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(ns: &NetNs, listen: SocketAddr, to: SocketAddr) -> anyhow::Result<Self> {
+        let ns = NetNs::open(ns.path())?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-{listen}"))
+            .spawn(move || {
+                let run = || -> anyhow::Result<tokio::runtime::Runtime> {
+                    ns.enter()?;
+                    Ok(tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?)
+                };
+                let rt = match run() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::bind(listen).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("bind {listen}: {e}")));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    loop {
+                        tokio::select! {
+                            _ = &mut stopped => return,
+                            accepted = listener.accept() => {
+                                let Ok((mut a, _)) = accepted else { continue };
+                                tokio::spawn(async move {
+                                    let Ok(mut b) = tokio::net::TcpStream::connect(to).await else {
+                                        return;
+                                    };
+                                    let _ = a.set_nodelay(true);
+                                    let _ = b.set_nodelay(true);
+                                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                                });
+                            }
+                        }
+                    }
+                });
+            })?;
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => Ok(Self {
+                stop: Some(stop),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => bail!("relay {listen} -> {to}: {e}"),
+            Err(_) => bail!("relay {listen} -> {to} did not start"),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// c1 latency (p50, p99 µs) from `client_ns` through two plain relays: one in the client's
+/// namespace, one in the server's (like the two agents), to the HTTP server.
+fn relay_floor(
+    client: &NetNs,
+    client_ns: &str,
+    server: &NetNs,
+    server_ip: IpAddr,
+    secs: u64,
+) -> anyhow::Result<(f64, f64)> {
+    const R1: u16 = 18001;
+    const R2: u16 = 18002;
+    let _r2 = Relay::start(
+        server,
+        SocketAddr::new(IpAddr::from([0, 0, 0, 0]), R2),
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), HTTP_PORT),
+    )?;
+    let _r1 = Relay::start(
+        client,
+        SocketAddr::new(IpAddr::from([127, 0, 0, 1]), R1),
+        SocketAddr::new(server_ip, R2),
+    )?;
+    let url = format!("http://127.0.0.1:{R1}/");
+    let (_, p50, p99, _) = parse_wrk(&in_netns(
+        client_ns,
+        &[
+            "wrk",
+            "-t1",
+            "-c1",
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            &url,
+        ],
+    )?)?;
+    Ok((p50, p99))
 }
 
 /// `ip netns exec <ns> <cmd...>`, returning stdout.
@@ -357,6 +476,14 @@ pub fn run(args: L4Args, json_out: bool) -> anyhow::Result<()> {
         },
     )?;
     let rss = [rss_mb(pids[0]), rss_mb(pids[1])];
+    let (relay_p50, relay_p99) = relay_floor(
+        &batch.netns()?,
+        &ns_name(batch),
+        &db.netns()?,
+        IpAddr::V4(db.ip4),
+        args.seconds,
+    )?;
+    let relay = json!({"c1_p50_us": relay_p50, "c1_p99_us": relay_p99});
     if args.perf {
         profile(
             &ns_name(web),
@@ -376,7 +503,7 @@ pub fn run(args: L4Args, json_out: bool) -> anyhow::Result<()> {
     if json_out {
         println!(
             "{}",
-            json!({"direct": direct.json(), "mesh": mesh.json(), "agent": agent})
+            json!({"direct": direct.json(), "mesh": mesh.json(), "agent": agent, "relay_floor": relay})
         );
         return Ok(());
     }
@@ -403,6 +530,9 @@ pub fn run(args: L4Args, json_out: bool) -> anyhow::Result<()> {
     for (name, d, m) in rows {
         println!("{name:<22} {d:>12.2} {m:>12.2} {:>10.2}", m / d.max(1e-9));
     }
+    println!(
+        "two plain TCP relays (the floor of any two-proxy path): c1 p50 {relay_p50:.0} µs, p99 {relay_p99:.0} µs"
+    );
     println!(
         "added latency at one connection: {:.1} µs p50\nagents: RSS {:.1} / {:.1} MB, CPU {:.1} / {:.1} ms per 1,000 requests (source / destination)",
         mesh.c1_p50_us - direct.c1_p50_us,
