@@ -12,3 +12,4 @@ pub mod source;
 pub mod tls;
 pub mod tokenreview;
 pub mod view;
+pub mod weftctl;
