@@ -190,6 +190,8 @@ impl PodManager {
         let desired: BTreeMap<String, &WorkloadInfo> = state
             .workloads_on_node(&node)
             .filter(|w| w.capture.namespace_meshed)
+            // A waypoint pod serves HBONE (15008) itself: no agent listeners in its netns.
+            .filter(|w| !w.labels.contains_key(weft_api::labels::WAYPOINT))
             .map(|w| (w.key(), w))
             .collect();
 
