@@ -1,10 +1,15 @@
 //! `weftctl waypoint ...`: deploys, removes and lists waypoints (docs/weftctl.md). The objects
 //! are built here as plain Kubernetes JSON, printed (`--dry-run`) or applied with server-side
-//! apply (field manager `weftctl`).
+//! apply (field manager `weftctl`, forced). Every function takes a [`kube::Client`], so the
+//! tests drive them against the fake API server; `src/bin/weftctl.rs` only parses flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use weft_api::labels;
@@ -13,28 +18,160 @@ use weft_api::labels;
 pub const FIELD_MANAGER: &str = "weftctl";
 /// `app.kubernetes.io/managed-by` value on every object weftctl creates.
 pub const MANAGED_BY: &str = "weftctl";
-/// The controller's config stream and CA, as the waypoint reaches them in a cluster.
+/// `app.kubernetes.io/name` of waypoint objects.
+pub const APP_NAME: &str = "weft-waypoint";
+/// Default waypoint image: the release matching this weftctl.
+pub const DEFAULT_IMAGE: &str = concat!(
+    "ghcr.io/weft-mesh/weft-waypoint:",
+    env!("CARGO_PKG_VERSION")
+);
+/// The controller's config stream and CA as the waypoint reaches them in a cluster (the
+/// controller's `--listen` default port, 15010).
 pub const CONTROLLER_URL: &str = "https://weft-controller.weft-system.svc:15010";
-/// Where the waypoint's projected service-account token is mounted.
+/// Audience of the waypoint's projected service-account token (what the controller's
+/// TokenReview asks for).
+pub const TOKEN_AUDIENCE: &str = "weft-controller";
+/// Directory of the projected token volume.
+pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
+/// The waypoint's projected service-account token.
 pub const TOKEN_PATH: &str = "/var/run/secrets/weft/token";
+/// Where the waypoint keeps its last good mesh view (an emptyDir: the root is read-only).
+pub const STATE_DIR: &str = "/var/lib/weft-waypoint";
+/// HBONE port of waypoint pods and of the waypoint Service.
+pub const HBONE_PORT: u16 = 15008;
+/// Metrics (and readiness) port of waypoint pods.
+pub const METRICS_PORT: u16 = 15090;
+/// Most replicas `--replicas` accepts.
+pub const MAX_REPLICAS: u32 = 100;
+
+const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+const NAME_LABEL: &str = "app.kubernetes.io/name";
 
 /// Why a weftctl command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("`{0}` is not a valid {1} name (lowercase letters, digits and `-`, at most 63)")]
-    BadName(String, &'static str),
     #[error(
-        "`--for {0}`: expected `namespace`, `service:<name>` or `none` (what the waypoint serves)"
+        "`{0}` is not a valid {1} name: use lowercase letters, digits and `-` (at most 63, starting and ending with a letter or digit)"
     )]
+    BadName(String, &'static str),
+    #[error("`--for {0}`: expected `namespace`, `service:<name>` (a valid Service name) or `none`")]
     BadFor(String),
-    #[error("namespace {0} does not exist (create it, or check -n)")]
+    #[error("--replicas {0}: expected 1 to {MAX_REPLICAS}")]
+    BadReplicas(u32),
+    #[error("--image `{0}`: expected an image reference without spaces, e.g. {DEFAULT_IMAGE}")]
+    BadImage(String),
+    #[error("-o {0}: expected `yaml` or `json`")]
+    BadFormat(String),
+    #[error("namespace {0} does not exist: create it (kubectl create namespace {0}) or check -n")]
     NoNamespace(String),
-    #[error("service {namespace}/{name} does not exist (check --for service:<name>)")]
+    #[error(
+        "service {namespace}/{name} does not exist: check `--for service:<name>` (kubectl -n {namespace} get services)"
+    )]
     NoService { namespace: String, name: String },
+    #[error(
+        "service {namespace}/{name} is a waypoint's own Service and cannot be bound to a waypoint: name an application Service in `--for service:<name>`"
+    )]
+    WaypointService { namespace: String, name: String },
+    #[error("reading kubeconfig {path}: {source}: check --kubeconfig and --context")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration ({0}): set KUBECONFIG or --kubeconfig (and --context), or use --dry-run to print the objects"
+    )]
+    NoConfig(String),
     #[error(
         "cannot reach the Kubernetes API ({0}): check KUBECONFIG / --kubeconfig, or use --dry-run to print the objects"
     )]
-    Api(#[from] kube::Error),
+    Unreachable(String),
+    #[error("the Kubernetes API refused to {action}: {message} (HTTP {code}){hint}")]
+    Refused {
+        action: String,
+        code: u16,
+        message: String,
+        hint: &'static str,
+    },
+    #[error("rendering the objects: {0}")]
+    Render(String),
+}
+
+/// Maps a kube error of `action` to an unreachable API or a refusal (with a hint for the
+/// usual causes).
+fn api_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> CtlError {
+    move |e| match e {
+        kube::Error::Api(status) => CtlError::Refused {
+            action: action.into(),
+            code: status.code,
+            hint: match status.code {
+                401 => {
+                    ": the kubeconfig's credentials were rejected; log in again or check --context"
+                }
+                403 => {
+                    ": your user lacks RBAC permission for this (docs/weftctl.md lists what weftctl needs)"
+                }
+                _ => "",
+            },
+            message: status.message.clone(),
+        },
+        other => unreachable_err(&other),
+    }
+}
+
+/// The error and its causes on one line (`client error (Connect): tcp connect error: Connection
+/// refused`), for [`CtlError::Unreachable`].
+fn unreachable_err(e: &(dyn std::error::Error + 'static)) -> CtlError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    CtlError::Unreachable(text)
+}
+
+/// The kube client configuration: `kubeconfig` (with `context`) when given; otherwise
+/// `$KUBECONFIG` or `~/.kube/config` (with `context`), and with neither file nor `context`
+/// the in-cluster service account.
+pub async fn config(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> Result<kube::Config, CtlError> {
+    let options = KubeConfigOptions {
+        context: context.map(String::from),
+        ..Default::default()
+    };
+    if let Some(path) = kubeconfig {
+        let kc = Kubeconfig::read_from(path).map_err(|source| CtlError::Kubeconfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        return kube::Config::from_custom_kubeconfig(kc, &options)
+            .await
+            .map_err(|source| CtlError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            });
+    }
+    match kube::Config::from_kubeconfig(&options).await {
+        Ok(c) => Ok(c),
+        Err(e) if context.is_some() => Err(CtlError::NoConfig(e.to_string())),
+        Err(kubeconfig) => kube::Config::incluster().map_err(|incluster| {
+            CtlError::NoConfig(format!("kubeconfig: {kubeconfig}; in-cluster: {incluster}"))
+        }),
+    }
+}
+
+/// A client for [`config`].
+pub async fn client(kubeconfig: Option<&Path>, context: Option<&str>) -> Result<Client, CtlError> {
+    let config = config(kubeconfig, context).await?;
+    tracing::debug!(server = %config.cluster_url, namespace = %config.default_namespace, "kube config");
+    Client::try_from(config).map_err(|e| unreachable_err(&e))
 }
 
 /// What a waypoint serves: every Service of its namespace, one Service, or nothing yet.
@@ -60,14 +197,26 @@ impl std::str::FromStr for Binding {
     }
 }
 
-/// A waypoint to deploy.
-#[derive(Clone, Debug)]
-pub struct Waypoint {
-    pub namespace: String,
-    pub name: String,
-    pub image: String,
-    pub replicas: u32,
-    pub binding: Binding,
+/// How `--dry-run` prints the objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Format {
+    /// A multi-document YAML stream.
+    #[default]
+    Yaml,
+    /// A `v1` `List`.
+    Json,
+}
+
+impl std::str::FromStr for Format {
+    type Err = CtlError;
+
+    fn from_str(s: &str) -> Result<Self, CtlError> {
+        match s {
+            "yaml" => Ok(Self::Yaml),
+            "json" => Ok(Self::Json),
+            _ => Err(CtlError::BadFormat(s.to_string())),
+        }
+    }
 }
 
 /// Whether `s` is a DNS-1123 label (namespace, Service and waypoint names).
@@ -80,14 +229,49 @@ pub fn dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
+/// Refuses `name` unless it is a DNS label.
+pub fn check_name(name: &str, what: &'static str) -> Result<(), CtlError> {
+    if dns_label(name) {
+        Ok(())
+    } else {
+        Err(CtlError::BadName(name.to_string(), what))
+    }
+}
+
+/// A waypoint to deploy.
+#[derive(Clone, Debug)]
+pub struct Waypoint {
+    pub namespace: String,
+    pub name: String,
+    pub image: String,
+    pub replicas: u32,
+    pub binding: Binding,
+}
+
 impl Waypoint {
-    /// Checks the names before any request.
-    pub fn validate(&self) -> Result<(), CtlError> {
-        if !dns_label(&self.namespace) {
-            return Err(CtlError::BadName(self.namespace.clone(), "namespace"));
+    /// A waypoint with the defaults of `weftctl waypoint deploy`.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: "waypoint".into(),
+            image: DEFAULT_IMAGE.into(),
+            replicas: 1,
+            binding: Binding::Namespace,
         }
-        if !dns_label(&self.name) {
-            return Err(CtlError::BadName(self.name.clone(), "waypoint"));
+    }
+
+    /// Checks names, replicas and image before any request.
+    pub fn validate(&self) -> Result<(), CtlError> {
+        check_name(&self.namespace, "namespace")?;
+        check_name(&self.name, "waypoint")?;
+        if let Binding::Service(s) = &self.binding {
+            check_name(s, "service")?;
+        }
+        if !(1..=MAX_REPLICAS).contains(&self.replicas) {
+            return Err(CtlError::BadReplicas(self.replicas));
+        }
+        if self.image.is_empty() || self.image.contains(char::is_whitespace) {
+            return Err(CtlError::BadImage(self.image.clone()));
         }
         Ok(())
     }
@@ -95,12 +279,12 @@ impl Waypoint {
     fn labels(&self) -> Value {
         json!({
             labels::WAYPOINT: self.name,
-            "app.kubernetes.io/name": "weft-waypoint",
-            "app.kubernetes.io/managed-by": MANAGED_BY,
+            NAME_LABEL: APP_NAME,
+            MANAGED_BY_LABEL: MANAGED_BY,
         })
     }
 
-    /// The ServiceAccount, Deployment and Service of the waypoint.
+    /// The ServiceAccount, Deployment and Service of the waypoint, in that order.
     pub fn objects(&self) -> Vec<Value> {
         let meta = json!({"name": self.name, "namespace": self.namespace, "labels": self.labels()});
         let service_account = json!({
@@ -115,26 +299,36 @@ impl Waypoint {
                 "--service-account", self.name,
                 "--node", "$(NODE_NAME)",
                 "--token-file", TOKEN_PATH,
-                "--metrics-address", "0.0.0.0:15090",
+                "--metrics-address", format!("0.0.0.0:{METRICS_PORT}"),
+                "--state-dir", STATE_DIR,
             ],
             "env": [
                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
             ],
             "ports": [
-                {"name": "hbone", "containerPort": 15008, "protocol": "TCP"},
-                {"name": "metrics", "containerPort": 15090, "protocol": "TCP"},
+                {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},
+                {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             ],
-            "readinessProbe": {"httpGet": {"path": "/metrics", "port": 15090}, "periodSeconds": 5},
+            "readinessProbe": {
+                "httpGet": {"path": "/metrics", "port": METRICS_PORT},
+                "periodSeconds": 5,
+            },
             "resources": {
                 "requests": {"cpu": "50m", "memory": "32Mi"},
                 "limits": {"cpu": "1", "memory": "128Mi"},
             },
             "securityContext": {
-                "runAsNonRoot": true, "runAsUser": 65532, "readOnlyRootFilesystem": true,
-                "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                "runAsNonRoot": true,
+                "runAsUser": 65532,
+                "readOnlyRootFilesystem": true,
+                "allowPrivilegeEscalation": false,
+                "capabilities": {"drop": ["ALL"]},
             },
-            "volumeMounts": [{"name": "weft-token", "mountPath": "/var/run/secrets/weft", "readOnly": true}],
+            "volumeMounts": [
+                {"name": "weft-token", "mountPath": TOKEN_DIR, "readOnly": true},
+                {"name": "state", "mountPath": STATE_DIR},
+            ],
         });
         let deployment = json!({
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
@@ -146,12 +340,17 @@ impl Waypoint {
                     "spec": {
                         "serviceAccountName": self.name,
                         "containers": [container],
-                        "volumes": [{
-                            "name": "weft-token",
-                            "projected": {"sources": [{"serviceAccountToken": {
-                                "audience": "weft-controller", "expirationSeconds": 3600, "path": "token",
-                            }}]},
-                        }],
+                        "volumes": [
+                            {
+                                "name": "weft-token",
+                                "projected": {"sources": [{"serviceAccountToken": {
+                                    "audience": TOKEN_AUDIENCE,
+                                    "expirationSeconds": 3600,
+                                    "path": "token",
+                                }}]},
+                            },
+                            {"name": "state", "emptyDir": {}},
+                        ],
                     },
                 },
             },
@@ -160,160 +359,245 @@ impl Waypoint {
             "apiVersion": "v1", "kind": "Service", "metadata": meta,
             "spec": {
                 "selector": {labels::WAYPOINT: self.name},
-                "ports": [{"name": "hbone", "port": 15008, "targetPort": 15008, "protocol": "TCP", "appProtocol": "weft.dev/hbone"}],
+                "ports": [{
+                    "name": "hbone",
+                    "port": HBONE_PORT,
+                    "targetPort": HBONE_PORT,
+                    "protocol": "TCP",
+                    "appProtocol": "weft.dev/hbone",
+                }],
             },
         });
         vec![service_account, deployment, service]
     }
 
-    /// The objects as a multi-document YAML stream (`--dry-run`), with the binding as a
-    /// comment-free patch description at the end.
-    pub fn yaml(&self) -> Result<String, serde_yaml::Error> {
-        let mut out = String::new();
-        for o in self.objects() {
-            out.push_str("---\n");
-            out.push_str(&serde_yaml::to_string(&o)?);
+    /// The objects as `format` would print them: a multi-document YAML stream, or a `v1`
+    /// `List` in JSON. The binding is not an object: see [`Waypoint::binding_command`].
+    pub fn render(&self, format: Format) -> Result<String, CtlError> {
+        match format {
+            Format::Yaml => {
+                let mut out = String::new();
+                for o in self.objects() {
+                    out.push_str("---\n");
+                    out.push_str(
+                        &serde_yaml::to_string(&o).map_err(|e| CtlError::Render(e.to_string()))?,
+                    );
+                }
+                Ok(out)
+            }
+            Format::Json => {
+                let list = json!({"apiVersion": "v1", "kind": "List", "items": self.objects()});
+                serde_json::to_string_pretty(&list)
+                    .map(|s| s + "\n")
+                    .map_err(|e| CtlError::Render(e.to_string()))
+            }
         }
+    }
+
+    /// The `kubectl` command that makes the binding `deploy` would set, if any.
+    pub fn binding_command(&self) -> Option<String> {
+        let label = format!("{}={}", labels::USE_WAYPOINT, self.name);
         match &self.binding {
-            Binding::Namespace => out.push_str(&format!(
-                "# then: kubectl label namespace {} {}={}\n",
-                self.namespace,
-                labels::USE_WAYPOINT,
-                self.name
+            Binding::Namespace => Some(format!(
+                "kubectl label --overwrite namespace {} {label}",
+                self.namespace
             )),
-            Binding::Service(s) => out.push_str(&format!(
-                "# then: kubectl -n {} label service {s} {}={}\n",
-                self.namespace,
-                labels::USE_WAYPOINT,
-                self.name
+            Binding::Service(s) => Some(format!(
+                "kubectl -n {} label --overwrite service {s} {label}",
+                self.namespace
             )),
-            Binding::None => {}
+            Binding::None => None,
         }
-        Ok(out)
     }
 }
 
-fn apply_params() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
+/// What `deploy` found on the way, for warnings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deployed {
+    /// Whether the namespace is labelled `weft.dev/mesh=enabled` (the waypoint only receives
+    /// traffic from meshed namespaces).
+    pub meshed: bool,
+    /// The `weft.dev/use-waypoint` value the bound namespace or Service had before, when it
+    /// named something else (another waypoint, or `none`).
+    pub rebound_from: Option<String>,
 }
 
-/// Whether the namespace is labelled `weft.dev/mesh=enabled` (a waypoint serves only meshed
-/// clients). Errors when it does not exist.
-pub async fn namespace_meshed(client: &Client, namespace: &str) -> Result<bool, CtlError> {
-    let ns = Api::<Namespace>::all(client.clone())
-        .get_opt(namespace)
-        .await?
-        .ok_or_else(|| CtlError::NoNamespace(namespace.to_string()))?;
-    Ok(ns.labels().get(labels::MESH).map(String::as_str) == Some(labels::MESH_ENABLED))
+fn use_waypoint(l: &BTreeMap<String, String>) -> Option<&str> {
+    l.get(labels::USE_WAYPOINT).map(String::as_str)
 }
 
-/// Creates or updates the waypoint's objects and its binding (server-side apply).
-pub async fn deploy(client: &Client, w: &Waypoint) -> Result<(), CtlError> {
+fn managed(l: &BTreeMap<String, String>) -> bool {
+    l.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+}
+
+/// Creates or updates the waypoint's objects (server-side apply, forced, field manager
+/// `weftctl`) and its binding. Fails before any write when the namespace (or the Service of
+/// `--for service:<svc>`) does not exist.
+pub async fn deploy(client: &Client, w: &Waypoint) -> Result<Deployed, CtlError> {
     w.validate()?;
-    namespace_meshed(client, &w.namespace).await?;
-    if let Binding::Service(s) = &w.binding {
-        Api::<Service>::namespaced(client.clone(), &w.namespace)
-            .get_opt(s)
-            .await?
-            .ok_or_else(|| CtlError::NoService {
-                namespace: w.namespace.clone(),
-                name: s.clone(),
-            })?;
-    }
-    let [sa, deployment, service]: [Value; 3] = match w.objects().try_into() {
-        Ok(a) => a,
-        Err(_) => unreachable!("objects() returns three objects"),
+    let ns_name = &w.namespace;
+    let ns = Api::<Namespace>::all(client.clone())
+        .get_opt(ns_name)
+        .await
+        .map_err(api_err(format!("get namespace {ns_name}")))?
+        .ok_or_else(|| CtlError::NoNamespace(ns_name.clone()))?;
+    let mut out = Deployed {
+        meshed: ns.labels().get(labels::MESH).map(String::as_str) == Some(labels::MESH_ENABLED),
+        rebound_from: None,
     };
-    let pp = apply_params();
-    Api::<ServiceAccount>::namespaced(client.clone(), &w.namespace)
-        .patch(&w.name, &pp, &Patch::Apply(sa))
-        .await?;
-    Api::<Deployment>::namespaced(client.clone(), &w.namespace)
-        .patch(&w.name, &pp, &Patch::Apply(deployment))
-        .await?;
-    Api::<Service>::namespaced(client.clone(), &w.namespace)
-        .patch(&w.name, &pp, &Patch::Apply(service))
-        .await?;
-    bind(client, w, Some(&w.name)).await
-}
+    let services = Api::<Service>::namespaced(client.clone(), ns_name);
+    let previous = match &w.binding {
+        Binding::Namespace => use_waypoint(ns.labels()).map(String::from),
+        Binding::Service(s) => {
+            let svc = services
+                .get_opt(s)
+                .await
+                .map_err(api_err(format!("get service {ns_name}/{s}")))?
+                .ok_or_else(|| CtlError::NoService {
+                    namespace: ns_name.clone(),
+                    name: s.clone(),
+                })?;
+            if svc.labels().contains_key(labels::WAYPOINT) || s == &w.name {
+                return Err(CtlError::WaypointService {
+                    namespace: ns_name.clone(),
+                    name: s.clone(),
+                });
+            }
+            use_waypoint(svc.labels()).map(String::from)
+        }
+        Binding::None => None,
+    };
+    out.rebound_from = previous.filter(|p| p != &w.name);
 
-/// Sets (`Some`) or removes (`None`) the `weft.dev/use-waypoint` label per `w.binding`.
-async fn bind(client: &Client, w: &Waypoint, value: Option<&str>) -> Result<(), CtlError> {
-    let patch = Patch::Merge(json!({"metadata": {"labels": {labels::USE_WAYPOINT: value}}}));
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    for obj in w.objects() {
+        let kind = obj["kind"].as_str().unwrap_or_default().to_string();
+        let action = format!("apply {kind} {ns_name}/{}", w.name);
+        tracing::debug!("{action}");
+        let patch = Patch::Apply(obj);
+        match kind.as_str() {
+            "ServiceAccount" => {
+                Api::<ServiceAccount>::namespaced(client.clone(), ns_name)
+                    .patch(&w.name, &pp, &patch)
+                    .await
+                    .map_err(api_err(action))?;
+            }
+            "Deployment" => {
+                Api::<Deployment>::namespaced(client.clone(), ns_name)
+                    .patch(&w.name, &pp, &patch)
+                    .await
+                    .map_err(api_err(action))?;
+            }
+            _ => {
+                services
+                    .patch(&w.name, &pp, &patch)
+                    .await
+                    .map_err(api_err(action))?;
+            }
+        }
+    }
+
+    let label = Patch::Merge(json!({"metadata": {"labels": {labels::USE_WAYPOINT: w.name}}}));
     let pp = PatchParams::default();
     match &w.binding {
         Binding::Namespace => {
+            tracing::debug!("label namespace {ns_name}");
             Api::<Namespace>::all(client.clone())
-                .patch(&w.namespace, &pp, &patch)
-                .await?;
+                .patch(ns_name, &pp, &label)
+                .await
+                .map_err(api_err(format!("label namespace {ns_name}")))?;
         }
         Binding::Service(s) => {
-            Api::<Service>::namespaced(client.clone(), &w.namespace)
-                .patch(s, &pp, &patch)
-                .await?;
+            tracing::debug!("label service {ns_name}/{s}");
+            services
+                .patch(s, &pp, &label)
+                .await
+                .map_err(api_err(format!("label service {ns_name}/{s}")))?;
         }
         Binding::None => {}
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Removes the waypoint's objects (only those weftctl created) and every binding to it in its
-/// namespace (the namespace label and Service labels naming it).
-pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Vec<String>, CtlError> {
-    for (n, what) in [(namespace, "namespace"), (name, "waypoint")] {
-        if !dns_label(n) {
-            return Err(CtlError::BadName(n.to_string(), what));
-        }
-    }
-    let mut removed = Vec::new();
-    let managed = |l: &std::collections::BTreeMap<String, String>| {
-        l.get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY)
-    };
+/// What `delete` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// What was deleted or unlabelled, e.g. `deployment shop/waypoint`.
+    pub removed: Vec<String>,
+    /// Objects of the waypoint's name left alone because weftctl did not create them.
+    pub kept: Vec<String>,
+}
+
+/// Removes the waypoint's Deployment, Service and ServiceAccount (only those labelled
+/// `app.kubernetes.io/managed-by: weftctl`) and every binding to it in its namespace: the
+/// namespace label and the Service labels naming it (JSON merge patch to null).
+pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Deleted, CtlError> {
+    check_name(namespace, "namespace")?;
+    check_name(name, "waypoint")?;
+    let mut out = Deleted::default();
     let dp = DeleteParams::default();
-    let deployments = Api::<Deployment>::namespaced(client.clone(), namespace);
-    if let Some(d) = deployments.get_opt(name).await?
-        && managed(d.labels())
-    {
-        deployments.delete(name, &dp).await?;
-        removed.push(format!("deployment {namespace}/{name}"));
+
+    macro_rules! delete_managed {
+        ($ty:ty, $what:literal) => {{
+            let api = Api::<$ty>::namespaced(client.clone(), namespace);
+            let what = format!(concat!($what, " {}/{}"), namespace, name);
+            if let Some(o) = api
+                .get_opt(name)
+                .await
+                .map_err(api_err(format!("get {what}")))?
+            {
+                if managed(o.labels()) {
+                    tracing::debug!("delete {what}");
+                    api.delete(name, &dp)
+                        .await
+                        .map_err(api_err(format!("delete {what}")))?;
+                    out.removed.push(what);
+                } else {
+                    out.kept.push(what);
+                }
+            }
+        }};
     }
-    let services = Api::<Service>::namespaced(client.clone(), namespace);
-    if let Some(s) = services.get_opt(name).await?
-        && managed(s.labels())
-    {
-        services.delete(name, &dp).await?;
-        removed.push(format!("service {namespace}/{name}"));
-    }
-    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    if let Some(s) = accounts.get_opt(name).await?
-        && managed(s.labels())
-    {
-        accounts.delete(name, &dp).await?;
-        removed.push(format!("serviceaccount {namespace}/{name}"));
-    }
+    delete_managed!(Deployment, "deployment");
+    delete_managed!(Service, "service");
+    delete_managed!(ServiceAccount, "serviceaccount");
+
     let unlabel = Patch::Merge(json!({"metadata": {"labels": {labels::USE_WAYPOINT: null}}}));
     let pp = PatchParams::default();
     let namespaces = Api::<Namespace>::all(client.clone());
-    if let Some(ns) = namespaces.get_opt(namespace).await?
-        && ns.labels().get(labels::USE_WAYPOINT).map(String::as_str) == Some(name)
+    if let Some(ns) = namespaces
+        .get_opt(namespace)
+        .await
+        .map_err(api_err(format!("get namespace {namespace}")))?
+        && use_waypoint(ns.labels()) == Some(name)
     {
-        namespaces.patch(namespace, &pp, &unlabel).await?;
-        removed.push(format!(
-            "label {} on namespace {namespace}",
+        namespaces
+            .patch(namespace, &pp, &unlabel)
+            .await
+            .map_err(api_err(format!("unlabel namespace {namespace}")))?;
+        out.removed.push(format!(
+            "label {} from namespace {namespace}",
             labels::USE_WAYPOINT
         ));
     }
-    for s in services.list(&ListParams::default()).await? {
-        if s.labels().get(labels::USE_WAYPOINT).map(String::as_str) == Some(name) {
-            let svc = s.name_any();
-            services.patch(&svc, &pp, &unlabel).await?;
-            removed.push(format!(
-                "label {} on service {namespace}/{svc}",
-                labels::USE_WAYPOINT
-            ));
-        }
+    let services = Api::<Service>::namespaced(client.clone(), namespace);
+    let selector = format!("{}={name}", labels::USE_WAYPOINT);
+    for s in services
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(api_err(format!("list services of {namespace}")))?
+    {
+        let svc = s.name_any();
+        services
+            .patch(&svc, &pp, &unlabel)
+            .await
+            .map_err(api_err(format!("unlabel service {namespace}/{svc}")))?;
+        out.removed.push(format!(
+            "label {} from service {namespace}/{svc}",
+            labels::USE_WAYPOINT
+        ));
     }
-    Ok(removed)
+    Ok(out)
 }
 
 /// One row of `weftctl waypoint list`.
@@ -323,22 +607,35 @@ pub struct Listed {
     pub name: String,
     pub ready: i32,
     pub desired: i32,
-    /// `namespace`, the Services bound to it, or `-`.
+    /// `namespace` (with `(except a,b)` for Services labelled otherwise), the Services bound
+    /// to it, or `-`.
     pub bound: String,
 }
 
 /// The waypoints (Deployments labelled `weft.dev/waypoint`) of `namespace`, or of every
-/// namespace.
+/// namespace, sorted by namespace and name.
 pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<Listed>, CtlError> {
-    let lp = ListParams::default().labels(labels::WAYPOINT);
-    let deployments = match namespace {
-        Some(ns) => {
-            Api::<Deployment>::namespaced(client.clone(), ns)
-                .list(&lp)
-                .await?
-        }
-        None => Api::<Deployment>::all(client.clone()).list(&lp).await?,
+    if let Some(ns) = namespace {
+        check_name(ns, "namespace")?;
+    }
+    let lp = ListParams::default();
+    let (deployments, services) = match namespace {
+        Some(ns) => (
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
     };
+    let deployments = deployments
+        .list(&lp.clone().labels(labels::WAYPOINT))
+        .await
+        .map_err(api_err("list waypoint deployments"))?;
+    if deployments.items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let services = services.list(&lp).await.map_err(api_err("list services"))?;
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let mut ns_binding: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut rows = Vec::new();
     for d in deployments {
         let ns = d.namespace().unwrap_or_default();
@@ -346,25 +643,38 @@ pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<Listed
             .labels()
             .get(labels::WAYPOINT)
             .cloned()
-            .unwrap_or_default();
-        let ns_bound = Api::<Namespace>::all(client.clone())
-            .get_opt(&ns)
-            .await?
-            .is_some_and(|n| n.labels().get(labels::USE_WAYPOINT) == Some(&name));
-        let bound = if ns_bound {
-            "namespace".to_string()
-        } else {
-            let services: Vec<String> = Api::<Service>::namespaced(client.clone(), &ns)
-                .list(&ListParams::default())
-                .await?
-                .into_iter()
-                .filter(|s| s.labels().get(labels::USE_WAYPOINT) == Some(&name))
+            .unwrap_or_else(|| d.name_any());
+        if !ns_binding.contains_key(&ns) {
+            let bound = namespaces
+                .get_opt(&ns)
+                .await
+                .map_err(api_err(format!("get namespace {ns}")))?
+                .and_then(|n| use_waypoint(n.labels()).map(String::from));
+            ns_binding.insert(ns.clone(), bound);
+        }
+        let app_services = services
+            .iter()
+            .filter(|s| s.namespace().as_deref() == Some(ns.as_str()))
+            .filter(|s| !s.labels().contains_key(labels::WAYPOINT));
+        let bound = if ns_binding.get(&ns).and_then(Option::as_deref) == Some(name.as_str()) {
+            let except: Vec<String> = app_services
+                .filter(|s| use_waypoint(s.labels()).is_some_and(|v| v != name))
                 .map(|s| s.name_any())
                 .collect();
-            if services.is_empty() {
-                "-".into()
+            if except.is_empty() {
+                "namespace".to_string()
             } else {
-                services.join(",")
+                format!("namespace (except {})", except.join(","))
+            }
+        } else {
+            let bound: Vec<String> = app_services
+                .filter(|s| use_waypoint(s.labels()) == Some(name.as_str()))
+                .map(|s| s.name_any())
+                .collect();
+            if bound.is_empty() {
+                "-".to_string()
+            } else {
+                bound.join(",")
             }
         };
         rows.push(Listed {
@@ -379,7 +689,38 @@ pub async fn list(client: &Client, namespace: Option<&str>) -> Result<Vec<Listed
             bound,
         });
     }
+    rows.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     Ok(rows)
+}
+
+/// `rows` as the table `weftctl waypoint list` prints (a header line, then one per row).
+pub fn table(rows: &[Listed]) -> String {
+    let w_ns = rows
+        .iter()
+        .map(|r| r.namespace.len())
+        .chain([9])
+        .max()
+        .unwrap_or(9);
+    let w_name = rows
+        .iter()
+        .map(|r| r.name.len())
+        .chain([4])
+        .max()
+        .unwrap_or(4);
+    let mut out = format!(
+        "{:<w_ns$}  {:<w_name$}  {:<7}  BOUND\n",
+        "NAMESPACE", "NAME", "READY"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<w_ns$}  {:<w_name$}  {:<7}  {}\n",
+            r.namespace,
+            r.name,
+            format!("{}/{}", r.ready, r.desired),
+            r.bound
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -388,11 +729,9 @@ mod tests {
 
     fn wp(binding: Binding) -> Waypoint {
         Waypoint {
-            namespace: "shop".into(),
-            name: "waypoint".into(),
-            image: "weft/waypoint:test".into(),
             replicas: 2,
             binding,
+            ..Waypoint::new("shop")
         }
     }
 
@@ -418,24 +757,27 @@ mod tests {
     }
 
     #[test]
-    fn names_and_bindings_are_checked() {
+    fn names_bindings_and_formats_are_checked() {
         assert!(matches!(
             "service:web".parse::<Binding>(),
             Ok(Binding::Service(s)) if s == "web"
         ));
         assert!("svc:web".parse::<Binding>().is_err());
         assert!("service:Web".parse::<Binding>().is_err());
+        assert!("xml".parse::<Format>().is_err());
         let mut w = wp(Binding::None);
         w.name = "Bad_Name".into();
         assert!(matches!(
             w.validate(),
             Err(CtlError::BadName(_, "waypoint"))
         ));
-        let yaml = wp(Binding::Namespace).yaml().expect("yaml");
-        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&yaml)
-            .map(|d| serde::Deserialize::deserialize(d).expect("document"))
-            .collect();
-        assert_eq!(docs.len(), 3);
-        assert!(yaml.contains("kubectl label namespace shop weft.dev/use-waypoint=waypoint"));
+        let mut w = wp(Binding::None);
+        w.replicas = 0;
+        assert!(matches!(w.validate(), Err(CtlError::BadReplicas(0))));
+        assert_eq!(
+            wp(Binding::Namespace).binding_command().as_deref(),
+            Some("kubectl label --overwrite namespace shop weft.dev/use-waypoint=waypoint")
+        );
+        assert_eq!(wp(Binding::None).binding_command(), None);
     }
 }

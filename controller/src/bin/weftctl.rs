@@ -1,21 +1,25 @@
-//! `weftctl`: the Weft command line (docs/weftctl.md).
+//! `weftctl`: the Weft command line (docs/weftctl.md). Flags only; the logic is in
+//! `weft_controller::weftctl`.
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft_controller::weftctl::{self, Binding, Waypoint};
+use weft_controller::weftctl::{self, Binding, DEFAULT_IMAGE, Format, MAX_REPLICAS, Waypoint};
 
 /// Weft's command line.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
-    #[arg(long, global = true, env = "KUBECONFIG")]
+    /// Kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then the in-cluster
+    /// service account).
+    #[arg(long, global = true, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context (default: the current context).
-    #[arg(long, global = true)]
+    /// Kubeconfig context (default: the kubeconfig's current context).
+    #[arg(long, global = true, value_name = "NAME")]
     context: Option<String>,
+    /// Debug logs on stderr (every request weftctl makes).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -31,62 +35,88 @@ enum Command {
 enum WaypointCmd {
     /// Deploys (or updates) a waypoint and binds it (server-side apply, field manager weftctl).
     Deploy {
-        /// Namespace of the waypoint.
-        #[arg(short = 'n', long)]
+        /// Namespace of the waypoint (must exist).
+        #[arg(short = 'n', long, value_name = "NS")]
         namespace: String,
-        /// Name of the waypoint (its Deployment, Service and ServiceAccount).
+        /// Name of the waypoint: its Deployment, Service and ServiceAccount.
         #[arg(long, default_value = "waypoint")]
         name: String,
         /// Container image of weft-waypoint.
-        #[arg(long, default_value = concat!("ghcr.io/weft-mesh/weft-waypoint:", env!("CARGO_PKG_VERSION")))]
+        #[arg(long, default_value = DEFAULT_IMAGE)]
         image: String,
         /// Replicas of the Deployment.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_REPLICAS)))]
         replicas: u32,
-        /// What it serves: `namespace` (label the namespace), `service:<name>` (label one
-        /// Service) or `none` (deploy only).
-        #[arg(long = "for", default_value = "namespace")]
+        /// What it serves: `namespace` (label the namespace), `service:<svc>` (label only
+        /// that Service) or `none` (deploy only).
+        #[arg(
+            long = "for",
+            default_value = "namespace",
+            value_name = "namespace|service:<svc>|none"
+        )]
         binding: Binding,
-        /// Print the objects as YAML and change nothing (needs no cluster).
+        /// Print the objects and change nothing (talks to no cluster).
         #[arg(long)]
         dry_run: bool,
+        /// Print the objects in this format instead of applying them (implies --dry-run):
+        /// `yaml` (a multi-document stream) or `json` (a v1 List).
+        #[arg(short = 'o', long = "output", value_name = "yaml|json")]
+        output: Option<Format>,
     },
     /// Removes a waypoint's objects (those weftctl created) and every binding to it.
     Delete {
-        #[arg(short = 'n', long)]
+        /// Namespace of the waypoint.
+        #[arg(short = 'n', long, value_name = "NS")]
         namespace: String,
+        /// Name of the waypoint.
         #[arg(long, default_value = "waypoint")]
         name: String,
     },
-    /// Lists waypoints.
+    /// Lists waypoints: namespace, name, ready/desired replicas, what is bound to it.
     List {
-        /// One namespace (default: all).
-        #[arg(short = 'n', long)]
+        /// One namespace (default: the kubeconfig context's namespace).
+        #[arg(
+            short = 'n',
+            long,
+            value_name = "NS",
+            conflicts_with = "all_namespaces"
+        )]
         namespace: Option<String>,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
     },
 }
 
 async fn client(cli: &Cli) -> anyhow::Result<kube::Client> {
-    let options = kube::config::KubeConfigOptions {
-        context: cli.context.clone(),
-        ..Default::default()
-    };
-    let config = match &cli.kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &options).await?
-        }
-        None => kube::Config::infer().await.context(
-            "no Kubernetes configuration found: set KUBECONFIG or --kubeconfig, or use --dry-run to print the objects",
-        )?,
-    };
-    Ok(kube::Client::try_from(config)?)
+    Ok(weftctl::client(cli.kubeconfig.as_deref(), cli.context.as_deref()).await?)
 }
 
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The messages already carry their causes; no backtrace for a user error.
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Errors are reported once, by `run`; -v adds kube's and weftctl's debug logs.
+    let filter = if cli.verbose {
+        "debug,hyper=info,hyper_util=info,tower=info"
+    } else {
+        "off"
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .init();
     match &cli.command {
         Command::Waypoint(WaypointCmd::Deploy {
             namespace,
@@ -95,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
             replicas,
             binding,
             dry_run,
+            output,
         }) => {
             let w = Waypoint {
                 namespace: namespace.clone(),
@@ -104,36 +135,72 @@ async fn main() -> anyhow::Result<()> {
                 binding: binding.clone(),
             };
             w.validate()?;
-            if *dry_run {
-                print!("{}", w.yaml()?);
+            if *dry_run || output.is_some() {
+                print!("{}", w.render(output.unwrap_or_default())?);
+                if let Some(cmd) = w.binding_command() {
+                    eprintln!("dry run, nothing applied; the binding would be: {cmd}");
+                }
                 return Ok(());
             }
             let c = client(&cli).await?;
-            if !weftctl::namespace_meshed(&c, namespace).await? {
+            let done = weftctl::deploy(&c, &w).await?;
+            if !done.meshed {
                 eprintln!(
-                    "warning: namespace {namespace} is not labelled weft.dev/mesh=enabled: the waypoint only receives traffic from meshed clients"
+                    "warning: namespace {namespace} is not labelled weft.dev/mesh=enabled: the waypoint only receives traffic from meshed namespaces (kubectl label namespace {namespace} weft.dev/mesh=enabled)"
                 );
             }
-            weftctl::deploy(&c, &w).await?;
-            println!("waypoint {namespace}/{name} deployed");
+            if let Some(previous) = &done.rebound_from {
+                eprintln!(
+                    "warning: the binding label weft.dev/use-waypoint was `{previous}`, now `{name}`"
+                );
+            }
+            let bound = match binding {
+                Binding::Namespace => format!(", bound to namespace {namespace}"),
+                Binding::Service(s) => format!(", bound to service {namespace}/{s}"),
+                Binding::None => format!(
+                    ", not bound (label a namespace or Service weft.dev/use-waypoint={name})"
+                ),
+            };
+            println!("waypoint {namespace}/{name} deployed{bound}");
         }
         Command::Waypoint(WaypointCmd::Delete { namespace, name }) => {
+            weftctl::check_name(namespace, "namespace")?;
+            weftctl::check_name(name, "waypoint")?;
             let c = client(&cli).await?;
-            for r in weftctl::delete(&c, namespace, name).await? {
+            let done = weftctl::delete(&c, namespace, name).await?;
+            for r in &done.removed {
                 println!("removed {r}");
             }
-        }
-        Command::Waypoint(WaypointCmd::List { namespace }) => {
-            let c = client(&cli).await?;
-            println!("{:<20} {:<20} {:<8} BOUND", "NAMESPACE", "NAME", "READY");
-            for r in weftctl::list(&c, namespace.as_deref()).await? {
-                println!(
-                    "{:<20} {:<20} {:<8} {}",
-                    r.namespace,
-                    r.name,
-                    format!("{}/{}", r.ready, r.desired),
-                    r.bound
+            for k in &done.kept {
+                eprintln!(
+                    "warning: kept {k}: not labelled app.kubernetes.io/managed-by=weftctl (delete it yourself if it is this waypoint's)"
                 );
+            }
+            if done.removed.is_empty() && done.kept.is_empty() {
+                println!("no waypoint {namespace}/{name}: nothing to remove");
+            }
+        }
+        Command::Waypoint(WaypointCmd::List {
+            namespace,
+            all_namespaces,
+        }) => {
+            if let Some(ns) = namespace {
+                weftctl::check_name(ns, "namespace")?;
+            }
+            let c = client(&cli).await?;
+            let scope = match (namespace, all_namespaces) {
+                (_, true) => None,
+                (Some(ns), false) => Some(ns.clone()),
+                (None, false) => Some(c.default_namespace().to_string()),
+            };
+            let rows = weftctl::list(&c, scope.as_deref()).await?;
+            if rows.is_empty() {
+                match &scope {
+                    Some(ns) => eprintln!("no waypoints in namespace {ns}"),
+                    None => eprintln!("no waypoints"),
+                }
+            } else {
+                print!("{}", weftctl::table(&rows));
             }
         }
     }
