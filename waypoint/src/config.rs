@@ -35,7 +35,9 @@ use crate::duration::GatewayDuration;
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
-    /// The sockets the waypoint serves, each with its own route table.
+    /// The sockets (or, in mesh mode, Service ports) the waypoint serves, each with its own
+    /// route table.
+    #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     /// The backends routes send traffic to.
     #[serde(default)]
@@ -55,8 +57,17 @@ fn default_max_body() -> usize {
 pub struct ListenerConfig {
     /// Unique name, used in metrics.
     pub name: String,
-    /// `ip:port` to listen on.
-    pub address: String,
+    /// `ip:port` to listen on (a plain listener). Exactly one of `address` and
+    /// `service` + `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Mesh mode: the Service (in the waypoint's namespace) whose traffic this listener's
+    /// routes serve, as HBONE tunnels to `<service VIP>:<port>` arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Mesh mode: the Service port (with `service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// The routes, in the order that breaks precedence ties.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
@@ -452,8 +463,17 @@ pub struct PerSourceLimit {
 pub struct BackendConfig {
     /// Unique name referenced by routes' `backendRefs`.
     pub name: String,
-    /// `ip:port` endpoints.
+    /// `ip:port` endpoints, reached in plain TCP. Exactly one of `endpoints` and
+    /// `service` + `port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<String>,
+    /// Mesh mode: a Service in the waypoint's namespace whose ready endpoints (from the mesh
+    /// view, followed live) this backend balances over, reached through HBONE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Mesh mode: the Service port (with `service`); requests go to its `targetPort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: BackendProtocol,
@@ -632,25 +652,53 @@ fn render(errors: &[FieldError]) -> String {
         .join("\n")
 }
 
+/// How the waypoint runs, which decides the fields a config may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Plain TCP on both sides (no `--controller`): listeners take an `address`, backends
+    /// `endpoints`.
+    #[default]
+    Standalone,
+    /// In the mesh (`--controller`): listeners may also attach to a `service` + `port`
+    /// (HBONE), backends may name a `service` + `port`.
+    Mesh,
+}
+
 impl Config {
-    /// Parses and validates a YAML config.
+    /// Parses and validates a YAML config (standalone mode).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml_for(text, Mode::Standalone)
+    }
+
+    /// Parses and validates a YAML config for `mode`.
+    pub fn from_yaml_for(text: &str, mode: Mode) -> Result<Config, ConfigError> {
         let config: Config = serde_yaml::from_str(text)?;
-        config.validate()?;
+        config.validate_for(mode)?;
         Ok(config)
     }
 
-    /// Reads, parses and validates a YAML config file.
+    /// Reads, parses and validates a YAML config file (standalone mode).
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        Config::from_file_for(path, Mode::Standalone)
+    }
+
+    /// Reads, parses and validates a YAML config file for `mode`.
+    pub fn from_file_for(path: &std::path::Path, mode: Mode) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::from_yaml(&text)
+        Config::from_yaml_for(&text, mode)
     }
 
-    /// Checks everything serde cannot: references, ranges, syntax of paths, regexes, headers.
+    /// Checks everything serde cannot (standalone mode).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_for(Mode::Standalone)
+    }
+
+    /// Checks everything serde cannot: references, ranges, syntax of paths, regexes, headers,
+    /// and that mesh-only fields are used in mesh mode only.
+    pub fn validate_for(&self, mode: Mode) -> Result<(), ConfigError> {
         let mut errors = Vec::new();
         let mut err = |path: String, message: String| errors.push(FieldError { path, message });
 
@@ -671,7 +719,40 @@ impl Config {
                     ),
                 );
             }
-            if backend.endpoints.is_empty() {
+            let mesh_backend = backend.service.is_some() || backend.port.is_some();
+            if mesh_backend {
+                if mode != Mode::Mesh {
+                    err(
+                        format!("{at}.service"),
+                        "Service backends need mesh mode: run the waypoint with --controller (standalone backends list `endpoints`)".into(),
+                    );
+                }
+                if !backend.endpoints.is_empty() {
+                    err(
+                        format!("{at}.endpoints"),
+                        "cannot be combined with `service`; give either `endpoints` or `service` and `port`".into(),
+                    );
+                }
+                match &backend.service {
+                    None => err(
+                        format!("{at}.service"),
+                        "is missing: `port` needs the Service it belongs to".into(),
+                    ),
+                    Some(name) if !is_dns_label(name) => err(
+                        format!("{at}.service"),
+                        format!(
+                            "`{name}` is not a Service name (a DNS label in the waypoint's namespace, such as `reviews`)"
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+                if matches!(backend.port, None | Some(0)) {
+                    err(
+                        format!("{at}.port"),
+                        "is missing or 0: name the Service port (1-65535) requests go to".into(),
+                    );
+                }
+            } else if backend.endpoints.is_empty() {
                 err(
                     format!("{at}.endpoints"),
                     "is empty; list at least one `ip:port` endpoint".into(),
@@ -734,7 +815,10 @@ impl Config {
 
         let mut listener_names = HashSet::new();
         let mut addresses = HashSet::new();
-        if self.listeners.is_empty() {
+        let mut attachments = HashSet::new();
+        // In mesh mode a waypoint without listeners still forwards every Service bound to it
+        // (the implicit default route).
+        if self.listeners.is_empty() && mode == Mode::Standalone {
             err(
                 "listeners".into(),
                 "is empty; declare at least one listener with a name, an address and routes".into(),
@@ -751,24 +835,71 @@ impl Config {
                     ),
                 );
             }
-            match listener.address.parse::<SocketAddr>() {
-                Ok(addr) => {
-                    if !addresses.insert(addr) {
+            let attached = listener.service.is_some() || listener.port.is_some();
+            match (&listener.address, attached) {
+                (Some(_), true) => err(
+                    format!("{at}.address"),
+                    "cannot be combined with `service` and `port`; a listener either listens on an address or attaches to a Service".into(),
+                ),
+                (None, false) => err(
+                    format!("{at}.address"),
+                    match mode {
+                        Mode::Standalone => "is missing; give the `ip:port` to listen on".into(),
+                        Mode::Mesh => "is missing; give the `ip:port` to listen on, or attach the listener to a `service` and `port`".into(),
+                    },
+                ),
+                (Some(address), false) => match address.parse::<SocketAddr>() {
+                    Ok(addr) => {
+                        if !addresses.insert(addr) {
+                            err(
+                                format!("{at}.address"),
+                                format!(
+                                    "{addr} is used by another listener; give each listener its own port"
+                                ),
+                            );
+                        }
+                    }
+                    Err(_) => err(
+                        format!("{at}.address"),
+                        format!(
+                            "`{address}` is not an `ip:port` address; write e.g. `0.0.0.0:15080`"
+                        ),
+                    ),
+                },
+                (None, true) => {
+                    if mode != Mode::Mesh {
                         err(
-                            format!("{at}.address"),
-                            format!(
-                                "{addr} is used by another listener; give each listener its own port"
-                            ),
+                            format!("{at}.service"),
+                            "listeners attached to a Service need mesh mode: run the waypoint with --controller (standalone listeners take an `address`)".into(),
                         );
                     }
+                    match &listener.service {
+                        None => err(
+                            format!("{at}.service"),
+                            "is missing: `port` needs the Service it belongs to".into(),
+                        ),
+                        Some(name) if !is_dns_label(name) => err(
+                            format!("{at}.service"),
+                            format!("`{name}` is not a Service name (a DNS label in the waypoint's namespace, such as `reviews`)"),
+                        ),
+                        Some(_) => {}
+                    }
+                    match (listener.port, &listener.service) {
+                        (None | Some(0), _) => err(
+                            format!("{at}.port"),
+                            "is missing or 0: name the Service port (1-65535) whose traffic the listener serves".into(),
+                        ),
+                        (Some(port), Some(service)) => {
+                            if !attachments.insert((service.as_str(), port)) {
+                                err(
+                                    format!("{at}.port"),
+                                    format!("Service `{service}` port {port} already has a listener; merge their routes"),
+                                );
+                            }
+                        }
+                        (Some(_), None) => {}
+                    }
                 }
-                Err(_) => err(
-                    format!("{at}.address"),
-                    format!(
-                        "`{}` is not an `ip:port` address; write e.g. `0.0.0.0:15080`",
-                        listener.address
-                    ),
-                ),
             }
             let mut route_names = HashSet::new();
             for (r, route) in listener.routes.iter().enumerate() {
@@ -796,6 +927,17 @@ impl Config {
             Err(ConfigError::Invalid(errors))
         }
     }
+}
+
+/// Whether `name` can name a Service: a DNS-1123 label.
+fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 fn validate_route(
@@ -1295,5 +1437,105 @@ backends:
                 .any(|e| e.path == "listeners[0].routes[1].backendRefs"),
             "{errors:?}"
         );
+    }
+
+    const MESH: &str = r#"
+listeners:
+  - name: frontend
+    service: frontend
+    port: 80
+    routes:
+      - matches: [{ path: { type: PathPrefix, value: /reviews } }]
+        backendRefs: [{ name: reviews }]
+  - name: admin
+    address: 127.0.0.1:15081
+    routes:
+      - backendRefs: [{ name: static }]
+backends:
+  - name: reviews
+    service: reviews
+    port: 9080
+    protocol: http2
+  - name: static
+    endpoints: ["10.0.0.1:8080"]
+"#;
+
+    fn problems_for(yaml: &str, mode: Mode) -> Vec<FieldError> {
+        match Config::from_yaml_for(yaml, mode) {
+            Err(ConfigError::Invalid(errors)) => errors,
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mesh_fields_are_valid_in_mesh_mode_only() {
+        let config = Config::from_yaml_for(MESH, Mode::Mesh).expect("valid in mesh mode");
+        assert_eq!(config.listeners[0].service.as_deref(), Some("frontend"));
+        assert_eq!(config.backends[0].port, Some(9080));
+        let errors = problems_for(MESH, Mode::Standalone);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["backends[0].service", "listeners[0].service"],
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().all(|e| e.message.contains("--controller")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn mesh_listeners_need_exactly_one_of_address_and_service() {
+        let both = MESH.replace(
+            "    service: frontend\n",
+            "    service: frontend\n    address: 0.0.0.0:80\n",
+        );
+        let errors = problems_for(&both, Mode::Mesh);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "listeners[0].address"
+                    && e.message.contains("cannot be combined")),
+            "{errors:?}"
+        );
+        let neither = MESH.replace("    service: frontend\n    port: 80\n", "");
+        let errors = problems_for(&neither, Mode::Mesh);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "listeners[0].address" && e.message.contains("is missing")),
+            "{errors:?}"
+        );
+        let no_port = MESH.replace("    port: 80\n", "");
+        let errors = problems_for(&no_port, Mode::Mesh);
+        assert!(
+            errors.iter().any(|e| e.path == "listeners[0].port"),
+            "{errors:?}"
+        );
+        let twice = MESH.replace(
+            "    address: 127.0.0.1:15081\n",
+            "    service: frontend\n    port: 80\n",
+        );
+        let errors = problems_for(&twice, Mode::Mesh);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.path == "listeners[1].port"
+                    && e.message.contains("already has a listener")),
+            "{errors:?}"
+        );
+        let bad_backend = MESH.replace(
+            "    service: reviews\n",
+            "    service: reviews\n    endpoints: [\"10.0.0.2:80\"]\n",
+        );
+        let errors = problems_for(&bad_backend, Mode::Mesh);
+        assert!(
+            errors.iter().any(|e| e.path == "backends[0].endpoints"),
+            "{errors:?}"
+        );
+        // A mesh waypoint may have no listeners at all (every Service gets the default route).
+        Config::from_yaml_for("listeners: []\n", Mode::Mesh).expect("valid");
+        assert!(Config::from_yaml("listeners: []\n").is_err());
     }
 }

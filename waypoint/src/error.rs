@@ -53,6 +53,15 @@ pub enum ProxyError {
         /// The backend.
         backend: String,
     },
+    /// The backend has no endpoints right now (a mesh backend whose Service has no ready
+    /// endpoint in the mesh view).
+    #[error(
+        "backend `{backend}` has no endpoints: its Service has no ready endpoint in the mesh view (check the Service's selector and its pods' readiness)"
+    )]
+    NoEndpoints {
+        /// The backend.
+        backend: String,
+    },
     /// The backend's circuit breaker limits (concurrent and pending requests) are exhausted.
     #[error(
         "backend `{backend}` is overloaded: {max_concurrent} concurrent and {max_pending} pending requests already; raise circuitBreaker.maxConcurrentRequests / maxPendingRequests or add endpoints"
@@ -110,6 +119,7 @@ impl ProxyError {
         match self {
             ProxyError::Connect { .. }
             | ProxyError::NoHealthyEndpoint { .. }
+            | ProxyError::NoEndpoints { .. }
             | ProxyError::Overflow { .. }
             | ProxyError::ConnectionLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,

@@ -141,7 +141,7 @@ impl Service<Request> for Forwarder {
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -188,6 +188,7 @@ mod tests {
         request.extensions_mut().insert(SelectedEndpoint {
             backend: "b".into(),
             addr,
+            identity: None,
         });
         let err = tower::ServiceExt::oneshot(Forwarder::new(BackendProtocol::Http1, None), request)
             .await

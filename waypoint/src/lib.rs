@@ -75,6 +75,7 @@ pub mod error;
 pub mod filters;
 pub mod forward;
 pub mod layers;
+pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod route;

@@ -1,16 +1,27 @@
 //! `weft-waypoint`: loads a YAML config and serves it. SIGHUP reloads the config file (routes
 //! and backends; listeners must stay the same); SIGTERM drains open connections and exits.
+//!
+//! With `--controller` it runs in mesh mode: it follows the controller's view of the mesh,
+//! obtains its workload certificate from the controller's CA (with the node's credential) and
+//! terminates HBONE on `--hbone-address`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use weft_waypoint::config::Config;
+use weft_agent::admin::ConfigStatus;
+use weft_agent::discovery::{self, ControllerOptions, NodeIdentity};
+use weft_agent::identity::{CertManager, GrpcCaClient, NodeCaClient, node_spiffe_id};
+use weft_waypoint::config::{Config, Mode};
+use weft_waypoint::mesh::server::{bind_hbone, serve_hbone_until};
+use weft_waypoint::mesh::{ManagedSvid, Mesh, MeshContext};
 use weft_waypoint::proxy::{Waypoint, serve_until};
 
 /// Weft waypoint: a per-namespace L7 proxy.
@@ -30,9 +41,183 @@ struct Args {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, env = "WEFT_WAYPOINT_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
-    /// Only validate the config and exit.
+    /// Only validate the config and exit (in mesh mode when --controller is given; nothing
+    /// is contacted).
     #[arg(long)]
     check: bool,
+    /// Mesh mode: the controller's config stream and CA, `https://HOST:PORT`.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_CONTROLLER",
+        requires_all = ["controller_ca", "node", "namespace", "service_account"]
+    )]
+    controller: Option<String>,
+    /// PEM CA that signed the controller's certificate (the controller writes `ca.pem` to its
+    /// state directory when it generates one).
+    #[arg(long, env = "WEFT_WAYPOINT_CONTROLLER_CA")]
+    controller_ca: Option<PathBuf>,
+    /// The node the waypoint pod runs on: the waypoint authenticates to the controller as this
+    /// node, which may obtain certificates for the workloads running on it.
+    #[arg(long, env = "WEFT_WAYPOINT_NODE")]
+    node: Option<String>,
+    /// File with the node's bootstrap token (no-cluster mode), exchanged for a node
+    /// certificate; without it the controller must run with --insecure-no-auth.
+    #[arg(long, env = "WEFT_WAYPOINT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// SPIFFE trust domain of workload identities (must match the controller's).
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    trust_domain: String,
+    /// The waypoint's namespace: its identity, and where listeners' and backends' `service`
+    /// names are looked up.
+    #[arg(long, env = "WEFT_WAYPOINT_NAMESPACE")]
+    namespace: Option<String>,
+    /// The waypoint's service account: its identity is
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    #[arg(long, env = "WEFT_WAYPOINT_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
+    /// Mesh mode: where HBONE (mutual TLS 1.3, HTTP/2 CONNECT) is served. The default falls
+    /// back to 0.0.0.0:15008 where IPv6 is unavailable.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_HBONE_ADDRESS",
+        default_value = "[::]:15008"
+    )]
+    hbone_address: SocketAddr,
+    /// Mesh mode: where the last good mesh view is kept (served after a restart while the
+    /// controller is unreachable).
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_STATE_DIR",
+        default_value = "/var/lib/weft-waypoint"
+    )]
+    state_dir: PathBuf,
+}
+
+/// After a trust bundle change, certificates are renewed this long after the change (as the
+/// agent does)...
+const TRUST_BUNDLE_RENEW_SETTLE: Duration = Duration::from_secs(2);
+/// ...plus a random delay up to this.
+const TRUST_BUNDLE_RENEW_SPREAD: Duration = Duration::from_secs(1);
+
+/// What mesh mode runs besides the proxy.
+struct MeshRun {
+    ctx: Arc<MeshContext>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Starts following the controller and obtaining the waypoint's certificate.
+fn start_mesh(args: &Args, url: &str) -> anyhow::Result<MeshRun> {
+    let (Some(ca), Some(node), Some(namespace), Some(service_account)) = (
+        &args.controller_ca,
+        &args.node,
+        &args.namespace,
+        &args.service_account,
+    ) else {
+        anyhow::bail!(
+            "--controller needs --controller-ca, --node, --namespace and --service-account"
+        );
+    };
+    let trust_domain: weft_tunnel::TrustDomain = args
+        .trust_domain
+        .parse()
+        .with_context(|| format!("--trust-domain `{}`", args.trust_domain))?;
+    let identity = weft_tunnel::Identity::new(trust_domain, namespace, service_account)
+        .context("--namespace and --service-account must form a SPIFFE ID")?;
+    let mut opts = ControllerOptions {
+        url: url.to_string(),
+        ca: ca.clone(),
+        token_file: args.token_file.clone(),
+        node: node.clone(),
+        state_dir: args.state_dir.clone(),
+        node_identity: None,
+    };
+    let mut node_certs = None;
+    if opts.token_file.is_some() {
+        let certs = CertManager::new(Arc::new(NodeCaClient::new(opts.clone())));
+        opts.node_identity = Some(NodeIdentity {
+            id: node_spiffe_id(&args.trust_domain, node),
+            certs: certs.clone(),
+        });
+        node_certs = Some(certs);
+    }
+    let certs = CertManager::new(Arc::new(GrpcCaClient::new(opts.clone())));
+    let (states_tx, states_rx) = tokio::sync::watch::channel(None);
+    let status = Arc::new(std::sync::Mutex::new(ConfigStatus {
+        source: url.to_string(),
+        ..Default::default()
+    }));
+    tokio::spawn(discovery::run(opts, states_tx, status));
+    let mesh = Mesh::follow(states_rx, &args.trust_domain);
+    let ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(keep_certified(
+        certs.clone(),
+        node_certs,
+        identity.to_string(),
+        mesh.clone(),
+        ready.clone(),
+    ));
+    let svid = Arc::new(ManagedSvid::new(certs, identity.to_string()));
+    tracing::info!(%identity, controller = url, "mesh mode");
+    Ok(MeshRun {
+        ctx: Arc::new(MeshContext::new(namespace, mesh, svid)),
+        ready,
+    })
+}
+
+/// Obtains the waypoint's certificate (retrying with backoff until it is issued; the manager
+/// renews it at half-life from then on), marks the waypoint ready once it also has a mesh
+/// view, and renews every certificate soon after a trust bundle change, as the agent does.
+async fn keep_certified(
+    certs: Arc<CertManager>,
+    node_certs: Option<Arc<CertManager>>,
+    identity: String,
+    mesh: Mesh,
+    ready: Arc<AtomicBool>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match certs.get(&identity).await {
+            Ok(cert) => {
+                tracing::info!(%identity, not_after = cert.not_after, "workload certificate obtained");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%identity, error = %e, retry_in_s = backoff.as_secs(), "cannot obtain the waypoint's certificate; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    let mut views = mesh.subscribe();
+    let mut trust: Option<Vec<String>> = None;
+    loop {
+        let view = views.borrow_and_update().clone();
+        if view.received() {
+            ready.store(true, Ordering::Release);
+            let pem = view.trust_pem();
+            if !pem.is_empty() && trust.as_deref() != Some(pem) {
+                if trust.is_some() {
+                    let n = certs
+                        .renew_all_soon(TRUST_BUNDLE_RENEW_SETTLE, TRUST_BUNDLE_RENEW_SPREAD)
+                        + node_certs.as_ref().map_or(0, |c| {
+                            c.renew_all_soon(TRUST_BUNDLE_RENEW_SETTLE, TRUST_BUNDLE_RENEW_SPREAD)
+                        });
+                    tracing::info!(
+                        certificates = n,
+                        "trust bundle changed: renewing certificates from the current CA"
+                    );
+                }
+                trust = Some(pem.to_vec());
+            }
+        }
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[tokio::main]
@@ -41,7 +226,12 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args = Args::parse();
-    let config = Config::from_file(&args.config)?;
+    let mode = if args.controller.is_some() {
+        Mode::Mesh
+    } else {
+        Mode::Standalone
+    };
+    let config = Config::from_file_for(&args.config, mode)?;
     if args.check {
         println!("{}: valid", args.config.display());
         return Ok(());
@@ -56,10 +246,41 @@ async fn main() -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     weft_waypoint::metrics::describe();
 
-    let waypoint = Arc::new(Waypoint::new(&config)?);
+    let mesh = match &args.controller {
+        Some(url) => Some(start_mesh(&args, url)?),
+        None => None,
+    };
+    let waypoint = Arc::new(match &mesh {
+        Some(run) => Waypoint::new_mesh(&config, run.ctx.clone())?,
+        None => Waypoint::new(&config)?,
+    });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let drain = std::time::Duration::from_secs(args.drain_seconds);
     let mut servers = Vec::new();
+    let ready = match &mesh {
+        Some(run) => {
+            let socket = bind_hbone(args.hbone_address).await.with_context(|| {
+                format!(
+                    "binding the HBONE address {}; free the port or pass --hbone-address",
+                    args.hbone_address
+                )
+            })?;
+            tracing::info!(address = %socket.local_addr()?, "HBONE listening");
+            tokio::spawn(run.ctx.pool.clone().run_reaper());
+            let mut stopped = stopped.clone();
+            let shutdown = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            servers.push(tokio::spawn(serve_hbone_until(
+                socket,
+                waypoint.clone(),
+                shutdown,
+                drain,
+            )));
+            run.ready.clone()
+        }
+        None => Arc::new(AtomicBool::new(true)),
+    };
     for (socket, listener) in waypoint.bind().await? {
         tracing::info!(address = %socket.local_addr()?, "listening");
         let mut stopped = stopped.clone();
@@ -76,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
                 args.metrics_address
             )
         })?;
-    tokio::spawn(serve_metrics(metrics_socket, prometheus));
+    tokio::spawn(serve_metrics(metrics_socket, prometheus, ready.clone()));
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
@@ -85,7 +306,7 @@ async fn main() -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                match Config::from_file(&args.config).map_err(anyhow::Error::from).and_then(|c| Ok(waypoint.reload(&c)?)) {
+                match Config::from_file_for(&args.config, mode).map_err(anyhow::Error::from).and_then(|c| Ok(waypoint.reload(&c)?)) {
                     Ok(version) => tracing::info!(version, "config reloaded"),
                     Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),
                 }
@@ -98,6 +319,7 @@ async fn main() -> anyhow::Result<()> {
         ?drain,
         "shutting down: no new connections, draining open ones"
     );
+    ready.store(false, Ordering::Release);
     let _ = stop.send(true);
     for server in servers {
         let _ = server.await;
@@ -105,20 +327,30 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_metrics(socket: tokio::net::TcpListener, prometheus: PrometheusHandle) {
+async fn serve_metrics(
+    socket: tokio::net::TcpListener,
+    prometheus: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+) {
     loop {
         let Ok((stream, _)) = socket.accept().await else {
             continue;
         };
         let prometheus = prometheus.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(
+                move |request: http::Request<hyper::body::Incoming>| {
                     let prometheus = prometheus.clone();
+                    let ready = ready.load(Ordering::Acquire);
                     async move {
                         let (status, text) = match request.uri().path() {
                             "/metrics" => (http::StatusCode::OK, prometheus.render()),
-                            "/ready" => (http::StatusCode::OK, "ready\n".to_string()),
+                            "/ready" if ready => (http::StatusCode::OK, "ready\n".to_string()),
+                            "/ready" => (
+                                http::StatusCode::SERVICE_UNAVAILABLE,
+                                "not ready: waiting for the mesh view and the workload certificate (mesh mode), or draining\n".to_string(),
+                            ),
                             _ => (
                                 http::StatusCode::NOT_FOUND,
                                 "not found; try /metrics or /ready\n".to_string(),
@@ -132,10 +364,49 @@ async fn serve_metrics(socket: tokio::net::TcpListener, prometheus: PrometheusHa
                         *response.status_mut() = status;
                         Ok::<_, std::convert::Infallible>(response)
                     }
-                });
+                },
+            );
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed_and_mesh_mode_needs_its_identity() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        let e = Args::try_parse_from([
+            "weft-waypoint",
+            "--config",
+            "w.yaml",
+            "--controller",
+            "https://10.0.0.1:15010",
+        ])
+        .expect_err("incomplete");
+        assert!(e.to_string().contains("--namespace"), "{e}");
+        let args = Args::try_parse_from([
+            "weft-waypoint",
+            "--config",
+            "w.yaml",
+            "--controller",
+            "https://10.0.0.1:15010",
+            "--controller-ca",
+            "ca.pem",
+            "--node",
+            "n1",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "waypoint",
+        ])
+        .expect("complete");
+        assert_eq!(args.hbone_address, "[::]:15008".parse().expect("addr"));
+        assert_eq!(args.trust_domain, "cluster.local");
     }
 }

@@ -30,8 +30,8 @@ use tower::{Layer, ServiceExt};
 
 use crate::body::{self, Response};
 use crate::config::{
-    BackendConfig, Config, FilterConfig, RateLimitConfig, RedirectConfig, RetryConfig, RouteConfig,
-    UrlRewriteConfig,
+    BackendConfig, BackendProtocol, Config, FilterConfig, LoadBalancerConfig, Mode,
+    RateLimitConfig, RedirectConfig, RetryConfig, RouteConfig, UrlRewriteConfig,
 };
 use crate::error::ProxyError;
 use crate::filters;
@@ -44,8 +44,11 @@ use crate::layers::ratelimit::RateLimitLayer;
 use crate::layers::retry::RetryLayer;
 use crate::layers::split::{WeightedBackend, WeightedSplit};
 use crate::layers::timeout::{TimeoutConfig, TimeoutLayer};
-use crate::layers::{PeerAddr, ProxyService, RequestContext};
+use crate::layers::{PeerAddr, ProxyService, RequestContext, Source};
+use crate::mesh::forward::MeshForwarder;
+use crate::mesh::{MeshContext, ServiceEndpoints};
 use crate::route::{RouteError, RouteTable};
+use weft_api::model::ServiceInfo;
 
 /// Longest time a client may take to send its request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,7 +107,10 @@ struct CompiledRoute {
 /// One listener's routes for one config version.
 pub struct CompiledListener {
     name: Arc<str>,
-    address: SocketAddr,
+    /// Plain listeners: the socket address.
+    address: Option<SocketAddr>,
+    /// Mesh listeners: the Service (`namespace/name`) and port they are attached to.
+    attach: Option<(String, u16)>,
     version: u64,
     table: RouteTable,
     routes: Vec<CompiledRoute>,
@@ -121,26 +127,53 @@ impl CompiledListener {
     pub fn table(&self) -> &RouteTable {
         &self.table
     }
+
+    /// The listener's name (the `listener` label of the metrics).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
-fn compile_backend(config: &BackendConfig) -> ProxyService {
+fn compile_backend(config: &BackendConfig, mesh: Option<&Arc<MeshContext>>) -> ProxyService {
     let name: Arc<str> = config.name.as_str().into();
-    // Validation guarantees the endpoints parse.
-    let addrs: Vec<SocketAddr> = config
-        .endpoints
-        .iter()
-        .filter_map(|e| e.parse().ok())
-        .collect();
-    let set = Arc::new(EndpointSet::new(
-        name.clone(),
-        &addrs,
-        config.load_balancer,
-        config.outlier_detection,
-    ));
-    let service = ProxyService::new(BalanceLayer::new(set).layer(Forwarder::new(
-        config.protocol,
-        config.circuit_breaker.and_then(|c| c.max_connections),
-    )));
+    let max_connections = config.circuit_breaker.and_then(|c| c.max_connections);
+    let service = match (mesh, &config.service, config.port) {
+        (Some(ctx), Some(service), Some(port)) => {
+            let source = ServiceEndpoints::new(
+                ctx.mesh.clone(),
+                format!("{}/{service}", ctx.namespace),
+                port,
+            );
+            let set = Arc::new(EndpointSet::dynamic(
+                name.clone(),
+                Box::new(source),
+                config.load_balancer,
+                config.outlier_detection,
+            ));
+            ProxyService::new(BalanceLayer::new(set).layer(MeshForwarder::new(
+                ctx.clone(),
+                config.protocol,
+                max_connections,
+            )))
+        }
+        _ => {
+            // Validation guarantees the endpoints parse.
+            let addrs: Vec<SocketAddr> = config
+                .endpoints
+                .iter()
+                .filter_map(|e| e.parse().ok())
+                .collect();
+            let set = Arc::new(EndpointSet::new(
+                name.clone(),
+                &addrs,
+                config.load_balancer,
+                config.outlier_detection,
+            ));
+            ProxyService::new(
+                BalanceLayer::new(set).layer(Forwarder::new(config.protocol, max_connections)),
+            )
+        }
+    };
     match config.circuit_breaker {
         Some(limits) => ProxyService::new(ConcurrencyLimitLayer::new(limits, name).layer(service)),
         None => service,
@@ -281,20 +314,63 @@ pub fn compile_carrying(
     version: u64,
     previous: &Carried,
 ) -> Result<(Vec<CompiledListener>, Carried), ProxyBuildError> {
-    config.validate()?;
+    compile_in(config, version, previous, None)
+}
+
+/// [`compile_carrying`] in mesh mode when `mesh` is set (Service listeners and backends).
+fn compile_in(
+    config: &Config,
+    version: u64,
+    previous: &Carried,
+    mesh: Option<&Arc<MeshContext>>,
+) -> Result<(Vec<CompiledListener>, Carried), ProxyBuildError> {
+    config.validate_for(if mesh.is_some() {
+        Mode::Mesh
+    } else {
+        Mode::Standalone
+    })?;
     let mut next = Carried::default();
     for backend in &config.backends {
         let service = match previous.backends.get(&backend.name) {
             Some((old, service)) if old == backend => service.clone(),
-            _ => compile_backend(backend),
+            _ => compile_backend(backend, mesh),
         };
         next.backends
             .insert(backend.name.clone(), (backend.clone(), service));
     }
     let mut listeners = Vec::new();
     for listener in &config.listeners {
+        let attach = match (mesh, &listener.service, listener.port) {
+            (Some(ctx), Some(service), Some(port)) => {
+                Some((format!("{}/{service}", ctx.namespace), service, port))
+            }
+            _ => None,
+        };
+        // Routes attached to a Service also match the Service's own host names.
+        let routes_for_table: std::borrow::Cow<'_, [RouteConfig]> = match (&attach, mesh) {
+            (Some((_, service, _)), Some(ctx)) => {
+                let names = crate::mesh::service_hostnames(service, &ctx.namespace);
+                listener
+                    .routes
+                    .iter()
+                    .map(|route| {
+                        let mut route = route.clone();
+                        if !route.hostnames.is_empty() {
+                            for name in &names {
+                                if !route.hostnames.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+                                    route.hostnames.push(name.clone());
+                                }
+                            }
+                        }
+                        route
+                    })
+                    .collect::<Vec<_>>()
+                    .into()
+            }
+            _ => listener.routes.as_slice().into(),
+        };
         let table =
-            RouteTable::compile(&listener.routes).map_err(|source| ProxyBuildError::Route {
+            RouteTable::compile(&routes_for_table).map_err(|source| ProxyBuildError::Route {
                 listener: listener.name.clone(),
                 source,
             })?;
@@ -304,13 +380,19 @@ pub fn compile_carrying(
             .enumerate()
             .map(|(i, route)| compile_route(&listener.name, i, route, previous, &mut next))
             .collect::<Result<_, _>>()?;
-        let address = listener
-            .address
-            .parse()
-            .map_err(|_| ProxyBuildError::ListenerChanged(listener.name.clone()))?;
+        let address = match (&listener.address, &attach) {
+            (Some(address), _) => Some(
+                address
+                    .parse()
+                    .map_err(|_| ProxyBuildError::ListenerChanged(listener.name.clone()))?,
+            ),
+            (None, Some(_)) => None,
+            (None, None) => return Err(ProxyBuildError::ListenerChanged(listener.name.clone())),
+        };
         listeners.push(CompiledListener {
             name: listener.name.as_str().into(),
             address,
+            attach: attach.map(|(key, _, port)| (key, port)),
             version,
             table,
             routes,
@@ -320,28 +402,167 @@ pub fn compile_carrying(
     Ok((listeners, next))
 }
 
+/// The implicit listener of a Service port with no listener attached: one route, any host and
+/// path, to the Service itself (its ready endpoints through HBONE), so that binding a Service
+/// to the waypoint never breaks it. The backend speaks HTTP/2 when the port's `appProtocol`
+/// says so (`http2`, `grpc`, `kubernetes.io/h2c`), else HTTP/1.1.
+fn default_listener(
+    ctx: &Arc<MeshContext>,
+    service: &ServiceInfo,
+    port: u16,
+    version: u64,
+    max_body: usize,
+) -> CompiledListener {
+    let key = service.key();
+    let name: Arc<str> = format!("{key}:{port}").into();
+    let protocol = match service
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .map(|p| p.app_protocol.to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("http2" | "grpc" | "h2c" | "kubernetes.io/h2c") => BackendProtocol::Http2,
+        _ => BackendProtocol::Http1,
+    };
+    let set = Arc::new(EndpointSet::dynamic(
+        name.clone(),
+        Box::new(ServiceEndpoints::new(ctx.mesh.clone(), key.clone(), port)),
+        LoadBalancerConfig::default(),
+        None,
+    ));
+    let backend = ProxyService::new(BalanceLayer::new(set).layer(MeshForwarder::new(
+        ctx.clone(),
+        protocol,
+        None,
+    )));
+    let split = WeightedSplit::new(vec![WeightedBackend {
+        name: name.clone(),
+        weight: 1,
+        service: backend,
+    }])
+    .map(ProxyService::new)
+    .unwrap_or_else(|| {
+        ProxyService::new(tower::service_fn(|_| async {
+            Err(ProxyError::Internal("default route without backend"))
+        }))
+    });
+    let table = RouteTable::compile(&[RouteConfig::default()]).unwrap_or_else(|e| {
+        // A route without matches and hostnames always compiles.
+        tracing::error!(error = %e, "the default route did not compile");
+        RouteTable::empty()
+    });
+    CompiledListener {
+        name,
+        address: None,
+        attach: Some((key, port)),
+        version,
+        table,
+        routes: vec![CompiledRoute {
+            name: "default".into(),
+            redirect: None,
+            rewrite: None,
+            service: split,
+        }],
+        max_body,
+    }
+}
+
 /// The current routes of a listener, swapped atomically on reload.
 pub type SharedListener = Arc<RwLock<Arc<CompiledListener>>>;
+
+/// Listeners attached to Service ports, by (`namespace/name`, port).
+type Attached = HashMap<(String, u16), Arc<CompiledListener>>;
 
 /// A running set of listeners whose routes can be reloaded.
 pub struct Waypoint {
     listeners: Vec<SharedListener>,
     version: std::sync::atomic::AtomicU64,
     carried: std::sync::Mutex<Carried>,
+    /// Mesh mode.
+    mesh: Option<Arc<MeshContext>>,
+    /// Mesh mode: the configured listeners attached to Service ports (swapped on reload).
+    attached: RwLock<Arc<Attached>>,
+    /// Mesh mode: implicit default listeners of Service ports without one, made on first use.
+    defaults: std::sync::Mutex<Attached>,
+    max_body: std::sync::atomic::AtomicUsize,
 }
 
 impl Waypoint {
-    /// Compiles `config` (version 1).
+    /// Compiles `config` (version 1), standalone.
     pub fn new(config: &Config) -> Result<Waypoint, ProxyBuildError> {
-        let (listeners, carried) = compile_carrying(config, 1, &Carried::default())?;
+        Self::build(config, None)
+    }
+
+    /// Compiles `config` (version 1) in mesh mode: listeners may attach to Service ports (served
+    /// by [`crate::mesh::server`]) and backends may be Services of the mesh.
+    pub fn new_mesh(config: &Config, mesh: Arc<MeshContext>) -> Result<Waypoint, ProxyBuildError> {
+        Self::build(config, Some(mesh))
+    }
+
+    fn build(config: &Config, mesh: Option<Arc<MeshContext>>) -> Result<Waypoint, ProxyBuildError> {
+        let (listeners, carried) = compile_in(config, 1, &Carried::default(), mesh.as_ref())?;
+        let (attached, plain): (Vec<_>, Vec<_>) =
+            listeners.into_iter().partition(|l| l.attach.is_some());
         Ok(Waypoint {
-            listeners: listeners
+            listeners: plain
                 .into_iter()
                 .map(|l| Arc::new(RwLock::new(Arc::new(l))))
                 .collect(),
             version: std::sync::atomic::AtomicU64::new(1),
             carried: std::sync::Mutex::new(carried),
+            mesh,
+            attached: RwLock::new(Arc::new(index_attached(attached))),
+            defaults: std::sync::Mutex::new(HashMap::new()),
+            max_body: std::sync::atomic::AtomicUsize::new(config.max_request_body_bytes),
         })
+    }
+
+    /// Mesh mode's context (`None` standalone).
+    pub fn mesh(&self) -> Option<&Arc<MeshContext>> {
+        self.mesh.as_ref()
+    }
+
+    /// The listener serving `service`'s port `port` right now: the one attached in the config,
+    /// else the implicit default route to the Service.
+    pub fn mesh_listener(&self, service: &ServiceInfo, port: u16) -> Arc<CompiledListener> {
+        let key = (service.key(), port);
+        let attached = match self.attached.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if let Some(listener) = attached.get(&key) {
+            return listener.clone();
+        }
+        let mut defaults = match self.defaults.lock() {
+            Ok(d) => d,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let max_body = self.max_body.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(listener) = defaults.get(&key)
+            && listener.max_body == max_body
+        {
+            return listener.clone();
+        }
+        let Some(ctx) = &self.mesh else {
+            // Not reachable: only the mesh server asks, and it needs mesh mode.
+            return Arc::new(CompiledListener {
+                name: "unattached".into(),
+                address: None,
+                attach: None,
+                version: 0,
+                table: RouteTable::empty(),
+                routes: Vec::new(),
+                max_body,
+            });
+        };
+        // Forget Services that left the mesh.
+        let view = ctx.mesh.current();
+        defaults.retain(|(service, _), _| view.service(service).is_some());
+        let version = self.version.load(std::sync::atomic::Ordering::SeqCst);
+        let listener = Arc::new(default_listener(ctx, service, port, version, max_body));
+        defaults.insert(key, listener.clone());
+        listener
     }
 
     /// Compiles `config` as the next version and swaps every listener's routes. In-flight
@@ -355,7 +576,9 @@ impl Waypoint {
             Err(poisoned) => poisoned.into_inner(),
         };
         let version = self.version.load(std::sync::atomic::Ordering::SeqCst) + 1;
-        let (compiled, next) = compile_carrying(config, version, &carried)?;
+        let (compiled, next) = compile_in(config, version, &carried, self.mesh.as_ref())?;
+        let (attached, compiled): (Vec<_>, Vec<_>) =
+            compiled.into_iter().partition(|l| l.attach.is_some());
         let mut swaps = Vec::new();
         for new in compiled {
             let slot = self
@@ -373,6 +596,14 @@ impl Waypoint {
                 *current = Arc::new(new);
             }
         }
+        match self.attached.write() {
+            Ok(mut current) => *current = Arc::new(index_attached(attached)),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(index_attached(attached)),
+        }
+        self.max_body.store(
+            config.max_request_body_bytes,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         *carried = next;
         self.version
             .store(version, std::sync::atomic::Ordering::SeqCst);
@@ -385,7 +616,10 @@ impl Waypoint {
         for slot in &self.listeners {
             let (name, address) = {
                 let current = current(slot);
-                (current.name.to_string(), current.address)
+                match current.address {
+                    Some(address) => (current.name.to_string(), address),
+                    None => continue,
+                }
             };
             let socket =
                 TcpListener::bind(address)
@@ -404,6 +638,13 @@ impl Waypoint {
     pub fn listeners(&self) -> Vec<Arc<CompiledListener>> {
         self.listeners.iter().map(current).collect()
     }
+}
+
+fn index_attached(listeners: Vec<CompiledListener>) -> Attached {
+    listeners
+        .into_iter()
+        .filter_map(|l| l.attach.clone().map(|key| (key, Arc::new(l))))
+        .collect()
 }
 
 fn current(slot: &SharedListener) -> Arc<CompiledListener> {
@@ -479,14 +720,36 @@ pub async fn handle(
     peer: SocketAddr,
     request: http::Request<Incoming>,
 ) -> Result<Response, Infallible> {
+    handle_from(listener, peer, None, request).await
+}
+
+/// Serves one request with `listener`'s routes; `source` is who sent it when known (mesh mode),
+/// handed to the layers as a [`Source`] extension and to the metrics.
+pub async fn handle_from(
+    listener: Arc<CompiledListener>,
+    peer: SocketAddr,
+    source: Option<Source>,
+    request: http::Request<Incoming>,
+) -> Result<Response, Infallible> {
     let start = Instant::now();
+    let (principal, workload) = match &source {
+        Some(s) => (
+            s.principal.to_string(),
+            s.workload.as_deref().unwrap_or("").to_string(),
+        ),
+        None => (String::new(), String::new()),
+    };
+    let who = Who {
+        principal: &principal,
+        workload: &workload,
+    };
     let (parts, incoming) = request.into_parts();
     if parts.method == http::Method::CONNECT || parts.headers.contains_key(http::header::UPGRADE) {
         let response = body::text_response(
             http::StatusCode::NOT_IMPLEMENTED,
             "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
         );
-        record(&listener.name, "", "", response.status(), start);
+        record(&listener.name, "", "", response.status(), start, who);
         return Ok(response);
     }
     let Some(matched) = listener.table.lookup(&parts) else {
@@ -500,7 +763,7 @@ pub async fn handle(
                 listener.name
             ),
         );
-        record(&listener.name, "", "", response.status(), start);
+        record(&listener.name, "", "", response.status(), start, who);
         return Ok(response);
     };
     let route = &listener.routes[matched.route];
@@ -509,7 +772,14 @@ pub async fn handle(
             .unwrap_or_else(|e| {
                 body::text_response(http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
             });
-        record(&listener.name, &route.name, "", response.status(), start);
+        record(
+            &listener.name,
+            &route.name,
+            "",
+            response.status(),
+            start,
+            who,
+        );
         return Ok(response);
     }
     let context = RequestContext::default();
@@ -551,6 +821,9 @@ pub async fn handle(
                 _ => {
                     forwarded_headers(request.headers_mut(), peer);
                     request.extensions_mut().insert(PeerAddr(peer));
+                    if let Some(source) = source {
+                        request.extensions_mut().insert(source);
+                    }
                     request.extensions_mut().insert(context.clone());
                     match route.service.clone().oneshot(request).await {
                         Ok(response) => response,
@@ -570,6 +843,7 @@ pub async fn handle(
         backend.as_deref().unwrap_or(""),
         response.status(),
         start,
+        who,
     );
     Ok(response)
 }
@@ -591,13 +865,29 @@ fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     }
 }
 
-fn record(listener: &str, route: &str, backend: &str, status: http::StatusCode, start: Instant) {
+/// Who sent a request, for the metrics (empty when unknown).
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    principal: &'a str,
+    workload: &'a str,
+}
+
+fn record(
+    listener: &str,
+    route: &str,
+    backend: &str,
+    status: http::StatusCode,
+    start: Instant,
+    who: Who<'_>,
+) {
     tracing::debug!(
         target: "weft_waypoint::access",
         listener,
         route,
         backend,
         code = status.as_u16(),
+        source_principal = who.principal,
+        source_workload = who.workload,
         duration_ms = start.elapsed().as_secs_f64() * 1000.0,
         "request"
     );
@@ -606,6 +896,8 @@ fn record(listener: &str, route: &str, backend: &str, status: http::StatusCode, 
         ("route", route.to_string()),
         ("backend", backend.to_string()),
         ("code", status.as_u16().to_string()),
+        ("source_principal", who.principal.to_string()),
+        ("source_workload", who.workload.to_string()),
     ];
     metrics::counter!("weft_waypoint_requests_total", &labels).increment(1);
     metrics::histogram!("weft_waypoint_request_duration_seconds", &labels)

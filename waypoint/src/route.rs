@@ -160,6 +160,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// A table that matches nothing.
+    pub fn empty() -> RouteTable {
+        RouteTable {
+            entries: Vec::new(),
+        }
+    }
+
     /// Compiles routes (already validated) into a table sorted by precedence.
     pub fn compile(routes: &[RouteConfig]) -> Result<RouteTable, RouteError> {
         let mut entries = Vec::new();

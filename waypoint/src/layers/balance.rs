@@ -3,8 +3,8 @@
 //! outlier detection ([`super::circuit::EndpointCircuit`]) are skipped; their outcomes feed it.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ struct Ewma {
 #[derive(Debug)]
 pub struct Endpoint {
     addr: SocketAddr,
+    /// The SPIFFE ID the endpoint must present (mesh backends, reached through HBONE).
+    identity: Option<Arc<str>>,
     ewma: Mutex<Ewma>,
     in_flight: AtomicUsize,
     circuit: Option<Mutex<EndpointCircuit>>,
@@ -37,6 +39,23 @@ impl Endpoint {
     /// The endpoint's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The SPIFFE ID the endpoint must present, for mesh endpoints.
+    pub fn identity(&self) -> Option<&Arc<str>> {
+        self.identity.as_ref()
+    }
+
+    /// Requests in flight to the endpoint.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The state of the endpoint's circuit (`None` without outlier detection).
+    pub fn circuit_state(&self) -> Option<CircuitState> {
+        self.circuit
+            .as_ref()
+            .and_then(|c| c.lock().ok().map(|c| c.state()))
     }
 
     /// Load estimate: the latency average, decayed toward zero for the time since the last
@@ -72,14 +91,33 @@ fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
     (-elapsed.as_secs_f64() / decay.as_secs_f64()).exp()
 }
 
+/// Where a backend's endpoints come from when they change at run time (mesh backends: the
+/// ready endpoints of a Service in the current mesh view).
+pub trait EndpointSource: Send + Sync + std::fmt::Debug + 'static {
+    /// Changes whenever [`EndpointSource::resolve`] may answer differently.
+    fn version(&self) -> u64;
+    /// The endpoints now: address and, for mesh endpoints, the SPIFFE ID they must present.
+    fn resolve(&self) -> Vec<(SocketAddr, Option<Arc<str>>)>;
+}
+
+/// The endpoint list in force; replaced whole when the source changes.
+pub type Endpoints = Arc<Vec<Arc<Endpoint>>>;
+
 /// A backend's endpoints, shared by every route that uses the backend.
 #[derive(Debug)]
 pub struct EndpointSet {
     backend: Arc<str>,
-    endpoints: Vec<Endpoint>,
+    endpoints: RwLock<Endpoints>,
+    lb: LoadBalancerConfig,
+    outlier: Option<OutlierDetectionConfig>,
     decay: Duration,
     max_ejection_percent: u32,
     panic_threshold: u32,
+    source: Option<Box<dyn EndpointSource>>,
+    /// The source version `endpoints` was built from.
+    synced: AtomicU64,
+    /// One re-sync at a time.
+    syncing: Mutex<()>,
 }
 
 impl EndpointSet {
@@ -90,34 +128,110 @@ impl EndpointSet {
         lb: LoadBalancerConfig,
         outlier: Option<OutlierDetectionConfig>,
     ) -> Self {
-        let now = Instant::now();
-        let endpoints = addrs
-            .iter()
-            .map(|&addr| Endpoint {
-                addr,
-                ewma: Mutex::new(Ewma {
-                    nanos: lb.initial_latency.0.as_nanos() as f64,
-                    updated: now,
-                }),
-                in_flight: AtomicUsize::new(0),
-                circuit: outlier
-                    .map(|o| Mutex::new(EndpointCircuit::new(o, backend.clone(), addr))),
-            })
-            .collect();
+        let mut set = Self::empty(backend, lb, outlier, None);
+        let list: Vec<_> = addrs.iter().map(|&a| (a, None)).collect();
+        set.endpoints = RwLock::new(Arc::new(set.build(&list, &[])));
+        set
+    }
+
+    /// Endpoints that follow `source`: re-read whenever its version changes (checked on every
+    /// request). Endpoints that stay keep their latency statistics and circuits.
+    pub fn dynamic(
+        backend: Arc<str>,
+        source: Box<dyn EndpointSource>,
+        lb: LoadBalancerConfig,
+        outlier: Option<OutlierDetectionConfig>,
+    ) -> Self {
+        let set = Self::empty(backend, lb, outlier, Some(source));
+        set.sync();
+        set
+    }
+
+    fn empty(
+        backend: Arc<str>,
+        lb: LoadBalancerConfig,
+        outlier: Option<OutlierDetectionConfig>,
+        source: Option<Box<dyn EndpointSource>>,
+    ) -> Self {
         EndpointSet {
             backend,
-            endpoints,
+            endpoints: RwLock::new(Arc::new(Vec::new())),
+            lb,
+            outlier,
             decay: lb.decay.0.max(Duration::from_millis(1)),
             max_ejection_percent: outlier.map_or(100, |o| o.max_ejection_percent),
             panic_threshold: outlier.map_or(0, |o| o.panic_threshold),
+            source,
+            synced: AtomicU64::new(u64::MAX),
+            syncing: Mutex::new(()),
         }
+    }
+
+    /// Endpoints for `list`, reusing those of `old` with the same address and identity.
+    fn build(
+        &self,
+        list: &[(SocketAddr, Option<Arc<str>>)],
+        old: &[Arc<Endpoint>],
+    ) -> Vec<Arc<Endpoint>> {
+        let now = Instant::now();
+        list.iter()
+            .map(|(addr, identity)| {
+                if let Some(kept) = old
+                    .iter()
+                    .find(|e| e.addr == *addr && e.identity == *identity)
+                {
+                    return kept.clone();
+                }
+                Arc::new(Endpoint {
+                    addr: *addr,
+                    identity: identity.clone(),
+                    ewma: Mutex::new(Ewma {
+                        nanos: self.lb.initial_latency.0.as_nanos() as f64,
+                        updated: now,
+                    }),
+                    in_flight: AtomicUsize::new(0),
+                    circuit: self
+                        .outlier
+                        .map(|o| Mutex::new(EndpointCircuit::new(o, self.backend.clone(), *addr))),
+                })
+            })
+            .collect()
+    }
+
+    /// Re-reads the source if its version changed.
+    fn sync(&self) {
+        let Some(source) = &self.source else {
+            return;
+        };
+        let version = source.version();
+        if self.synced.load(Ordering::Acquire) == version {
+            return;
+        }
+        let Ok(_one) = self.syncing.lock() else {
+            return;
+        };
+        if self.synced.load(Ordering::Acquire) == version {
+            return;
+        }
+        let list = source.resolve();
+        // Not `self.endpoints()`: it syncs, and `syncing` is held here (not reentrant).
+        let old = match self.endpoints.read() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let next = Arc::new(self.build(&list, &old));
+        tracing::debug!(backend = %self.backend, endpoints = next.len(), "backend endpoints updated");
+        match self.endpoints.write() {
+            Ok(mut slot) => *slot = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        self.synced.store(version, Ordering::Release);
     }
 
     /// Whether one more endpoint (other than `index`) may be ejected under
     /// `maxEjectionPercent`: at least one always may, as in Envoy.
-    fn may_eject(&self, index: usize) -> bool {
-        let ejected = self
-            .endpoints
+    fn may_eject(&self, endpoints: &[Arc<Endpoint>], index: usize) -> bool {
+        let ejected = endpoints
             .iter()
             .enumerate()
             .filter(|(i, e)| {
@@ -127,28 +241,32 @@ impl EndpointSet {
                         .is_some_and(|c| c.lock().is_ok_and(|c| c.state() == CircuitState::Open))
             })
             .count();
-        let allowed = (self.endpoints.len() * self.max_ejection_percent as usize / 100).max(1);
+        let allowed = (endpoints.len() * self.max_ejection_percent as usize / 100).max(1);
         ejected < allowed
     }
 
-    /// The endpoints.
-    pub fn endpoints(&self) -> &[Endpoint] {
-        &self.endpoints
+    /// The endpoints in force (after picking up any change of the source).
+    pub fn endpoints(&self) -> Endpoints {
+        self.sync();
+        match self.endpoints.read() {
+            Ok(list) => list.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
-    fn available(&self, index: usize, now: Instant) -> bool {
-        self.endpoints[index]
+    fn available(endpoint: &Endpoint, now: Instant) -> bool {
+        endpoint
             .circuit
             .as_ref()
             .is_none_or(|c| c.lock().map(|c| c.is_available(now)).unwrap_or(false))
     }
 
     /// Picks an endpoint with p2c and admits the request through its circuit.
-    fn choose(&self) -> Option<(usize, Option<Ticket>)> {
+    fn choose(&self, endpoints: &[Arc<Endpoint>]) -> Option<(usize, Option<Ticket>)> {
         let now = Instant::now();
         // An endpoint whose ejection expired gets the next request as its probe: left to p2c,
         // its stale latency could keep it from ever being tried, and so ejected for good.
-        for (index, endpoint) in self.endpoints.iter().enumerate() {
+        for (index, endpoint) in endpoints.iter().enumerate() {
             if let Some(circuit) = &endpoint.circuit
                 && let Ok(mut circuit) = circuit.lock()
                 && circuit.wants_probe(now)
@@ -157,15 +275,15 @@ impl EndpointSet {
                 return Some((index, Some(ticket)));
             }
         }
-        let mut candidates: Vec<usize> = (0..self.endpoints.len())
-            .filter(|&i| self.available(i, now))
+        let mut candidates: Vec<usize> = (0..endpoints.len())
+            .filter(|&i| Self::available(&endpoints[i], now))
             .collect();
         // Panic mode (as in Envoy): with too few endpoints in service, ejections would overload
         // the rest or refuse everything (a single-endpoint backend); spread over all instead.
-        let panic = candidates.len() * 100 < self.panic_threshold as usize * self.endpoints.len();
+        let panic = candidates.len() * 100 < self.panic_threshold as usize * endpoints.len();
         if panic {
             metrics::counter!("weft_waypoint_panic_routing_total", "backend" => self.backend.to_string()).increment(1);
-            candidates = (0..self.endpoints.len()).collect();
+            candidates = (0..endpoints.len()).collect();
         }
         let mut order = match candidates.len() {
             0 => return None,
@@ -178,8 +296,7 @@ impl EndpointSet {
                     b += 1;
                 }
                 let (a, b) = (candidates[a], candidates[b]);
-                if self.endpoints[b].cost(now, self.decay) < self.endpoints[a].cost(now, self.decay)
-                {
+                if endpoints[b].cost(now, self.decay) < endpoints[a].cost(now, self.decay) {
                     vec![b, a]
                 } else {
                     vec![a, b]
@@ -192,7 +309,7 @@ impl EndpointSet {
                 // Outcomes are not recorded: the circuits keep their own schedule.
                 return Some((index, None));
             }
-            match &self.endpoints[index].circuit {
+            match &endpoints[index].circuit {
                 None => return Some((index, None)),
                 Some(circuit) => {
                     if let Some(ticket) = circuit.lock().ok().and_then(|mut c| c.try_acquire(now)) {
@@ -239,6 +356,8 @@ pub struct Balance<S> {
 /// Keeps `in_flight` right and reports cancellation to the circuit if the future is dropped.
 struct InFlight {
     set: Arc<EndpointSet>,
+    /// The list the endpoint was chosen from (for `maxEjectionPercent`).
+    endpoints: Endpoints,
     index: usize,
     ticket: Option<Ticket>,
 }
@@ -250,9 +369,9 @@ impl InFlight {
 
     fn record(&mut self, outcome: Outcome) {
         if let Some(ticket) = self.ticket.take()
-            && let Some(circuit) = &self.set.endpoints[self.index].circuit
+            && let Some(circuit) = &self.endpoints[self.index].circuit
         {
-            let may_eject = self.set.may_eject(self.index);
+            let may_eject = self.set.may_eject(&self.endpoints, self.index);
             if let Ok(mut circuit) = circuit.lock() {
                 circuit.record_limited(ticket, outcome, Instant::now(), may_eject);
             }
@@ -263,7 +382,7 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.record(Outcome::Cancelled);
-        self.set.endpoints[self.index]
+        self.endpoints[self.index]
             .in_flight
             .fetch_sub(1, Ordering::SeqCst);
     }
@@ -280,19 +399,30 @@ impl<S: Inner> Service<Request> for Balance<S> {
 
     fn call(&mut self, mut request: Request) -> Self::Future {
         let set = self.set.clone();
-        let Some((index, ticket)) = set.choose() else {
+        let endpoints = set.endpoints();
+        let Some((index, ticket)) = set.choose(&endpoints) else {
             let backend = set.backend.to_string();
-            return Box::pin(async move { Err(ProxyError::NoHealthyEndpoint { backend }) });
+            let none = endpoints.is_empty();
+            return Box::pin(async move {
+                Err(if none {
+                    ProxyError::NoEndpoints { backend }
+                } else {
+                    ProxyError::NoHealthyEndpoint { backend }
+                })
+            });
         };
-        let endpoint = &set.endpoints[index];
+        let endpoint = endpoints[index].clone();
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
         request.extensions_mut().insert(SelectedEndpoint {
             backend: set.backend.clone(),
             addr: endpoint.addr,
+            identity: endpoint.identity.clone(),
         });
         let inner = self.inner.clone();
+        let decay = set.decay;
         let guard = InFlight {
-            set: set.clone(),
+            set,
+            endpoints,
             index,
             ticket,
         };
@@ -319,7 +449,7 @@ impl<S: Inner> Service<Request> for Balance<S> {
                 Err(_) => Outcome::Failure5xx,
             };
             if outcome != Outcome::ConnectFailure {
-                set.endpoints[index].observe(start.elapsed(), set.decay);
+                endpoint.observe(start.elapsed(), decay);
             }
             guard.finish(outcome);
             result
@@ -586,7 +716,8 @@ mod tests {
             }
         }
         assert_eq!(timeouts, 1, "the first timeout ejects the black hole");
-        let circuit = set.endpoints()[0].circuit.as_ref().expect("circuit");
+        let endpoints = set.endpoints();
+        let circuit = endpoints[0].circuit.as_ref().expect("circuit");
         assert_eq!(circuit.lock().expect("lock").state(), CircuitState::Open);
         assert!(
             set.endpoints()
@@ -670,7 +801,8 @@ mod tests {
             );
         }
         assert_eq!(calls.lock().expect("lock").get(&1).copied(), Some(5));
-        let circuit = set.endpoints()[0].circuit.as_ref().expect("circuit");
+        let endpoints = set.endpoints();
+        let circuit = endpoints[0].circuit.as_ref().expect("circuit");
         assert_eq!(
             circuit.lock().expect("lock").state(),
             CircuitState::Open,
@@ -740,7 +872,8 @@ mod tests {
             service.clone().oneshot(request("/")),
         )
         .await;
-        let circuit = set.endpoints()[0].circuit.as_ref().expect("circuit");
+        let endpoints = set.endpoints();
+        let circuit = endpoints[0].circuit.as_ref().expect("circuit");
         assert_eq!(circuit.lock().expect("lock").state(), CircuitState::Open);
         assert_eq!(set.endpoints()[0].in_flight.load(Ordering::SeqCst), 0);
     }

@@ -43,6 +43,21 @@ pub struct SelectedEndpoint {
     pub backend: Arc<str>,
     /// The endpoint.
     pub addr: SocketAddr,
+    /// The SPIFFE ID the endpoint must present (mesh endpoints, reached through HBONE).
+    pub identity: Option<Arc<str>>,
+}
+
+/// Request extension: who sent the request, when the waypoint knows it (mesh mode: the peer
+/// of the HBONE connection the request arrived in). Kept for metrics, the per-source rate
+/// limit and, later, L7 authorization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The SPIFFE ID of the client's certificate (the source pod's identity).
+    pub principal: Arc<str>,
+    /// The original client address (`Forwarded: for=` of the CONNECT, else the tunnel's peer).
+    pub ip: std::net::IpAddr,
+    /// `namespace/name` of the workload with that address in the mesh view, when known.
+    pub workload: Option<Arc<str>>,
 }
 
 /// Request extension: the earliest timeout the request is under, set by

@@ -1,5 +1,6 @@
-//! Local rate limiting with token buckets: one per route and/or one per source identity (an
-//! identity header such as the one the node agent sets, else the peer IP). A request without a
+//! Local rate limiting with token buckets: one per route and/or one per source identity (the
+//! client's SPIFFE ID in mesh mode, else an identity header when configured, else the peer
+//! IP). A request without a
 //! token is answered 429 with `Retry-After` (whole seconds, at least 1).
 
 use std::collections::HashMap;
@@ -11,7 +12,7 @@ use http::HeaderName;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{BoxFuture, Inner, PeerAddr, ProxyResult};
+use super::{BoxFuture, Inner, PeerAddr, ProxyResult, Source};
 use crate::body::{Request, text_response};
 use crate::config::{RateLimitConfig, TokenBucketConfig};
 use crate::error::ProxyError;
@@ -75,6 +76,19 @@ type PerSourceBuckets = (
     Mutex<HashMap<String, TokenBucket>>,
 );
 
+/// The per-source key other than the peer address: the authenticated principal (mesh mode:
+/// the SPIFFE ID of the HBONE peer's certificate), else the identity header when configured.
+/// A principal wins over the header, which any client can set.
+fn source_key(request: &Request, header: Option<&HeaderName>) -> Option<String> {
+    if let Some(source) = request.extensions().get::<Source>() {
+        return Some(source.principal.to_string());
+    }
+    header
+        .and_then(|h| request.headers().get(h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 #[derive(Debug)]
 struct Limiter {
     max_sources: usize,
@@ -88,11 +102,7 @@ impl Limiter {
         let now = Instant::now();
         let max_sources = self.max_sources;
         if let Some((config, header, buckets)) = &self.per_source {
-            let key = header
-                .as_ref()
-                .and_then(|h| request.headers().get(h))
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
+            let key = source_key(request, header.as_ref())
                 .or_else(|| {
                     request
                         .extensions()
@@ -353,6 +363,49 @@ mod tests {
         );
         assert_eq!(
             status(&service, from_peer(1000, [10, 0, 0, 2])).await.0,
+            200
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_source_buckets_key_on_the_principal_first() {
+        let config = RateLimitConfig {
+            route: None,
+            per_source: Some(PerSourceLimit {
+                capacity: 1,
+                refill_per_second: 1.0,
+                identity_header: Some("x-id".into()),
+            }),
+        };
+        let service = RateLimitLayer::new(&config, "r".into())
+            .layer(status_service(200, Arc::new(AtomicUsize::new(0))));
+        let from = |principal: &str, ip: [u8; 4], header: &str| {
+            let mut r = request("/");
+            r.headers_mut()
+                .insert("x-id", http::HeaderValue::from_str(header).expect("value"));
+            r.extensions_mut()
+                .insert(PeerAddr(SocketAddr::from((ip, 1000))));
+            r.extensions_mut().insert(Source {
+                principal: principal.into(),
+                ip: std::net::IpAddr::from(ip),
+                workload: None,
+            });
+            r
+        };
+        let web = "spiffe://cluster.local/ns/shop/sa/web";
+        let api = "spiffe://cluster.local/ns/shop/sa/api";
+        assert_eq!(
+            status(&service, from(web, [10, 0, 0, 1], "h1")).await.0,
+            200
+        );
+        // Same principal, other address and header: same bucket.
+        assert_eq!(
+            status(&service, from(web, [10, 0, 0, 2], "h2")).await.0,
+            429
+        );
+        // Other principal, same address and header: its own bucket.
+        assert_eq!(
+            status(&service, from(api, [10, 0, 0, 1], "h1")).await.0,
             200
         );
     }

@@ -115,6 +115,7 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
         }
         Err(
             ProxyError::NoHealthyEndpoint { .. }
+            | ProxyError::NoEndpoints { .. }
             | ProxyError::Overflow { .. }
             | ProxyError::ConnectionLimit { .. },
         ) => retry_on.contains(&RetryOn::Status503) || retry_on.contains(&RetryOn::Status5xx),

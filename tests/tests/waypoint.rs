@@ -1,0 +1,785 @@
+//! The waypoint in the mesh, end to end in the lab (root; fail, not skip, when CI=true): the
+//! node agents send traffic to Services bound to a waypoint (`weft.dev/use-waypoint`) through
+//! HBONE to the waypoint pod, which routes it at L7 and opens its own HBONE tunnel to the
+//! chosen backend.
+//!
+//! World (controller mode, namespace `shop` meshed and bound to waypoint `waypoint`):
+//! - n1p1 `web` (the client), n1p2 `waypoint-1` (the waypoint pod, running `weft-waypoint`),
+//!   n1p3 `batch` (namespace `legacy`, not meshed);
+//! - n2p1 `api-v1`, n2p2 `api-v2`, n2p3 `other`: HTTP servers on 8080 answering their name.
+//!
+//! Services: `api` (→ api-v1), `api-v2`, `other` (label `weft.dev/use-waypoint: none`) and
+//! the waypoint's own Service `waypoint` (port 15008).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use weft_tests::mesh::{
+    CONTROLLER_PORT, MeshConfig, MeshLab, WorkloadSpec, metric_sum, wait_for, waypoint_binary,
+};
+use weft_tests::scenario::{T, serial};
+use weft_tests::{Lab, LabSpec, Pod, TestServer, require_root, tcp_connect_in};
+
+const API_VIP: &str = "198.18.200.10";
+const API_V2_VIP: &str = "198.18.200.11";
+const OTHER_VIP: &str = "198.18.200.12";
+const WAYPOINT_VIP: &str = "198.18.200.13";
+const POOL_VIP: &str = "198.18.200.14";
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
+const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+/// The waypoint's metrics, inside its pod.
+const WAYPOINT_METRICS: &str = "127.0.0.1:15090";
+
+/// The waypoint's backends: the services `api` (api-v1), `api-v2` and `pool` (api-v1 and
+/// other), port 80.
+const BACKENDS: &str = r#"
+backends:
+  - name: api
+    service: api
+    port: 80
+  - name: api-v2
+    service: api-v2
+    port: 80
+  - name: pool
+    service: pool
+    port: 80
+    outlierDetection: {consecutive5xx: 3, baseEjectionTime: 1s, maxEjectionTime: 2s, maxEjectionPercent: 50}
+"#;
+
+/// A waypoint configuration whose only listener is for service `api` port 80, with `routes`
+/// (YAML, indented as list items under `routes:`).
+fn waypoint_config(routes: &str) -> String {
+    format!(
+        "listeners:\n  - name: api\n    service: api\n    port: 80\n    routes:\n{routes}{BACKENDS}"
+    )
+}
+
+/// `/v2...` to api-v2, everything else to api.
+const ROUTING: &str = r#"      - name: v2
+        matches:
+          - path: {type: PathPrefix, value: /v2}
+        backendRefs:
+          - name: api-v2
+      - name: default
+        backendRefs:
+          - name: api
+"#;
+
+fn service(name: &str, vip: &str, port: u16, target: u16, selector: Value, labels: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "shop", "labels": labels},
+        "spec": {"clusterIP": vip, "selector": selector,
+                 "ports": [{"port": port, "targetPort": target}]},
+    })
+}
+
+fn config(lab: &Lab) -> MeshConfig {
+    let mut c = MeshConfig::default()
+        .namespace("shop", true)
+        .label_namespace("shop", weft_api::labels::USE_WAYPOINT, "waypoint")
+        .namespace("legacy", false)
+        .workload(WorkloadSpec::new("web", "shop", lab.pod(0, 0)))
+        .workload(
+            WorkloadSpec::new("waypoint-1", "shop", lab.pod(0, 1))
+                .label(weft_api::labels::WAYPOINT, "waypoint"),
+        )
+        .workload(WorkloadSpec::new("batch", "legacy", lab.pod(0, 2)))
+        .workload(
+            WorkloadSpec::new("api-v1", "shop", lab.pod(1, 0))
+                .label("app", "api")
+                .label("pool", "a"),
+        )
+        .workload(WorkloadSpec::new("api-v2", "shop", lab.pod(1, 1)).label("app", "api-v2"))
+        .workload(
+            WorkloadSpec::new("other", "shop", lab.pod(1, 2))
+                .label("app", "other")
+                .label("pool", "a"),
+        );
+    for w in &mut c.workloads {
+        if w.name == "waypoint-1" {
+            w.service_account = "waypoint".into();
+        }
+        if w.name.starts_with("api-") {
+            w.service_account = "api".into();
+        }
+    }
+    c.raw = vec![
+        service("api", API_VIP, 80, 8080, json!({"app": "api"}), json!({})),
+        service(
+            "api-v2",
+            API_V2_VIP,
+            80,
+            8080,
+            json!({"app": "api-v2"}),
+            json!({}),
+        ),
+        service(
+            "other",
+            OTHER_VIP,
+            80,
+            8080,
+            json!({"app": "other"}),
+            json!({"weft.dev/use-waypoint": "none"}),
+        ),
+        service("pool", POOL_VIP, 80, 8080, json!({"pool": "a"}), json!({})),
+        service(
+            "waypoint",
+            WAYPOINT_VIP,
+            15008,
+            15008,
+            json!({"weft.dev/waypoint": "waypoint"}),
+            json!({"weft.dev/waypoint": "waypoint"}),
+        ),
+    ];
+    c
+}
+
+/// `weft-waypoint` in its pod, in mesh mode, streaming from the lab's controller.
+struct WaypointProcess {
+    child: Child,
+    pod: Pod,
+    log: PathBuf,
+}
+
+impl WaypointProcess {
+    fn start(mesh: &MeshLab, pod: &Pod, config_text: &str) -> Self {
+        let dir = mesh.dir();
+        let config = dir.join("waypoint.yaml");
+        std::fs::write(&config, config_text).expect("write waypoint config");
+        let log = dir.join("waypoint.log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("waypoint log");
+        let err = out.try_clone().expect("log handle");
+        let controller = mesh.lab.node(0);
+        let node = mesh.lab.node(pod.node_index - 1);
+        let bin = waypoint_binary().expect("weft-waypoint binary (cargo build -p weft-waypoint)");
+        let child = pod
+            .command(&bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("--controller")
+            .arg(format!("https://{}:{CONTROLLER_PORT}", controller.ip4))
+            .arg("--controller-ca")
+            .arg(dir.join("controller/ca.pem"))
+            .arg("--node")
+            .arg(&node.name)
+            .arg("--token-file")
+            .arg(dir.join(format!("token-{}", node.name)))
+            .arg("--namespace")
+            .arg("shop")
+            .arg("--service-account")
+            .arg("waypoint")
+            .arg("--metrics-address")
+            .arg(WAYPOINT_METRICS)
+            .arg("--state-dir")
+            .arg(dir.join("waypoint-state"))
+            .env(
+                "RUST_LOG",
+                std::env::var("WAYPOINT_LOG").unwrap_or("info".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start weft-waypoint");
+        let mut w = Self {
+            child,
+            pod: pod.clone(),
+            log,
+        };
+        w.wait_serving();
+        w
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Until HBONE (15008) accepts connections on the pod's address.
+    fn wait_serving(&mut self) {
+        let ns = self.pod.netns().expect("netns");
+        let hbone = SocketAddr::new(IpAddr::V4(self.pod.ip4), 15008);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("weft-waypoint exited ({status}):\n{}", self.log_text());
+            }
+            if tcp_connect_in(&ns, hbone, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "weft-waypoint does not listen on {hbone} after 20 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let ns = self.pod.netns().expect("netns");
+        let addr: SocketAddr = WAYPOINT_METRICS.parse().expect("addr");
+        let (code, body) = http(&ns, addr, "GET", "/metrics", "localhost").expect("metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    fn requests(&self) -> f64 {
+        metric_sum(&self.metrics(), "weft_waypoint_requests_total", &[])
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WaypointProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct World {
+    waypoint: Option<WaypointProcess>,
+    /// api-v1, api-v2, other.
+    servers: Vec<TestServer>,
+    mesh: MeshLab,
+}
+
+impl World {
+    fn pod(&self, node: usize, pod: usize) -> Pod {
+        self.mesh.lab.pod(node, pod).clone()
+    }
+    fn web(&self) -> Pod {
+        self.pod(0, 0)
+    }
+    /// The waypoint's and both agents' logs, for failure messages.
+    fn logs(&self) -> String {
+        format!(
+            "waypoint:\n{}\nagent n1:\n{}\nagent n2:\n{}",
+            self.waypoint
+                .as_ref()
+                .map(|w| w.log_text())
+                .unwrap_or_default(),
+            self.mesh.agent(0).log_tail(15),
+            self.mesh.agent(1).log_tail(15)
+        )
+    }
+    fn waypoint(&self) -> &WaypointProcess {
+        self.waypoint.as_ref().expect("waypoint running")
+    }
+    /// An HTTP request from `web` through the mesh.
+    fn get(&self, vip: &str, path: &str) -> std::io::Result<(u16, String)> {
+        self.request(vip, "GET", path, &[])
+            .map(|r| (r.code, r.body))
+    }
+    fn request(
+        &self,
+        vip: &str,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Resp> {
+        let ns = self.web().netns().expect("netns");
+        let addr = SocketAddr::new(vip.parse().expect("vip"), 80);
+        http_with(&ns, addr, method, path, &format!("{vip}:80"), headers)
+    }
+    /// The waypoint's metric `name` summed over series with `labels`.
+    fn wp_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.waypoint().metrics(), name, labels)
+    }
+}
+
+fn world(test: &str, waypoint_routes: &str) -> Option<World> {
+    if !require_root(test) {
+        return None;
+    }
+    let lab = Lab::up(LabSpec {
+        nodes: 2,
+        pods_per_node: 3,
+    })
+    .expect("lab up");
+    let mut servers = Vec::new();
+    for (pod, name) in [(1, "api-v1"), (2, "api-v2"), (3, "other")] {
+        let p = lab.pod(1, pod - 1).clone();
+        let ns = p.netns().expect("netns");
+        let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), 8080);
+        servers.push(TestServer::http(&ns, addr, name).expect("http server"));
+    }
+    let cfg = config(&lab);
+    let mesh = MeshLab::start_with_controller(lab, cfg, &[]).expect("controller and agents");
+    // The client needs its certificate before the first request.
+    wait_for(T, "web's certificate", || {
+        let dump = mesh.agent(0).get_json("/config_dump").ok()?;
+        dump["certificates"]
+            .as_array()?
+            .iter()
+            .any(|c| c["identity"] == WEB_ID && c["valid"] == true)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", mesh.agent(0).log_tail(30)));
+    let waypoint_pod = mesh.lab.pod(0, 1).clone();
+    let waypoint = WaypointProcess::start(&mesh, &waypoint_pod, &waypoint_config(waypoint_routes));
+    let w = World {
+        waypoint: Some(waypoint),
+        servers,
+        mesh,
+    };
+    // Listening comes first; the certificate and the mesh view follow within moments.
+    wait_for(
+        Duration::from_secs(10),
+        "the waypoint to serve the api Service",
+        || w.get(API_VIP, "/ready").ok().filter(|(c, _)| *c != 503),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    Some(w)
+}
+
+/// One HTTP/1.1 request (`Connection: close`) from inside `ns`: status and body.
+fn http(
+    ns: &weft_netns::NetNs,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+) -> std::io::Result<(u16, String)> {
+    http_with(ns, addr, method, path, host, &[]).map(|r| (r.code, r.body))
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+struct Resp {
+    code: u16,
+    /// Lowercase names.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// [`http`] with extra request headers, and the response headers.
+fn http_with(
+    ns: &weft_netns::NetNs,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Resp> {
+    let mut s = tcp_connect_in(ns, addr, T)?;
+    s.set_read_timeout(Some(T))?;
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {host}\r\n{extra}connection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))?;
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status in {head:?}")))?;
+    let headers = head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Resp {
+        code,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// The newest inbound access-log line of node `node`'s agent for destination workload `dst`.
+fn inbound_from(w: &World, node: usize, dst_workload: &str) -> Value {
+    wait_for(T, &format!("inbound access log for {dst_workload}"), || {
+        w.mesh
+            .agent(node)
+            .access_log()
+            .into_iter()
+            .rev()
+            .find(|l| l["direction"] == "inbound" && l["dst_workload"] == dst_workload)
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(node).log_tail(30)))
+}
+
+#[test]
+fn waypoint_routes_bound_services_and_unbound_traffic_does_not_touch_it() {
+    let _g = serial();
+    let Some(w) = world(
+        "waypoint_routes_bound_services_and_unbound_traffic_does_not_touch_it",
+        ROUTING,
+    ) else {
+        return;
+    };
+    // Routing by path, through agent -> waypoint -> agent, mutual TLS on both legs.
+    let (code, body) = w
+        .get(API_VIP, "/hello")
+        .unwrap_or_else(|e| panic!("GET api: {e}\n{}", w.logs()));
+    assert_eq!(code, 200, "{body}\n{}", w.logs());
+    assert!(body.starts_with("api-v1 GET /hello"), "{body}");
+    let (code, body) = w.get(API_VIP, "/v2/items").expect("GET api /v2");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("api-v2 GET /v2/items"), "{body}");
+    // The backend's agent saw the waypoint's identity, not the client's.
+    let line = inbound_from(&w, 1, "shop/api-v2");
+    assert_eq!(line["src_principal"], WAYPOINT_ID, "{line}");
+    assert_eq!(line["security"], "mutual_tls", "{line}");
+    // The client's agent tunnelled to the waypoint pod.
+    let out = wait_for(T, "outbound access log to the api VIP", || {
+        w.mesh
+            .agent(0)
+            .access_log()
+            .into_iter()
+            .find(|l| l["direction"] == "outbound" && l["dst"] == format!("{API_VIP}:80"))
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(0).log_tail(30)));
+    assert_eq!(out["dst_workload"], "shop/waypoint-1", "{out}");
+    assert_eq!(out["dst_principal"], WAYPOINT_ID, "{out}");
+    let through_waypoint = w.waypoint().requests();
+    assert!(through_waypoint >= 2.0, "{}", w.waypoint().metrics());
+
+    // A service opted out (`none`) goes straight to its endpoint: the waypoint sees nothing.
+    let (code, body) = w.get(OTHER_VIP, "/direct").expect("GET other");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("other GET /direct"), "{body}");
+    let line = inbound_from(&w, 1, "shop/other");
+    assert_eq!(line["src_principal"], WEB_ID, "{line}");
+    assert_eq!(
+        w.waypoint().requests(),
+        through_waypoint,
+        "unbound traffic reached the waypoint"
+    );
+}
+
+#[test]
+fn waypoint_down_means_bound_traffic_is_refused_never_bypassed() {
+    let _g = serial();
+    let Some(mut w) = world(
+        "waypoint_down_means_bound_traffic_is_refused_never_bypassed",
+        ROUTING,
+    ) else {
+        return;
+    };
+    let (code, _) = w.get(API_VIP, "/up").expect("GET through the waypoint");
+    assert_eq!(code, 200);
+    let served_before = w.servers[0].accepted();
+    // The waypoint process dies: its pod is still an endpoint, but nothing answers on 15008.
+    if let Some(mut p) = w.waypoint.take() {
+        p.stop();
+    }
+    assert!(
+        w.get(API_VIP, "/down").is_err(),
+        "a bound service must not be reachable without its waypoint"
+    );
+    // The waypoint's pod goes away: no ready waypoint pod at all.
+    let before = w.mesh.applied_counts();
+    w.mesh.config.workloads.retain(|x| x.name != "waypoint-1");
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    assert!(w.get(API_VIP, "/gone").is_err());
+    let m = w.mesh.agent(0).metrics_text();
+    assert!(
+        metric_sum(
+            &m,
+            "weft_tcp_connection_failures_total",
+            &[("reason", "no_waypoint")]
+        ) >= 1.0,
+        "{m}"
+    );
+    // Nothing reached the backend after the waypoint went down.
+    assert_eq!(w.servers[0].accepted(), served_before, "api-v1 was reached");
+    // Unbound traffic still flows.
+    let (code, _) = w.get(OTHER_VIP, "/still").expect("GET other");
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn waypoint_splits_traffic_by_weight_within_tolerance() {
+    let _g = serial();
+    let routes = r#"      - name: split
+        backendRefs:
+          - {name: api, weight: 75}
+          - {name: api-v2, weight: 25}
+"#;
+    let Some(w) = world("waypoint_splits_traffic_by_weight_within_tolerance", routes) else {
+        return;
+    };
+    let n = 200;
+    let mut v2 = 0;
+    let before = w.wp_metric("weft_waypoint_requests_total", &[("route", "split")]);
+    for i in 0..n {
+        let (code, body) = w.get(API_VIP, &format!("/split/{i}")).expect("GET");
+        assert_eq!(code, 200, "{body}");
+        if body.starts_with("api-v2 ") {
+            v2 += 1;
+        } else {
+            assert!(body.starts_with("api-v1 "), "{body}");
+        }
+    }
+    // 25% of 200 = 50; binomial sd ~6.1: allow ±3.5 sd.
+    assert!(
+        (29..=71).contains(&v2),
+        "{v2} of {n} went to api-v2, want ~50"
+    );
+    let routed = w.wp_metric("weft_waypoint_requests_total", &[("route", "split")]) - before;
+    assert_eq!(routed, f64::from(n), "every request counted on its route");
+}
+
+#[test]
+fn waypoint_changes_request_and_response_headers() {
+    let _g = serial();
+    let routes = r#"      - name: headers
+        filters:
+          - type: RequestHeaderModifier
+            requestHeaderModifier:
+              add: [{name: x-added, value: by-waypoint}]
+              set: [{name: x-replaced, value: new}]
+              remove: [x-secret]
+          - type: ResponseHeaderModifier
+            responseHeaderModifier:
+              set: [{name: x-served-by, value: waypoint}]
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world("waypoint_changes_request_and_response_headers", routes) else {
+        return;
+    };
+    let r = w
+        .request(
+            API_VIP,
+            "GET",
+            "/h",
+            &[
+                ("x-replaced", "old"),
+                ("x-secret", "s3cr3t"),
+                ("x-kept", "yes"),
+            ],
+        )
+        .expect("GET");
+    assert_eq!(r.code, 200, "{}", r.body);
+    for want in ["x-added=by-waypoint", "x-kept=yes", "x-replaced=new"] {
+        assert!(
+            r.body.contains(want),
+            "missing {want}; the backend saw: {}",
+            r.body
+        );
+    }
+    assert!(!r.body.contains("s3cr3t"), "{}", r.body);
+    assert_eq!(r.header("x-served-by"), Some("waypoint"), "{:?}", r.headers);
+}
+
+#[test]
+fn waypoint_times_out_slow_requests() {
+    let _g = serial();
+    let routes = r#"      - name: slow
+        timeouts: {request: 300ms}
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world("waypoint_times_out_slow_requests", routes) else {
+        return;
+    };
+    let start = Instant::now();
+    let (code, body) = w.get(API_VIP, "/sleep/3000").expect("GET");
+    let took = start.elapsed();
+    assert_eq!(code, 504, "{body}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "answered after {took:?}, the backend takes 3 s"
+    );
+    let (code, _) = w.get(API_VIP, "/sleep/10").expect("GET");
+    assert_eq!(code, 200, "a fast request is not cut");
+}
+
+#[test]
+fn waypoint_retries_5xx_within_the_budget() {
+    let _g = serial();
+    let routes = r#"      - name: retried
+        retry:
+          attempts: 3
+          backoff: {base: 5ms, max: 20ms}
+          retryOn: ["5xx"]
+          budget: {ratio: 0.01, minRetriesPerSecond: 1, window: 2s}
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world("waypoint_retries_5xx_within_the_budget", routes) else {
+        return;
+    };
+    // Each request fails; the budget (1 retry/s over a 2 s window, plus 1% of requests) lets
+    // about two retries through, then retries stop.
+    let before = w.servers[0].accepted();
+    for _ in 0..6 {
+        let (code, _) = w.get(API_VIP, "/status/503").expect("GET");
+        assert_eq!(code, 503, "the last attempt's answer");
+    }
+    let retries = w.wp_metric("weft_waypoint_retries_total", &[("route", "retried")]);
+    let exhausted = w.wp_metric(
+        "weft_waypoint_retry_budget_exhausted_total",
+        &[("route", "retried")],
+    );
+    assert!(
+        (2.0..=4.0).contains(&retries),
+        "retries {retries}: the budget caps them (without it: 12)"
+    );
+    assert!(exhausted >= 1.0, "the budget ran out at least once");
+    assert_eq!(
+        w.servers[0].accepted() - before,
+        6 + retries as usize,
+        "api-v1 saw each request once plus each retry"
+    );
+}
+
+#[test]
+fn waypoint_ejects_a_failing_endpoint_and_probes_it_back() {
+    let _g = serial();
+    let routes = r#"      - name: pool
+        backendRefs:
+          - name: pool
+"#;
+    let Some(w) = world(
+        "waypoint_ejects_a_failing_endpoint_and_probes_it_back",
+        routes,
+    ) else {
+        return;
+    };
+    // `other` fails every request, api-v1 none: after 3 consecutive 5xx `other` is ejected.
+    let mut failures = 0;
+    for _ in 0..40 {
+        let (code, _) = w.get(API_VIP, "/fail-on/other/x").expect("GET");
+        if code == 500 {
+            failures += 1;
+        }
+    }
+    let opened = w.wp_metric(
+        "weft_waypoint_circuit_transitions_total",
+        &[("backend", "pool"), ("to", "open")],
+    );
+    assert!(opened >= 1.0, "{}", w.waypoint().metrics());
+    assert!(
+        failures <= 12,
+        "{failures} of 40 failed: the ejected endpoint kept getting traffic"
+    );
+    // After the ejection time, `other` is healthy again: probed (half-open) and closed.
+    std::thread::sleep(Duration::from_millis(1500));
+    wait_for(
+        Duration::from_secs(10),
+        "the circuit to close again",
+        || {
+            let (code, _) = w.get(API_VIP, "/ok").ok()?;
+            assert_eq!(code, 200);
+            (w.wp_metric(
+                "weft_waypoint_circuit_transitions_total",
+                &[("backend", "pool"), ("to", "closed")],
+            ) >= 1.0)
+                .then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.waypoint().metrics()));
+    let half_open = w.wp_metric(
+        "weft_waypoint_circuit_transitions_total",
+        &[("backend", "pool"), ("to", "half-open")],
+    );
+    assert!(half_open >= 1.0, "{}", w.waypoint().metrics());
+}
+
+#[test]
+fn waypoint_injects_delays_and_aborts() {
+    let _g = serial();
+    let routes = r#"      - name: abort
+        matches: [{path: {type: PathPrefix, value: /abort}}]
+        fault: {abort: {httpStatus: 418, percentage: 100}}
+        backendRefs:
+          - name: api
+      - name: delay
+        matches: [{path: {type: PathPrefix, value: /delay}}]
+        fault: {delay: {fixedDelay: 400ms, percentage: 100}}
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world("waypoint_injects_delays_and_aborts", routes) else {
+        return;
+    };
+    let before = w.servers[0].accepted();
+    let (code, _) = w.get(API_VIP, "/abort").expect("GET");
+    assert_eq!(code, 418);
+    assert_eq!(
+        w.servers[0].accepted(),
+        before,
+        "an aborted request never reaches the backend"
+    );
+    let start = Instant::now();
+    let (code, body) = w.get(API_VIP, "/delay").expect("GET");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        start.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        w.wp_metric("weft_waypoint_faults_total", &[("kind", "abort")]),
+        1.0
+    );
+    assert_eq!(
+        w.wp_metric("weft_waypoint_faults_total", &[("kind", "delay")]),
+        1.0
+    );
+}
+
+#[test]
+fn waypoint_rate_limits_per_source_with_429() {
+    let _g = serial();
+    let routes = r#"      - name: limited
+        rateLimit:
+          perSource: {capacity: 3, refillPerSecond: 0.1}
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world("waypoint_rate_limits_per_source_with_429", routes) else {
+        return;
+    };
+    // The world's readiness probe (from web, too) may have taken a token: 2 or 3 get through,
+    // then every request is limited.
+    let codes: Vec<u16> = (0..5)
+        .map(|_| w.request(API_VIP, "GET", "/r", &[]).expect("GET").code)
+        .collect();
+    let ok = codes.iter().take_while(|c| **c == 200).count();
+    assert!((2..=3).contains(&ok), "{codes:?}");
+    assert!(codes[ok..].iter().all(|c| *c == 429), "{codes:?}");
+    let r = w.request(API_VIP, "GET", "/r", &[]).expect("GET");
+    assert_eq!(r.code, 429);
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {:?}", r.headers));
+    assert!((1..=10).contains(&retry_after), "{retry_after}");
+    assert!(w.wp_metric("weft_waypoint_rate_limited_total", &[("route", "limited")]) >= 3.0);
+}

@@ -1,0 +1,297 @@
+//! HBONE termination: the waypoint's `--hbone-address` (port 15008).
+//!
+//! Node agents send the traffic of clients to a Service bound to this waypoint as HBONE: TLS
+//! 1.3 to `<waypoint pod ip>:15008` with the client pod's certificate (required, chained to
+//! the mesh's trust bundle, one SPIFFE ID in the mesh's trust domain), then
+//! `CONNECT <service VIP>:<port>` with `Forwarded: for="<client ip>"`. Admission answers `400`
+//! when the authority is not a Service port of the mesh view (the body says which part is
+//! unknown) and `503` while draining or before the first mesh view; then the tunnel carries
+//! HTTP/1.1 or HTTP/2 (detected), served with the listener attached to that Service port, or
+//! the implicit default route to the Service itself. Each request carries a
+//! [`Source`](crate::layers::Source) extension: the client's SPIFFE ID, original address and
+//! workload.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use weft_api::model::ServiceInfo;
+use weft_tunnel::hbone::{self, ConnectRequest, Handler, Refusal, Tunnel};
+
+use super::MeshContext;
+use crate::layers::Source;
+use crate::proxy::{Waypoint, handle_from};
+
+/// Binds the HBONE listener. When `address` is the IPv6 wildcard (`[::]:<port>`, the default)
+/// and IPv6 is unavailable, falls back to `0.0.0.0:<port>`.
+pub async fn bind_hbone(address: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(address).await {
+        Ok(socket) => Ok(socket),
+        Err(e) if address.ip().is_unspecified() && address.is_ipv6() && ipv6_unavailable(&e) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), address.port());
+            tracing::warn!(%address, error = %e, fallback = %v4, "IPv6 is unavailable; HBONE listens on IPv4 only");
+            TcpListener::bind(v4).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    // EAFNOSUPPORT (IPv6 compiled out), EADDRNOTAVAIL (disabled by sysctl).
+    matches!(e.raw_os_error(), Some(97) | Some(99))
+        || e.kind() == std::io::ErrorKind::AddrNotAvailable
+}
+
+struct Shared {
+    waypoint: Arc<Waypoint>,
+    ctx: Arc<MeshContext>,
+    draining: AtomicBool,
+    graceful: Mutex<Option<GracefulShutdown>>,
+}
+
+fn refused(reason: &'static str) {
+    metrics::counter!("weft_waypoint_hbone_refused_total", "reason" => reason).increment(1);
+}
+
+/// Serves HBONE on `socket` forever.
+pub async fn serve_hbone(socket: TcpListener, waypoint: Arc<Waypoint>) {
+    serve_hbone_until(socket, waypoint, std::future::pending(), Duration::ZERO).await
+}
+
+/// Serves HBONE on `socket` until `shutdown` completes; then stops accepting, refuses new
+/// tunnels (503), asks the HTTP connections in open tunnels to finish and waits up to `drain`
+/// for them. Does nothing (logs an error) if `waypoint` is not in mesh mode.
+pub async fn serve_hbone_until(
+    socket: TcpListener,
+    waypoint: Arc<Waypoint>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    let Some(ctx) = waypoint.mesh().cloned() else {
+        tracing::error!("HBONE needs a waypoint in mesh mode (built with Waypoint::new_mesh)");
+        return;
+    };
+    let shared = Arc::new(Shared {
+        waypoint,
+        ctx,
+        draining: AtomicBool::new(false),
+        graceful: Mutex::new(Some(GracefulShutdown::new())),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = socket.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HBONE accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        tokio::spawn(connection(shared.clone(), stream, peer));
+    }
+    shared.draining.store(true, Ordering::Release);
+    drop(socket);
+    let graceful = match shared.graceful.lock() {
+        Ok(mut g) => g.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    if let Some(graceful) = graceful {
+        let open = graceful.count();
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open,
+                ?drain,
+                "tunnels still open after the drain timeout; closing them"
+            );
+        }
+    }
+}
+
+/// One HBONE connection: mutual TLS, then tunnels.
+async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let fail = |reason: &'static str, detail: String| {
+        refused(reason);
+        tracing::warn!(%peer, reason, error = %detail, "HBONE connection refused");
+    };
+    if shared.draining.load(Ordering::Acquire) {
+        return;
+    }
+    let ctx = &shared.ctx;
+    let svid = match tokio::time::timeout(ctx.handshake_timeout, ctx.svid.svid()).await {
+        Ok(Ok(svid)) => svid,
+        Ok(Err(e)) => return fail("no_certificate", e.to_string()),
+        Err(_) => {
+            return fail(
+                "no_certificate",
+                "timed out waiting for the waypoint's certificate".into(),
+            );
+        }
+    };
+    let view = ctx.mesh.current();
+    let config = ctx
+        .trust(&view, &svid)
+        .map_err(|e| e.to_string())
+        .and_then(|trust| {
+            weft_tunnel::server_config(svid.chain.clone(), svid.key.clone_key(), &trust)
+                .map_err(|e| e.to_string())
+        });
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return fail("no_certificate", e),
+    };
+    let _ = tcp.set_nodelay(true);
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return fail("tls_failed", e.to_string()),
+        Err(_) => return fail("tls_timeout", "the TLS handshake timed out".into()),
+    };
+    let identity = match weft_tunnel::peer_identity(tls.get_ref().1) {
+        Ok(identity) => identity,
+        Err(e) => return fail("tls_peer_invalid", e.to_string()),
+    };
+    if identity.trust_domain().as_str() != view.trust_domain() {
+        return fail(
+            "tls_peer_wrong_trust_domain",
+            format!(
+                "the peer {identity} is not in this mesh's trust domain `{}`",
+                view.trust_domain()
+            ),
+        );
+    }
+    let handler = Inbound {
+        shared: shared.clone(),
+        principal: identity.as_str().into(),
+        peer,
+    };
+    if let Err(e) = hbone::serve(tls, handler).await {
+        tracing::debug!(%peer, error = %e, "HBONE connection ended");
+    }
+}
+
+/// Admits and serves the tunnels of one HBONE connection.
+#[derive(Clone)]
+struct Inbound {
+    shared: Arc<Shared>,
+    /// The peer's SPIFFE ID.
+    principal: Arc<str>,
+    peer: SocketAddr,
+}
+
+/// A tunnel admitted to a Service port.
+struct Admitted {
+    service: Arc<ServiceInfo>,
+    port: u16,
+    source: Source,
+}
+
+impl Handler for Inbound {
+    type Admitted = Admitted;
+
+    async fn admit(&self, req: ConnectRequest) -> Result<Admitted, Refusal> {
+        let refuse = |reason: &'static str, status: StatusCode, why: String| {
+            refused(reason);
+            tracing::debug!(peer = %self.peer, principal = %self.principal, dst = %req.dst, reason, "tunnel refused");
+            Err(Refusal::new(status, why))
+        };
+        if self.shared.draining.load(Ordering::Acquire) {
+            return refuse(
+                "draining",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the waypoint is draining (shutting down); retry on another waypoint pod".into(),
+            );
+        }
+        let view = self.shared.ctx.mesh.current();
+        if !view.received() {
+            return refuse(
+                "no_mesh_view",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the waypoint has no mesh view from the controller yet; retry shortly".into(),
+            );
+        }
+        let dst = req.dst;
+        let Some(service) = view.service_by_vip(dst.ip()).cloned() else {
+            return refuse(
+                "unknown_service",
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{} is not the virtual IP of a Service in the mesh view: this waypoint accepts CONNECT <service VIP>:<port> for Services bound to it",
+                    dst.ip()
+                ),
+            );
+        };
+        if !service.ports.iter().any(|p| p.port == dst.port()) {
+            let ports: Vec<String> = service.ports.iter().map(|p| p.port.to_string()).collect();
+            return refuse(
+                "unknown_port",
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Service {} ({}) has no port {} (its ports: {})",
+                    service.key(),
+                    dst.ip(),
+                    dst.port(),
+                    ports.join(", ")
+                ),
+            );
+        }
+        let ip = req
+            .forwarded_for
+            .unwrap_or_else(|| self.peer.ip())
+            .to_canonical();
+        let source = Source {
+            principal: self.principal.clone(),
+            ip,
+            workload: view.workload_at(ip).cloned(),
+        };
+        Ok(Admitted {
+            service,
+            port: dst.port(),
+            source,
+        })
+    }
+
+    async fn run(&self, admitted: Admitted, tunnel: Tunnel) {
+        let waypoint = self.shared.waypoint.clone();
+        let Admitted {
+            service,
+            port,
+            source,
+        } = admitted;
+        let peer = SocketAddr::new(source.ip, 0);
+        let http = hyper::service::service_fn(move |request| {
+            let listener = waypoint.mesh_listener(&service, port);
+            handle_from(listener, peer, Some(source.clone()), request)
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        let connection = builder.serve_connection(TokioIo::new(tunnel), http);
+        let watcher = match self.shared.graceful.lock() {
+            Ok(g) => g.as_ref().map(GracefulShutdown::watcher),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .as_ref()
+                .map(GracefulShutdown::watcher),
+        };
+        let result = match watcher {
+            Some(watcher) => watcher.watch(connection).await,
+            None => connection.await,
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %self.peer, error = %e, "HTTP in a tunnel ended with an error");
+        }
+    }
+}

@@ -1,0 +1,687 @@
+//! Mesh mode on loopback: a test CA (rcgen) issues SPIFFE certificates to a client pod, the
+//! waypoint and the backend pods; the waypoint terminates HBONE with a static mesh view; the
+//! backend pods are HBONE servers on other 127.77.<test>.x addresses (port 15008) that answer
+//! HTTP inside each tunnel with their name and what they saw. Each test uses its own
+//! 127.77.<test>.0/24.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use tokio::sync::watch;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use weft_api::MeshState;
+use weft_api::WorkloadInfo;
+use weft_api::model::{EndpointInfo, ServiceInfo, ServicePort};
+use weft_tunnel::hbone::{self, Client, ConnectRequest, HboneError, Tunnel};
+use weft_tunnel::{
+    TrustBundle, certs_from_pem, client_config, private_key_from_pem, server_config,
+};
+use weft_waypoint::config::{Config, Mode};
+use weft_waypoint::mesh::server::serve_hbone;
+use weft_waypoint::mesh::{Mesh, MeshContext, MeshView, StaticSvid, Svid};
+use weft_waypoint::proxy::Waypoint;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const TD: &str = "cluster.local";
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://{TD}/ns/shop/sa/{sa}")
+}
+
+/// A test CA.
+struct Pki {
+    root_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("root");
+        Pki {
+            root_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for a SPIFFE ID.
+    fn leaf(&self, id: &str) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.subject_alt_names = vec![SanType::URI(id.try_into().expect("uri"))];
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn trust(&self) -> TrustBundle {
+        TrustBundle::from_pem(self.root_pem.as_bytes()).expect("bundle")
+    }
+}
+
+/// 127.77.<test>.<host>
+fn ip(test: u8, host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 77, test, host))
+}
+
+fn workload(name: &str, sa: &str, ip: IpAddr) -> WorkloadInfo {
+    WorkloadInfo {
+        name: name.into(),
+        namespace: "shop".into(),
+        service_account: sa.into(),
+        node: "n1".into(),
+        ip4: match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        },
+        ip6: None,
+        netns: "/x".into(),
+        labels: Default::default(),
+        capture: Default::default(),
+    }
+}
+
+fn service(
+    name: &str,
+    vip: IpAddr,
+    port: u16,
+    target: u16,
+    endpoints: &[(&str, IpAddr)],
+) -> ServiceInfo {
+    ServiceInfo {
+        name: name.into(),
+        namespace: "shop".into(),
+        hostname: format!("{name}.shop.svc.cluster.local"),
+        vips: vec![vip],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port,
+            target_port: target,
+            app_protocol: String::new(),
+        }],
+        endpoints: endpoints
+            .iter()
+            .map(|(w, ip)| EndpointInfo {
+                workload: format!("shop/{w}"),
+                ip4: match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                },
+                ip6: None,
+                ready: true,
+            })
+            .collect(),
+        waypoint: Some("shop/waypoint".into()),
+    }
+}
+
+/// The mesh of test `t`: a client pod `web` (and `api`), the waypoint, two `reviews` pods and
+/// one `ratings` pod; Services `frontend` (VIP .100, no endpoints), `reviews` (VIP .101, port
+/// 9080 -> 8080, endpoint reviews-1) and `ratings` (VIP .102, port 9080 -> 8081).
+fn state(t: u8, pki: &Pki) -> MeshState {
+    let mut state = MeshState::default();
+    state.namespaces.insert("shop".into(), true);
+    for w in [
+        workload("web", "web", ip(t, 10)),
+        workload("api", "api", ip(t, 11)),
+        workload("waypoint", "waypoint", ip(t, 1)),
+        workload("reviews-1", "reviews", ip(t, 21)),
+        workload("reviews-2", "reviews", ip(t, 22)),
+        workload("ratings-1", "ratings", ip(t, 31)),
+    ] {
+        state.workloads.insert(w.key(), w);
+    }
+    for s in [
+        service("frontend", ip(t, 100), 80, 8080, &[]),
+        service(
+            "reviews",
+            ip(t, 101),
+            9080,
+            8080,
+            &[("reviews-1", ip(t, 21))],
+        ),
+        service(
+            "ratings",
+            ip(t, 102),
+            9080,
+            8081,
+            &[("ratings-1", ip(t, 31))],
+        ),
+    ] {
+        state.services.insert(s.key(), s);
+    }
+    state.trust_bundle = vec![pki.root_pem.clone()];
+    state
+}
+
+/// A backend pod: HBONE on `<ip>:15008` with a certificate for `identity`, answering HTTP in
+/// each tunnel with `name` and echoing what it saw: `x-hbone-dst` (the CONNECT authority),
+/// `x-hbone-for` (`Forwarded: for`), `x-hbone-peer` (the SPIFFE ID of the tunnel's client),
+/// `x-seen-xff`, `x-path`, `x-host`. Returns (TLS connections accepted, HTTP requests).
+async fn backend_pod(
+    pki: &Pki,
+    at: IpAddr,
+    name: &'static str,
+    identity: &str,
+) -> (Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (cert, key) = pki.leaf(identity);
+    let config = server_config(
+        certs_from_pem(cert.as_bytes()).expect("cert"),
+        private_key_from_pem(key.as_bytes()).expect("key"),
+        &pki.trust(),
+    )
+    .expect("server config");
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let socket = tokio::net::TcpListener::bind(SocketAddr::new(at, 15008))
+        .await
+        .expect("bind a backend pod's 15008");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (accepted, served) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = socket.accept().await {
+            let acceptor = acceptor.clone();
+            let accepted = accepted.clone();
+            let served = served.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let peer = weft_tunnel::peer_identity(tls.get_ref().1)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                let handler = move |c: ConnectRequest, tunnel: Tunnel| {
+                    let peer = peer.clone();
+                    let served = served.clone();
+                    async move { serve_http(name, c, peer, tunnel, served).await }
+                };
+                let _ = hbone::serve(tls, handler).await;
+            });
+        }
+    });
+    (connections, requests)
+}
+
+async fn serve_http(
+    name: &'static str,
+    c: ConnectRequest,
+    peer: String,
+    tunnel: Tunnel,
+    served: Arc<AtomicUsize>,
+) {
+    let service =
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            served.fetch_add(1, Ordering::SeqCst);
+            let header = |n: &str| {
+                request
+                    .headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            let response = http::Response::builder()
+                .header("x-backend", name)
+                .header("x-hbone-dst", c.dst.to_string())
+                .header(
+                    "x-hbone-for",
+                    c.forwarded_for.map(|i| i.to_string()).unwrap_or_default(),
+                )
+                .header("x-hbone-peer", peer.clone())
+                .header("x-seen-xff", header("x-forwarded-for"))
+                .header("x-host", header("host"))
+                .header(
+                    "x-path",
+                    request.uri().path_and_query().map_or("/", |p| p.as_str()),
+                )
+                .body(Full::new(Bytes::from(name)));
+            async move { Ok::<_, Infallible>(response.expect("response")) }
+        });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tunnel), service)
+        .await;
+}
+
+/// The waypoint of test `t` in mesh mode with `yaml`, HBONE on 127.77.<t>.1:<any port>.
+async fn waypoint(
+    t: u8,
+    pki: &Pki,
+    state: &MeshState,
+    yaml: &str,
+) -> (SocketAddr, watch::Sender<Arc<MeshView>>) {
+    let (tx, mesh) = Mesh::fixed(state, TD);
+    let (cert, key) = pki.leaf(&spiffe("waypoint"));
+    let svid = Svid::from_pem(&cert, &key, 1, Vec::new()).expect("svid");
+    let ctx = Arc::new(MeshContext::new(
+        "shop",
+        mesh,
+        Arc::new(StaticSvid(Arc::new(svid))),
+    ));
+    let config = Config::from_yaml_for(yaml, Mode::Mesh).expect("valid mesh config");
+    let waypoint = Arc::new(Waypoint::new_mesh(&config, ctx).expect("compile"));
+    let socket = tokio::net::TcpListener::bind(SocketAddr::new(ip(t, 1), 0))
+        .await
+        .expect("bind the waypoint's HBONE");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(serve_hbone(socket, waypoint));
+    (addr, tx)
+}
+
+/// How opening a tunnel failed.
+#[derive(Debug)]
+enum Failure {
+    /// The waypoint answered the CONNECT with this status and reason.
+    Refused(http::StatusCode, String),
+    /// TLS or HTTP/2 failed before any answer (the error, shown by `Debug` on failure).
+    Transport(#[allow(dead_code)] String),
+}
+
+/// A client pod's HBONE connection to the waypoint, with a certificate for `identity` from
+/// `pki` (which may not be the mesh's CA).
+async fn connect(
+    waypoint: SocketAddr,
+    pki: &Pki,
+    mesh_pki: &Pki,
+    identity: &str,
+) -> Result<Client, Failure> {
+    let (cert, key) = pki.leaf(identity);
+    let config = client_config(
+        certs_from_pem(cert.as_bytes()).expect("cert"),
+        private_key_from_pem(key.as_bytes()).expect("key"),
+        &mesh_pki.trust(),
+        spiffe("waypoint").parse().expect("id"),
+    )
+    .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(waypoint)
+        .await
+        .map_err(|e| Failure::Transport(e.to_string()))?;
+    let name = rustls::pki_types::ServerName::try_from("waypoint.invalid").expect("name");
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| Failure::Transport(e.to_string()))?;
+    Client::handshake(tls)
+        .await
+        .map_err(|e| Failure::Transport(e.to_string()))
+}
+
+async fn tunnel(client: &Client, dst: SocketAddr, from: IpAddr) -> Result<Tunnel, Failure> {
+    match client.clone().connect(dst, Some(from), None).await {
+        Ok(t) => Ok(t),
+        Err(HboneError::Refused { status, reason, .. }) => Err(Failure::Refused(status, reason)),
+        Err(e) => Err(Failure::Transport(e.to_string())),
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+/// One HTTP/1.1 request in a new tunnel to `dst` from client address `from`.
+async fn get(client: &Client, dst: SocketAddr, from: IpAddr, host: &str, path: &str) -> Answer {
+    let t = tunnel(client, dst, from).await.expect("tunnel admitted");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(t))
+        .await
+        .expect("HTTP/1.1 in the tunnel");
+    tokio::spawn(connection);
+    let request = http::Request::builder()
+        .uri(path)
+        .header("host", host)
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Answer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn vip(t: u8, host: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(t, host), port)
+}
+
+#[tokio::test]
+async fn mesh_routes_by_path_to_two_services_through_hbone() -> Result<(), BoxError> {
+    let t = 1;
+    let pki = Pki::new();
+    let (reviews_tls, _) = backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    let (ratings_tls, _) = backend_pod(&pki, ip(t, 31), "ratings-1", &spiffe("ratings")).await;
+    let yaml = r#"
+listeners:
+  - name: frontend
+    service: frontend
+    port: 80
+    routes:
+      - name: reviews
+        hostnames: [www.example.com]
+        matches: [{ path: { type: PathPrefix, value: /reviews } }]
+        backendRefs: [{ name: reviews }]
+      - name: ratings
+        matches: [{ path: { type: PathPrefix, value: /ratings } }]
+        backendRefs: [{ name: ratings }]
+backends:
+  - name: reviews
+    service: reviews
+    port: 9080
+  - name: ratings
+    service: ratings
+    port: 9080
+"#;
+    let (wp, _view) = waypoint(t, &pki, &state(t, &pki), yaml).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let frontend = vip(t, 100, 80);
+
+    // The route's hostnames also match the Service's own names.
+    let a = get(
+        &web,
+        frontend,
+        ip(t, 10),
+        "frontend.shop.svc.cluster.local:80",
+        "/reviews/1",
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "reviews-1"),
+        "{}",
+        a.body
+    );
+    // The endpoint's target port, the original client, the waypoint's identity.
+    assert_eq!(a.headers["x-hbone-dst"], format!("{}:8080", ip(t, 21)));
+    assert_eq!(a.headers["x-hbone-for"], ip(t, 10).to_string());
+    assert_eq!(a.headers["x-hbone-peer"], spiffe("waypoint"));
+    assert_eq!(a.headers["x-seen-xff"], ip(t, 10).to_string());
+    assert_eq!(a.headers["x-path"], "/reviews/1");
+    let b = get(&web, frontend, ip(t, 10), "frontend", "/ratings?stars=5").await;
+    assert_eq!(
+        (b.status, b.body.as_str()),
+        (200, "ratings-1"),
+        "{}",
+        b.body
+    );
+    assert_eq!(b.headers["x-hbone-dst"], format!("{}:8081", ip(t, 31)));
+    assert_eq!(b.headers["x-path"], "/ratings?stars=5");
+    // Another host name is not the Service's: the reviews route does not match.
+    let c = get(&web, frontend, ip(t, 10), "elsewhere.example", "/reviews/1").await;
+    assert_eq!(c.status, 404, "{}", c.body);
+
+    // More requests, in new tunnels and from a second client connection: the waypoint's HBONE
+    // connection to each backend pod is reused.
+    let api = connect(wp, &pki, &pki, &spiffe("api")).await.expect("mTLS");
+    for _ in 0..5 {
+        assert_eq!(
+            get(&web, frontend, ip(t, 10), "frontend", "/reviews/x")
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            get(&api, frontend, ip(t, 11), "frontend", "/reviews/x")
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        reviews_tls.load(Ordering::SeqCst),
+        1,
+        "one pooled HBONE connection"
+    );
+    assert_eq!(ratings_tls.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_service_without_listener_gets_the_default_route() -> Result<(), BoxError> {
+    let t = 2;
+    let pki = Pki::new();
+    backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    // No listener at all: every Service bound to the waypoint still works.
+    let (wp, _view) = waypoint(t, &pki, &state(t, &pki), "listeners: []\n").await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let a = get(
+        &web,
+        vip(t, 101, 9080),
+        ip(t, 10),
+        "reviews:9080",
+        "/any/path",
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.body.as_str()),
+        (200, "reviews-1"),
+        "{}",
+        a.body
+    );
+    assert_eq!(a.headers["x-hbone-dst"], format!("{}:8080", ip(t, 21)));
+    assert_eq!(a.headers["x-path"], "/any/path");
+    assert_eq!(a.headers["x-host"], "reviews:9080");
+    // A Service without ready endpoints: 503 naming the problem.
+    let f = get(&web, vip(t, 100, 80), ip(t, 10), "frontend", "/").await;
+    assert_eq!(f.status, 503);
+    assert!(f.body.contains("no ready endpoint"), "{}", f.body);
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_connect_to_an_unknown_authority_is_400() -> Result<(), BoxError> {
+    let t = 3;
+    let pki = Pki::new();
+    let (wp, _view) = waypoint(t, &pki, &state(t, &pki), "listeners: []\n").await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    match tunnel(&web, vip(t, 199, 80), ip(t, 10)).await {
+        Err(Failure::Refused(status, reason)) => {
+            assert_eq!(status, 400);
+            assert!(
+                reason.contains(&ip(t, 199).to_string()) && reason.contains("not the virtual IP"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a 400, got {:?}", other.map(|_| "a tunnel")),
+    }
+    match tunnel(&web, vip(t, 101, 81), ip(t, 10)).await {
+        Err(Failure::Refused(status, reason)) => {
+            assert_eq!(status, 400);
+            assert!(
+                reason.contains("shop/reviews") && reason.contains("no port 81"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a 400, got {:?}", other.map(|_| "a tunnel")),
+    }
+    // The connection is still usable for a good authority.
+    assert!(tunnel(&web, vip(t, 101, 9080), ip(t, 10)).await.is_ok());
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_client_certificate_outside_the_trust_bundle_is_refused_at_handshake()
+-> Result<(), BoxError> {
+    let t = 4;
+    let pki = Pki::new();
+    let (_, requests) = backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    let (wp, _view) = waypoint(t, &pki, &state(t, &pki), "listeners: []\n").await;
+    let rogue = Pki::new();
+    // TLS 1.3: the client's certificate is checked after the client's side of the handshake
+    // completes, so the refusal shows on the first exchange, before any CONNECT is answered.
+    let failure = match connect(wp, &rogue, &pki, &spiffe("web")).await {
+        Err(f) => f,
+        Ok(client) => match tunnel(&client, vip(t, 101, 9080), ip(t, 10)).await {
+            Err(f) => f,
+            Ok(_) => panic!("a client certificate from another CA opened a tunnel"),
+        },
+    };
+    assert!(matches!(failure, Failure::Transport(_)), "{failure:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), 0);
+    // The mesh's own client still gets through.
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    assert_eq!(
+        get(&web, vip(t, 101, 9080), ip(t, 10), "reviews", "/")
+            .await
+            .status,
+        200
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_backend_with_the_wrong_identity_is_a_connect_failure() -> Result<(), BoxError> {
+    let t = 5;
+    let pki = Pki::new();
+    // The ratings pod presents another workload's certificate.
+    let (_, requests) = backend_pod(&pki, ip(t, 31), "ratings-1", &spiffe("impostor")).await;
+    let yaml = r#"
+listeners:
+  - name: ratings
+    service: ratings
+    port: 9080
+    routes:
+      - backendRefs: [{ name: ratings }]
+backends:
+  - name: ratings
+    service: ratings
+    port: 9080
+    outlierDetection:
+      consecutiveConnectFailures: 1
+      maxEjectionPercent: 100
+      panicThreshold: 0
+"#;
+    let (wp, _view) = waypoint(t, &pki, &state(t, &pki), yaml).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let a = get(&web, vip(t, 102, 9080), ip(t, 10), "ratings", "/").await;
+    assert_eq!(a.status, 503, "{}", a.body);
+    assert!(
+        a.body.contains("could not connect") && a.body.contains(&spiffe("ratings")),
+        "{}",
+        a.body
+    );
+    // Counted as a connect failure: outlier detection ejected the endpoint.
+    let b = get(&web, vip(t, 102, 9080), ip(t, 10), "ratings", "/").await;
+    assert_eq!(b.status, 503);
+    assert!(b.body.contains("no healthy endpoint"), "{}", b.body);
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        0,
+        "no request reached the impostor"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_per_source_rate_limit_keys_by_spiffe_id() -> Result<(), BoxError> {
+    let t = 6;
+    let pki = Pki::new();
+    backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    let yaml = r#"
+listeners:
+  - name: reviews
+    service: reviews
+    port: 9080
+    routes:
+      - backendRefs: [{ name: reviews }]
+        rateLimit:
+          perSource: { capacity: 2, refillPerSecond: 0.001, identityHeader: x-client }
+backends:
+  - name: reviews
+    service: reviews
+    port: 9080
+"#;
+    let (wp, _view) = waypoint(t, &pki, &state(t, &pki), yaml).await;
+    let reviews = vip(t, 101, 9080);
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let api = connect(wp, &pki, &pki, &spiffe("api")).await.expect("mTLS");
+    assert_eq!(
+        get(&web, reviews, ip(t, 10), "reviews", "/").await.status,
+        200
+    );
+    assert_eq!(
+        get(&web, reviews, ip(t, 10), "reviews", "/").await.status,
+        200
+    );
+    let limited = get(&web, reviews, ip(t, 10), "reviews", "/").await;
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    // The same identity from another address (and another connection) shares the bucket.
+    let web2 = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    assert_eq!(
+        get(&web2, reviews, ip(t, 12), "reviews", "/").await.status,
+        429
+    );
+    // Another identity from the same address has its own.
+    assert_eq!(
+        get(&api, reviews, ip(t, 10), "reviews", "/").await.status,
+        200
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_backend_endpoints_follow_the_view() -> Result<(), BoxError> {
+    let t = 7;
+    let pki = Pki::new();
+    backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    backend_pod(&pki, ip(t, 22), "reviews-2", &spiffe("reviews")).await;
+    let yaml = r#"
+listeners:
+  - name: reviews
+    service: reviews
+    port: 9080
+    routes:
+      - backendRefs: [{ name: reviews }]
+backends:
+  - name: reviews
+    service: reviews
+    port: 9080
+"#;
+    let mut mesh = state(t, &pki);
+    let (wp, view) = waypoint(t, &pki, &mesh, yaml).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let reviews = vip(t, 101, 9080);
+    for _ in 0..3 {
+        assert_eq!(
+            get(&web, reviews, ip(t, 10), "reviews", "/").await.body,
+            "reviews-1"
+        );
+    }
+    // reviews-1 goes unready, reviews-2 joins.
+    mesh.services.insert(
+        "shop/reviews".into(),
+        service(
+            "reviews",
+            ip(t, 101),
+            9080,
+            8080,
+            &[("reviews-1", ip(t, 21)), ("reviews-2", ip(t, 22))],
+        ),
+    );
+    if let Some(s) = mesh.services.get_mut("shop/reviews") {
+        s.endpoints[0].ready = false;
+    }
+    view.send_replace(Arc::new(MeshView::build(&mesh, TD)));
+    for _ in 0..3 {
+        assert_eq!(
+            get(&web, reviews, ip(t, 10), "reviews", "/").await.body,
+            "reviews-2"
+        );
+    }
+    Ok(())
+}
