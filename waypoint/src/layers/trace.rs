@@ -394,6 +394,47 @@ impl Default for TracingSettings {
     }
 }
 
+/// The binary's tracing flags (flattened into its arguments).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct TraceArgs {
+    /// OTLP/gRPC collector the spans are exported to, `http://HOST:PORT` (e.g.
+    /// http://otel-collector.observability:4317). Unset: nothing is exported; trace context is
+    /// still propagated.
+    #[arg(long, env = "WEFT_WAYPOINT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (requests without a `traceparent`), 0 to 1; requests with
+    /// one follow its sampled flag.
+    #[arg(long, env = "WEFT_WAYPOINT_TRACE_SAMPLING", default_value_t = 1.0)]
+    pub trace_sampling: f64,
+    /// `service.name` of the exported spans.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_TRACE_SERVICE_NAME",
+        default_value = DEFAULT_SERVICE_NAME
+    )]
+    pub trace_service_name: String,
+    /// `k8s.namespace.name` of the exported spans (the waypoint's namespace).
+    #[arg(long, env = "WEFT_WAYPOINT_TRACE_NAMESPACE")]
+    pub trace_namespace: Option<String>,
+    /// `weft.waypoint` of the exported spans (the waypoint's name).
+    #[arg(long, env = "WEFT_WAYPOINT_TRACE_WAYPOINT_NAME")]
+    pub trace_waypoint_name: Option<String>,
+}
+
+impl TraceArgs {
+    /// The settings these flags describe (default batch delay and export timeout).
+    pub fn settings(&self) -> TracingSettings {
+        TracingSettings {
+            otlp_endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
+            sampling: self.trace_sampling,
+            service_name: self.trace_service_name.clone(),
+            namespace: self.trace_namespace.clone(),
+            waypoint: self.trace_waypoint_name.clone(),
+            ..TracingSettings::default()
+        }
+    }
+}
+
 /// Tracing could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TracingError {
@@ -934,6 +975,44 @@ mod tests {
             &route("matches: [{path: {type: Exact, value: /a}}, {path: {type: Exact, value: /b}}]"),
         );
         assert_eq!(config.span_name("GET"), "GET web/3");
+    }
+
+    #[test]
+    fn flags_map_to_settings() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            trace: TraceArgs,
+        }
+        let defaults = Cli::try_parse_from(["w"])
+            .expect("defaults")
+            .trace
+            .settings();
+        assert_eq!(defaults.otlp_endpoint, None);
+        assert_eq!(defaults.sampling, 1.0);
+        assert_eq!(defaults.service_name, "weft-waypoint");
+        let set = Cli::try_parse_from([
+            "w",
+            "--otlp-endpoint",
+            "http://collector:4317",
+            "--trace-sampling",
+            "0.25",
+            "--trace-service-name",
+            "shop-waypoint",
+            "--trace-namespace",
+            "shop",
+            "--trace-waypoint-name",
+            "waypoint",
+        ])
+        .expect("flags")
+        .trace
+        .settings();
+        assert_eq!(set.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(set.sampling, 0.25);
+        assert_eq!(set.service_name, "shop-waypoint");
+        assert_eq!(set.namespace.as_deref(), Some("shop"));
+        assert_eq!(set.waypoint.as_deref(), Some("waypoint"));
     }
 
     #[test]
