@@ -371,3 +371,124 @@ async fn spans_continue_the_incoming_trace_parent_the_backend_and_reach_the_coll
     );
     traces.shutdown(Duration::from_secs(5)).await;
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_weft-waypoint");
+
+/// Kills the child if the test ends early.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr")
+}
+
+#[tokio::test]
+async fn the_binary_exports_with_its_flags_and_flushes_on_sigterm() {
+    let (otlp, receiver) = receiver().await;
+    let (backend, _) = recording_backend().await;
+    let (listen, metrics) = (free_port(), free_port());
+    let path =
+        std::env::temp_dir().join(format!("weft-waypoint-{}-tracing.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        yaml(backend).replace("127.0.0.1:0", &listen.to_string()),
+    )
+    .expect("write config");
+    let bad = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .args(["--metrics-address", &metrics.to_string()])
+        .args(["--trace-sampling", "2"])
+        .output()
+        .expect("run the binary");
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("--trace-sampling"), "{stderr}");
+
+    let mut child = Child(
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(["--metrics-address", &metrics.to_string()])
+            .args(["--otlp-endpoint", &format!("http://{otlp}")])
+            .args(["--trace-service-name", "shop-waypoint"])
+            .args(["--trace-namespace", "shop"])
+            .args(["--trace-waypoint-name", "waypoint"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the binary"),
+    );
+    let mut ready = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "the binary did not listen within 5 s");
+    const BINARY_TRACE: &str = "22222222222222222222222222222222";
+    let incoming = format!("00-{BINARY_TRACE}-{PARENT}-01");
+    let answer = send(&client(), listen, "/api/bin", &[("traceparent", &incoming)]).await;
+    assert_eq!(answer.status, 200);
+    // The batch delay is 5 s: the span leaves now only because SIGTERM flushes it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !receiver
+            .spans
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|r| hex(&r.span.trace_id) == BINARY_TRACE),
+        "not exported before SIGTERM"
+    );
+    let pid = child.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(status) = child.0.try_wait().expect("wait") {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exit after SIGTERM: {exited:?}"
+    );
+    let exported = receiver
+        .spans
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|r| hex(&r.span.trace_id) == BINARY_TRACE)
+        .cloned()
+        .expect("the span was flushed on SIGTERM");
+    assert_eq!(hex(&exported.span.parent_span_id), PARENT);
+    for (key, expected) in [
+        ("service.name", "shop-waypoint"),
+        ("k8s.namespace.name", "shop"),
+        ("weft.waypoint", "waypoint"),
+    ] {
+        assert_eq!(
+            exported.resource.get(key).map(String::as_str),
+            Some(expected),
+            "{key}"
+        );
+    }
+    let _ = std::fs::remove_file(path);
+}
