@@ -38,6 +38,9 @@ struct Args {
         default_value = "127.0.0.1:15090"
     )]
     metrics_address: SocketAddr,
+    /// Tracing: OTLP export, sampling, resource attributes.
+    #[command(flatten)]
+    trace: weft_waypoint::layers::trace::TraceArgs,
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, env = "WEFT_WAYPOINT_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
@@ -245,6 +248,8 @@ async fn main() -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     weft_waypoint::metrics::describe();
+    // Before the routes are compiled: their trace layers record with this provider.
+    let traces = weft_waypoint::layers::trace::Tracing::install(&args.trace.settings())?;
 
     let mesh = match &args.controller {
         Some(url) => Some(start_mesh(&args, url)?),
@@ -324,6 +329,7 @@ async fn main() -> anyhow::Result<()> {
     for server in servers {
         let _ = server.await;
     }
+    traces.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
 }
 

@@ -294,6 +294,10 @@ fn compile_route(
     if !headers.is_empty() {
         service = ProxyService::new(headers.layer(service));
     }
+    // Outermost: the span covers the whole route stack (every retry attempt).
+    service = ProxyService::new(
+        crate::layers::trace::TraceLayer::for_route(listener, &name, route).layer(service),
+    );
     Ok(CompiledRoute {
         name,
         redirect,

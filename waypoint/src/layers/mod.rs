@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod split;
 pub mod timeout;
+pub mod trace;
 
 /// The boxed future every layer returns.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
