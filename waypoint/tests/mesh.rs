@@ -361,7 +361,6 @@ fn vip(t: u8, host: u8, port: u16) -> SocketAddr {
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_routes_by_path_to_two_services_through_hbone() -> Result<(), BoxError> {
     let t = 1;
     let pki = Pki::new();
@@ -453,7 +452,6 @@ backends:
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_service_without_listener_gets_the_default_route() -> Result<(), BoxError> {
     let t = 2;
     let pki = Pki::new();
@@ -486,7 +484,6 @@ async fn mesh_service_without_listener_gets_the_default_route() -> Result<(), Bo
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_connect_to_an_unknown_authority_is_400() -> Result<(), BoxError> {
     let t = 3;
     let pki = Pki::new();
@@ -518,7 +515,6 @@ async fn mesh_connect_to_an_unknown_authority_is_400() -> Result<(), BoxError> {
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_client_certificate_outside_the_trust_bundle_is_refused_at_handshake()
 -> Result<(), BoxError> {
     let t = 4;
@@ -549,7 +545,6 @@ async fn mesh_client_certificate_outside_the_trust_bundle_is_refused_at_handshak
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_backend_with_the_wrong_identity_is_a_connect_failure() -> Result<(), BoxError> {
     let t = 5;
     let pki = Pki::new();
@@ -593,7 +588,6 @@ backends:
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_per_source_rate_limit_keys_by_spiffe_id() -> Result<(), BoxError> {
     let t = 6;
     let pki = Pki::new();
@@ -641,7 +635,6 @@ backends:
 }
 
 #[tokio::test]
-#[ignore = "hangs: under investigation (see docs/waypoint.md, mesh mode: not done yet)"]
 async fn mesh_backend_endpoints_follow_the_view() -> Result<(), BoxError> {
     let t = 7;
     let pki = Pki::new();
