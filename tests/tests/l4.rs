@@ -262,9 +262,17 @@ fn l4_allow_and_deny_policies_decide_with_metric_and_log_line() {
     ));
     w.mesh.write_config().expect("write");
     wait_for(T, "web denied", || is_refused(&w.web(), api).then_some(())).expect("DENY applied");
-    let denied = wait_log(&w, 1, "DENY log line", |l| {
-        l["result"] == "policy_denied" && l["src_principal"] == WEB
-    });
+    // A refusal seen while the change lands may have been a transient one: keep trying until
+    // the destination logs the policy's denial.
+    let denied = wait_for(T, "DENY log line", || {
+        let _ = is_refused(&w.web(), api);
+        w.mesh
+            .agent(1)
+            .access_log()
+            .into_iter()
+            .find(|l| l["result"] == "policy_denied" && l["src_principal"] == WEB)
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", w.mesh.agent(1).log_tail(30)));
     assert!(
         denied["error"]
             .as_str()
