@@ -18,6 +18,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use weft_tests::grpc::{GrpcReply, GrpcServer, grpc_call};
 use weft_tests::mesh::{
     CONTROLLER_PORT, MeshConfig, MeshLab, WorkloadSpec, metric_sum, wait_for, waypoint_binary,
 };
@@ -29,6 +30,10 @@ const API_V2_VIP: &str = "198.18.200.11";
 const OTHER_VIP: &str = "198.18.200.12";
 const WAYPOINT_VIP: &str = "198.18.200.13";
 const POOL_VIP: &str = "198.18.200.14";
+/// gRPC Services `greeter` (api-v1's pod) and `greeter-v2` (api-v2's pod), port 50051.
+const GREETER_VIP: &str = "198.18.200.16";
+const GREETER_V2_VIP: &str = "198.18.200.17";
+const GRPC_PORT: u16 = 50051;
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// The waypoint's metrics, inside its pod.
@@ -51,13 +56,40 @@ backends:
     service: other
     port: 80
     outlierDetection: {consecutive5xx: 3, baseEjectionTime: 1s, maxEjectionTime: 2s, maxEjectionPercent: 100, panicThreshold: 0}
+  - name: greeter
+    service: greeter
+    port: 50051
+    protocol: http2
+  - name: greeter-v2
+    service: greeter-v2
+    port: 50051
+    protocol: http2
+"#;
+
+/// The listener of the gRPC Service `greeter` (GRPCRoute-style method matches): `SayHello`
+/// with `x-canary: true` to greeter-v2, the rest of `shop.Greeter` to greeter (retrying
+/// UNAVAILABLE), anything else unrouted.
+const GREETER_LISTENER: &str = r#"  - name: greeter
+    service: greeter
+    port: 50051
+    routes:
+      - name: hello-canary
+        matches:
+          - grpc: {service: shop.Greeter, method: SayHello}
+            headers: [{name: x-canary, value: "true"}]
+        backendRefs: [{name: greeter-v2}]
+      - name: greeter
+        matches:
+          - grpc: {service: shop.Greeter}
+        backendRefs: [{name: greeter}]
+        retry: {attempts: 4, retryOn: [unavailable], backoff: {base: 5ms, max: 20ms}}
 "#;
 
 /// A waypoint configuration whose only listener is for service `api` port 80, with `routes`
 /// (YAML, indented as list items under `routes:`).
 fn waypoint_config(routes: &str) -> String {
     format!(
-        "listeners:\n  - name: api\n    service: api\n    port: 80\n    routes:\n{routes}{BACKENDS}"
+        "listeners:\n  - name: api\n    service: api\n    port: 80\n    routes:\n{routes}{GREETER_LISTENER}{BACKENDS}"
     )
 }
 
@@ -130,6 +162,22 @@ fn config(lab: &Lab) -> MeshConfig {
             json!({"weft.dev/use-waypoint": "none"}),
         ),
         service("pool", POOL_VIP, 80, 8080, json!({"pool": "a"}), json!({})),
+        service(
+            "greeter",
+            GREETER_VIP,
+            GRPC_PORT,
+            GRPC_PORT,
+            json!({"app": "api"}),
+            json!({}),
+        ),
+        service(
+            "greeter-v2",
+            GREETER_V2_VIP,
+            GRPC_PORT,
+            GRPC_PORT,
+            json!({"app": "api-v2"}),
+            json!({}),
+        ),
         service(
             "waypoint",
             WAYPOINT_VIP,
@@ -256,6 +304,8 @@ struct World {
     waypoint: Option<WaypointProcess>,
     /// api-v1, api-v2, other.
     servers: Vec<TestServer>,
+    /// gRPC servers greeter-v1 (api-v1's pod), greeter-v2 (api-v2's pod).
+    grpc: Vec<GrpcServer>,
     mesh: MeshLab,
 }
 
@@ -297,6 +347,20 @@ impl World {
         let addr = SocketAddr::new(vip.parse().expect("vip"), 80);
         http_with(&ns, addr, method, path, &format!("{vip}:80"), headers)
     }
+    /// A gRPC call from `web` to the `greeter` Service through the mesh.
+    fn grpc(&self, path: &str, headers: &[(&str, &str)]) -> GrpcReply {
+        let ns = self.web().netns().expect("netns");
+        let addr = SocketAddr::new(GREETER_VIP.parse().expect("vip"), GRPC_PORT);
+        grpc_call(
+            &ns,
+            addr,
+            &format!("greeter.shop:{GRPC_PORT}"),
+            path,
+            headers,
+            T,
+        )
+        .unwrap_or_else(|e| panic!("gRPC {path}: {e}\n{}", self.logs()))
+    }
     /// The waypoint's metric `name` summed over series with `labels`.
     fn wp_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.waypoint().metrics(), name, labels)
@@ -319,6 +383,12 @@ fn world(test: &str, waypoint_routes: &str) -> Option<World> {
         let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), 8080);
         servers.push(TestServer::http(&ns, addr, name).expect("http server"));
     }
+    let mut grpc = Vec::new();
+    for (pod, name) in [(0, "greeter-v1"), (1, "greeter-v2")] {
+        let ns = lab.pod(1, pod).netns().expect("netns");
+        let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), GRPC_PORT);
+        grpc.push(GrpcServer::start(&ns, addr, name).expect("gRPC server"));
+    }
     let cfg = config(&lab);
     let mesh = MeshLab::start_with_controller(lab, cfg, &[]).expect("controller and agents");
     // The client needs its certificate before the first request.
@@ -336,6 +406,7 @@ fn world(test: &str, waypoint_routes: &str) -> Option<World> {
     let w = World {
         waypoint: Some(waypoint),
         servers,
+        grpc,
         mesh,
     };
     // Listening comes first; the certificate and the mesh view follow within moments.
@@ -480,6 +551,48 @@ fn waypoint_routes_bound_services_and_unbound_traffic_does_not_touch_it() {
         through_waypoint,
         "unbound traffic reached the waypoint"
     );
+}
+
+#[test]
+fn waypoint_routes_grpc_by_service_and_method() {
+    let _g = serial();
+    let Some(w) = world("waypoint_routes_grpc_by_service_and_method", ROUTING) else {
+        return;
+    };
+    // HTTP/2 from the client, through agent -> waypoint -> agent, HTTP/2 to the backend.
+    let r = w.grpc("/shop.Greeter/SayHello", &[("x-canary", "true")]);
+    assert_eq!(r.http_status, 200, "{r:?}");
+    assert_eq!(r.grpc_status.as_deref(), Some("0"), "{r:?}");
+    assert_eq!(r.message, "greeter-v2 /shop.Greeter/SayHello", "{r:?}");
+    // The same method without the header, and another method of the service: greeter.
+    let r = w.grpc("/shop.Greeter/SayHello", &[]);
+    assert_eq!(r.message, "greeter-v1 /shop.Greeter/SayHello", "{r:?}");
+    let r = w.grpc("/shop.Greeter/SayBye", &[("x-canary", "true")]);
+    assert_eq!(r.message, "greeter-v1 /shop.Greeter/SayBye", "{r:?}");
+    assert_eq!(r.grpc_status.as_deref(), Some("0"), "{r:?}");
+    // UNAVAILABLE is retried (attempts: 4), then returned as the backend said it.
+    let v1_before = w.grpc[0].calls();
+    let retries_before = w.wp_metric("weft_waypoint_retries_total", &[("route", "greeter")]);
+    let r = w.grpc("/shop.Greeter/Fail", &[]);
+    assert_eq!(r.grpc_status.as_deref(), Some("14"), "{r:?}");
+    assert_eq!(
+        w.grpc[0].calls() - v1_before,
+        4,
+        "one call and three retries"
+    );
+    let retries = w.wp_metric("weft_waypoint_retries_total", &[("route", "greeter")]);
+    assert_eq!(retries - retries_before, 3.0);
+    // A service no route matches never reaches a backend.
+    let calls: usize = w.grpc.iter().map(GrpcServer::calls).sum();
+    let r = w.grpc("/shop.Inventory/List", &[]);
+    assert_eq!(r.http_status, 404, "{r:?}");
+    assert_eq!(w.grpc.iter().map(GrpcServer::calls).sum::<usize>(), calls);
+    // Counted per route.
+    assert_eq!(
+        w.wp_metric("weft_waypoint_requests_total", &[("route", "hello-canary")]),
+        1.0
+    );
+    assert!(w.wp_metric("weft_waypoint_requests_total", &[("route", "greeter")]) >= 3.0);
 }
 
 #[test]
