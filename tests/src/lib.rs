@@ -11,6 +11,7 @@ pub mod grpc;
 pub mod lab;
 pub mod mesh;
 pub mod net;
+pub mod otlp;
 pub mod pcap;
 pub mod scenario;
 

@@ -22,6 +22,7 @@ use weft_tests::grpc::{GrpcReply, GrpcServer, grpc_call};
 use weft_tests::mesh::{
     CONTROLLER_PORT, MeshConfig, MeshLab, WorkloadSpec, metric_sum, wait_for, waypoint_binary,
 };
+use weft_tests::otlp::OtlpReceiver;
 use weft_tests::scenario::{T, serial};
 use weft_tests::{Lab, LabSpec, Pod, TestServer, require_root, tcp_connect_in};
 
@@ -198,7 +199,8 @@ struct WaypointProcess {
 }
 
 impl WaypointProcess {
-    fn start(mesh: &MeshLab, pod: &Pod, config_text: &str) -> Self {
+    /// Starts it with `config_text` and `extra` arguments.
+    fn start(mesh: &MeshLab, pod: &Pod, config_text: &str, extra: &[&str]) -> Self {
         let dir = mesh.dir();
         let config = dir.join("waypoint.yaml");
         std::fs::write(&config, config_text).expect("write waypoint config");
@@ -232,6 +234,7 @@ impl WaypointProcess {
             .arg(WAYPOINT_METRICS)
             .arg("--state-dir")
             .arg(dir.join("waypoint-state"))
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("WAYPOINT_LOG").unwrap_or("info".into()),
@@ -368,6 +371,11 @@ impl World {
 }
 
 fn world(test: &str, waypoint_routes: &str) -> Option<World> {
+    world_with(test, waypoint_routes, &[])
+}
+
+/// [`world`] with `extra` arguments for the waypoint.
+fn world_with(test: &str, waypoint_routes: &str, extra: &[&str]) -> Option<World> {
     if !require_root(test) {
         return None;
     }
@@ -402,7 +410,12 @@ fn world(test: &str, waypoint_routes: &str) -> Option<World> {
     })
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", mesh.agent(0).log_tail(30)));
     let waypoint_pod = mesh.lab.pod(0, 1).clone();
-    let waypoint = WaypointProcess::start(&mesh, &waypoint_pod, &waypoint_config(waypoint_routes));
+    let waypoint = WaypointProcess::start(
+        &mesh,
+        &waypoint_pod,
+        &waypoint_config(waypoint_routes),
+        extra,
+    );
     let w = World {
         waypoint: Some(waypoint),
         servers,
@@ -593,6 +606,85 @@ fn waypoint_routes_grpc_by_service_and_method() {
         1.0
     );
     assert!(w.wp_metric("weft_waypoint_requests_total", &[("route", "greeter")]) >= 3.0);
+}
+
+/// `traceparent=<value>` as the backend echoed it: (trace id, parent span id).
+fn echoed_traceparent(body: &str) -> Option<(String, String)> {
+    let value = body
+        .split("traceparent=")
+        .nth(1)?
+        .split([',', ' ', '\r', '\n'])
+        .next()?;
+    let parts: Vec<&str> = value.split('-').collect();
+    (parts.len() == 4).then(|| (parts[1].to_string(), parts[2].to_string()))
+}
+
+#[test]
+fn waypoint_exports_spans_that_continue_the_callers_trace() {
+    let _g = serial();
+    let Some(w) = world_with(
+        "waypoint_exports_spans_that_continue_the_callers_trace",
+        ROUTING,
+        &[
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--trace-sampling",
+            "1",
+            "--trace-batch-delay",
+            "100ms",
+        ],
+    ) else {
+        return;
+    };
+    // The collector, inside the waypoint's pod.
+    let ns = w.pod(0, 1).netns().expect("netns");
+    let receiver =
+        OtlpReceiver::start(&ns, "127.0.0.1:4317".parse().expect("addr")).expect("receiver");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    let resp = w
+        .request(API_VIP, "GET", "/traced", &[("traceparent", &traceparent)])
+        .unwrap_or_else(|e| panic!("GET: {e}\n{}", w.logs()));
+    assert_eq!(resp.code, 200, "{resp:?}");
+    // The backend continues the caller's trace, under a span that is not the caller's.
+    let (backend_trace, backend_parent) =
+        echoed_traceparent(&resp.body).unwrap_or_else(|| panic!("no traceparent: {resp:?}"));
+    assert_eq!(backend_trace, trace_id);
+    assert_ne!(backend_parent, caller_span);
+    // The waypoint's span reached the collector: child of the caller's span, parent of the
+    // backend's request.
+    let span = wait_for(T, "the waypoint's span at the collector", || {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.trace_id == trace_id)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(span.parent_span_id, caller_span, "{span:?}");
+    assert_eq!(span.span_id, backend_parent, "{span:?}");
+    assert_eq!(span.kind, 2, "a server span: {span:?}");
+    assert_eq!(span.attributes["weft.source.principal"], WEB_ID, "{span:?}");
+    assert_eq!(span.attributes["http.response.status_code"], "200");
+    assert_eq!(span.attributes["weft.route"], "default", "{span:?}");
+    assert_eq!(span.attributes["url.path"], "/traced");
+
+    // Without a caller's context the waypoint starts a trace; the backend is its child.
+    let resp = w.request(API_VIP, "GET", "/v2/root", &[]).expect("GET");
+    assert_eq!(resp.code, 200, "{resp:?}");
+    let (root_trace, root_parent) =
+        echoed_traceparent(&resp.body).unwrap_or_else(|| panic!("no traceparent: {resp:?}"));
+    assert_ne!(root_trace, trace_id);
+    let root = wait_for(T, "the new trace's span", || {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.trace_id == root_trace)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(root.parent_span_id, "", "{root:?}");
+    assert_eq!(root.span_id, root_parent);
+    assert_eq!(root.attributes["weft.route"], "v2");
 }
 
 #[test]
