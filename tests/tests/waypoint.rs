@@ -608,6 +608,112 @@ fn waypoint_routes_grpc_by_service_and_method() {
     assert!(w.wp_metric("weft_waypoint_requests_total", &[("route", "greeter")]) >= 3.0);
 }
 
+#[test]
+fn waypoint_reports_golden_metrics_with_exact_values() {
+    let _g = serial();
+    let Some(w) = world("waypoint_reports_golden_metrics_with_exact_values", ROUTING) else {
+        return;
+    };
+    // (The world's readiness request is in the counters already: compare with this.)
+    let m0 = w.waypoint().metrics();
+    let ok = 5;
+    let mut body_bytes = 0;
+    for i in 0..ok {
+        let (code, body) = w.get(API_VIP, &format!("/golden/{i}")).expect("GET");
+        assert_eq!(code, 200, "{body}");
+        body_bytes += body.len();
+    }
+    for _ in 0..3 {
+        let (code, _) = w.get(API_VIP, "/status/503").expect("GET 503");
+        assert_eq!(code, 503);
+    }
+    // A request with a 100-byte body.
+    let ns = w.web().netns().expect("netns");
+    let mut s = tcp_connect_in(&ns, SocketAddr::new(API_VIP.parse().expect("vip"), 80), T)
+        .expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nhost: {API_VIP}\r\ncontent-length: 100\r\nconnection: close\r\n\r\n{}",
+        "x".repeat(100)
+    )
+    .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A gRPC call that fails with UNAVAILABLE (after its retries: still one request).
+    let r = w.grpc("/shop.Greeter/Fail", &[]);
+    assert_eq!(r.grpc_status.as_deref(), Some("14"));
+
+    let m = w.waypoint().metrics();
+    let who = [
+        ("reporter", "waypoint"),
+        ("source_principal", WEB_ID),
+        ("source_workload", "shop/web"),
+        ("source_namespace", "shop"),
+        ("destination_service", "api.shop.svc.cluster.local"),
+        ("destination_workload", "shop/api-v1"),
+        ("destination_namespace", "shop"),
+        ("route", "default"),
+        ("backend", "api"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut labels = who.to_vec();
+        labels.extend_from_slice(extra);
+        labels
+    };
+    let get = |name: &str, extra: &[(&'static str, &'static str)]| {
+        metric_sum(&m, name, &with(extra)) - metric_sum(&m0, name, &with(extra))
+    };
+    assert_eq!(
+        get("weft_waypoint_requests_total", &[("code", "200")]),
+        f64::from(ok + 1),
+        "{m}"
+    );
+    assert_eq!(get("weft_waypoint_requests_total", &[("code", "503")]), 3.0);
+    assert_eq!(
+        get("weft_waypoint_request_duration_seconds_count", &[]),
+        f64::from(ok + 4)
+    );
+    assert!(get("weft_waypoint_request_duration_seconds_sum", &[]) > 0.0);
+    // Sizes: exactly the bytes that crossed.
+    assert_eq!(get("weft_waypoint_request_bytes_sum", &[]), 100.0, "{m}");
+    assert_eq!(
+        get("weft_waypoint_request_bytes_count", &[]),
+        f64::from(ok + 4)
+    );
+    let post_answer = answer.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    let (_, status_body) = w.get(API_VIP, "/status/503").expect("GET 503");
+    let m2 = w.waypoint().metrics();
+    let response_bytes = metric_sum(&m2, "weft_waypoint_response_bytes_sum", &with(&[]))
+        - metric_sum(&m0, "weft_waypoint_response_bytes_sum", &with(&[]));
+    assert_eq!(
+        response_bytes,
+        (body_bytes + post_answer + 4 * status_body.len()) as f64,
+        "{m2}"
+    );
+    // Sub-millisecond buckets exist for p50 of fast requests.
+    assert!(
+        m.contains("weft_waypoint_request_duration_seconds_bucket{") && m.contains("le=\"0.0005\""),
+        "{m}"
+    );
+    // gRPC status from the answer, per route.
+    assert_eq!(
+        metric_sum(
+            &m,
+            "weft_waypoint_requests_total",
+            &[
+                ("route", "greeter"),
+                ("grpc_status", "14"),
+                ("destination_service", "greeter.shop.svc.cluster.local"),
+                ("destination_workload", "shop/api-v1"),
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
 /// `traceparent=<value>` as the backend echoed it: (trace id, parent span id).
 fn echoed_traceparent(body: &str) -> Option<(String, String)> {
     let value = body

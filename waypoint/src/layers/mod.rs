@@ -80,9 +80,22 @@ pub struct Deadline {
 #[derive(Debug, Clone, Default)]
 pub struct RequestContext {
     backend: Arc<Mutex<Option<Arc<str>>>>,
+    endpoint: Arc<Mutex<Option<std::net::SocketAddr>>>,
 }
 
 impl RequestContext {
+    /// Records the endpoint the balancer chose (the last attempt's wins).
+    pub fn set_endpoint(&self, endpoint: std::net::SocketAddr) {
+        if let Ok(mut slot) = self.endpoint.lock() {
+            *slot = Some(endpoint);
+        }
+    }
+
+    /// The endpoint chosen by the last attempt, if any.
+    pub fn endpoint(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint.lock().ok().and_then(|slot| *slot)
+    }
+
     /// Records the backend the weighted split chose.
     pub fn set_backend(&self, backend: Arc<str>) {
         if let Ok(mut slot) = self.backend.lock() {
