@@ -57,6 +57,10 @@ backends:
     service: other
     port: 80
     outlierDetection: {consecutive5xx: 3, baseEjectionTime: 1s, maxEjectionTime: 2s, maxEjectionPercent: 100, panicThreshold: 0}
+  - name: limited
+    service: api-v2
+    port: 80
+    circuitBreaker: {maxConcurrentRequests: 2, maxPendingRequests: 1}
   - name: greeter
     service: greeter
     port: 50051
@@ -712,6 +716,67 @@ fn waypoint_reports_golden_metrics_with_exact_values() {
         1.0,
         "{m}"
     );
+}
+
+#[test]
+fn waypoint_circuit_breaker_caps_concurrent_and_pending_requests() {
+    let _g = serial();
+    let routes = r#"      - name: limited
+        matches:
+          - path: {type: PathPrefix, value: /sleep}
+        backendRefs:
+          - name: limited
+      - name: default
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world(
+        "waypoint_circuit_breaker_caps_concurrent_and_pending_requests",
+        routes,
+    ) else {
+        return;
+    };
+    let served_before = w.servers[1].accepted();
+    let overflow_before = w.wp_metric("weft_waypoint_circuit_overflow_total", &[]);
+    // Six slow requests at once against 2 concurrent + 1 pending: three are served (the
+    // pending one after a slot frees), three are refused at once with 503.
+    let codes: Vec<(u16, Duration)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let start = Instant::now();
+                    let (code, _) = w.get(API_VIP, "/sleep/1500").expect("GET /sleep");
+                    (code, start.elapsed())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    let ok = codes.iter().filter(|(c, _)| *c == 200).count();
+    let refused: Vec<_> = codes.iter().filter(|(c, _)| *c == 503).collect();
+    assert_eq!(ok, 3, "{codes:?}\n{}", w.logs());
+    assert_eq!(refused.len(), 3, "{codes:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, took)| *took < Duration::from_millis(1000)),
+        "overflow is refused at once, not after waiting: {codes:?}"
+    );
+    assert_eq!(
+        w.wp_metric("weft_waypoint_circuit_overflow_total", &[]) - overflow_before,
+        3.0
+    );
+    assert_eq!(
+        w.servers[1].accepted() - served_before,
+        3,
+        "only admitted requests reach the backend"
+    );
+    // Capacity is back once they finished.
+    let (code, body) = w.get(API_VIP, "/sleep/1").expect("GET");
+    assert_eq!(code, 200, "{body}");
 }
 
 /// `traceparent=<value>` as the backend echoed it: (trace id, parent span id).
