@@ -153,7 +153,19 @@ impl Replica {
                         .map_err(|e| e.to_string())?;
                     state.services.insert(s.key(), s);
                 }
-                None => return Err(format!("resource {key} has no content")),
+                Some(pb::resource::Kind::Route(r)) => {
+                    let r = weft_api::routes::RouteInfo::try_from(r.clone())
+                        .map_err(|e| e.to_string())?;
+                    state.routes.insert(r.key(), r);
+                }
+                // A kind this agent does not know (a newer controller): ignored, so that an
+                // upgrade of the control plane never stops older agents from applying updates.
+                None => {
+                    tracing::debug!(
+                        key,
+                        "ignoring a resource of a kind this agent does not know"
+                    );
+                }
             }
         }
         Ok(state)

@@ -113,6 +113,13 @@ impl Views {
                 |p| wire::policy_key(&p.namespace, &p.name),
                 wire::policy_resource,
             );
+            shared_changed |= sync_shared(
+                &mut shared,
+                &prev.routes,
+                &next.routes,
+                |r| r.key(),
+                wire::route_resource,
+            );
             shared_changed |= sync_peers(&mut shared, &prev.workloads, &next.workloads);
         }
         if shared_changed {

@@ -779,6 +779,77 @@ fn waypoint_circuit_breaker_caps_concurrent_and_pending_requests() {
     assert_eq!(code, 200, "{body}");
 }
 
+#[test]
+fn waypoint_serves_httproutes_from_the_controller_live() {
+    let _g = serial();
+    let Some(mut w) = world(
+        "waypoint_serves_httproutes_from_the_controller_live",
+        ROUTING,
+    ) else {
+        return;
+    };
+    // No listener of the file serves api-v2: its default route goes to api-v2 itself.
+    let (code, body) = w.get(API_V2_VIP, "/hello").expect("GET api-v2");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("api-v2 GET /hello"), "{body}");
+    // An HTTPRoute attached to the Service (GAMMA), from the controller's directory.
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "api-v2-canary", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
+            "rules": [
+                {"name": "gamma",
+                 "matches": [{"headers": [{"name": "x-gamma", "value": "yes"}]}],
+                 "filters": [{"type": "RequestHeaderModifier",
+                              "requestHeaderModifier": {"set": [{"name": "x-route", "value": "gamma"}]}}],
+                 "backendRefs": [{"name": "api", "port": 80}]},
+                {"backendRefs": [{"name": "api-v2", "port": 80}]}
+            ]
+        }
+    });
+    let before = w.mesh.applied_counts();
+    w.mesh.config.raw.push(route);
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    let (code, body) = wait_for(T, "the route to be served", || {
+        w.request(API_V2_VIP, "GET", "/hello", &[("x-gamma", "yes")])
+            .ok()
+            .filter(|r| r.body.starts_with("api-v1 "))
+            .map(|r| (r.code, r.body))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(code, 200);
+    assert!(body.contains("x-route=gamma"), "{body}");
+    let (code, body) = w.get(API_V2_VIP, "/hello").expect("GET api-v2");
+    assert_eq!(code, 200);
+    assert!(body.starts_with("api-v2 GET /hello"), "{body}");
+    assert_eq!(
+        w.wp_metric(
+            "weft_waypoint_requests_total",
+            &[
+                ("route", "api-v2-canary/gamma"),
+                ("listener", "gamma:api-v2:80")
+            ]
+        ),
+        1.0
+    );
+    // The file's listener of `api` is untouched.
+    let (_, body) = w.get(API_VIP, "/v2/x").expect("GET api");
+    assert!(body.starts_with("api-v2 GET /v2/x"), "{body}");
+    // The route goes away: back to the default route, live.
+    let before = w.mesh.applied_counts();
+    w.mesh.config.raw.retain(|d| d["kind"] != "HTTPRoute");
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    wait_for(T, "the route to be gone", || {
+        w.request(API_V2_VIP, "GET", "/hello", &[("x-gamma", "yes")])
+            .ok()
+            .filter(|r| r.body.starts_with("api-v2 "))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+}
+
 /// `traceparent=<value>` as the backend echoed it: (trace id, parent span id).
 fn echoed_traceparent(body: &str) -> Option<(String, String)> {
     let value = body

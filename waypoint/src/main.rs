@@ -20,6 +20,7 @@ use weft_agent::admin::ConfigStatus;
 use weft_agent::discovery::{self, ControllerOptions, NodeIdentity};
 use weft_agent::identity::{CertManager, GrpcCaClient, NodeCaClient, node_spiffe_id};
 use weft_waypoint::config::{Config, Mode};
+use weft_waypoint::mesh::routes::with_routes;
 use weft_waypoint::mesh::server::{bind_hbone, serve_hbone_until};
 use weft_waypoint::mesh::{ManagedSvid, Mesh, MeshContext};
 use weft_waypoint::proxy::{Waypoint, serve_until};
@@ -28,9 +29,14 @@ use weft_waypoint::proxy::{Waypoint, serve_until};
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// YAML config file (listeners, routes, backends).
-    #[arg(long, env = "WEFT_WAYPOINT_CONFIG")]
-    config: PathBuf,
+    /// YAML config file (listeners, routes, backends). Required without --controller; in
+    /// mesh mode optional: HTTPRoutes and GRPCRoutes from the controller add to it.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_CONFIG",
+        required_unless_present = "controller"
+    )]
+    config: Option<PathBuf>,
     /// Address serving Prometheus metrics on /metrics.
     #[arg(
         long,
@@ -82,6 +88,11 @@ struct Args {
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
     #[arg(long, env = "WEFT_WAYPOINT_SERVICE_ACCOUNT")]
     service_account: Option<String>,
+    /// Mesh mode: the waypoint's name (its Services are bound with
+    /// `weft.dev/use-waypoint: <name>`); routes attached to those Services are served.
+    /// Default: the service account.
+    #[arg(long, env = "WEFT_WAYPOINT_NAME")]
+    waypoint_name: Option<String>,
     /// Mesh mode: where HBONE (mutual TLS 1.3, HTTP/2 CONNECT) is served. The default falls
     /// back to 0.0.0.0:15008 where IPv6 is unavailable.
     #[arg(
@@ -223,6 +234,44 @@ async fn keep_certified(
     }
 }
 
+/// Recompiles the waypoint when the controller's routes for its Services change (and only
+/// then: views change with every endpoint).
+async fn follow_routes(
+    waypoint: Arc<Waypoint>,
+    ctx: Arc<MeshContext>,
+    file: Arc<std::sync::Mutex<Config>>,
+    waypoint_key: String,
+    compiled: Config,
+) {
+    let mut views = ctx.mesh.subscribe();
+    let mut last = compiled;
+    loop {
+        let view = views.borrow_and_update().clone();
+        let file_now = match file.lock() {
+            Ok(f) => f.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        let merged = with_routes(&file_now, &view, &ctx.namespace, &waypoint_key);
+        if last != merged {
+            match waypoint.reload(&merged) {
+                Ok(version) => tracing::info!(
+                    version,
+                    listeners = merged.listeners.len(),
+                    "routes from the controller changed; recompiled"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the controller's routes do not compile here; keeping the running routes (check the HTTPRoute/GRPCRoute objects named in the error)"
+                ),
+            }
+        }
+        last = merged;
+        if views.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -234,9 +283,16 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Mode::Standalone
     };
-    let config = Config::from_file_for(&args.config, mode)?;
+    let config = match &args.config {
+        Some(path) => Config::from_file_for(path, mode)?,
+        // Mesh mode without a file: routes come from the controller only.
+        None => Config::from_yaml_for("listeners: []\n", mode)?,
+    };
     if args.check {
-        println!("{}: valid", args.config.display());
+        match &args.config {
+            Some(path) => println!("{}: valid", path.display()),
+            None => println!("no --config: nothing to check"),
+        }
         return Ok(());
     }
     let prometheus = PrometheusBuilder::new()
@@ -260,10 +316,41 @@ async fn main() -> anyhow::Result<()> {
         Some(url) => Some(start_mesh(&args, url)?),
         None => None,
     };
-    let waypoint = Arc::new(match &mesh {
-        Some(run) => Waypoint::new_mesh(&config, run.ctx.clone())?,
-        None => Waypoint::new(&config)?,
-    });
+    // Mesh mode: the file's config plus the controller's routes for Services bound to this
+    // waypoint, recompiled when either changes.
+    let waypoint_key = format!(
+        "{}/{}",
+        args.namespace.as_deref().unwrap_or_default(),
+        args.waypoint_name
+            .as_deref()
+            .or(args.service_account.as_deref())
+            .unwrap_or_default()
+    );
+    let file_config = Arc::new(std::sync::Mutex::new(config.clone()));
+    let (waypoint, compiled) = match &mesh {
+        Some(run) => {
+            let merged = with_routes(
+                &config,
+                &run.ctx.mesh.current(),
+                &run.ctx.namespace,
+                &waypoint_key,
+            );
+            (
+                Arc::new(Waypoint::new_mesh(&merged, run.ctx.clone())?),
+                merged,
+            )
+        }
+        None => (Arc::new(Waypoint::new(&config)?), config.clone()),
+    };
+    if let Some(run) = &mesh {
+        tokio::spawn(follow_routes(
+            waypoint.clone(),
+            run.ctx.clone(),
+            file_config.clone(),
+            waypoint_key.clone(),
+            compiled,
+        ));
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let drain = std::time::Duration::from_secs(args.drain_seconds);
     let mut servers = Vec::new();
@@ -316,7 +403,24 @@ async fn main() -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => {
-                match Config::from_file_for(&args.config, mode).map_err(anyhow::Error::from).and_then(|c| Ok(waypoint.reload(&c)?)) {
+                let Some(path) = &args.config else {
+                    tracing::info!("SIGHUP: no --config file to reload");
+                    continue;
+                };
+                let result = Config::from_file_for(path, mode)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|file| {
+                        let serving = match &mesh {
+                            Some(run) => with_routes(&file, &run.ctx.mesh.current(), &run.ctx.namespace, &waypoint_key),
+                            None => file.clone(),
+                        };
+                        let version = waypoint.reload(&serving)?;
+                        if let Ok(mut current) = file_config.lock() {
+                            *current = file;
+                        }
+                        Ok(version)
+                    });
+                match result {
                     Ok(version) => tracing::info!(version, "config reloaded"),
                     Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),
                 }

@@ -5,10 +5,12 @@
 //! data path uses, converted once and validated (`TryFrom`), with every problem reported by
 //! file, document and field path.
 
+pub mod duration;
 pub mod labels;
 pub mod local;
 pub mod model;
 pub mod resource;
+pub mod routes;
 pub mod wire;
 
 pub use model::{CaptureSettings, Exclusions, MeshState, ModelError, WorkloadInfo};

@@ -47,6 +47,8 @@ pub enum ModelError {
         name: String,
         problem: String,
     },
+    #[error(transparent)]
+    BadRoute(#[from] crate::routes::RouteError),
     #[error("AuthorizationPolicy {namespace}/{name}: {problem}")]
     BadPolicy {
         namespace: String,
@@ -431,6 +433,8 @@ pub struct MeshState {
     pub services: BTreeMap<String, ServiceInfo>,
     /// AuthorizationPolicies by `namespace/name`.
     pub policies: BTreeMap<String, PolicyInfo>,
+    /// HTTPRoutes and GRPCRoutes attached to Services, by `<Kind>/<namespace>/<name>`.
+    pub routes: BTreeMap<String, crate::routes::RouteInfo>,
     /// Root certificates (PEM) workload certificates chain to. Set by the controller's CA, not
     /// by sources.
     pub trust_bundle: Vec<String>,
@@ -579,12 +583,27 @@ impl MeshState {
                 Err(e) => errors.push(e),
             }
         }
+        let mut routes = BTreeMap::new();
+        for r in resources {
+            let info = match r {
+                Resource::HttpRoute(r) => crate::routes::http_route_info(r),
+                Resource::GrpcRoute(r) => crate::routes::grpc_route_info(r),
+                _ => continue,
+            };
+            match info {
+                Ok(info) => {
+                    routes.insert(info.key(), info);
+                }
+                Err(e) => errors.extend(e.into_iter().map(ModelError::BadRoute)),
+            }
+        }
         if errors.is_empty() {
             Ok(Self {
                 namespaces,
                 workloads,
                 services,
                 policies,
+                routes,
                 trust_bundle: Vec::new(),
             })
         } else {

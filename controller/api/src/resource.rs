@@ -194,6 +194,228 @@ pub struct PolicyDestination {
     pub paths: Vec<String>,
 }
 
+/// `apiVersion` of the Gateway API kinds Weft reads (HTTPRoute, GRPCRoute).
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
+/// A Gateway API HTTPRoute attached to a Service (GAMMA): the waypoint bound to that Service
+/// applies its rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    pub metadata: ObjectMeta,
+    pub spec: HttpRouteSpec,
+}
+
+/// `HTTPRoute.spec` (the standard-channel fields the waypoint implements; any other field is
+/// rejected so that nothing is silently ignored).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// A Gateway API GRPCRoute attached to a Service (GAMMA).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRoute {
+    pub metadata: ObjectMeta,
+    pub spec: GrpcRouteSpec,
+}
+
+/// `GRPCRoute.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+/// `spec.parentRefs[]`: for the mesh, a Service (`group: ""`, `kind: Service`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+/// `HTTPRoute.spec.rules[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<RouteBackendRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RouteTimeouts>,
+}
+
+/// `GRPCRoute.spec.rules[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default)]
+    pub filters: Vec<RouteFilter>,
+    #[serde(default)]
+    pub backend_refs: Vec<RouteBackendRef>,
+}
+
+/// `HTTPRoute.spec.rules[].matches[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<HttpPathMatch>,
+    #[serde(default)]
+    pub headers: Vec<NameMatch>,
+    #[serde(default)]
+    pub query_params: Vec<NameMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// `matches[].path`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPathMatch {
+    /// `Exact`, `PathPrefix` (default) or `RegularExpression`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// A header or query parameter condition.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NameMatch {
+    /// `Exact` (default); `RegularExpression` is not implemented.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    pub value: String,
+}
+
+/// `GRPCRoute.spec.rules[].matches[]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<NameMatch>,
+}
+
+/// `GRPCRoute.spec.rules[].matches[].method`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// `Exact` (default); `RegularExpression` is not implemented.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// `rules[].filters[]`: the header modifiers are implemented; other types are read so that
+/// they can be refused by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteFilter {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header_modifier: Option<HeaderModifierSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_rewrite: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_redirect: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_mirror: Option<serde_yaml::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension_ref: Option<serde_yaml::Value>,
+}
+
+/// `RequestHeaderModifier` / `ResponseHeaderModifier`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderModifierSpec {
+    #[serde(default)]
+    pub set: Vec<NameValueSpec>,
+    #[serde(default)]
+    pub add: Vec<NameValueSpec>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A header name and value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NameValueSpec {
+    pub name: String,
+    pub value: String,
+}
+
+/// `rules[].backendRefs[]`: a Service port of the route's namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteBackendRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<RouteFilter>,
+}
+
+/// `HTTPRoute.spec.rules[].timeouts` (Gateway API durations, e.g. `10s`, `500ms`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteTimeouts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request: Option<String>,
+}
+
 /// One parsed document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resource {
@@ -201,6 +423,8 @@ pub enum Resource {
     Workload(Workload),
     Service(Service),
     AuthorizationPolicy(AuthorizationPolicy),
+    HttpRoute(HttpRoute),
+    GrpcRoute(GrpcRoute),
 }
 
 /// A document that could not be read, located precisely.
@@ -278,11 +502,19 @@ pub fn parse_documents(text: &str, file: &str) -> Result<Vec<Resource>, ParseErr
                 typed(API_VERSION)?;
                 Resource::AuthorizationPolicy(from_value(value).map_err(|(f, m)| err(f, m))?)
             }
+            "HTTPRoute" => {
+                typed(GATEWAY_API_VERSION)?;
+                Resource::HttpRoute(from_value(value).map_err(|(f, m)| err(f, m))?)
+            }
+            "GRPCRoute" => {
+                typed(GATEWAY_API_VERSION)?;
+                Resource::GrpcRoute(from_value(value).map_err(|(f, m)| err(f, m))?)
+            }
             other => {
                 return Err(err(
                     Some("kind".into()),
                     format!(
-                        "unsupported kind `{other}` (supported: Namespace, Workload, Service, AuthorizationPolicy)"
+                        "unsupported kind `{other}` (supported: Namespace, Workload, Service, AuthorizationPolicy, HTTPRoute, GRPCRoute)"
                     ),
                 ));
             }

@@ -13,6 +13,10 @@ use crate::model::{
     PolicyDestinationInfo, PolicyInfo, PolicyRuleInfo, PolicySourceInfo, PolicyTarget, ServiceInfo,
     ServicePort, WorkloadInfo,
 };
+use crate::routes::{
+    HeaderModifierInfo, PathKind, RouteBackendInfo, RouteInfo, RouteKind, RouteMatchInfo,
+    RouteParent, RouteRuleInfo,
+};
 
 /// Generated protobuf types and gRPC stubs.
 #[allow(clippy::all, missing_docs)]
@@ -484,6 +488,206 @@ pub fn policy_resource(p: &PolicyInfo) -> pb::Resource {
     }
 }
 
+impl From<&RouteInfo> for pb::Route {
+    fn from(r: &RouteInfo) -> Self {
+        let nv = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(name, value)| pb::NameValue {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let modifier = |m: &HeaderModifierInfo| pb::HeaderModifier {
+            set: nv(&m.set),
+            add: nv(&m.add),
+            remove: m.remove.clone(),
+        };
+        Self {
+            name: r.name.clone(),
+            namespace: r.namespace.clone(),
+            kind: match r.kind {
+                RouteKind::Http => pb::route::Kind::Http,
+                RouteKind::Grpc => pb::route::Kind::Grpc,
+            }
+            .into(),
+            parents: r
+                .parents
+                .iter()
+                .map(|p| pb::RouteParent {
+                    service: p.service.clone(),
+                    port: p.port.map_or(0, u32::from),
+                })
+                .collect(),
+            hostnames: r.hostnames.clone(),
+            rules: r
+                .rules
+                .iter()
+                .map(|rule| pb::RouteRule {
+                    name: rule.name.clone(),
+                    matches: rule
+                        .matches
+                        .iter()
+                        .map(|m| {
+                            let (path_kind, path) = match &m.path {
+                                None => (pb::route_match::PathKind::None, String::new()),
+                                Some((k, v)) => (
+                                    match k {
+                                        PathKind::Exact => pb::route_match::PathKind::Exact,
+                                        PathKind::PathPrefix => {
+                                            pb::route_match::PathKind::PathPrefix
+                                        }
+                                        PathKind::RegularExpression => {
+                                            pb::route_match::PathKind::RegularExpression
+                                        }
+                                    },
+                                    v.clone(),
+                                ),
+                            };
+                            pb::RouteMatch {
+                                path_kind: path_kind.into(),
+                                path,
+                                headers: nv(&m.headers),
+                                query_params: nv(&m.query_params),
+                                method: m.method.clone().unwrap_or_default(),
+                                grpc_service: m.grpc_service.clone().unwrap_or_default(),
+                                grpc_method: m.grpc_method.clone().unwrap_or_default(),
+                            }
+                        })
+                        .collect(),
+                    request_headers: Some(modifier(&rule.request_headers)),
+                    response_headers: Some(modifier(&rule.response_headers)),
+                    backends: rule
+                        .backends
+                        .iter()
+                        .map(|b| pb::RouteBackend {
+                            service: b.service.clone(),
+                            port: u32::from(b.port),
+                            weight: b.weight,
+                        })
+                        .collect(),
+                    request_timeout_ms: rule.request_timeout_ms.unwrap_or(0),
+                    backend_timeout_ms: rule.backend_timeout_ms.unwrap_or(0),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Route> for RouteInfo {
+    type Error = WireError;
+
+    fn try_from(r: pb::Route) -> Result<Self, WireError> {
+        let kind = match pb::route::Kind::try_from(r.kind) {
+            Ok(pb::route::Kind::Http) => RouteKind::Http,
+            Ok(pb::route::Kind::Grpc) => RouteKind::Grpc,
+            Err(_) => {
+                return Err(WireError {
+                    key: format!("Route/{}/{}", r.namespace, r.name),
+                    field: "kind",
+                    problem: format!("unknown route kind {}", r.kind),
+                });
+            }
+        };
+        let key = format!("{}/{}/{}", kind.as_str(), r.namespace, r.name);
+        let err = |field: &'static str, problem: String| WireError {
+            key: key.clone(),
+            field,
+            problem,
+        };
+        let port = |field: &'static str, v: u32| {
+            u16::try_from(v).map_err(|_| err(field, format!("{v} is not a port")))
+        };
+        let pairs = |v: Vec<pb::NameValue>| -> Vec<(String, String)> {
+            v.into_iter().map(|nv| (nv.name, nv.value)).collect()
+        };
+        let modifier = |m: Option<pb::HeaderModifier>| {
+            let m = m.unwrap_or_default();
+            HeaderModifierInfo {
+                set: pairs(m.set),
+                add: pairs(m.add),
+                remove: m.remove,
+            }
+        };
+        let opt = |v: String| (!v.is_empty()).then_some(v);
+        let mut parents = Vec::new();
+        for p in r.parents {
+            let port = port("parents.port", p.port)?;
+            parents.push(RouteParent {
+                service: p.service,
+                port: (port != 0).then_some(port),
+            });
+        }
+        let mut rules = Vec::new();
+        for rule in r.rules {
+            let mut matches = Vec::new();
+            for m in rule.matches {
+                let path = match pb::route_match::PathKind::try_from(m.path_kind) {
+                    Ok(pb::route_match::PathKind::None) => None,
+                    Ok(pb::route_match::PathKind::Exact) => Some((PathKind::Exact, m.path)),
+                    Ok(pb::route_match::PathKind::PathPrefix) => {
+                        Some((PathKind::PathPrefix, m.path))
+                    }
+                    Ok(pb::route_match::PathKind::RegularExpression) => {
+                        Some((PathKind::RegularExpression, m.path))
+                    }
+                    Err(_) => {
+                        return Err(err(
+                            "rules.matches.path_kind",
+                            format!("unknown path kind {}", m.path_kind),
+                        ));
+                    }
+                };
+                matches.push(RouteMatchInfo {
+                    path,
+                    headers: pairs(m.headers),
+                    query_params: pairs(m.query_params),
+                    method: opt(m.method),
+                    grpc_service: opt(m.grpc_service),
+                    grpc_method: opt(m.grpc_method),
+                });
+            }
+            let mut backends = Vec::new();
+            for b in rule.backends {
+                backends.push(RouteBackendInfo {
+                    service: b.service,
+                    port: port("rules.backends.port", b.port)?,
+                    weight: b.weight,
+                });
+            }
+            rules.push(RouteRuleInfo {
+                name: rule.name,
+                matches,
+                request_headers: modifier(rule.request_headers),
+                response_headers: modifier(rule.response_headers),
+                backends,
+                request_timeout_ms: (rule.request_timeout_ms != 0)
+                    .then_some(rule.request_timeout_ms),
+                backend_timeout_ms: (rule.backend_timeout_ms != 0)
+                    .then_some(rule.backend_timeout_ms),
+            });
+        }
+        Ok(RouteInfo {
+            namespace: r.namespace,
+            name: r.name,
+            kind,
+            parents,
+            hostnames: r.hostnames,
+            rules,
+        })
+    }
+}
+
+/// A route as a versioned wire resource (key `<Kind>/<namespace>/<name>`).
+pub fn route_resource(r: &RouteInfo) -> pb::Resource {
+    let wire = pb::Route::from(r);
+    pb::Resource {
+        key: r.key(),
+        version: content_version(&wire.encode_to_vec()),
+        kind: Some(pb::resource::Kind::Route(wire)),
+    }
+}
+
 /// A service as a versioned wire resource.
 pub fn service_resource(s: &ServiceInfo) -> pb::Resource {
     let wire = pb::Service::from(s);
@@ -557,6 +761,49 @@ mod tests {
         let mut changed = sample();
         changed.capture.opted_out = true;
         assert_ne!(workload_resource(&changed).version, r2.version);
+    }
+
+    #[test]
+    fn routes_round_trip() {
+        let docs = crate::parse_documents(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}, {group: "", kind: Service, name: api-v2}]
+  hostnames: [api.shop]
+  rules:
+    - name: canary
+      matches: [{path: {type: Exact, value: /x}, headers: [{name: a, value: b}], queryParams: [{name: q, value: "1"}], method: POST}]
+      filters:
+        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: b}], add: [{name: x-c, value: d}], remove: [x-e]}}
+        - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-r, value: s}]}}
+      backendRefs: [{name: api-v2, port: 80, weight: 3}]
+      timeouts: {request: 1s, backendRequest: 250ms}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: g, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: greeter, port: 50051}]
+  rules:
+    - matches: [{method: {service: shop.Greeter}}]
+      backendRefs: [{name: greeter, port: 50051}]
+"#,
+            "t.yaml",
+        )
+        .expect("parse");
+        let state = crate::MeshState::from_resources(&docs).expect("valid");
+        assert_eq!(state.routes.len(), 2);
+        for route in state.routes.values() {
+            let r = route_resource(route);
+            assert_eq!(r.key, route.key());
+            let Some(pb::resource::Kind::Route(wire)) = r.kind else {
+                panic!("not a route")
+            };
+            assert_eq!(&RouteInfo::try_from(wire).expect("back"), route);
+        }
     }
 
     #[test]

@@ -35,6 +35,7 @@ use weft_tunnel::{Identity, TrustBundle};
 use crate::layers::balance::EndpointSource;
 
 pub mod forward;
+pub mod routes;
 pub mod server;
 
 /// The port HBONE listens on at every meshed pod (and the waypoint's default).
@@ -90,6 +91,8 @@ pub struct MeshView {
     workloads_by_ip: HashMap<IpAddr, Arc<str>>,
     trust: Result<Arc<TrustBundle>, String>,
     trust_pem: Vec<String>,
+    /// HTTPRoutes and GRPCRoutes, in key order.
+    routes: Vec<Arc<weft_api::routes::RouteInfo>>,
 }
 
 impl fmt::Debug for MeshView {
@@ -116,6 +119,7 @@ impl MeshView {
             workloads_by_ip: HashMap::new(),
             trust: Err("the controller has not sent the mesh view yet".into()),
             trust_pem: Vec::new(),
+            routes: Vec::new(),
         }
     }
 
@@ -146,6 +150,7 @@ impl MeshView {
             }
             view.services_by_key.insert(s.key(), s);
         }
+        view.routes = state.routes.values().cloned().map(Arc::new).collect();
         view.trust_pem = state.trust_bundle.clone();
         view.trust = if state.trust_bundle.is_empty() {
             Err("the mesh view carries no trust bundle".into())
@@ -195,6 +200,11 @@ impl MeshView {
     /// The roots peers' certificates must chain to.
     pub fn trust(&self) -> Result<Arc<TrustBundle>, String> {
         self.trust.clone()
+    }
+
+    /// The HTTPRoutes and GRPCRoutes of the mesh, in key order.
+    pub fn routes(&self) -> &[Arc<weft_api::routes::RouteInfo>] {
+        &self.routes
     }
 
     /// The trust bundle as sent by the controller (PEM), to notice changes.

@@ -1,0 +1,332 @@
+//! Gateway API routes from the control plane: the HTTPRoutes and GRPCRoutes the controller
+//! streams (validated, as [`RouteInfo`]) become listeners and backends of the waypoint's
+//! [`Config`], next to those of its file.
+//!
+//! For every Service of the waypoint's namespace bound to this waypoint (its `waypoint` field
+//! is `<namespace>/<name>` of this waypoint) and every route attached to one of its ports, the
+//! rules of all those routes form the listener `gamma:<service>:<port>` (route precedence is
+//! Gateway API's, computed by the route table). A listener of the file for the same Service
+//! port wins: the routes are then not served, with a warning. Backends are
+//! `<service>:<port>`, speaking HTTP/2 for GRPCRoutes and for Service ports whose
+//! `appProtocol` says so, else HTTP/1.1. Route names in metrics are `<route>/<rule name or
+//! index>`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use weft_api::routes::{HeaderModifierInfo, PathKind, RouteInfo, RouteKind};
+
+use super::MeshView;
+use crate::config::{
+    BackendConfig, BackendProtocol, BackendRef, Config, FilterConfig, GrpcMethodMatch,
+    HeaderModifierConfig, ListenerConfig, MatchConfig, NameValue, PathMatch, PathMatchType,
+    RouteConfig, TimeoutsConfig,
+};
+use crate::duration::GatewayDuration;
+
+/// Prefix of the listeners built from routes.
+pub const LISTENER_PREFIX: &str = "gamma:";
+
+fn modifier(m: &HeaderModifierInfo) -> HeaderModifierConfig {
+    let nv = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(name, value)| NameValue {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    };
+    HeaderModifierConfig {
+        set: nv(&m.set),
+        add: nv(&m.add),
+        remove: m.remove.clone(),
+    }
+}
+
+fn backend_name(service: &str, port: u16) -> String {
+    format!("{service}:{port}")
+}
+
+/// `file` plus the listeners and backends of the routes in `view` for Services bound to the
+/// waypoint `waypoint` (`<namespace>/<name>`) in `namespace`.
+pub fn with_routes(file: &Config, view: &MeshView, namespace: &str, waypoint: &str) -> Config {
+    let mut config = file.clone();
+    let taken: BTreeSet<(String, u16)> = file
+        .listeners
+        .iter()
+        .filter_map(|l| Some((l.service.clone()?, l.port?)))
+        .collect();
+    // (service, port) -> routes attached, in key order.
+    let mut attached: BTreeMap<(String, u16), Vec<&RouteInfo>> = BTreeMap::new();
+    for route in view.routes() {
+        if route.namespace != namespace {
+            continue;
+        }
+        for parent in &route.parents {
+            let key = format!("{namespace}/{}", parent.service);
+            let Some(service) = view.service(&key) else {
+                tracing::debug!(route = %route.key(), service = %key, "route attached to an unknown Service");
+                continue;
+            };
+            if service.waypoint.as_deref() != Some(waypoint) {
+                continue;
+            }
+            for port in service
+                .ports
+                .iter()
+                .map(|p| p.port)
+                .filter(|p| parent.port.is_none_or(|want| want == *p))
+            {
+                if taken.contains(&(parent.service.clone(), port)) {
+                    tracing::warn!(route = %route.key(), service = %key, port, "the waypoint's config file has a listener for this Service port: it wins, the route is not served there");
+                    continue;
+                }
+                let list = attached.entry((parent.service.clone(), port)).or_default();
+                if !list.iter().any(|r| r.key() == route.key()) {
+                    list.push(route);
+                }
+            }
+        }
+    }
+    let mut backends: BTreeMap<String, BackendConfig> = BTreeMap::new();
+    let file_backends: BTreeSet<String> = file.backends.iter().map(|b| b.name.clone()).collect();
+    for ((service, port), routes) in attached {
+        let mut listener = ListenerConfig {
+            name: format!("{LISTENER_PREFIX}{service}:{port}"),
+            address: None,
+            service: Some(service.clone()),
+            port: Some(port),
+            routes: Vec::new(),
+        };
+        for route in routes {
+            for (i, rule) in route.rules.iter().enumerate() {
+                let rule_name = if rule.name.is_empty() {
+                    i.to_string()
+                } else {
+                    rule.name.clone()
+                };
+                let matches = rule
+                    .matches
+                    .iter()
+                    .map(|m| {
+                        let grpc =
+                            (m.grpc_service.is_some() || m.grpc_method.is_some()).then(|| {
+                                GrpcMethodMatch {
+                                    service: m.grpc_service.clone(),
+                                    method: m.grpc_method.clone(),
+                                }
+                            });
+                        MatchConfig {
+                            path: m.path.as_ref().map(|(kind, value)| PathMatch {
+                                kind: match kind {
+                                    PathKind::Exact => PathMatchType::Exact,
+                                    PathKind::PathPrefix => PathMatchType::PathPrefix,
+                                    PathKind::RegularExpression => PathMatchType::RegularExpression,
+                                },
+                                value: value.clone(),
+                            }),
+                            headers: m
+                                .headers
+                                .iter()
+                                .map(|(name, value)| NameValue {
+                                    name: name.clone(),
+                                    value: value.clone(),
+                                })
+                                .collect(),
+                            query_params: m
+                                .query_params
+                                .iter()
+                                .map(|(name, value)| NameValue {
+                                    name: name.clone(),
+                                    value: value.clone(),
+                                })
+                                .collect(),
+                            method: m.method.clone(),
+                            grpc,
+                        }
+                    })
+                    .collect();
+                let mut filters = Vec::new();
+                if !rule.request_headers.is_empty() {
+                    filters.push(FilterConfig::RequestHeaderModifier {
+                        request_header_modifier: modifier(&rule.request_headers),
+                    });
+                }
+                if !rule.response_headers.is_empty() {
+                    filters.push(FilterConfig::ResponseHeaderModifier {
+                        response_header_modifier: modifier(&rule.response_headers),
+                    });
+                }
+                let mut backend_refs = Vec::new();
+                for b in &rule.backends {
+                    let mut name = backend_name(&b.service, b.port);
+                    if file_backends.contains(&name) {
+                        name = format!("{LISTENER_PREFIX}{name}");
+                    }
+                    let declared_h2 = view
+                        .service(&format!("{namespace}/{}", b.service))
+                        .and_then(|s| s.ports.iter().find(|p| p.port == b.port))
+                        .is_some_and(|p| {
+                            matches!(
+                                p.app_protocol.to_ascii_lowercase().as_str(),
+                                "http2" | "grpc" | "h2c" | "kubernetes.io/h2c"
+                            )
+                        });
+                    let protocol = if route.kind == RouteKind::Grpc || declared_h2 {
+                        BackendProtocol::Http2
+                    } else {
+                        BackendProtocol::Http1
+                    };
+                    let entry = backends.entry(name.clone()).or_insert(BackendConfig {
+                        name: name.clone(),
+                        endpoints: Vec::new(),
+                        service: Some(b.service.clone()),
+                        port: Some(b.port),
+                        protocol,
+                        circuit_breaker: None,
+                        outlier_detection: None,
+                        load_balancer: Default::default(),
+                    });
+                    if protocol == BackendProtocol::Http2 {
+                        entry.protocol = BackendProtocol::Http2;
+                    }
+                    backend_refs.push(BackendRef {
+                        name,
+                        weight: b.weight,
+                    });
+                }
+                let ms = |v: Option<u64>| v.map(|ms| GatewayDuration(Duration::from_millis(ms)));
+                let timeouts = (rule.request_timeout_ms.is_some()
+                    || rule.backend_timeout_ms.is_some())
+                .then(|| TimeoutsConfig {
+                    request: ms(rule.request_timeout_ms),
+                    backend_request: ms(rule.backend_timeout_ms),
+                });
+                listener.routes.push(RouteConfig {
+                    name: Some(format!("{}/{rule_name}", route.name)),
+                    hostnames: route.hostnames.clone(),
+                    matches,
+                    filters,
+                    backend_refs,
+                    timeouts,
+                    ..Default::default()
+                });
+            }
+        }
+        config.listeners.push(listener);
+    }
+    config.backends.extend(backends.into_values());
+    config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(extra: &str) -> weft_api::MeshState {
+        let base = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {weft.dev/mesh: enabled, weft.dev/use-waypoint: waypoint}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: greeter, namespace: shop}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 50051, targetPort: 50051}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: direct, namespace: shop, labels: {weft.dev/use-waypoint: none}}
+spec: {clusterIP: 10.96.0.12, ports: [{port: 80, targetPort: 80}]}
+"#;
+        let docs =
+            weft_api::parse_documents(&format!("{base}---{extra}"), "t.yaml").expect("parse");
+        weft_api::MeshState::from_resources(&docs).expect("valid")
+    }
+
+    const ROUTES: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api, port: 80}, {group: "", kind: Service, name: direct}]
+  rules:
+    - name: v2
+      matches: [{path: {type: PathPrefix, value: /v2}}]
+      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: gamma}]}}]
+      backendRefs: [{name: greeter, port: 50051, weight: 1}, {name: api, port: 80, weight: 3}]
+      timeouts: {request: 2s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: greeter, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: greeter}]
+  rules:
+    - matches: [{method: {service: shop.Greeter}}]
+      backendRefs: [{name: greeter, port: 50051}]
+"#;
+
+    fn empty_file() -> Config {
+        Config::from_yaml_for("listeners: []\nbackends: []\n", crate::config::Mode::Mesh)
+            .expect("empty config")
+    }
+
+    #[test]
+    fn routes_of_bound_services_become_listeners_and_backends() {
+        let view = MeshView::build(&state(ROUTES), "cluster.local");
+        let config = with_routes(&empty_file(), &view, "shop", "shop/waypoint");
+        let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        // `direct` is opted out of the waypoint: its parent is not served here.
+        assert_eq!(names, ["gamma:api:80", "gamma:greeter:50051"]);
+        let api = &config.listeners[0];
+        assert_eq!(api.routes[0].name.as_deref(), Some("api/v2"));
+        assert_eq!(api.routes[0].backend_refs[1].name, "api:80");
+        assert_eq!(api.routes[0].backend_refs[1].weight, 3);
+        assert_eq!(
+            api.routes[0].timeouts.as_ref().and_then(|t| t.request),
+            Some(GatewayDuration(Duration::from_secs(2)))
+        );
+        let greeter = config
+            .backends
+            .iter()
+            .find(|b| b.name == "greeter:50051")
+            .expect("greeter backend");
+        assert_eq!(
+            greeter.protocol,
+            BackendProtocol::Http2,
+            "a GRPCRoute backend"
+        );
+        let api_backend = config
+            .backends
+            .iter()
+            .find(|b| b.name == "api:80")
+            .expect("api backend");
+        assert_eq!(api_backend.protocol, BackendProtocol::Http1);
+        config
+            .validate_for(crate::config::Mode::Mesh)
+            .expect("valid");
+    }
+
+    #[test]
+    fn another_waypoint_or_namespace_gets_nothing_and_the_file_wins() {
+        let view = MeshView::build(&state(ROUTES), "cluster.local");
+        let config = with_routes(&empty_file(), &view, "shop", "shop/other-waypoint");
+        assert!(config.listeners.is_empty());
+        let config = with_routes(&empty_file(), &view, "legacy", "legacy/waypoint");
+        assert!(config.listeners.is_empty());
+        let file = Config::from_yaml_for(
+            "listeners:\n  - {name: mine, service: api, port: 80, routes: [{backendRefs: [{name: b}]}]}\nbackends:\n  - {name: b, service: api, port: 80}\n",
+            crate::config::Mode::Mesh,
+        )
+        .expect("file config");
+        let config = with_routes(&file, &view, "shop", "shop/waypoint");
+        let names: Vec<&str> = config.listeners.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["mine", "gamma:greeter:50051"]);
+    }
+}
