@@ -413,6 +413,9 @@ impl<S: Inner> Service<Request> for Balance<S> {
         };
         let endpoint = endpoints[index].clone();
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
+        if let Some(context) = request.extensions().get::<super::RequestContext>() {
+            context.set_endpoint(endpoint.addr);
+        }
         request.extensions_mut().insert(SelectedEndpoint {
             backend: set.backend.clone(),
             addr: endpoint.addr,
