@@ -786,6 +786,7 @@ pub async fn handle_from(
     if let Some((service, _)) = &listener.attach {
         context.set_destination(service.as_str().into());
     }
+    context.set_peer(peer);
     if let Some(source) = &source {
         context.set_source(source.clone());
     }

@@ -46,7 +46,7 @@ use http_body_util::BodyExt;
 use serde::Serialize;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{BoxFuture, PeerAddr, RequestContext, RequestFacts};
+use super::{BoxFuture, RequestContext, RequestFacts};
 use crate::body::{Body, Response};
 
 /// Lines waiting for the writer; beyond this, lines are dropped (and counted).
@@ -249,7 +249,6 @@ struct Started {
     authority: Option<String>,
     path: String,
     protocol: &'static str,
-    peer: Option<std::net::IpAddr>,
 }
 
 fn protocol_name(version: http::Version) -> &'static str {
@@ -290,7 +289,7 @@ fn entry(
         source_workload: source.and_then(|s| s.workload.as_deref().map(str::to_string)),
         source_ip: source
             .map(|s| s.ip)
-            .or(started.peer)
+            .or(facts.peer.map(|p| p.ip()))
             .map(|ip| ip.to_canonical().to_string()),
         destination_service: facts.destination.as_deref().map(str::to_string),
         trace_id: facts.trace_id,
@@ -393,7 +392,6 @@ where
                 .path_and_query()
                 .map_or_else(|| "/".to_string(), |p| p.to_string()),
             protocol: protocol_name(request.version()),
-            peer: request.extensions().get::<PeerAddr>().map(|p| p.0.ip()),
         };
         let context = RequestContext::default();
         request.extensions_mut().insert(context.clone());
@@ -548,7 +546,6 @@ mod tests {
             authority: Some("reviews.shop:9080".into()),
             path: "/a?b=1".into(),
             protocol: "HTTP/2",
-            peer: Some("10.0.0.9".parse().expect("ip")),
         };
         let facts = RequestFacts {
             route: Some("r1".into()),
@@ -564,6 +561,7 @@ mod tests {
                 workload: Some("shop/web-1".into()),
             }),
             destination: Some("shop/reviews".into()),
+            peer: Some("10.0.0.9:4000".parse().expect("addr")),
         };
         let line = entry(&started, 504, Some("4".into()), 12, facts).to_line();
         assert!(!line.contains('\n'));
@@ -596,7 +594,11 @@ mod tests {
         assert!(v["duration_ms"].is_number());
 
         // Absent values: null, and no grpc_status at all.
-        let line = entry(&started, 200, None, 0, RequestFacts::default()).to_line();
+        let facts = RequestFacts {
+            peer: Some("10.0.0.9:4000".parse().expect("addr")),
+            ..RequestFacts::default()
+        };
+        let line = entry(&started, 200, None, 0, facts).to_line();
         let v: serde_json::Value = serde_json::from_str(&line).expect("json");
         assert!(v.get("grpc_status").is_none());
         assert!(v["route"].is_null());
@@ -656,24 +658,53 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_lines_instead_of_blocking() {
-        /// A writer that blocks until released.
-        struct Stuck(std::sync::mpsc::Receiver<()>);
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        /// A writer that says when it is called, then blocks until released.
+        struct Stuck {
+            entered: std::sync::mpsc::Sender<()>,
+            release: std::sync::mpsc::Receiver<()>,
+        }
         impl Write for Stuck {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                let _ = self.0.recv();
+                let _ = self.entered.send(());
+                let _ = self.release.recv();
                 Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
                 Ok(())
             }
         }
-        let (release, stuck) = std::sync::mpsc::channel();
-        let log = AccessLog::to_writer(Box::new(Stuck(stuck)), 2).expect("log");
-        // The writer takes at most one line and blocks; two more fill the queue; the rest
-        // return at once (dropped).
-        for i in 0..100 {
-            log.write(format!("{{\"n\":{i}}}"));
-        }
+        let (entered_tx, entered) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let writer = Stuck {
+            entered: entered_tx,
+            release: release_rx,
+        };
+        let log = AccessLog::to_writer(Box::new(writer), 2).expect("log");
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        metrics::with_local_recorder(&recorder, || {
+            log.write("{\"n\":0}".into());
+            // The writer thread holds line 0 and is stuck in the sink.
+            entered
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the writer reached the sink");
+            // Two lines fit in the queue; the other 98 are dropped at once.
+            for i in 1..=100 {
+                log.write(format!("{{\"n\":{i}}}"));
+            }
+        });
+        let dropped: u64 = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .filter(|(key, ..)| key.key().name() == "weft_waypoint_access_log_dropped_total")
+            .map(|(.., value)| match value {
+                DebugValue::Counter(n) => n,
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(dropped, 98);
         drop(release);
     }
 }

@@ -106,6 +106,9 @@ pub struct RequestFacts {
     pub request_bytes: u64,
     /// Who sent it (mesh mode).
     pub source: Option<Source>,
+    /// The client's address as the waypoint saw it (the peer; in mesh mode the original
+    /// client, port 0).
+    pub peer: Option<SocketAddr>,
     /// The Service (`namespace/name`) it was sent to (mesh mode).
     pub destination: Option<Arc<str>>,
 }
@@ -163,6 +166,11 @@ impl RequestContext {
     /// Records the sender.
     pub fn set_source(&self, source: Source) {
         self.with(|f| f.source = Some(source));
+    }
+
+    /// Records the client's address.
+    pub fn set_peer(&self, peer: SocketAddr) {
+        self.with(|f| f.peer = Some(peer));
     }
 
     /// Records the destination Service.

@@ -378,3 +378,80 @@ impl Handler for Inbound {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use weft_api::MeshState;
+
+    /// A root (PEM) and an SVID for the waypoint signed by it, with `generation`.
+    fn ca_and_svid(generation: i64) -> (String, Svid) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("root");
+        let issuer = Issuer::new(params, key);
+        let leaf_key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("params");
+        leaf.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/waypoint"
+                .try_into()
+                .expect("uri"),
+        )];
+        let cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf");
+        let svid = Svid::from_pem(
+            &cert.pem(),
+            &leaf_key.serialize_pem(),
+            generation,
+            Vec::new(),
+        )
+        .expect("svid");
+        (root.pem(), svid)
+    }
+
+    fn context() -> MeshContext {
+        let (_, mesh) = super::super::Mesh::fixed(&MeshState::default(), "cluster.local");
+        let (_, svid) = ca_and_svid(1);
+        MeshContext::new(
+            "shop",
+            mesh,
+            Arc::new(super::super::StaticSvid(Arc::new(svid))),
+        )
+    }
+
+    fn view(trust_pem: &str) -> MeshView {
+        let state = MeshState {
+            trust_bundle: vec![trust_pem.to_string()],
+            ..MeshState::default()
+        };
+        MeshView::build(&state, "cluster.local")
+    }
+
+    #[test]
+    fn tls_config_is_rebuilt_only_when_the_certificate_or_trust_changes() {
+        let ctx = context();
+        let cache = TlsCache::default();
+        let (root, svid) = ca_and_svid(1);
+        let first = cache.get(&ctx, &view(&root), &svid).expect("config");
+        // A new view (endpoints changed) with the same bundle: the same config.
+        let again = cache.get(&ctx, &view(&root), &svid).expect("config");
+        assert!(Arc::ptr_eq(&first, &again));
+        // A renewed certificate: a new config.
+        let (_, renewed) = ca_and_svid(2);
+        let after_renewal = cache.get(&ctx, &view(&root), &renewed).expect("config");
+        assert!(!Arc::ptr_eq(&first, &after_renewal));
+        // Another trust bundle: a new config.
+        let (other_root, _) = ca_and_svid(3);
+        let after_rotation = cache
+            .get(&ctx, &view(&other_root), &renewed)
+            .expect("config");
+        assert!(!Arc::ptr_eq(&after_renewal, &after_rotation));
+        assert!(Arc::ptr_eq(
+            &after_rotation,
+            &cache
+                .get(&ctx, &view(&other_root), &renewed)
+                .expect("config")
+        ));
+    }
+}
