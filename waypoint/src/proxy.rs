@@ -13,6 +13,11 @@
 //!
 //! Backends are shared by every route and listener of a config version, so their limits,
 //! latency statistics and circuits are per backend, not per route.
+//!
+//! With an access log ([`Waypoint::with_access_log`], [`serve_logged_until`]) each connection's
+//! service is wrapped in [`AccessLogLayer`], outside everything above, so the line has the
+//! status the client got. [`handle_from`] records what it learns (route, source, destination,
+//! request size, error flags) in the request's [`RequestContext`].
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -10,7 +10,7 @@
 //! bytes within `--protocol-detect-timeout` ([`super::detect`]); each choice counts
 //! `weft_waypoint_protocol_detected_total{protocol, by}`. HTTP/1.1 or HTTP/2 is served with the
 //! listener attached to that Service port, or the implicit default route to the Service itself;
-//! each request carries a [`Source`](crate::layers::Source) extension: the client's SPIFFE ID,
+//! each request carries a [`Source`] extension: the client's SPIFFE ID,
 //! original address and workload. Anything else is proxied as opaque TCP ([`super::tcp`]).
 //!
 //! The TLS server config is built once per (certificate generation, trust bundle) and reused
