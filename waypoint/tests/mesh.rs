@@ -896,3 +896,55 @@ async fn mesh_request_writes_one_json_access_log_line() -> Result<(), BoxError> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn mesh_opaque_tcp_tries_another_endpoint_and_closes_without_one() -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = 22;
+    let pki = Pki::new();
+    // tcp-1 answers; tcp-2 is in the view but nothing listens on its 15008.
+    tcp_pod(&pki, ip(t, 41), "tcp-1", &spiffe("tcp")).await;
+    let mut state = state(t, &pki);
+    for w in [
+        workload("tcp-1", "tcp", ip(t, 41)),
+        workload("tcp-2", "tcp", ip(t, 42)),
+    ] {
+        state.workloads.insert(w.key(), w);
+    }
+    let mut s = service(
+        "tcp",
+        ip(t, 103),
+        7000,
+        7001,
+        &[("tcp-1", ip(t, 41)), ("tcp-2", ip(t, 42))],
+    );
+    s.ports[0].app_protocol = "tcp".into();
+    state.services.insert(s.key(), s);
+    let mut empty = service("empty", ip(t, 104), 7000, 7001, &[]);
+    empty.ports[0].app_protocol = "tcp".into();
+    state.services.insert(empty.key(), empty);
+    let (wp, _view) = waypoint(t, &pki, &state, "listeners: []\n").await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let hello = format!("hello tcp-1 dst={}:7001 for={}\n", ip(t, 41), ip(t, 10));
+
+    // Whichever endpoint is tried first, every connection reaches tcp-1.
+    for i in 0..6 {
+        let mut c = tunnel(&web, vip(t, 103, 7000), ip(t, 10))
+            .await
+            .expect("tunnel");
+        assert_eq!(read_n(&mut c, hello.len()).await, hello, "connection {i}");
+        c.write_all(b"x").await?;
+        assert_eq!(read_n(&mut c, 1).await, "x");
+    }
+
+    // No ready endpoint: the tunnel is admitted, then closed without a byte.
+    let mut c = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("the waypoint closes the tunnel");
+    assert!(got.is_empty(), "{got:?} ({read:?})");
+    Ok(())
+}
