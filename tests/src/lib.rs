@@ -7,9 +7,11 @@
 //! Everything that touches the kernel needs root; tests call [`require_root`] first.
 
 pub mod fake_apiserver;
+pub mod grpc;
 pub mod lab;
 pub mod mesh;
 pub mod net;
+pub mod otlp;
 pub mod pcap;
 pub mod scenario;
 

@@ -114,7 +114,7 @@ impl TestServer {
 
     /// A minimal HTTP/1.1 server in `ns` for waypoint tests: every request is answered `200`
     /// with the body `<name> <method> <path> xff=<x-forwarded-for or -> hdr=<x-* request
-    /// headers as k=v, sorted, comma-separated>` and `Connection: close`. Paths that change the answer: `/status/<code>...` (that code),
+    /// headers and `traceparent` as k=v, sorted, comma-separated>` and `Connection: close`. Paths that change the answer: `/status/<code>...` (that code),
     /// `/fail-on/<name>/...` (500 from the server called `<name>` only), `/sleep/<ms>/...`
     /// (answered after `ms` milliseconds, at most 10 s).
     pub fn http(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
@@ -253,7 +253,7 @@ fn serve_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
         .map_or("-".to_string(), |(_, v)| v.clone());
     let mut echoed: Vec<String> = headers
         .iter()
-        .filter(|(k, _)| k.starts_with("x-") && k != "x-forwarded-for")
+        .filter(|(k, _)| (k.starts_with("x-") && k != "x-forwarded-for") || k == "traceparent")
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     echoed.sort();

@@ -19,9 +19,11 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use weft_tests::grpc::{GrpcReply, GrpcServer, grpc_call};
 use weft_tests::mesh::{
     CONTROLLER_PORT, MeshConfig, MeshLab, WorkloadSpec, metric_sum, wait_for, waypoint_binary,
 };
+use weft_tests::otlp::OtlpReceiver;
 use weft_tests::scenario::{T, serial};
 use weft_tests::{Lab, LabSpec, Pod, TestServer, ask, read_hello, require_root, tcp_connect_in};
 
@@ -33,6 +35,10 @@ const POOL_VIP: &str = "198.18.200.14";
 /// Service `tcp` (port 9000): the echo server (hello first, then echo) on n2p3 `other`.
 const TCP_VIP: &str = "198.18.200.15";
 const TCP_PORT: u16 = 9000;
+/// gRPC Services `greeter` (api-v1's pod) and `greeter-v2` (api-v2's pod), port 50051.
+const GREETER_VIP: &str = "198.18.200.16";
+const GREETER_V2_VIP: &str = "198.18.200.17";
+const GRPC_PORT: u16 = 50051;
 const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/shop/sa/waypoint";
 const WEB_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// The waypoint's metrics, inside its pod.
@@ -55,13 +61,44 @@ backends:
     service: other
     port: 80
     outlierDetection: {consecutive5xx: 3, baseEjectionTime: 1s, maxEjectionTime: 2s, maxEjectionPercent: 100, panicThreshold: 0}
+  - name: limited
+    service: api-v2
+    port: 80
+    circuitBreaker: {maxConcurrentRequests: 2, maxPendingRequests: 1}
+  - name: greeter
+    service: greeter
+    port: 50051
+    protocol: http2
+  - name: greeter-v2
+    service: greeter-v2
+    port: 50051
+    protocol: http2
+"#;
+
+/// The listener of the gRPC Service `greeter` (GRPCRoute-style method matches): `SayHello`
+/// with `x-canary: true` to greeter-v2, the rest of `shop.Greeter` to greeter (retrying
+/// UNAVAILABLE), anything else unrouted.
+const GREETER_LISTENER: &str = r#"  - name: greeter
+    service: greeter
+    port: 50051
+    routes:
+      - name: hello-canary
+        matches:
+          - grpc: {service: shop.Greeter, method: SayHello}
+            headers: [{name: x-canary, value: "true"}]
+        backendRefs: [{name: greeter-v2}]
+      - name: greeter
+        matches:
+          - grpc: {service: shop.Greeter}
+        backendRefs: [{name: greeter}]
+        retry: {attempts: 4, retryOn: [unavailable], backoff: {base: 5ms, max: 20ms}}
 "#;
 
 /// A waypoint configuration whose only listener is for service `api` port 80, with `routes`
 /// (YAML, indented as list items under `routes:`).
 fn waypoint_config(routes: &str) -> String {
     format!(
-        "listeners:\n  - name: api\n    service: api\n    port: 80\n    routes:\n{routes}{BACKENDS}"
+        "listeners:\n  - name: api\n    service: api\n    port: 80\n    routes:\n{routes}{GREETER_LISTENER}{BACKENDS}"
     )
 }
 
@@ -143,6 +180,22 @@ fn config(lab: &Lab) -> MeshConfig {
             json!({}),
         ),
         service(
+            "greeter",
+            GREETER_VIP,
+            GRPC_PORT,
+            GRPC_PORT,
+            json!({"app": "api"}),
+            json!({}),
+        ),
+        service(
+            "greeter-v2",
+            GREETER_V2_VIP,
+            GRPC_PORT,
+            GRPC_PORT,
+            json!({"app": "api-v2"}),
+            json!({}),
+        ),
+        service(
             "waypoint",
             WAYPOINT_VIP,
             15008,
@@ -162,7 +215,8 @@ struct WaypointProcess {
 }
 
 impl WaypointProcess {
-    fn start(mesh: &MeshLab, pod: &Pod, config_text: &str) -> Self {
+    /// Starts it with `config_text` and `extra` arguments.
+    fn start(mesh: &MeshLab, pod: &Pod, config_text: &str, extra: &[&str]) -> Self {
         let dir = mesh.dir();
         let config = dir.join("waypoint.yaml");
         std::fs::write(&config, config_text).expect("write waypoint config");
@@ -196,6 +250,7 @@ impl WaypointProcess {
             .arg(WAYPOINT_METRICS)
             .arg("--state-dir")
             .arg(dir.join("waypoint-state"))
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("WAYPOINT_LOG").unwrap_or("info".into()),
@@ -268,6 +323,8 @@ struct World {
     waypoint: Option<WaypointProcess>,
     /// api-v1, api-v2, other.
     servers: Vec<TestServer>,
+    /// gRPC servers greeter-v1 (api-v1's pod), greeter-v2 (api-v2's pod).
+    grpc: Vec<GrpcServer>,
     mesh: MeshLab,
 }
 
@@ -309,6 +366,20 @@ impl World {
         let addr = SocketAddr::new(vip.parse().expect("vip"), 80);
         http_with(&ns, addr, method, path, &format!("{vip}:80"), headers)
     }
+    /// A gRPC call from `web` to the `greeter` Service through the mesh.
+    fn grpc(&self, path: &str, headers: &[(&str, &str)]) -> GrpcReply {
+        let ns = self.web().netns().expect("netns");
+        let addr = SocketAddr::new(GREETER_VIP.parse().expect("vip"), GRPC_PORT);
+        grpc_call(
+            &ns,
+            addr,
+            &format!("greeter.shop:{GRPC_PORT}"),
+            path,
+            headers,
+            T,
+        )
+        .unwrap_or_else(|e| panic!("gRPC {path}: {e}\n{}", self.logs()))
+    }
     /// The waypoint's metric `name` summed over series with `labels`.
     fn wp_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.waypoint().metrics(), name, labels)
@@ -316,6 +387,11 @@ impl World {
 }
 
 fn world(test: &str, waypoint_routes: &str) -> Option<World> {
+    world_with(test, waypoint_routes, &[])
+}
+
+/// [`world`] with `extra` arguments for the waypoint.
+fn world_with(test: &str, waypoint_routes: &str, extra: &[&str]) -> Option<World> {
     if !require_root(test) {
         return None;
     }
@@ -335,6 +411,12 @@ fn world(test: &str, waypoint_routes: &str) -> Option<World> {
     let ns = lab.pod(1, 2).netns().expect("netns");
     let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), TCP_PORT);
     servers.push(TestServer::start(&ns, addr).expect("tcp echo server"));
+    let mut grpc = Vec::new();
+    for (pod, name) in [(0, "greeter-v1"), (1, "greeter-v2")] {
+        let ns = lab.pod(1, pod).netns().expect("netns");
+        let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), GRPC_PORT);
+        grpc.push(GrpcServer::start(&ns, addr, name).expect("gRPC server"));
+    }
     let cfg = config(&lab);
     let mesh = MeshLab::start_with_controller(lab, cfg, &[]).expect("controller and agents");
     // The client needs its certificate before the first request.
@@ -348,10 +430,16 @@ fn world(test: &str, waypoint_routes: &str) -> Option<World> {
     })
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", mesh.agent(0).log_tail(30)));
     let waypoint_pod = mesh.lab.pod(0, 1).clone();
-    let waypoint = WaypointProcess::start(&mesh, &waypoint_pod, &waypoint_config(waypoint_routes));
+    let waypoint = WaypointProcess::start(
+        &mesh,
+        &waypoint_pod,
+        &waypoint_config(waypoint_routes),
+        extra,
+    );
     let w = World {
         waypoint: Some(waypoint),
         servers,
+        grpc,
         mesh,
     };
     // Listening comes first; the certificate and the mesh view follow within moments.
@@ -496,6 +584,294 @@ fn waypoint_routes_bound_services_and_unbound_traffic_does_not_touch_it() {
         through_waypoint,
         "unbound traffic reached the waypoint"
     );
+}
+
+#[test]
+fn waypoint_routes_grpc_by_service_and_method() {
+    let _g = serial();
+    let Some(w) = world("waypoint_routes_grpc_by_service_and_method", ROUTING) else {
+        return;
+    };
+    // HTTP/2 from the client, through agent -> waypoint -> agent, HTTP/2 to the backend.
+    let r = w.grpc("/shop.Greeter/SayHello", &[("x-canary", "true")]);
+    assert_eq!(r.http_status, 200, "{r:?}");
+    assert_eq!(r.grpc_status.as_deref(), Some("0"), "{r:?}");
+    assert_eq!(r.message, "greeter-v2 /shop.Greeter/SayHello", "{r:?}");
+    // The same method without the header, and another method of the service: greeter.
+    let r = w.grpc("/shop.Greeter/SayHello", &[]);
+    assert_eq!(r.message, "greeter-v1 /shop.Greeter/SayHello", "{r:?}");
+    let r = w.grpc("/shop.Greeter/SayBye", &[("x-canary", "true")]);
+    assert_eq!(r.message, "greeter-v1 /shop.Greeter/SayBye", "{r:?}");
+    assert_eq!(r.grpc_status.as_deref(), Some("0"), "{r:?}");
+    // UNAVAILABLE is retried (attempts: 4), then returned as the backend said it.
+    let v1_before = w.grpc[0].calls();
+    let retries_before = w.wp_metric("weft_waypoint_retries_total", &[("route", "greeter")]);
+    let r = w.grpc("/shop.Greeter/Fail", &[]);
+    assert_eq!(r.grpc_status.as_deref(), Some("14"), "{r:?}");
+    assert_eq!(
+        w.grpc[0].calls() - v1_before,
+        4,
+        "one call and three retries"
+    );
+    let retries = w.wp_metric("weft_waypoint_retries_total", &[("route", "greeter")]);
+    assert_eq!(retries - retries_before, 3.0);
+    // A service no route matches never reaches a backend.
+    let calls: usize = w.grpc.iter().map(GrpcServer::calls).sum();
+    let r = w.grpc("/shop.Inventory/List", &[]);
+    assert_eq!(r.http_status, 404, "{r:?}");
+    assert_eq!(w.grpc.iter().map(GrpcServer::calls).sum::<usize>(), calls);
+    // Counted per route.
+    assert_eq!(
+        w.wp_metric("weft_waypoint_requests_total", &[("route", "hello-canary")]),
+        1.0
+    );
+    assert!(w.wp_metric("weft_waypoint_requests_total", &[("route", "greeter")]) >= 3.0);
+}
+
+#[test]
+fn waypoint_reports_golden_metrics_with_exact_values() {
+    let _g = serial();
+    let Some(w) = world("waypoint_reports_golden_metrics_with_exact_values", ROUTING) else {
+        return;
+    };
+    // (The world's readiness request is in the counters already: compare with this.)
+    let m0 = w.waypoint().metrics();
+    let ok = 5;
+    let mut body_bytes = 0;
+    for i in 0..ok {
+        let (code, body) = w.get(API_VIP, &format!("/golden/{i}")).expect("GET");
+        assert_eq!(code, 200, "{body}");
+        body_bytes += body.len();
+    }
+    for _ in 0..3 {
+        let (code, _) = w.get(API_VIP, "/status/503").expect("GET 503");
+        assert_eq!(code, 503);
+    }
+    // A request with a 100-byte body.
+    let ns = w.web().netns().expect("netns");
+    let mut s = tcp_connect_in(&ns, SocketAddr::new(API_VIP.parse().expect("vip"), 80), T)
+        .expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    write!(
+        s,
+        "POST /upload HTTP/1.1\r\nhost: {API_VIP}\r\ncontent-length: 100\r\nconnection: close\r\n\r\n{}",
+        "x".repeat(100)
+    )
+    .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // A gRPC call that fails with UNAVAILABLE (after its retries: still one request).
+    let r = w.grpc("/shop.Greeter/Fail", &[]);
+    assert_eq!(r.grpc_status.as_deref(), Some("14"));
+
+    let m = w.waypoint().metrics();
+    let who = [
+        ("reporter", "waypoint"),
+        ("source_principal", WEB_ID),
+        ("source_workload", "shop/web"),
+        ("source_namespace", "shop"),
+        ("destination_service", "api.shop.svc.cluster.local"),
+        ("destination_workload", "shop/api-v1"),
+        ("destination_namespace", "shop"),
+        ("route", "default"),
+        ("backend", "api"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut labels = who.to_vec();
+        labels.extend_from_slice(extra);
+        labels
+    };
+    let get = |name: &str, extra: &[(&'static str, &'static str)]| {
+        metric_sum(&m, name, &with(extra)) - metric_sum(&m0, name, &with(extra))
+    };
+    assert_eq!(
+        get("weft_waypoint_requests_total", &[("code", "200")]),
+        f64::from(ok + 1),
+        "{m}"
+    );
+    assert_eq!(get("weft_waypoint_requests_total", &[("code", "503")]), 3.0);
+    assert_eq!(
+        get("weft_waypoint_request_duration_seconds_count", &[]),
+        f64::from(ok + 4)
+    );
+    assert!(get("weft_waypoint_request_duration_seconds_sum", &[]) > 0.0);
+    // Sizes: exactly the bytes that crossed.
+    assert_eq!(get("weft_waypoint_request_bytes_sum", &[]), 100.0, "{m}");
+    assert_eq!(
+        get("weft_waypoint_request_bytes_count", &[]),
+        f64::from(ok + 4)
+    );
+    let post_answer = answer.split_once("\r\n\r\n").map_or(0, |(_, b)| b.len());
+    let (_, status_body) = w.get(API_VIP, "/status/503").expect("GET 503");
+    let m2 = w.waypoint().metrics();
+    let response_bytes = metric_sum(&m2, "weft_waypoint_response_bytes_sum", &with(&[]))
+        - metric_sum(&m0, "weft_waypoint_response_bytes_sum", &with(&[]));
+    assert_eq!(
+        response_bytes,
+        (body_bytes + post_answer + 4 * status_body.len()) as f64,
+        "{m2}"
+    );
+    // Sub-millisecond buckets exist for p50 of fast requests.
+    assert!(
+        m.contains("weft_waypoint_request_duration_seconds_bucket{") && m.contains("le=\"0.0005\""),
+        "{m}"
+    );
+    // gRPC status from the answer, per route.
+    assert_eq!(
+        metric_sum(
+            &m,
+            "weft_waypoint_requests_total",
+            &[
+                ("route", "greeter"),
+                ("grpc_status", "14"),
+                ("destination_service", "greeter.shop.svc.cluster.local"),
+                ("destination_workload", "shop/api-v1"),
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn waypoint_circuit_breaker_caps_concurrent_and_pending_requests() {
+    let _g = serial();
+    let routes = r#"      - name: limited
+        matches:
+          - path: {type: PathPrefix, value: /sleep}
+        backendRefs:
+          - name: limited
+      - name: default
+        backendRefs:
+          - name: api
+"#;
+    let Some(w) = world(
+        "waypoint_circuit_breaker_caps_concurrent_and_pending_requests",
+        routes,
+    ) else {
+        return;
+    };
+    let served_before = w.servers[1].accepted();
+    let overflow_before = w.wp_metric("weft_waypoint_circuit_overflow_total", &[]);
+    // Six slow requests at once against 2 concurrent + 1 pending: three are served (the
+    // pending one after a slot frees), three are refused at once with 503.
+    let codes: Vec<(u16, Duration)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    let start = Instant::now();
+                    let (code, _) = w.get(API_VIP, "/sleep/1500").expect("GET /sleep");
+                    (code, start.elapsed())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("request thread"))
+            .collect()
+    });
+    let ok = codes.iter().filter(|(c, _)| *c == 200).count();
+    let refused: Vec<_> = codes.iter().filter(|(c, _)| *c == 503).collect();
+    assert_eq!(ok, 3, "{codes:?}\n{}", w.logs());
+    assert_eq!(refused.len(), 3, "{codes:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, took)| *took < Duration::from_millis(1000)),
+        "overflow is refused at once, not after waiting: {codes:?}"
+    );
+    assert_eq!(
+        w.wp_metric("weft_waypoint_circuit_overflow_total", &[]) - overflow_before,
+        3.0
+    );
+    assert_eq!(
+        w.servers[1].accepted() - served_before,
+        3,
+        "only admitted requests reach the backend"
+    );
+    // Capacity is back once they finished.
+    let (code, body) = w.get(API_VIP, "/sleep/1").expect("GET");
+    assert_eq!(code, 200, "{body}");
+}
+
+/// `traceparent=<value>` as the backend echoed it: (trace id, parent span id).
+fn echoed_traceparent(body: &str) -> Option<(String, String)> {
+    let value = body
+        .split("traceparent=")
+        .nth(1)?
+        .split([',', ' ', '\r', '\n'])
+        .next()?;
+    let parts: Vec<&str> = value.split('-').collect();
+    (parts.len() == 4).then(|| (parts[1].to_string(), parts[2].to_string()))
+}
+
+#[test]
+fn waypoint_exports_spans_that_continue_the_callers_trace() {
+    let _g = serial();
+    let Some(w) = world_with(
+        "waypoint_exports_spans_that_continue_the_callers_trace",
+        ROUTING,
+        &[
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+            "--trace-sampling",
+            "1",
+            "--trace-batch-delay",
+            "100ms",
+        ],
+    ) else {
+        return;
+    };
+    // The collector, inside the waypoint's pod.
+    let ns = w.pod(0, 1).netns().expect("netns");
+    let receiver =
+        OtlpReceiver::start(&ns, "127.0.0.1:4317".parse().expect("addr")).expect("receiver");
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{caller_span}-01");
+    let resp = w
+        .request(API_VIP, "GET", "/traced", &[("traceparent", &traceparent)])
+        .unwrap_or_else(|e| panic!("GET: {e}\n{}", w.logs()));
+    assert_eq!(resp.code, 200, "{resp:?}");
+    // The backend continues the caller's trace, under a span that is not the caller's.
+    let (backend_trace, backend_parent) =
+        echoed_traceparent(&resp.body).unwrap_or_else(|| panic!("no traceparent: {resp:?}"));
+    assert_eq!(backend_trace, trace_id);
+    assert_ne!(backend_parent, caller_span);
+    // The waypoint's span reached the collector: child of the caller's span, parent of the
+    // backend's request.
+    let span = wait_for(T, "the waypoint's span at the collector", || {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.trace_id == trace_id)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(span.parent_span_id, caller_span, "{span:?}");
+    assert_eq!(span.span_id, backend_parent, "{span:?}");
+    assert_eq!(span.kind, 2, "a server span: {span:?}");
+    assert_eq!(span.attributes["weft.source.principal"], WEB_ID, "{span:?}");
+    assert_eq!(span.attributes["http.response.status_code"], "200");
+    assert_eq!(span.attributes["weft.route"], "default", "{span:?}");
+    assert_eq!(span.attributes["url.path"], "/traced");
+
+    // Without a caller's context the waypoint starts a trace; the backend is its child.
+    let resp = w.request(API_VIP, "GET", "/v2/root", &[]).expect("GET");
+    assert_eq!(resp.code, 200, "{resp:?}");
+    let (root_trace, root_parent) =
+        echoed_traceparent(&resp.body).unwrap_or_else(|| panic!("no traceparent: {resp:?}"));
+    assert_ne!(root_trace, trace_id);
+    let root = wait_for(T, "the new trace's span", || {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.trace_id == root_trace)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(root.parent_span_id, "", "{root:?}");
+    assert_eq!(root.span_id, root_parent);
+    assert_eq!(root.attributes["weft.route"], "v2");
 }
 
 #[test]

@@ -122,6 +122,49 @@ pub struct MatchConfig {
     /// HTTP method.
     #[serde(default)]
     pub method: Option<String>,
+    /// gRPC method (Gateway API GRPCRoute `matches[].method`, named `grpc` here because
+    /// `method` is the HTTP method): `/<service>/<method>`; exclusive with `path`.
+    #[serde(default)]
+    pub grpc: Option<GrpcMethodMatch>,
+}
+
+/// A gRPC method condition: the request path is `/<service>/<method>`. Either may be absent
+/// (any service / any method), not both.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    /// Fully qualified service, e.g. `shop.Greeter`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Method name, e.g. `SayHello`.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+impl GrpcMethodMatch {
+    /// The equivalent path condition.
+    pub fn to_path(&self) -> Option<PathMatch> {
+        match (self.service.as_deref(), self.method.as_deref()) {
+            (Some(s), Some(m)) => Some(PathMatch {
+                kind: PathMatchType::Exact,
+                value: format!("/{s}/{m}"),
+            }),
+            (Some(s), None) => Some(PathMatch {
+                kind: PathMatchType::PathPrefix,
+                value: format!("/{s}/"),
+            }),
+            (None, Some(m)) => Some(PathMatch {
+                kind: PathMatchType::RegularExpression,
+                value: format!("/[^/]+/{}", regex::escape(m)),
+            }),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Whether `v` can be a gRPC service or method name (no `/`, no whitespace, not empty).
+fn grpc_name_ok(v: &str) -> bool {
+    !v.is_empty() && !v.contains('/') && !v.chars().any(char::is_whitespace)
 }
 
 /// A path condition.
@@ -959,6 +1002,33 @@ fn validate_route(
     }
     for (m, matching) in route.matches.iter().enumerate() {
         let at = format!("{at}.matches[{m}]");
+        if let Some(grpc) = &matching.grpc {
+            if matching.path.is_some() {
+                err(
+                    format!("{at}.grpc"),
+                    "is set together with `path`; a gRPC method match is a path match, use one of them".into(),
+                );
+            }
+            if grpc.service.is_none() && grpc.method.is_none() {
+                err(
+                    format!("{at}.grpc"),
+                    "names neither `service` nor `method`; set at least one (or drop the match)"
+                        .into(),
+                );
+            }
+            for (field, v) in [("service", &grpc.service), ("method", &grpc.method)] {
+                if let Some(v) = v
+                    && !grpc_name_ok(v)
+                {
+                    err(
+                        format!("{at}.grpc.{field}"),
+                        format!(
+                            "`{v}` is not a gRPC {field} name; write it without `/` or spaces, e.g. `shop.Greeter` / `SayHello`"
+                        ),
+                    );
+                }
+            }
+        }
         if let Some(path) = &matching.path {
             match path.kind {
                 PathMatchType::Exact | PathMatchType::PathPrefix => {
@@ -1373,6 +1443,37 @@ backends:
             Err(ConfigError::Invalid(errors)) => errors,
             other => panic!("expected validation errors, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn grpc_matches_are_checked() {
+        // (The fixture's ReplacePrefixMatch rewrite needs PathPrefix matches: drop it.)
+        let ok = GOOD
+            .replace(
+                "path: { type: PathPrefix, value: /api }",
+                "grpc: { service: shop.Greeter, method: SayHello }",
+            )
+            .replace(
+                "type: ReplacePrefixMatch, replacePrefixMatch: /v2",
+                "type: ReplaceFullPath, replaceFullPath: /v2",
+            );
+        assert_ne!(ok, GOOD, "the fixture changed: update this test");
+        Config::from_yaml(&ok).expect("a gRPC method match is valid");
+        let errors = problems(&GOOD.replace(
+            "path: { type: PathPrefix, value: /api }",
+            "grpc: { service: shop/Greeter }\n            path: { type: PathPrefix, value: /api }",
+        ));
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert!(
+            paths.contains(&"listeners[0].routes[0].matches[0].grpc"),
+            "{errors:?}"
+        );
+        assert!(
+            paths.contains(&"listeners[0].routes[0].matches[0].grpc.service"),
+            "{errors:?}"
+        );
+        let errors = problems(&GOOD.replace("path: { type: PathPrefix, value: /api }", "grpc: {}"));
+        assert!(errors[0].message.contains("neither"), "{errors:?}");
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub mod duration;
 pub mod error;
 pub mod filters;
 pub mod forward;
+pub mod golden;
 pub mod layers;
 pub mod mesh;
 pub mod metrics;

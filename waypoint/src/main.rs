@@ -271,6 +271,11 @@ async fn main() -> anyhow::Result<()> {
             weft_waypoint::metrics::DURATION_BUCKETS,
         )
         .context("configuring histogram buckets")?
+        .set_buckets_for_metric(
+            Matcher::Suffix("_bytes".into()),
+            weft_waypoint::metrics::SIZE_BUCKETS,
+        )
+        .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     weft_waypoint::metrics::describe();

@@ -1,8 +1,26 @@
 //! Metric names and help texts.
 
-/// Buckets of `weft_waypoint_request_duration_seconds`: 1 ms to 60 s.
+/// Buckets of `weft_waypoint_request_duration_seconds`: 100 µs to 60 s (a waypoint adds a
+/// few hundred µs, so p50 needs sub-millisecond buckets; p99.9 of slow backends needs seconds).
 pub const DURATION_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// Buckets of `weft_waypoint_request_bytes` and `weft_waypoint_response_bytes`: 0 B to 64 MiB.
+pub const SIZE_BUCKETS: &[f64] = &[
+    0.0,
+    64.0,
+    256.0,
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
 ];
 
 /// Registers help texts for every metric the waypoint exports.
@@ -10,11 +28,19 @@ pub fn describe() {
     use metrics::{describe_counter, describe_histogram};
     describe_counter!(
         "weft_waypoint_requests_total",
-        "Requests answered, by listener, route, backend (empty when none was chosen) and status code."
+        "Requests answered, counted when the response ends: reporter=\"waypoint\", listener, route, backend (empty when none was chosen), code, grpc_status, source and destination workload/namespace, source_principal, destination_service."
     );
     describe_histogram!(
         "weft_waypoint_request_duration_seconds",
-        "Time from request headers to response headers, seconds (same labels as weft_waypoint_requests_total)."
+        "Time from request headers to the end of the response, seconds (same labels as weft_waypoint_requests_total)."
+    );
+    describe_histogram!(
+        "weft_waypoint_request_bytes",
+        "Request body size, bytes (same labels as weft_waypoint_requests_total)."
+    );
+    describe_histogram!(
+        "weft_waypoint_response_bytes",
+        "Response body size as sent to the client, bytes (same labels as weft_waypoint_requests_total)."
     );
     describe_counter!("weft_waypoint_retries_total", "Retries sent, by route.");
     describe_counter!(

@@ -41,6 +41,7 @@ use crate::config::{
 use crate::error::ProxyError;
 use crate::filters;
 use crate::forward::Forwarder;
+use crate::golden::{self, Golden};
 use crate::layers::accesslog::{AccessLog, AccessLogLayer};
 use crate::layers::balance::{BalanceLayer, EndpointSet};
 use crate::layers::circuit::ConcurrencyLimitLayer;
@@ -117,6 +118,8 @@ pub struct CompiledListener {
     address: Option<SocketAddr>,
     /// Mesh listeners: the Service (`namespace/name`) and port they are attached to.
     attach: Option<(String, u16)>,
+    /// Mesh listeners: the mesh view, to name the chosen endpoint's workload in the metrics.
+    mesh: Option<crate::mesh::Mesh>,
     version: u64,
     table: RouteTable,
     routes: Vec<CompiledRoute>,
@@ -402,6 +405,7 @@ fn compile_in(
         listeners.push(CompiledListener {
             name: listener.name.as_str().into(),
             address,
+            mesh: attach.as_ref().and(mesh).map(|ctx| ctx.mesh.clone()),
             attach: attach.map(|(key, _, port)| (key, port)),
             version,
             table,
@@ -466,6 +470,7 @@ fn default_listener(
         name,
         address: None,
         attach: Some((key, port)),
+        mesh: Some(ctx.mesh.clone()),
         version,
         table,
         routes: vec![CompiledRoute {
@@ -575,6 +580,7 @@ impl Waypoint {
                 name: "unattached".into(),
                 address: None,
                 attach: None,
+                mesh: None,
                 version: 0,
                 table: RouteTable::empty(),
                 routes: Vec::new(),
@@ -795,25 +801,14 @@ pub async fn handle_from(
     if let Some(source) = &source {
         context.set_source(source.clone());
     }
-    let (principal, workload) = match &source {
-        Some(s) => (
-            s.principal.to_string(),
-            s.workload.as_deref().unwrap_or("").to_string(),
-        ),
-        None => (String::new(), String::new()),
-    };
-    let who = Who {
-        principal: &principal,
-        workload: &workload,
-    };
+    let who = Who::of(source.as_ref());
     let (parts, incoming) = request.into_parts();
     if parts.method == http::Method::CONNECT || parts.headers.contains_key(http::header::UPGRADE) {
         let response = body::text_response(
             http::StatusCode::NOT_IMPLEMENTED,
             "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
         );
-        record(&listener.name, "", "", response.status(), start, who);
-        return Ok(response);
+        return Ok(finish(&listener, "", &context, response, start, &who, 0));
     }
     let Some(matched) = listener.table.lookup(&parts) else {
         let response = body::text_response(
@@ -826,8 +821,7 @@ pub async fn handle_from(
                 listener.name
             ),
         );
-        record(&listener.name, "", "", response.status(), start, who);
-        return Ok(response);
+        return Ok(finish(&listener, "", &context, response, start, &who, 0));
     };
     let route = &listener.routes[matched.route];
     context.set_route(route.name.clone());
@@ -836,21 +830,22 @@ pub async fn handle_from(
             .unwrap_or_else(|e| {
                 body::text_response(http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
             });
-        record(
-            &listener.name,
+        return Ok(finish(
+            &listener,
             &route.name,
-            "",
-            response.status(),
+            &context,
+            response,
             start,
-            who,
-        );
-        return Ok(response);
+            &who,
+            0,
+        ));
     }
     let body = tokio::time::timeout(
         BODY_READ_TIMEOUT,
         Limited::new(incoming, listener.max_body).collect(),
     )
     .await;
+    let mut request_bytes = 0;
     let response = match body {
         Err(_) => ProxyError::ClientTimeout {
             after: BODY_READ_TIMEOUT,
@@ -872,9 +867,10 @@ pub async fn handle_from(
             error.into_response()
         }
         Ok(Ok(collected)) => {
-            let collected = collected.to_bytes();
-            context.set_request_bytes(collected.len() as u64);
-            let mut request = http::Request::from_parts(parts, collected);
+            let bytes = collected.to_bytes();
+            request_bytes = bytes.len() as u64;
+            context.set_request_bytes(request_bytes);
+            let mut request = http::Request::from_parts(parts, bytes);
             match route
                 .rewrite
                 .as_ref()
@@ -904,16 +900,15 @@ pub async fn handle_from(
             }
         }
     };
-    let backend = context.backend();
-    record(
-        &listener.name,
+    Ok(finish(
+        &listener,
         &route.name,
-        backend.as_deref().unwrap_or(""),
-        response.status(),
+        &context,
+        response,
         start,
-        who,
-    );
-    Ok(response)
+        &who,
+        request_bytes,
+    ))
 }
 
 /// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent.
@@ -933,41 +928,63 @@ fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     }
 }
 
-/// Who sent a request, for the metrics (empty when unknown).
-#[derive(Clone, Copy)]
-struct Who<'a> {
-    principal: &'a str,
-    workload: &'a str,
+/// Who sent a request, for the metrics (`unknown` when not known).
+struct Who {
+    principal: String,
+    workload: String,
+    namespace: String,
 }
 
-fn record(
-    listener: &str,
+impl Who {
+    fn of(source: Option<&Source>) -> Who {
+        let workload = source.and_then(|s| s.workload.as_deref()).unwrap_or("");
+        Who {
+            principal: golden::or_unknown(source.map_or("", |s| &*s.principal)),
+            workload: golden::or_unknown(workload),
+            namespace: golden::namespace_of(workload),
+        }
+    }
+}
+
+/// A request context before any backend was chosen (local answers).
+/// `response` with the request's golden signals recorded when it ends.
+fn finish(
+    listener: &CompiledListener,
     route: &str,
-    backend: &str,
-    status: http::StatusCode,
+    context: &RequestContext,
+    response: Response,
     start: Instant,
-    who: Who<'_>,
-) {
-    tracing::debug!(
-        target: "weft_waypoint::access",
-        listener,
-        route,
-        backend,
-        code = status.as_u16(),
-        source_principal = who.principal,
-        source_workload = who.workload,
-        duration_ms = start.elapsed().as_secs_f64() * 1000.0,
-        "request"
-    );
-    let labels = [
-        ("listener", listener.to_string()),
-        ("route", route.to_string()),
-        ("backend", backend.to_string()),
-        ("code", status.as_u16().to_string()),
-        ("source_principal", who.principal.to_string()),
-        ("source_workload", who.workload.to_string()),
-    ];
-    metrics::counter!("weft_waypoint_requests_total", &labels).increment(1);
-    metrics::histogram!("weft_waypoint_request_duration_seconds", &labels)
-        .record(start.elapsed().as_secs_f64());
+    who: &Who,
+    request_bytes: u64,
+) -> Response {
+    let (destination_service, service_namespace) = match &listener.attach {
+        Some((key, _)) => match key.split_once('/') {
+            Some((ns, name)) => (format!("{name}.{ns}.svc.cluster.local"), ns.to_string()),
+            None => (key.clone(), "unknown".to_string()),
+        },
+        None => ("unknown".to_string(), "unknown".to_string()),
+    };
+    let destination_workload = match (&listener.mesh, context.endpoint()) {
+        (Some(mesh), Some(endpoint)) => mesh
+            .current()
+            .workload_at(endpoint.ip())
+            .map(|w| w.to_string()),
+        _ => None,
+    };
+    let destination_namespace = destination_workload
+        .as_deref()
+        .map_or(service_namespace, golden::namespace_of);
+    let golden = Golden {
+        listener: listener.name.to_string(),
+        route: route.to_string(),
+        backend: context.backend().as_deref().unwrap_or("").to_string(),
+        source_workload: who.workload.clone(),
+        source_namespace: who.namespace.clone(),
+        source_principal: who.principal.clone(),
+        destination_service,
+        destination_workload: golden::or_unknown(destination_workload.as_deref().unwrap_or("")),
+        destination_namespace,
+        request_bytes,
+    };
+    golden::observe(response, golden, start)
 }

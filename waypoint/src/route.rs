@@ -296,7 +296,8 @@ fn compile_entry(
         index: m,
         what,
     };
-    let path = match &matching.path {
+    let grpc_path = matching.grpc.as_ref().and_then(|g| g.to_path());
+    let path = match matching.path.as_ref().or(grpc_path.as_ref()) {
         None => PathSpec::Prefix(String::new()),
         Some(p) => match p.kind {
             PathMatchType::Exact => PathSpec::Exact(p.value.clone()),
@@ -410,6 +411,31 @@ mod tests {
         assert_eq!(lookup(&table, "/img/42.png", &[]), Some(0));
         assert_eq!(lookup(&table, "/x/img/42.png", &[]), None);
         assert_eq!(lookup(&table, "/img/42.pngx", &[]), None);
+    }
+
+    fn grpc(service: Option<&str>, method: Option<&str>) -> MatchConfig {
+        MatchConfig {
+            grpc: Some(crate::config::GrpcMethodMatch {
+                service: service.map(Into::into),
+                method: method.map(Into::into),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn grpc_method_matches_are_paths() {
+        let table = RouteTable::compile(&[
+            route(&[], vec![grpc(Some("shop.Greeter"), None)]),
+            route(&[], vec![grpc(Some("shop.Greeter"), Some("SayHello"))]),
+            route(&[], vec![grpc(None, Some("Watch"))]),
+        ])
+        .expect("compile");
+        assert_eq!(lookup(&table, "/shop.Greeter/SayHello", &[]), Some(1));
+        assert_eq!(lookup(&table, "/shop.Greeter/SayBye", &[]), Some(0));
+        assert_eq!(lookup(&table, "/shop.Other/Watch", &[]), Some(2));
+        assert_eq!(lookup(&table, "/shop.Other/Watch2", &[]), None);
+        assert_eq!(lookup(&table, "/shop.GreeterX/SayHello", &[]), None);
     }
 
     #[test]

@@ -413,7 +413,7 @@ impl<S: Inner> Service<Request> for Balance<S> {
         };
         let endpoint = endpoints[index].clone();
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
-        if let Some(context) = request.extensions().get::<super::RequestContext>() {
+        if let Some(context) = request.extensions().get::<crate::layers::RequestContext>() {
             context.set_endpoint(endpoint.addr);
         }
         request.extensions_mut().insert(SelectedEndpoint {

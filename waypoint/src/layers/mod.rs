@@ -121,6 +121,11 @@ impl RequestContext {
         }
     }
 
+    /// The endpoint chosen by the last attempt, if any.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.facts.lock().ok().and_then(|f| f.endpoint)
+    }
+
     /// Records the backend the weighted split chose.
     pub fn set_backend(&self, backend: Arc<str>) {
         self.with(|f| f.backend = Some(backend));

@@ -419,10 +419,19 @@ pub struct TraceArgs {
     /// `weft.waypoint` of the exported spans (the waypoint's name).
     #[arg(long, env = "WEFT_WAYPOINT_TRACE_WAYPOINT_NAME")]
     pub trace_waypoint_name: Option<String>,
+    /// How long finished spans wait to be exported in a batch (Gateway API duration, e.g.
+    /// `5s`, `200ms`); shorter means fresher traces and more export calls.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_TRACE_BATCH_DELAY",
+        default_value = "5s",
+        value_parser = crate::duration::GatewayDuration::parse
+    )]
+    pub trace_batch_delay: crate::duration::GatewayDuration,
 }
 
 impl TraceArgs {
-    /// The settings these flags describe (default batch delay and export timeout).
+    /// The settings these flags describe (default export timeout).
     pub fn settings(&self) -> TracingSettings {
         TracingSettings {
             otlp_endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
@@ -430,6 +439,7 @@ impl TraceArgs {
             service_name: self.trace_service_name.clone(),
             namespace: self.trace_namespace.clone(),
             waypoint: self.trace_waypoint_name.clone(),
+            scheduled_delay: self.trace_batch_delay.0,
             ..TracingSettings::default()
         }
     }

@@ -1,0 +1,259 @@
+//! A minimal gRPC server and client for lab tests (HTTP/2 without TLS, prior knowledge), so
+//! waypoint tests can route real gRPC calls without generated code: messages are opaque bytes
+//! in gRPC's length-prefixed framing, the status travels in `grpc-status` trailers.
+//!
+//! [`GrpcServer`] answers every call to `/<service>/<method>` with one message
+//! `<name> /<service>/<method>` and `grpc-status: 0` in trailers, except methods named `Fail`
+//! (a trailers-only answer with `grpc-status: 14`, UNAVAILABLE). [`grpc_call`] makes one call
+//! from inside a namespace.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use weft_netns::NetNs;
+
+use crate::net::{tcp_connect_in, tcp_listen_in};
+
+/// gRPC's framing: a compression flag byte, a 4-byte big-endian length, the message.
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + message.len());
+    b.put_u8(0);
+    b.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    b.put_slice(message);
+    b.freeze()
+}
+
+/// The first message of a framed body, if complete.
+pub fn unframe(mut body: Bytes) -> Option<Bytes> {
+    if body.len() < 5 {
+        return None;
+    }
+    body.advance(1);
+    let len = body.get_u32() as usize;
+    (body.len() >= len).then(|| body.split_to(len))
+}
+
+/// A gRPC server in a namespace (its own thread and runtime), stopped on drop.
+pub struct GrpcServer {
+    calls: Arc<AtomicUsize>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GrpcServer {
+    /// Listens on `addr` inside `ns`; `name` goes into every answer.
+    pub fn start(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
+        let listener = tcp_listen_in(ns, addr)?;
+        listener.set_nonblocking(true)?;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let name: Arc<str> = name.into();
+        let counter = calls.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("grpc-server-{addr}"))
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                rt.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    tokio::pin!(stopped);
+                    loop {
+                        let stream = tokio::select! {
+                            accepted = listener.accept() => match accepted {
+                                Ok((s, _)) => s,
+                                Err(_) => continue,
+                            },
+                            _ = &mut stopped => return,
+                        };
+                        let name = name.clone();
+                        let counter = counter.clone();
+                        tokio::spawn(async move {
+                            let service = hyper::service::service_fn(move |req| {
+                                answer(req, name.clone(), counter.clone())
+                            });
+                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                });
+            })?;
+        Ok(Self {
+            calls,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Calls answered so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    name: Arc<str>,
+    calls: Arc<AtomicUsize>,
+) -> Result<Response<GrpcBody>, Infallible> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    // Read the request to its end, as a real server does.
+    let _ = req.into_body().collect().await;
+    if path.ends_with("/Fail") {
+        // Trailers-only, as gRPC servers answer errors before any message.
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header("grpc-message", format!("{name} fails on purpose"))
+            .body(GrpcBody::default())
+            .unwrap_or_else(|_| Response::new(GrpcBody::default())));
+    }
+    let message = frame(format!("{name} {path}").as_bytes());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let body = GrpcBody {
+        data: Some(message),
+        trailers: Some(trailers),
+    };
+    Ok(Response::builder()
+        .header("content-type", "application/grpc")
+        .body(body)
+        .unwrap_or_else(|_| Response::new(GrpcBody::default())))
+}
+
+/// A response body: one data frame, then trailers.
+#[derive(Default)]
+pub struct GrpcBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl hyper::body::Body for GrpcBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if let Some(d) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(d))));
+        }
+        std::task::Poll::Ready(
+            self.trailers
+                .take()
+                .map(|t| Ok(hyper::body::Frame::trailers(t))),
+        )
+    }
+}
+
+/// The outcome of a gRPC call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcReply {
+    /// The HTTP status.
+    pub http_status: u16,
+    /// `grpc-status` from the trailers (or from the headers, for trailers-only answers).
+    pub grpc_status: Option<String>,
+    /// The first message, as text.
+    pub message: String,
+}
+
+/// One unary call to `path` (`/<service>/<method>`) at `addr` from inside `ns`, over a new
+/// HTTP/2 connection, with `authority` as `:authority` and extra request `headers` (metadata);
+/// gives up after `timeout`.
+pub fn grpc_call(
+    ns: &NetNs,
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> io::Result<GrpcReply> {
+    let stream = tcp_connect_in(ns, addr, timeout)?;
+    stream.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let uri = format!("http://{authority}{path}");
+    rt.block_on(async move {
+        let call = async {
+            let stream = tokio::net::TcpStream::from_std(stream)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(io::Error::other)?;
+            tokio::spawn(conn);
+            let mut req = Request::post(uri)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let req = req
+                .body(Full::new(frame(b"ping")))
+                .map_err(io::Error::other)?;
+            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+            let http_status = resp.status().as_u16();
+            let header_status = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            let collected = resp.into_body().collect().await.map_err(io::Error::other)?;
+            let trailer_status = collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            let message = unframe(collected.to_bytes())
+                .map(|m| String::from_utf8_lossy(&m).to_string())
+                .unwrap_or_default();
+            Ok(GrpcReply {
+                http_status,
+                grpc_status: trailer_status.or(header_status),
+                message,
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "gRPC call timed out"))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framing_round_trips() {
+        assert_eq!(unframe(frame(b"hello")).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(unframe(Bytes::from_static(&[0, 0, 0, 0, 9, 1])), None);
+    }
+}
