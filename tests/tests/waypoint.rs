@@ -1318,4 +1318,25 @@ fn waypoint_writes_a_json_access_log_line_per_request() {
         .filter(|l| l.starts_with('{') && l.contains("/v2/logged?q=1"))
         .count();
     assert_eq!(n, 1);
+
+    // gRPC over HTTP/2: the status from the trailers (or trailers-only headers) and the
+    // retries (UNAVAILABLE is retried three times on route `greeter`).
+    let r = w.grpc("/shop.Greeter/Fail", &[]);
+    assert_eq!(r.grpc_status.as_deref(), Some("14"), "{r:?}");
+    let line = wait_for(T, "the access log line of the gRPC call", || {
+        w.waypoint()
+            .log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["path"] == "/shop.Greeter/Fail")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    assert_eq!(line["method"], "POST", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["grpc_status"], "14", "{line}");
+    assert_eq!(line["route"], "greeter", "{line}");
+    assert_eq!(line["retries"], 3, "{line}");
+    assert_eq!(line["destination_service"], "shop/greeter", "{line}");
 }
