@@ -8,7 +8,8 @@
 //!   n1p3 `batch` (namespace `legacy`, not meshed);
 //! - n2p1 `api-v1`, n2p2 `api-v2`, n2p3 `other`: HTTP servers on 8080 answering their name.
 //!
-//! Services: `api` (→ api-v1), `api-v2`, `other` (label `weft.dev/use-waypoint: none`) and
+//! Services: `api` (→ api-v1), `api-v2`, `other` (label `weft.dev/use-waypoint: none`),
+//! `tcp` (port 9000 → a [`TestServer`] on `other`: hello line first, then echo; not HTTP) and
 //! the waypoint's own Service `waypoint` (port 15008).
 
 use std::io::{Read, Write};
@@ -24,13 +25,16 @@ use weft_tests::mesh::{
 };
 use weft_tests::otlp::OtlpReceiver;
 use weft_tests::scenario::{T, serial};
-use weft_tests::{Lab, LabSpec, Pod, TestServer, require_root, tcp_connect_in};
+use weft_tests::{Lab, LabSpec, Pod, TestServer, ask, read_hello, require_root, tcp_connect_in};
 
 const API_VIP: &str = "198.18.200.10";
 const API_V2_VIP: &str = "198.18.200.11";
 const OTHER_VIP: &str = "198.18.200.12";
 const WAYPOINT_VIP: &str = "198.18.200.13";
 const POOL_VIP: &str = "198.18.200.14";
+/// Service `tcp` (port 9000): the echo server (hello first, then echo) on n2p3 `other`.
+const TCP_VIP: &str = "198.18.200.15";
+const TCP_PORT: u16 = 9000;
 /// gRPC Services `greeter` (api-v1's pod) and `greeter-v2` (api-v2's pod), port 50051.
 const GREETER_VIP: &str = "198.18.200.16";
 const GREETER_V2_VIP: &str = "198.18.200.17";
@@ -167,6 +171,14 @@ fn config(lab: &Lab) -> MeshConfig {
             json!({"weft.dev/use-waypoint": "none"}),
         ),
         service("pool", POOL_VIP, 80, 8080, json!({"pool": "a"}), json!({})),
+        service(
+            "tcp",
+            TCP_VIP,
+            TCP_PORT,
+            TCP_PORT,
+            json!({"app": "other"}),
+            json!({}),
+        ),
         service(
             "greeter",
             GREETER_VIP,
@@ -395,6 +407,10 @@ fn world_with(test: &str, waypoint_routes: &str, extra: &[&str]) -> Option<World
         let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), 8080);
         servers.push(TestServer::http(&ns, addr, name).expect("http server"));
     }
+    // Service `tcp`: a server-first, non-HTTP protocol on `other`.
+    let ns = lab.pod(1, 2).netns().expect("netns");
+    let addr = SocketAddr::new("0.0.0.0".parse().expect("ip"), TCP_PORT);
+    servers.push(TestServer::start(&ns, addr).expect("tcp echo server"));
     let mut grpc = Vec::new();
     for (pod, name) in [(0, "greeter-v1"), (1, "greeter-v2")] {
         let ns = lab.pod(1, pod).netns().expect("netns");
@@ -1230,4 +1246,168 @@ fn waypoint_rate_limits_per_source_with_429() {
         .unwrap_or_else(|| panic!("no Retry-After: {:?}", r.headers));
     assert!((1..=10).contains(&retry_after), "{retry_after}");
     assert!(w.wp_metric("weft_waypoint_rate_limited_total", &[("route", "limited")]) >= 3.0);
+}
+
+#[test]
+fn waypoint_falls_back_to_opaque_tcp_for_non_http_traffic() {
+    let _g = serial();
+    let Some(w) = world(
+        "waypoint_falls_back_to_opaque_tcp_for_non_http_traffic",
+        ROUTING,
+    ) else {
+        return;
+    };
+    let ns = w.web().netns().expect("netns");
+    let tcp = SocketAddr::new(TCP_VIP.parse().expect("vip"), TCP_PORT);
+    let other_ip = w.pod(1, 2).ip4.to_string();
+
+    // Client first, not HTTP: the bytes reach the endpoint through the waypoint as they are.
+    let mut s =
+        tcp_connect_in(&ns, tcp, T).unwrap_or_else(|e| panic!("connect: {e}\n{}", w.logs()));
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let payload: &[u8] = b"\x00\x01\xfe binary, not HTTP\r\n";
+    s.write_all(payload).expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("half-close");
+    let hello = read_hello(&mut s).unwrap_or_else(|e| panic!("hello: {e}\n{}", w.logs()));
+    let mut echoed = Vec::new();
+    s.read_to_end(&mut echoed).expect("echo");
+    assert_eq!(echoed, payload, "{}", w.logs());
+    // The endpoint's agent delivered it from the waypoint's tunnel to the pod's port.
+    assert!(hello.local.to_string().starts_with(&other_ip), "{hello:?}");
+
+    // Server first: the client waits for the greeting, which comes after the detection wait.
+    let mut s = tcp_connect_in(&ns, tcp, T).expect("connect");
+    let (hello, echoed) =
+        ask(&mut s, b"after the hello").unwrap_or_else(|e| panic!("ask: {e}\n{}", w.logs()));
+    assert_eq!(echoed, b"after the hello");
+    assert!(hello.local.to_string().starts_with(&other_ip), "{hello:?}");
+
+    // The waypoint proxied both as opaque TCP, one detected from its bytes, one on timeout.
+    let opened = wait_for(T, "the waypoint's TCP connection metrics", || {
+        let metrics = w.waypoint().metrics();
+        let ok = metric_sum(
+            &metrics,
+            "weft_waypoint_tcp_connections_total",
+            &[("service", "shop/tcp"), ("result", "ok")],
+        );
+        (ok >= 2.0).then_some(metrics)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.waypoint().metrics()));
+    let detected = |by: &str| {
+        metric_sum(
+            &opened,
+            "weft_waypoint_protocol_detected_total",
+            &[("protocol", "tcp"), ("by", by)],
+        )
+    };
+    assert!(detected("detected") >= 1.0, "{opened}");
+    assert!(detected("timeout") >= 1.0, "{opened}");
+    assert!(
+        metric_sum(
+            &opened,
+            "weft_waypoint_tcp_received_bytes_total",
+            &[("service", "shop/tcp")]
+        ) >= (payload.len() + "after the hello".len()) as f64,
+        "{opened}"
+    );
+    assert!(
+        metric_sum(
+            &opened,
+            "weft_waypoint_tcp_sent_bytes_total",
+            &[("service", "shop/tcp")]
+        ) >= (payload.len() + "after the hello".len()) as f64,
+        "{opened}"
+    );
+
+    // HTTP through the waypoint still routes.
+    let (code, body) = w.get(API_VIP, "/v2/after-tcp").expect("GET api /v2");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("api-v2 GET /v2/after-tcp"), "{body}");
+    let (code, body) = w.get(API_VIP, "/after-tcp").expect("GET api");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("api-v1 GET /after-tcp"), "{body}");
+    assert!(
+        metric_sum(
+            &w.waypoint().metrics(),
+            "weft_waypoint_protocol_detected_total",
+            &[("protocol", "http1"), ("by", "detected")],
+        ) >= 2.0
+    );
+}
+
+#[test]
+fn waypoint_writes_a_json_access_log_line_per_request() {
+    let _g = serial();
+    let Some(w) = world(
+        "waypoint_writes_a_json_access_log_line_per_request",
+        ROUTING,
+    ) else {
+        return;
+    };
+    let (code, body) = w
+        .request(API_VIP, "GET", "/v2/logged?q=1", &[("user-agent", "lab")])
+        .map(|r| (r.code, r.body))
+        .expect("GET");
+    assert_eq!(code, 200, "{body}");
+    // The waypoint writes its access log to stdout (the log file here), one JSON object a
+    // line; its own logs are text.
+    let line = wait_for(T, "the waypoint's access log line", || {
+        w.waypoint()
+            .log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str::<Value>(l).expect("an access log line is JSON"))
+            .find(|l| l["path"] == "/v2/logged?q=1")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(line["method"], "GET", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["protocol"], "HTTP/1.1", "{line}");
+    assert_eq!(line["authority"], format!("{API_VIP}:80"), "{line}");
+    assert_eq!(line["route"], "v2", "{line}");
+    assert_eq!(line["backend"], "api-v2", "{line}");
+    assert_eq!(line["source_principal"], WEB_ID, "{line}");
+    assert_eq!(line["source_workload"], "shop/web", "{line}");
+    assert_eq!(line["source_ip"], w.web().ip4.to_string(), "{line}");
+    assert_eq!(line["destination_service"], "shop/api", "{line}");
+    assert_eq!(
+        line["upstream"],
+        format!("{}:8080", w.pod(1, 1).ip4),
+        "{line}"
+    );
+    assert_eq!(line["response_bytes"], body.len(), "{line}");
+    assert!(
+        line["trace_id"].as_str().is_some_and(|t| t.len() == 32),
+        "{line}"
+    );
+    assert!(line["duration_ms"].is_number(), "{line}");
+    // One line per request.
+    let n = w
+        .waypoint()
+        .log_text()
+        .lines()
+        .filter(|l| l.starts_with('{') && l.contains("/v2/logged?q=1"))
+        .count();
+    assert_eq!(n, 1);
+
+    // gRPC over HTTP/2: the status from the trailers (or trailers-only headers) and the
+    // retries (UNAVAILABLE is retried three times on route `greeter`).
+    let r = w.grpc("/shop.Greeter/Fail", &[]);
+    assert_eq!(r.grpc_status.as_deref(), Some("14"), "{r:?}");
+    let line = wait_for(T, "the access log line of the gRPC call", || {
+        w.waypoint()
+            .log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["path"] == "/shop.Greeter/Fail")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert_eq!(line["protocol"], "HTTP/2", "{line}");
+    assert_eq!(line["method"], "POST", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["grpc_status"], "14", "{line}");
+    assert_eq!(line["route"], "greeter", "{line}");
+    assert_eq!(line["retries"], 3, "{line}");
+    assert_eq!(line["destination_service"], "shop/greeter", "{line}");
 }

@@ -131,6 +131,24 @@ impl ProxyError {
         }
     }
 
+    /// The access log flag of this error (`timeout`, `no_healthy_upstream`, `overflow`,
+    /// `upstream_connect_failure`, `upstream_reset`), if any.
+    pub fn flag(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Timeout { .. } => Some("timeout"),
+            ProxyError::NoHealthyEndpoint { .. } | ProxyError::NoEndpoints { .. } => {
+                Some("no_healthy_upstream")
+            }
+            ProxyError::Overflow { .. } | ProxyError::ConnectionLimit { .. } => Some("overflow"),
+            ProxyError::Connect { .. } => Some("upstream_connect_failure"),
+            ProxyError::Upstream { .. } => Some("upstream_reset"),
+            ProxyError::BodyTooLarge { .. }
+            | ProxyError::ClientBody { .. }
+            | ProxyError::ClientTimeout { .. }
+            | ProxyError::Internal(_) => None,
+        }
+    }
+
     /// The answer to the client: the status of [`ProxyError::status`] and the message as body.
     pub fn into_response(self) -> http::Response<Body> {
         let status = self.status();

@@ -35,6 +35,13 @@
 //!   * [`layers::split`]: weighted backend choice.
 //!   * [`layers::balance`]: power of two choices over a peak EWMA of latency (decaying while
 //!     unmeasured) times requests in flight, skipping ejected endpoints, probing recovered ones.
+//!   * [`layers::accesslog`]: one JSON line per request (`--access-log off|stdout|PATH`,
+//!     stdout by default), outermost on each connection, through a bounded queue to a writer
+//!     thread (lines dropped and counted when the sink is slow).
+//! * **Mesh mode** ([`mesh`]): HBONE termination, Services as listeners and backends; per
+//!   tunnel, protocol selection ([`mesh::detect`]: the port's `appProtocol`, else the first
+//!   bytes within `--protocol-detect-timeout`) and an opaque TCP fallback ([`mesh::tcp`])
+//!   through HBONE to an endpoint.
 //! * **Proxy** ([`proxy`]): hyper server (HTTP/1.1 and HTTP/2 prior knowledge through the
 //!   hyper-util auto builder) per listener; a pooled hyper client per backend (HTTP/1.1 or h2c);
 //!   404 naming the request when no route matches; `x-forwarded-for` / `x-forwarded-proto`;

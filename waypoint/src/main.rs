@@ -20,10 +20,11 @@ use weft_agent::admin::ConfigStatus;
 use weft_agent::discovery::{self, ControllerOptions, NodeIdentity};
 use weft_agent::identity::{CertManager, GrpcCaClient, NodeCaClient, node_spiffe_id};
 use weft_waypoint::config::{Config, Mode};
+use weft_waypoint::layers::accesslog::{AccessLog, AccessLogTarget};
 use weft_waypoint::mesh::routes::with_routes;
 use weft_waypoint::mesh::server::{bind_hbone, serve_hbone_until};
 use weft_waypoint::mesh::{ManagedSvid, Mesh, MeshContext};
-use weft_waypoint::proxy::{Waypoint, serve_until};
+use weft_waypoint::proxy::{Waypoint, serve_logged_until};
 
 /// Weft waypoint: a per-namespace L7 proxy.
 #[derive(Debug, Parser)]
@@ -109,6 +110,27 @@ struct Args {
         default_value = "/var/lib/weft-waypoint"
     )]
     state_dir: PathBuf,
+    /// Mesh mode: how long a tunnel to a Service port without a declared protocol
+    /// (`appProtocol`) waits for the client's first bytes before it is proxied as opaque TCP
+    /// (e.g. `100ms`, `1s`). Server-first protocols (MySQL, SMTP, ...) pay this wait once per
+    /// connection; declare `appProtocol: tcp` on their ports to skip it.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_PROTOCOL_DETECT_TIMEOUT",
+        default_value = "100ms",
+        value_parser = parse_duration
+    )]
+    protocol_detect_timeout: Duration,
+    /// Access log, one JSON object per line per request: `off`, `stdout` (the default; the
+    /// waypoint's own logs go to stderr) or a file path (appended to).
+    #[arg(long, env = "WEFT_WAYPOINT_ACCESS_LOG", default_value = "stdout")]
+    access_log: AccessLogTarget,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    weft_waypoint::duration::GatewayDuration::parse(s)
+        .map(|d| d.0)
+        .map_err(|e| e.to_string())
 }
 
 /// After a trust bundle change, certificates are renewed this long after the change (as the
@@ -176,8 +198,10 @@ fn start_mesh(args: &Args, url: &str) -> anyhow::Result<MeshRun> {
     ));
     let svid = Arc::new(ManagedSvid::new(certs, identity.to_string()));
     tracing::info!(%identity, controller = url, "mesh mode");
+    let mut ctx = MeshContext::new(namespace, mesh, svid);
+    ctx.protocol_detect_timeout = args.protocol_detect_timeout;
     Ok(MeshRun {
-        ctx: Arc::new(MeshContext::new(namespace, mesh, svid)),
+        ctx: Arc::new(ctx),
         ready,
     })
 }
@@ -274,8 +298,10 @@ async fn follow_routes(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Stdout is the access log's.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let mode = if args.controller.is_some() {
@@ -327,6 +353,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     let file_config = Arc::new(std::sync::Mutex::new(config.clone()));
+    let access_log = AccessLog::open(&args.access_log)?;
     let (waypoint, compiled) = match &mesh {
         Some(run) => {
             let merged = with_routes(
@@ -335,13 +362,11 @@ async fn main() -> anyhow::Result<()> {
                 &run.ctx.namespace,
                 &waypoint_key,
             );
-            (
-                Arc::new(Waypoint::new_mesh(&merged, run.ctx.clone())?),
-                merged,
-            )
+            (Waypoint::new_mesh(&merged, run.ctx.clone())?, merged)
         }
-        None => (Arc::new(Waypoint::new(&config)?), config.clone()),
+        None => (Waypoint::new(&config)?, config.clone()),
     };
+    let waypoint = Arc::new(waypoint.with_access_log(access_log));
     if let Some(run) = &mesh {
         tokio::spawn(follow_routes(
             waypoint.clone(),
@@ -384,7 +409,13 @@ async fn main() -> anyhow::Result<()> {
         let shutdown = async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         };
-        servers.push(tokio::spawn(serve_until(socket, listener, shutdown, drain)));
+        servers.push(tokio::spawn(serve_logged_until(
+            socket,
+            listener,
+            waypoint.access_log().cloned(),
+            shutdown,
+            drain,
+        )));
     }
     let metrics_socket = tokio::net::TcpListener::bind(args.metrics_address)
         .await
@@ -523,5 +554,19 @@ mod tests {
         .expect("complete");
         assert_eq!(args.hbone_address, "[::]:15008".parse().expect("addr"));
         assert_eq!(args.trust_domain, "cluster.local");
+        assert_eq!(args.protocol_detect_timeout, Duration::from_millis(100));
+        assert_eq!(args.access_log, AccessLogTarget::Stdout);
+        let args = Args::try_parse_from([
+            "weft-waypoint",
+            "--config",
+            "w.yaml",
+            "--protocol-detect-timeout",
+            "1s",
+            "--access-log",
+            "off",
+        ])
+        .expect("flags");
+        assert_eq!(args.protocol_detect_timeout, Duration::from_secs(1));
+        assert_eq!(args.access_log, AccessLogTarget::Off);
     }
 }

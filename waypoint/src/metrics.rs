@@ -63,4 +63,28 @@ pub fn describe() {
         "weft_waypoint_circuit_overflow_total",
         "Requests refused because a backend's circuitBreaker limits were full."
     );
+    describe_counter!(
+        "weft_waypoint_protocol_detected_total",
+        "Mesh tunnels by protocol (http1, http2, tcp) and how it was chosen (declared, detected, timeout)."
+    );
+    describe_counter!(
+        "weft_waypoint_tcp_connections_total",
+        "Opaque TCP connections by Service and result (ok, no_endpoint, connect_failed, denied)."
+    );
+    describe_counter!(
+        "weft_waypoint_tcp_received_bytes_total",
+        "Opaque TCP bytes received from clients (toward the Service), by Service."
+    );
+    describe_counter!(
+        "weft_waypoint_tcp_sent_bytes_total",
+        "Opaque TCP bytes sent to clients (from the Service), by Service."
+    );
+    describe_counter!(
+        "weft_waypoint_hbone_tls_config_builds_total",
+        "HBONE TLS server configs built (once per certificate generation and trust bundle)."
+    );
+    describe_counter!(
+        "weft_waypoint_access_log_dropped_total",
+        "Access log lines dropped because the sink was slower than the traffic."
+    );
 }

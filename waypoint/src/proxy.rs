@@ -13,6 +13,11 @@
 //!
 //! Backends are shared by every route and listener of a config version, so their limits,
 //! latency statistics and circuits are per backend, not per route.
+//!
+//! With an access log ([`Waypoint::with_access_log`], [`serve_logged_until`]) each connection's
+//! service is wrapped in [`AccessLogLayer`], outside everything above, so the line has the
+//! status the client got. [`handle_from`] records what it learns (route, source, destination,
+//! request size, error flags) in the request's [`RequestContext`].
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,6 +42,7 @@ use crate::error::ProxyError;
 use crate::filters;
 use crate::forward::Forwarder;
 use crate::golden::{self, Golden};
+use crate::layers::accesslog::{AccessLog, AccessLogLayer};
 use crate::layers::balance::{BalanceLayer, EndpointSet};
 use crate::layers::circuit::ConcurrencyLimitLayer;
 use crate::layers::fault::FaultLayer;
@@ -495,6 +501,8 @@ pub struct Waypoint {
     /// Mesh mode: implicit default listeners of Service ports without one, made on first use.
     defaults: std::sync::Mutex<Attached>,
     max_body: std::sync::atomic::AtomicUsize,
+    /// Where each request's access log line goes (`None`: off).
+    access_log: Option<AccessLog>,
 }
 
 impl Waypoint {
@@ -524,7 +532,20 @@ impl Waypoint {
             attached: RwLock::new(Arc::new(index_attached(attached))),
             defaults: std::sync::Mutex::new(HashMap::new()),
             max_body: std::sync::atomic::AtomicUsize::new(config.max_request_body_bytes),
+            access_log: None,
         })
+    }
+
+    /// Writes an access log line per request to `log` (plain listeners served with
+    /// [`serve_logged_until`] and HBONE tunnels).
+    pub fn with_access_log(mut self, log: Option<AccessLog>) -> Self {
+        self.access_log = log;
+        self
+    }
+
+    /// The access log in use, if any.
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
     }
 
     /// Mesh mode's context (`None` standalone).
@@ -679,28 +700,54 @@ pub async fn serve_until(
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) {
+    serve_logged_until(socket, listener, None, shutdown, drain).await
+}
+
+/// How long accepting waits after a failure (out of file descriptors, ...) before it retries.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The next connection on `socket`; failures (named `what` in the log) are retried after
+/// [`ACCEPT_BACKOFF`]. Cancel-safe.
+pub(crate) async fn accept(
+    socket: &TcpListener,
+    what: &str,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match socket.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, what, "accept failed; retrying");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Like [`serve_until`], writing an access log line per request to `log` when given.
+pub async fn serve_logged_until(
+    socket: TcpListener,
+    listener: SharedListener,
+    log: Option<AccessLog>,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = socket.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&socket, "listener") => accepted,
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let listener = listener.clone();
         let watcher = graceful.watcher();
+        let log = log.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
+            let service = AccessLogLayer::new(log).layer(tower::service_fn(move |request| {
                 let routes = current(&listener);
                 handle(routes, peer, request)
-            });
+            }));
+            let service = hyper_util::service::TowerToHyperService::new(service);
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // The timer makes hyper enforce its HTTP/1 header read timeout (30 s).
             builder.http1().timer(TokioTimer::new());
@@ -742,6 +789,18 @@ pub async fn handle_from(
     request: http::Request<Incoming>,
 ) -> Result<Response, Infallible> {
     let start = Instant::now();
+    let context = request
+        .extensions()
+        .get::<RequestContext>()
+        .cloned()
+        .unwrap_or_default();
+    if let Some((service, _)) = &listener.attach {
+        context.set_destination(service.as_str().into());
+    }
+    context.set_peer(peer);
+    if let Some(source) = &source {
+        context.set_source(source.clone());
+    }
     let who = Who::of(source.as_ref());
     let (parts, incoming) = request.into_parts();
     if parts.method == http::Method::CONNECT || parts.headers.contains_key(http::header::UPGRADE) {
@@ -749,7 +808,7 @@ pub async fn handle_from(
             http::StatusCode::NOT_IMPLEMENTED,
             "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
         );
-        return Ok(finish(&listener, "", &context0(), response, start, &who, 0));
+        return Ok(finish(&listener, "", &context, response, start, &who, 0));
     }
     let Some(matched) = listener.table.lookup(&parts) else {
         let response = body::text_response(
@@ -762,9 +821,10 @@ pub async fn handle_from(
                 listener.name
             ),
         );
-        return Ok(finish(&listener, "", &context0(), response, start, &who, 0));
+        return Ok(finish(&listener, "", &context, response, start, &who, 0));
     };
     let route = &listener.routes[matched.route];
+    context.set_route(route.name.clone());
     if let Some(config) = &route.redirect {
         let response = filters::redirect(config, &parts, matched.matched_prefix_len)
             .unwrap_or_else(|e| {
@@ -773,14 +833,13 @@ pub async fn handle_from(
         return Ok(finish(
             &listener,
             &route.name,
-            &context0(),
+            &context,
             response,
             start,
             &who,
             0,
         ));
     }
-    let context = RequestContext::default();
     let body = tokio::time::timeout(
         BODY_READ_TIMEOUT,
         Limited::new(incoming, listener.max_body).collect(),
@@ -810,6 +869,7 @@ pub async fn handle_from(
         Ok(Ok(collected)) => {
             let bytes = collected.to_bytes();
             request_bytes = bytes.len() as u64;
+            context.set_request_bytes(request_bytes);
             let mut request = http::Request::from_parts(parts, bytes);
             match route
                 .rewrite
@@ -830,6 +890,9 @@ pub async fn handle_from(
                         Ok(response) => response,
                         Err(error) => {
                             tracing::debug!(route = %route.name, %error, "request failed");
+                            if let Some(flag) = error.flag() {
+                                context.flag(flag);
+                            }
                             error.into_response()
                         }
                     }
@@ -884,10 +947,6 @@ impl Who {
 }
 
 /// A request context before any backend was chosen (local answers).
-fn context0() -> RequestContext {
-    RequestContext::default()
-}
-
 /// `response` with the request's golden signals recorded when it ends.
 fn finish(
     listener: &CompiledListener,

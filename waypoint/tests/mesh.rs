@@ -23,6 +23,7 @@ use weft_tunnel::{
     TrustBundle, certs_from_pem, client_config, private_key_from_pem, server_config,
 };
 use weft_waypoint::config::{Config, Mode};
+use weft_waypoint::layers::accesslog::AccessLog;
 use weft_waypoint::mesh::server::serve_hbone;
 use weft_waypoint::mesh::{Mesh, MeshContext, MeshView, StaticSvid, Svid};
 use weft_waypoint::proxy::Waypoint;
@@ -258,6 +259,17 @@ async fn waypoint(
     state: &MeshState,
     yaml: &str,
 ) -> (SocketAddr, watch::Sender<Arc<MeshView>>) {
+    waypoint_logged(t, pki, state, yaml, None).await
+}
+
+/// [`waypoint`] writing its access log to `log`.
+async fn waypoint_logged(
+    t: u8,
+    pki: &Pki,
+    state: &MeshState,
+    yaml: &str,
+    log: Option<AccessLog>,
+) -> (SocketAddr, watch::Sender<Arc<MeshView>>) {
     let (tx, mesh) = Mesh::fixed(state, TD);
     let (cert, key) = pki.leaf(&spiffe("waypoint"));
     let svid = Svid::from_pem(&cert, &key, 1, Vec::new()).expect("svid");
@@ -267,7 +279,11 @@ async fn waypoint(
         Arc::new(StaticSvid(Arc::new(svid))),
     ));
     let config = Config::from_yaml_for(yaml, Mode::Mesh).expect("valid mesh config");
-    let waypoint = Arc::new(Waypoint::new_mesh(&config, ctx).expect("compile"));
+    let waypoint = Arc::new(
+        Waypoint::new_mesh(&config, ctx)
+            .expect("compile")
+            .with_access_log(log),
+    );
     let socket = tokio::net::TcpListener::bind(SocketAddr::new(ip(t, 1), 0))
         .await
         .expect("bind the waypoint's HBONE");
@@ -683,5 +699,252 @@ backends:
             "reviews-2"
         );
     }
+    Ok(())
+}
+
+/// A backend pod speaking a server-first, non-HTTP protocol: HBONE on `<ip>:15008` for
+/// `identity`; each tunnel first gets `hello <name> dst=<CONNECT authority> for=<Forwarded
+/// for>\n`, then everything it sends is echoed until it closes its side, then the pod closes.
+async fn tcp_pod(pki: &Pki, at: IpAddr, name: &'static str, identity: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (cert, key) = pki.leaf(identity);
+    let config = server_config(
+        certs_from_pem(cert.as_bytes()).expect("cert"),
+        private_key_from_pem(key.as_bytes()).expect("key"),
+        &pki.trust(),
+    )
+    .expect("server config");
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let socket = tokio::net::TcpListener::bind(SocketAddr::new(at, 15008))
+        .await
+        .expect("bind a TCP pod's 15008");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = socket.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let handler = move |c: ConnectRequest, mut tunnel: Tunnel| async move {
+                    let hello = format!(
+                        "hello {name} dst={} for={}\n",
+                        c.dst,
+                        c.forwarded_for.map(|i| i.to_string()).unwrap_or_default()
+                    );
+                    if tunnel.write_all(hello.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = tunnel.read(&mut buf).await {
+                        if n == 0 || tunnel.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = tunnel.shutdown().await;
+                };
+                let _ = hbone::serve(tls, handler).await;
+            });
+        }
+    });
+}
+
+/// Reads `tunnel` until `want` bytes arrived (bounded by the test's own timeout).
+async fn read_n(tunnel: &mut Tunnel, want: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = vec![0u8; want];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tunnel.read_exact(&mut got),
+    )
+    .await
+    .expect("bytes within 10 s")
+    .expect("read");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn mesh_non_http_tunnel_is_proxied_as_opaque_tcp() -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = 20;
+    let pki = Pki::new();
+    tcp_pod(&pki, ip(t, 41), "tcp-1", &spiffe("tcp")).await;
+    backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    let mut state = state(t, &pki);
+    let w = workload("tcp-1", "tcp", ip(t, 41));
+    state.workloads.insert(w.key(), w);
+    // `tcp`: no declared protocol (detected); `cache`: declared `redis` (opaque without wait).
+    for (name, host, app_protocol) in [("tcp", 103, ""), ("cache", 104, "redis")] {
+        let mut s = service(name, ip(t, host), 7000, 7001, &[("tcp-1", ip(t, 41))]);
+        s.ports[0].app_protocol = app_protocol.into();
+        state.services.insert(s.key(), s);
+    }
+    let (wp, _view) = waypoint(t, &pki, &state, "listeners: []\n").await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let hello = format!("hello tcp-1 dst={}:7001 for={}\n", ip(t, 41), ip(t, 10));
+
+    // Client first, not HTTP: proxied byte for byte (binary included) to the endpoint's
+    // target port, naming the original client.
+    let mut a = tunnel(&web, vip(t, 103, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    let payload: &[u8] = b"\x00\x01\xffnot http at all\r\n";
+    a.write_all(payload).await?;
+    assert_eq!(read_n(&mut a, hello.len()).await, hello);
+    let mut echoed = vec![0u8; payload.len()];
+    a.read_exact(&mut echoed).await?;
+    assert_eq!(echoed, payload);
+    // Half-close: our end of input reaches the endpoint, which closes in turn.
+    a.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), a.read_to_end(&mut rest))
+        .await
+        .expect("the endpoint closes after our half-close")?;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // Server first: the client says nothing; after the detection wait the endpoint's greeting
+    // arrives, then the exchange goes on.
+    let mut b = tunnel(&web, vip(t, 103, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    assert_eq!(read_n(&mut b, hello.len()).await, hello);
+    b.write_all(b"PING\r\n").await?;
+    assert_eq!(read_n(&mut b, 6).await, "PING\r\n");
+
+    // Declared non-HTTP: even bytes that look like HTTP are proxied as they are.
+    let mut c = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+    assert_eq!(read_n(&mut c, hello.len()).await, hello);
+    assert_eq!(read_n(&mut c, 18).await, "GET / HTTP/1.1\r\n\r\n");
+
+    // HTTP is still served as HTTP (detected from the request line).
+    let h = get(&web, vip(t, 101, 9080), ip(t, 10), "reviews", "/x").await;
+    assert_eq!(
+        (h.status, h.body.as_str()),
+        (200, "reviews-1"),
+        "{}",
+        h.body
+    );
+    Ok(())
+}
+
+/// A writer collecting the access log in memory.
+#[derive(Clone, Default)]
+struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lines").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn parsed(&self) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().expect("lines").clone()).expect("utf-8");
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn mesh_request_writes_one_json_access_log_line() -> Result<(), BoxError> {
+    let t = 21;
+    let pki = Pki::new();
+    backend_pod(&pki, ip(t, 21), "reviews-1", &spiffe("reviews")).await;
+    let lines = Lines::default();
+    let log = AccessLog::to_writer(Box::new(lines.clone()), 64)?;
+    let (wp, _view) = waypoint_logged(t, &pki, &state(t, &pki), "listeners: []\n", Some(log)).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let a = get(&web, vip(t, 101, 9080), ip(t, 10), "reviews:9080", "/r?x=1").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // The writer thread is asynchronous: a bounded wait for the line.
+    let mut parsed = Vec::new();
+    for _ in 0..500 {
+        parsed = lines.parsed();
+        if !parsed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(parsed.len(), 1, "{parsed:?}");
+    let l = &parsed[0];
+    assert_eq!(l["method"], "GET");
+    assert_eq!(l["authority"], "reviews:9080");
+    assert_eq!(l["path"], "/r?x=1");
+    assert_eq!(l["protocol"], "HTTP/1.1");
+    assert_eq!(l["status"], 200);
+    assert_eq!(l["response_bytes"], "reviews-1".len());
+    assert_eq!(l["request_bytes"], 0);
+    assert_eq!(l["route"], "default");
+    assert_eq!(l["backend"], "shop/reviews:9080");
+    assert_eq!(l["upstream"], format!("{}:8080", ip(t, 21)));
+    assert_eq!(l["retries"], 0);
+    assert_eq!(l["source_principal"], spiffe("web"));
+    assert_eq!(l["source_workload"], "shop/web");
+    assert_eq!(l["source_ip"], ip(t, 10).to_string());
+    assert_eq!(l["destination_service"], "shop/reviews");
+    assert_eq!(l["flags"], serde_json::json!([]));
+    assert!(
+        l["start_time"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{l}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_opaque_tcp_tries_another_endpoint_and_closes_without_one() -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = 22;
+    let pki = Pki::new();
+    // tcp-1 answers; tcp-2 is in the view but nothing listens on its 15008.
+    tcp_pod(&pki, ip(t, 41), "tcp-1", &spiffe("tcp")).await;
+    let mut state = state(t, &pki);
+    for w in [
+        workload("tcp-1", "tcp", ip(t, 41)),
+        workload("tcp-2", "tcp", ip(t, 42)),
+    ] {
+        state.workloads.insert(w.key(), w);
+    }
+    let mut s = service(
+        "tcp",
+        ip(t, 103),
+        7000,
+        7001,
+        &[("tcp-1", ip(t, 41)), ("tcp-2", ip(t, 42))],
+    );
+    s.ports[0].app_protocol = "tcp".into();
+    state.services.insert(s.key(), s);
+    let mut empty = service("empty", ip(t, 104), 7000, 7001, &[]);
+    empty.ports[0].app_protocol = "tcp".into();
+    state.services.insert(empty.key(), empty);
+    let (wp, _view) = waypoint(t, &pki, &state, "listeners: []\n").await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let hello = format!("hello tcp-1 dst={}:7001 for={}\n", ip(t, 41), ip(t, 10));
+
+    // Whichever endpoint is tried first, every connection reaches tcp-1.
+    for i in 0..6 {
+        let mut c = tunnel(&web, vip(t, 103, 7000), ip(t, 10))
+            .await
+            .expect("tunnel");
+        assert_eq!(read_n(&mut c, hello.len()).await, hello, "connection {i}");
+        c.write_all(b"x").await?;
+        assert_eq!(read_n(&mut c, 1).await, "x");
+    }
+
+    // No ready endpoint: the tunnel is admitted, then closed without a byte.
+    let mut c = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut got))
+        .await
+        .expect("the waypoint closes the tunnel");
+    assert!(got.is_empty(), "{got:?} ({read:?})");
     Ok(())
 }

@@ -797,3 +797,87 @@ backends:
     assert_eq!(a.calls.load(Ordering::SeqCst), 3);
     assert_eq!(answer.headers["x-seen-x-weft-attempt"], "3");
 }
+
+/// A writer collecting the access log in memory.
+#[derive(Clone, Default)]
+struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lines").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn access_log_writes_one_json_line_per_request() {
+    use weft_waypoint::config::Config;
+    use weft_waypoint::layers::accesslog::AccessLog;
+    use weft_waypoint::proxy::{Waypoint, serve_logged_until};
+
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: api
+        matches: [{{ path: {{ type: PathPrefix, value: /api }} }}]
+        backendRefs: [{{ name: a }}]
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let lines = Lines::default();
+    let log = AccessLog::to_writer(Box::new(lines.clone()), 64).expect("log");
+    let waypoint = Waypoint::new(&Config::from_yaml(&yaml).expect("valid"))
+        .expect("compile")
+        .with_access_log(Some(log));
+    let (socket, listener) = waypoint.bind().await.expect("bind").remove(0);
+    let proxy = socket.local_addr().expect("addr");
+    tokio::spawn(serve_logged_until(
+        socket,
+        listener,
+        waypoint.access_log().cloned(),
+        std::future::pending(),
+        Duration::ZERO,
+    ));
+    let http = client();
+    assert_eq!(send(&http, proxy, "/api/x?y=1", &[]).await.body, "a");
+    assert_eq!(send(&http, proxy, "/nowhere", &[]).await.status, 404);
+    let parsed = |text: &[u8]| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(text)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+            .collect()
+    };
+    // The writer thread is asynchronous: a bounded wait for both lines.
+    let mut got = Vec::new();
+    for _ in 0..500 {
+        got = parsed(&lines.0.lock().expect("lines"));
+        if got.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(got.len(), 2, "{got:?}");
+    let ok = &got[0];
+    assert_eq!(ok["method"], "GET");
+    assert_eq!(ok["path"], "/api/x?y=1");
+    assert_eq!(ok["authority"], proxy.to_string());
+    assert_eq!(ok["protocol"], "HTTP/1.1");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["route"], "api");
+    assert_eq!(ok["backend"], "a");
+    assert_eq!(ok["upstream"], a.addr.to_string());
+    assert_eq!(ok["response_bytes"], 1);
+    assert_eq!(ok["source_ip"], "127.0.0.1");
+    assert!(ok["source_principal"].is_null());
+    let missed = &got[1];
+    assert_eq!(missed["status"], 404);
+    assert!(missed["route"].is_null());
+    assert!(missed["response_bytes"].as_u64().is_some_and(|n| n > 0));
+}

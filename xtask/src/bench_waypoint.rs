@@ -4,7 +4,8 @@
 //! Backend: the small keep-alive HTTP/1.1 responder of `bench l4` (2-byte body). nginx
 //! (Debian package, installed on first use): 2 worker processes, an upstream keep-alive pool,
 //! access log off. Waypoint (release build): a route matching every path, request and
-//! per-attempt timeouts, retries with a budget, golden metrics recorded (as in production).
+//! per-attempt timeouts, retries with a budget, golden metrics recorded (as in production),
+//! access log off (as nginx's).
 //! Load: wrk -t2 -c16 for `--seconds` (default 5), each proxy in turn. Reported per proxy: req/s, p50 and
 //! p99 latency, RSS after the run (all processes), CPU cores used per 1,000 req/s.
 
@@ -136,6 +137,8 @@ pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
                     "--metrics-address",
                     &format!("127.0.0.1:{WAYPOINT_METRICS_PORT}"),
                 ])
+                // Like nginx's `access_log off` above (the waypoint logs to stdout by default).
+                .args(["--access-log", "off"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

@@ -70,6 +70,9 @@ impl<S: Inner> Service<Request> for Fault<S> {
                 && hit(abort.percentage)
             {
                 metrics::counter!("weft_waypoint_faults_total", "kind" => "abort").increment(1);
+                if let Some(context) = request.extensions().get::<super::RequestContext>() {
+                    context.flag("fault_abort");
+                }
                 let status = http::StatusCode::from_u16(abort.http_status)
                     .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
                 let mut response = text_response(

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::ProxyError;
 
+pub mod accesslog;
 pub mod balance;
 pub mod circuit;
 pub mod fault;
@@ -75,37 +76,119 @@ pub struct Deadline {
     pub which: &'static str,
 }
 
-/// Request extension shared by all attempts of one request: which backend served it last,
-/// for the golden metrics.
+/// Request extension shared by all attempts of one request: which backend served it last, for
+/// the golden metrics, and what the access log reports (route, endpoint, attempts, flags, trace
+/// id, source, destination). The access log layer inserts it; [`crate::proxy::handle_from`]
+/// makes one when absent.
 #[derive(Debug, Clone, Default)]
 pub struct RequestContext {
-    backend: Arc<Mutex<Option<Arc<str>>>>,
-    endpoint: Arc<Mutex<Option<std::net::SocketAddr>>>,
+    facts: Arc<Mutex<RequestFacts>>,
+}
+
+/// What the layers learned about one request (see [`RequestContext`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFacts {
+    /// The route that matched.
+    pub route: Option<Arc<str>>,
+    /// The backend the weighted split chose last.
+    pub backend: Option<Arc<str>>,
+    /// The endpoint the balancer picked last.
+    pub endpoint: Option<SocketAddr>,
+    /// How many times the balancer picked an endpoint (attempts; retries are this minus one).
+    pub attempts: u32,
+    /// Why the answer is not the backend's: `timeout`, `rate_limited`, `fault_abort`,
+    /// `no_healthy_upstream`, `overflow`, `upstream_connect_failure`, `upstream_reset`,
+    /// `denied`, ...
+    pub flags: Vec<&'static str>,
+    /// The W3C trace id of the request's span.
+    pub trace_id: Option<String>,
+    /// Bytes of the request body as buffered by the waypoint.
+    pub request_bytes: u64,
+    /// Who sent it (mesh mode).
+    pub source: Option<Source>,
+    /// The client's address as the waypoint saw it (the peer; in mesh mode the original
+    /// client, port 0).
+    pub peer: Option<SocketAddr>,
+    /// The Service (`namespace/name`) it was sent to (mesh mode).
+    pub destination: Option<Arc<str>>,
 }
 
 impl RequestContext {
-    /// Records the endpoint the balancer chose (the last attempt's wins).
-    pub fn set_endpoint(&self, endpoint: std::net::SocketAddr) {
-        if let Ok(mut slot) = self.endpoint.lock() {
-            *slot = Some(endpoint);
+    fn with(&self, f: impl FnOnce(&mut RequestFacts)) {
+        match self.facts.lock() {
+            Ok(mut facts) => f(&mut facts),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
         }
     }
 
     /// The endpoint chosen by the last attempt, if any.
-    pub fn endpoint(&self) -> Option<std::net::SocketAddr> {
-        self.endpoint.lock().ok().and_then(|slot| *slot)
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.facts.lock().ok().and_then(|f| f.endpoint)
     }
 
     /// Records the backend the weighted split chose.
     pub fn set_backend(&self, backend: Arc<str>) {
-        if let Ok(mut slot) = self.backend.lock() {
-            *slot = Some(backend);
-        }
+        self.with(|f| f.backend = Some(backend));
     }
 
     /// The backend chosen by the last attempt, if any.
     pub fn backend(&self) -> Option<Arc<str>> {
-        self.backend.lock().ok().and_then(|slot| slot.clone())
+        self.facts.lock().ok().and_then(|f| f.backend.clone())
+    }
+
+    /// Records the matched route.
+    pub fn set_route(&self, route: Arc<str>) {
+        self.with(|f| f.route = Some(route));
+    }
+
+    /// Records an attempt to `endpoint`.
+    pub fn set_endpoint(&self, endpoint: SocketAddr) {
+        self.with(|f| {
+            f.endpoint = Some(endpoint);
+            f.attempts += 1;
+        });
+    }
+
+    /// Adds `flag` (once).
+    pub fn flag(&self, flag: &'static str) {
+        self.with(|f| {
+            if !f.flags.contains(&flag) {
+                f.flags.push(flag);
+            }
+        });
+    }
+
+    /// Records the trace id.
+    pub fn set_trace_id(&self, trace_id: String) {
+        self.with(|f| f.trace_id = Some(trace_id));
+    }
+
+    /// Records the request body's size.
+    pub fn set_request_bytes(&self, bytes: u64) {
+        self.with(|f| f.request_bytes = bytes);
+    }
+
+    /// Records the sender.
+    pub fn set_source(&self, source: Source) {
+        self.with(|f| f.source = Some(source));
+    }
+
+    /// Records the client's address.
+    pub fn set_peer(&self, peer: SocketAddr) {
+        self.with(|f| f.peer = Some(peer));
+    }
+
+    /// Records the destination Service.
+    pub fn set_destination(&self, service: Arc<str>) {
+        self.with(|f| f.destination = Some(service));
+    }
+
+    /// Everything recorded so far.
+    pub fn facts(&self) -> RequestFacts {
+        match self.facts.lock() {
+            Ok(f) => f.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 }
 

@@ -202,6 +202,9 @@ impl<S: Inner> Service<Request> for RateLimit<S> {
         match self.limiter.check(&request) {
             Ok(()) => Box::pin(self.inner.clone().oneshot(request)),
             Err((wait, which)) => {
+                if let Some(context) = request.extensions().get::<super::RequestContext>() {
+                    context.flag("rate_limited");
+                }
                 let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
                 metrics::counter!("weft_waypoint_rate_limited_total", "route" => self.limiter.route_name.to_string(), "limit" => which)
                     .increment(1);

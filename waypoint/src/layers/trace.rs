@@ -328,6 +328,11 @@ impl<S: Inner> Service<Request> for Trace<S> {
             request.headers_mut().remove(TRACESTATE);
         }
         let request_context = request.extensions().get::<RequestContext>().cloned();
+        if let Some(request_context) = &request_context
+            && context.span().span_context().is_valid()
+        {
+            request_context.set_trace_id(context.span().span_context().trace_id().to_string());
+        }
         Box::pin(async move {
             let result = inner.oneshot(request).await;
             let span = context.span();

@@ -10,7 +10,8 @@
 //!   or fixed ([`StaticSvid`], tests).
 //! * [`server`]: HBONE termination on `--hbone-address` (mutual TLS 1.3, CONNECT to
 //!   `<service VIP>:<port>`, HTTP served inside each tunnel with the listener attached to that
-//!   Service port, or the implicit default route).
+//!   Service port, or the implicit default route); or opaque TCP ([`tcp`]) when the port's
+//!   `appProtocol` or the first bytes ([`detect`]) say it is not HTTP.
 //! * [`forward`]: Service backends reached through HBONE (TLS to `<endpoint>:15008` requiring
 //!   the endpoint workload's SPIFFE ID, `CONNECT <endpoint>:<targetPort>`), with pooled HBONE
 //!   connections and HTTP connections per tunnel.
@@ -34,9 +35,11 @@ use weft_tunnel::{Identity, TrustBundle};
 
 use crate::layers::balance::EndpointSource;
 
+pub mod detect;
 pub mod forward;
 pub mod routes;
 pub mod server;
+pub mod tcp;
 
 /// The port HBONE listens on at every meshed pod (and the waypoint's default).
 pub const HBONE_PORT: u16 = weft_tunnel::hbone::HBONE_PORT;
@@ -474,6 +477,9 @@ pub struct MeshContext {
     pub handshake_timeout: Duration,
     /// The port endpoints' HBONE listens on (15008).
     pub hbone_port: u16,
+    /// How long a tunnel of a port without a declared protocol waits for the client's first
+    /// bytes before it is served as opaque TCP (`--protocol-detect-timeout`).
+    pub protocol_detect_timeout: Duration,
 }
 
 impl fmt::Debug for MeshContext {
@@ -495,6 +501,7 @@ impl MeshContext {
             pool: Pool::new(POOL_IDLE_TIMEOUT),
             handshake_timeout: HANDSHAKE_TIMEOUT,
             hbone_port: HBONE_PORT,
+            protocol_detect_timeout: detect::DEFAULT_DETECT_TIMEOUT,
         }
     }
 

@@ -5,11 +5,16 @@
 //! the mesh's trust bundle, one SPIFFE ID in the mesh's trust domain), then
 //! `CONNECT <service VIP>:<port>` with `Forwarded: for="<client ip>"`. Admission answers `400`
 //! when the authority is not a Service port of the mesh view (the body says which part is
-//! unknown) and `503` while draining or before the first mesh view; then the tunnel carries
-//! HTTP/1.1 or HTTP/2 (detected), served with the listener attached to that Service port, or
-//! the implicit default route to the Service itself. Each request carries a
-//! [`Source`](crate::layers::Source) extension: the client's SPIFFE ID, original address and
-//! workload.
+//! unknown) and `503` while draining or before the first mesh view. The tunnel's protocol is
+//! the one the Service port's `appProtocol` declares, else detected from the client's first
+//! bytes within `--protocol-detect-timeout` ([`super::detect`]); each choice counts
+//! `weft_waypoint_protocol_detected_total{protocol, by}`. HTTP/1.1 or HTTP/2 is served with the
+//! listener attached to that Service port, or the implicit default route to the Service itself;
+//! each request carries a [`Source`] extension: the client's SPIFFE ID,
+//! original address and workload. Anything else is proxied as opaque TCP ([`super::tcp`]).
+//!
+//! The TLS server config is built once per (certificate generation, trust bundle) and reused
+//! by every connection until either changes.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,14 +26,18 @@ use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use weft_api::model::ServiceInfo;
 use weft_tunnel::hbone::{self, ConnectRequest, Handler, Refusal, Tunnel};
 
-use super::MeshContext;
+use super::detect::{self, DetectedBy, Protocol};
+use super::tcp::OpaqueTcp;
+use super::{MeshContext, MeshView, Svid};
 use crate::layers::Source;
-use crate::proxy::{Waypoint, handle_from};
+use crate::layers::accesslog::AccessLogLayer;
+use crate::proxy::{Waypoint, accept, handle_from};
 
 /// Binds the HBONE listener. When `address` is the IPv6 wildcard (`[::]:<port>`, the default)
 /// and IPv6 is unavailable, falls back to `0.0.0.0:<port>`.
@@ -55,6 +64,58 @@ struct Shared {
     ctx: Arc<MeshContext>,
     draining: AtomicBool,
     graceful: Mutex<Option<GracefulShutdown>>,
+    tls: TlsCache,
+    tcp: OpaqueTcp,
+}
+
+/// The TLS server config of the last (certificate generation, trust bundle).
+#[derive(Default)]
+struct TlsCache {
+    last: Mutex<Option<CachedTls>>,
+}
+
+struct CachedTls {
+    generation: i64,
+    trust_pem: Vec<String>,
+    config: Arc<ServerConfig>,
+}
+
+impl TlsCache {
+    /// The config for `svid` and the trust bundle in force (the view's, else the CA's), built
+    /// only when either changed since the last call.
+    fn get(
+        &self,
+        ctx: &MeshContext,
+        view: &MeshView,
+        svid: &Svid,
+    ) -> Result<Arc<ServerConfig>, String> {
+        let trust_pem = if view.trust().is_ok() {
+            view.trust_pem()
+        } else {
+            &svid.trust_pem
+        };
+        let mut last = match self.last.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(cached) = last.as_ref()
+            && cached.generation == svid.generation
+            && cached.trust_pem == trust_pem
+        {
+            return Ok(cached.config.clone());
+        }
+        let trust = ctx.trust(view, svid).map_err(|e| e.to_string())?;
+        let config = weft_tunnel::server_config(svid.chain.clone(), svid.key.clone_key(), &trust)
+            .map_err(|e| e.to_string())?;
+        let config = Arc::new(config);
+        metrics::counter!("weft_waypoint_hbone_tls_config_builds_total").increment(1);
+        *last = Some(CachedTls {
+            generation: svid.generation,
+            trust_pem: trust_pem.to_vec(),
+            config: config.clone(),
+        });
+        Ok(config)
+    }
 }
 
 fn refused(reason: &'static str) {
@@ -81,21 +142,16 @@ pub async fn serve_hbone_until(
     };
     let shared = Arc::new(Shared {
         waypoint,
+        tcp: OpaqueTcp::new(ctx.clone()),
         ctx,
         draining: AtomicBool::new(false),
         graceful: Mutex::new(Some(GracefulShutdown::new())),
+        tls: TlsCache::default(),
     });
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = socket.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "HBONE accept failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&socket, "HBONE") => accepted,
             () = &mut shutdown => break,
         };
         tokio::spawn(connection(shared.clone(), stream, peer));
@@ -142,19 +198,12 @@ async fn connection(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         }
     };
     let view = ctx.mesh.current();
-    let config = ctx
-        .trust(&view, &svid)
-        .map_err(|e| e.to_string())
-        .and_then(|trust| {
-            weft_tunnel::server_config(svid.chain.clone(), svid.key.clone_key(), &trust)
-                .map_err(|e| e.to_string())
-        });
-    let config = match config {
+    let config = match shared.tls.get(ctx, &view, &svid) {
         Ok(c) => c,
         Err(e) => return fail("no_certificate", e),
     };
     let _ = tcp.set_nodelay(true);
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let acceptor = TlsAcceptor::from(config);
     let tls = match tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => return fail("tls_failed", e.to_string()),
@@ -265,20 +314,54 @@ impl Handler for Inbound {
     }
 
     async fn run(&self, admitted: Admitted, tunnel: Tunnel) {
-        let waypoint = self.shared.waypoint.clone();
         let Admitted {
             service,
             port,
             source,
         } = admitted;
+        let declared = service
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .and_then(|p| detect::declared(&p.app_protocol));
+        let (protocol, by, io) = match declared {
+            Some(protocol) => (
+                protocol,
+                DetectedBy::Declared,
+                detect::Rewind::new(bytes::Bytes::new(), tunnel),
+            ),
+            None => match detect::detect(tunnel, self.shared.ctx.protocol_detect_timeout).await {
+                Ok(detected) => detected,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "tunnel failed while detecting its protocol");
+                    return;
+                }
+            },
+        };
+        metrics::counter!(
+            "weft_waypoint_protocol_detected_total",
+            "protocol" => protocol.label(),
+            "by" => by.label()
+        )
+        .increment(1);
+        if protocol == Protocol::Tcp {
+            self.shared.tcp.proxy(io, &source, &service, port).await;
+            return;
+        }
+        let waypoint = self.shared.waypoint.clone();
         let peer = SocketAddr::new(source.ip, 0);
-        let http = hyper::service::service_fn(move |request| {
-            let listener = waypoint.mesh_listener(&service, port);
-            handle_from(listener, peer, Some(source.clone()), request)
-        });
+        let log = waypoint.access_log().cloned();
+        let http = tower::Layer::layer(
+            &AccessLogLayer::new(log),
+            tower::service_fn(move |request| {
+                let listener = waypoint.mesh_listener(&service, port);
+                handle_from(listener, peer, Some(source.clone()), request)
+            }),
+        );
+        let http = hyper_util::service::TowerToHyperService::new(http);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new());
-        let connection = builder.serve_connection(TokioIo::new(tunnel), http);
+        let connection = builder.serve_connection(TokioIo::new(io), http);
         let watcher = match self.shared.graceful.lock() {
             Ok(g) => g.as_ref().map(GracefulShutdown::watcher),
             Err(poisoned) => poisoned
@@ -293,5 +376,82 @@ impl Handler for Inbound {
         if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "HTTP in a tunnel ended with an error");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    use weft_api::MeshState;
+
+    /// A root (PEM) and an SVID for the waypoint signed by it, with `generation`.
+    fn ca_and_svid(generation: i64) -> (String, Svid) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).expect("root");
+        let issuer = Issuer::new(params, key);
+        let leaf_key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("params");
+        leaf.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/waypoint"
+                .try_into()
+                .expect("uri"),
+        )];
+        let cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf");
+        let svid = Svid::from_pem(
+            &cert.pem(),
+            &leaf_key.serialize_pem(),
+            generation,
+            Vec::new(),
+        )
+        .expect("svid");
+        (root.pem(), svid)
+    }
+
+    fn context() -> MeshContext {
+        let (_, mesh) = super::super::Mesh::fixed(&MeshState::default(), "cluster.local");
+        let (_, svid) = ca_and_svid(1);
+        MeshContext::new(
+            "shop",
+            mesh,
+            Arc::new(super::super::StaticSvid(Arc::new(svid))),
+        )
+    }
+
+    fn view(trust_pem: &str) -> MeshView {
+        let state = MeshState {
+            trust_bundle: vec![trust_pem.to_string()],
+            ..MeshState::default()
+        };
+        MeshView::build(&state, "cluster.local")
+    }
+
+    #[test]
+    fn tls_config_is_rebuilt_only_when_the_certificate_or_trust_changes() {
+        let ctx = context();
+        let cache = TlsCache::default();
+        let (root, svid) = ca_and_svid(1);
+        let first = cache.get(&ctx, &view(&root), &svid).expect("config");
+        // A new view (endpoints changed) with the same bundle: the same config.
+        let again = cache.get(&ctx, &view(&root), &svid).expect("config");
+        assert!(Arc::ptr_eq(&first, &again));
+        // A renewed certificate: a new config.
+        let (_, renewed) = ca_and_svid(2);
+        let after_renewal = cache.get(&ctx, &view(&root), &renewed).expect("config");
+        assert!(!Arc::ptr_eq(&first, &after_renewal));
+        // Another trust bundle: a new config.
+        let (other_root, _) = ca_and_svid(3);
+        let after_rotation = cache
+            .get(&ctx, &view(&other_root), &renewed)
+            .expect("config");
+        assert!(!Arc::ptr_eq(&after_renewal, &after_rotation));
+        assert!(Arc::ptr_eq(
+            &after_rotation,
+            &cache
+                .get(&ctx, &view(&other_root), &renewed)
+                .expect("config")
+        ));
     }
 }

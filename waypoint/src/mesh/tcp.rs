@@ -1,0 +1,184 @@
+//! Opaque TCP: a tunnel whose protocol is not HTTP (declared or detected, see
+//! [`super::detect`]) is proxied byte for byte to one ready endpoint of its Service port,
+//! through HBONE like HTTP backends ([`super::forward::open_tunnel`]: TLS to
+//! `<endpoint>:15008` requiring the endpoint workload's SPIFFE ID,
+//! `CONNECT <endpoint ip>:<targetPort>` with `Forwarded: for=<original client>`).
+//!
+//! Endpoint choice: a random start in the port's ready endpoints, then the next ones on connect
+//! failure, at most [`MAX_CONNECT_ATTEMPTS`] endpoints. (The HTTP balancer's P2C over request
+//! latency EWMA has no meaning for long-lived byte streams; least-connections would be the
+//! natural next step.) Both directions are copied until each side has closed its half
+//! (`copy_bidirectional`: the end of one direction is passed on as a half-close).
+//!
+//! Metrics: `weft_waypoint_tcp_connections_total{service, result}` (`ok`, `no_endpoint`,
+//! `connect_failed`, `denied`), and the bytes as they flow,
+//! `weft_waypoint_tcp_received_bytes_total{service}` (from the client, toward the Service) and
+//! `weft_waypoint_tcp_sent_bytes_total{service}` (to the client, from the Service).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use weft_api::model::ServiceInfo;
+
+use super::MeshContext;
+use super::forward::open_tunnel;
+use crate::layers::Source;
+
+/// How many endpoints one connection tries before giving up.
+pub const MAX_CONNECT_ATTEMPTS: usize = 3;
+
+/// Proxies opaque TCP tunnels of Service ports to their endpoints.
+#[derive(Clone)]
+pub struct OpaqueTcp {
+    ctx: Arc<MeshContext>,
+}
+
+impl std::fmt::Debug for OpaqueTcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpaqueTcp").finish_non_exhaustive()
+    }
+}
+
+fn connections(service: &str, result: &'static str) {
+    metrics::counter!(
+        "weft_waypoint_tcp_connections_total",
+        "service" => service.to_string(),
+        "result" => result
+    )
+    .increment(1);
+}
+
+impl OpaqueTcp {
+    /// Opaque TCP over `ctx`'s mesh view and HBONE pool.
+    pub fn new(ctx: Arc<MeshContext>) -> Self {
+        OpaqueTcp { ctx }
+    }
+
+    /// Whether `source` may open a connection to `service`'s port `port` (L4 authorization);
+    /// `Err` says why not (logged, counted `result="denied"`, the tunnel closed). Allows
+    /// everything for now.
+    pub fn authorize_connection(
+        &self,
+        source: &Source,
+        service: &ServiceInfo,
+        port: u16,
+    ) -> Result<(), String> {
+        // wired to layers::authz after merge
+        let _ = (source, service, port);
+        Ok(())
+    }
+
+    /// Proxies `client` (the tunnel, with any detection bytes replayed) to an endpoint of
+    /// `service`'s port `port`. Returns when both directions are done or on failure; dropping
+    /// `client` closes the tunnel.
+    pub async fn proxy<T>(&self, client: T, source: &Source, service: &ServiceInfo, port: u16)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let key = service.key();
+        if let Err(reason) = self.authorize_connection(source, service, port) {
+            connections(&key, "denied");
+            tracing::debug!(service = %key, port, principal = %source.principal, %reason, "opaque TCP connection denied");
+            return;
+        }
+        let mut endpoints = self.ctx.mesh.current().endpoints(&key, port);
+        if endpoints.is_empty() {
+            connections(&key, "no_endpoint");
+            tracing::debug!(service = %key, port, "opaque TCP: no ready endpoint; closing the tunnel");
+            return;
+        }
+        let start = rand::random_range(0..endpoints.len());
+        endpoints.rotate_left(start);
+        let svid = match self.ctx.svid.svid().await {
+            Ok(svid) => svid,
+            Err(e) => {
+                connections(&key, "connect_failed");
+                tracing::warn!(service = %key, error = %e, "opaque TCP: no certificate to reach endpoints with");
+                return;
+            }
+        };
+        let mut upstream = None;
+        for (addr, identity) in endpoints.iter().take(MAX_CONNECT_ATTEMPTS) {
+            let Some(identity) = identity else { continue };
+            match open_tunnel(&self.ctx, &svid, *addr, identity, Some(source.ip), None).await {
+                Ok(opened) => {
+                    upstream = Some((*addr, opened));
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(service = %key, endpoint = %addr, error = %e, "opaque TCP: endpoint unreachable; trying another");
+                }
+            }
+        }
+        let Some((addr, (tunnel, lease))) = upstream else {
+            connections(&key, "connect_failed");
+            tracing::warn!(service = %key, port, tried = endpoints.len().min(MAX_CONNECT_ATTEMPTS), "opaque TCP: no endpoint could be reached; closing the tunnel");
+            return;
+        };
+        connections(&key, "ok");
+        let mut client = Counted {
+            inner: client,
+            received: metrics::counter!("weft_waypoint_tcp_received_bytes_total", "service" => key.clone()),
+            sent: metrics::counter!("weft_waypoint_tcp_sent_bytes_total", "service" => key.clone()),
+        };
+        let mut tunnel = tunnel;
+        match tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
+            Ok((up, down)) => {
+                tracing::debug!(service = %key, endpoint = %addr, up, down, "opaque TCP connection done");
+            }
+            Err(e) => {
+                tracing::debug!(service = %key, endpoint = %addr, error = %e, "opaque TCP connection ended with an error");
+            }
+        }
+        drop(lease);
+    }
+}
+
+/// The client side of an opaque connection, counting bytes as they pass.
+struct Counted<T> {
+    inner: T,
+    received: Counter,
+    sent: Counter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = out.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, out);
+        let n = out.filled().len().saturating_sub(before);
+        if n > 0 {
+            self.received.increment(n as u64);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.sent.increment(*n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
