@@ -11,6 +11,9 @@
 //! - a policy with no rules matches nothing (so an ALLOW policy without rules denies all);
 //! - rules naming HTTP methods or paths cannot be evaluated at L4: such an ALLOW rule never
 //!   matches and such a DENY rule matches on its L4 parts alone (both fail closed).
+//!
+//! The waypoint evaluates the same policies ([`evaluate_policies`]) with the request's method,
+//! path and headers ([`Request`]); without them (opaque TCP) it gets the L4 semantics above.
 
 use std::net::IpAddr;
 
@@ -52,11 +55,41 @@ impl Verdict {
     }
 }
 
+/// An HTTP request's attributes, for L7 rules (`to[].methods`, `to[].paths`, `when`).
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// Without the query.
+    pub path: &'a str,
+    pub headers: &'a hyper::HeaderMap,
+}
+
 /// Evaluates the policies selecting `dst` for a connection from `src` to `port`.
 pub fn evaluate(policies: &[PolicyInfo], dst: &WorkloadInfo, src: &Source, port: u16) -> Verdict {
     let selecting: Vec<&PolicyInfo> = policies.iter().filter(|p| p.selects(dst)).collect();
-    let mut v = decide(selecting.iter().copied().filter(|p| !p.dry_run), src, port);
-    let dry = decide(selecting.iter().copied().filter(|p| p.dry_run), src, port);
+    evaluate_policies(&selecting, src, port, None)
+}
+
+/// Evaluates `policies` (already chosen for the destination) for a connection or request
+/// from `src` to `port`; with `request`, L7 conditions are evaluated instead of failing closed.
+pub fn evaluate_policies(
+    selecting: &[&PolicyInfo],
+    src: &Source,
+    port: u16,
+    request: Option<&Request<'_>>,
+) -> Verdict {
+    let mut v = decide(
+        selecting.iter().copied().filter(|p| !p.dry_run),
+        src,
+        port,
+        request,
+    );
+    let dry = decide(
+        selecting.iter().copied().filter(|p| p.dry_run),
+        src,
+        port,
+        request,
+    );
     if !dry.allowed {
         v.dry_run_denied_by = Some(
             dry.denied_by
@@ -67,7 +100,9 @@ pub fn evaluate(policies: &[PolicyInfo], dst: &WorkloadInfo, src: &Source, port:
         .iter()
         .filter(|p| {
             p.action == PolicyAction::Audit
-                && p.rules.iter().any(|r| rule_matches(r, src, port, true))
+                && p.rules
+                    .iter()
+                    .any(|r| rule_matches(r, src, port, request, true))
         })
         .map(|p| p.key())
         .collect();
@@ -78,9 +113,13 @@ fn decide<'a>(
     policies: impl Iterator<Item = &'a PolicyInfo> + Clone,
     src: &Source,
     port: u16,
+    request: Option<&Request<'_>>,
 ) -> Verdict {
     for p in policies.clone().filter(|p| p.action == PolicyAction::Deny) {
-        if p.rules.iter().any(|r| rule_matches(r, src, port, true)) {
+        if p.rules
+            .iter()
+            .any(|r| rule_matches(r, src, port, request, true))
+        {
             return Verdict {
                 allowed: false,
                 denied_by: Some(p.key()),
@@ -100,7 +139,10 @@ fn decide<'a>(
     }
     let mut names = Vec::new();
     for p in allows {
-        if p.rules.iter().any(|r| rule_matches(r, src, port, false)) {
+        if p.rules
+            .iter()
+            .any(|r| rule_matches(r, src, port, request, false))
+        {
             return Verdict {
                 allowed: true,
                 ..Default::default()
@@ -119,15 +161,42 @@ fn decide<'a>(
     }
 }
 
-/// Whether a rule matches. `l7_matches` says what an L7-only condition counts as: `true` for
-/// DENY (deny on the L4 parts), `false` for ALLOW (never allow what cannot be checked).
-fn rule_matches(r: &PolicyRuleInfo, src: &Source, port: u16, l7_matches: bool) -> bool {
-    if r.is_l7() && !l7_matches {
+/// Whether a rule matches. Without `request`, `l7_matches` says what an L7-only condition
+/// counts as: `true` for DENY (deny on the L4 parts), `false` for ALLOW (never allow what
+/// cannot be checked).
+fn rule_matches(
+    r: &PolicyRuleInfo,
+    src: &Source,
+    port: u16,
+    request: Option<&Request<'_>>,
+    l7_matches: bool,
+) -> bool {
+    if r.is_l7() && request.is_none() && !l7_matches {
         return false;
     }
     let from = r.from.is_empty() || r.from.iter().any(|s| source_matches(s, src));
-    let to = r.to.is_empty() || r.to.iter().any(|d| destination_matches(d, port));
-    from && to
+    let to = r.to.is_empty()
+        || r.to.iter().any(|d| {
+            destination_matches(d, port) && request.is_none_or(|req| request_matches(d, req))
+        });
+    let when = match request {
+        None => true,
+        Some(req) => r.when.iter().all(|c| {
+            req.headers
+                .get_all(c.header.as_str())
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| c.values.iter().any(|pattern| principal_matches(pattern, v)))
+        }),
+    };
+    from && to && when
+}
+
+/// `to[].methods` (exact) and `to[].paths` (exact, `prefix*`, `*suffix`, `*`).
+fn request_matches(d: &PolicyDestinationInfo, req: &Request<'_>) -> bool {
+    let method = d.methods.is_empty() || d.methods.iter().any(|m| m == req.method);
+    let path = d.paths.is_empty() || d.paths.iter().any(|p| principal_matches(p, req.path));
+    method && path
 }
 
 fn source_matches(s: &PolicySourceInfo, src: &Source) -> bool {
@@ -145,7 +214,7 @@ fn source_matches(s: &PolicySourceInfo, src: &Source) -> bool {
     ns && principal && ip
 }
 
-/// Exact, `*` (any authenticated peer), `prefix*` or `*suffix`.
+/// Exact, `*` (any authenticated peer, any value), `prefix*` or `*suffix`.
 fn principal_matches(pattern: &str, principal: &str) -> bool {
     if pattern == "*" || pattern == principal {
         return true;

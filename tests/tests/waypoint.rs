@@ -866,6 +866,120 @@ fn waypoint_serves_httproutes_from_the_controller_live() {
     .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
 }
 
+/// An AuthorizationPolicy document of namespace `shop`.
+fn authz_policy(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "weft.dev/v1alpha1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": spec,
+    })
+}
+
+#[test]
+fn waypoint_l7_authorization_allows_and_denies_by_method_path_header_and_principal() {
+    let _g = serial();
+    let Some(mut w) = world(
+        "waypoint_l7_authorization_allows_and_denies_by_method_path_header_and_principal",
+        ROUTING,
+    ) else {
+        return;
+    };
+    // Only web may GET /public*, and never with `x-block: yes`; at the waypoint of `api`.
+    let allow = authz_policy(
+        "api-allow",
+        json!({"action": "ALLOW", "targetRefs": [{"kind": "Service", "name": "api"}],
+               "rules": [{"from": [{"principals": [WEB_ID]}],
+                          "to": [{"methods": ["GET"], "paths": ["/public*"]}]}]}),
+    );
+    let block = authz_policy(
+        "api-block",
+        json!({"action": "DENY", "targetRefs": [{"kind": "Service", "name": "api"}],
+               "rules": [{"when": [{"key": "request.headers[x-block]", "values": ["yes"]}]}]}),
+    );
+    // Opaque TCP to `tcp`: a DENY whose rule needs HTTP denies on its L4 part (fail closed).
+    let tcp_deny = authz_policy(
+        "tcp-no-delete",
+        json!({"action": "DENY", "targetRefs": [{"kind": "Service", "name": "tcp"}],
+               "rules": [{"from": [{"principals": [WEB_ID]}], "to": [{"methods": ["DELETE"]}]}]}),
+    );
+    let before = w.mesh.applied_counts();
+    w.mesh.config.raw.extend([allow, block, tcp_deny]);
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    let served_before = w.servers[0].accepted();
+    // Applied: POST is refused by the waypoint itself.
+    let denied = wait_for(T, "the policies at the waypoint", || {
+        w.request(API_VIP, "POST", "/public/x", &[])
+            .ok()
+            .filter(|r| r.code == 403)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert!(denied.body.starts_with("RBAC: access denied"), "{denied:?}");
+    let ok = w
+        .request(API_VIP, "GET", "/public/x", &[])
+        .expect("GET /public");
+    assert_eq!(ok.code, 200, "{ok:?}");
+    assert!(ok.body.starts_with("api-v1 GET /public/x"), "{ok:?}");
+    let private = w.request(API_VIP, "GET", "/private", &[]).expect("GET");
+    assert_eq!(private.code, 403, "{private:?}");
+    let blocked = w
+        .request(API_VIP, "GET", "/public/x", &[("x-block", "yes")])
+        .expect("GET");
+    assert_eq!(blocked.code, 403, "{blocked:?}");
+    assert!(blocked.body.contains("shop/api-block"), "{blocked:?}");
+    // Only the allowed request reached the backend.
+    assert_eq!(w.servers[0].accepted() - served_before, 1);
+    // Decisions are counted per policy.
+    let m = w.waypoint().metrics();
+    let count = |decision: &str, policy: &str| {
+        metric_sum(
+            &m,
+            "weft_waypoint_authz_decisions_total",
+            &[
+                ("service", "shop/api"),
+                ("decision", decision),
+                ("policy", policy),
+            ],
+        )
+    };
+    assert!(count("deny", "shop/api-block") >= 1.0, "{m}");
+    assert!(count("deny", "") >= 2.0, "no ALLOW matched: {m}");
+    assert!(count("allow", "") >= 1.0, "{m}");
+    // Opaque TCP from web to `tcp` is denied (closed without reaching the endpoint).
+    let ns = w.web().netns().expect("netns");
+    let tcp = SocketAddr::new(TCP_VIP.parse().expect("vip"), TCP_PORT);
+    let mut s = tcp_connect_in(&ns, tcp, T).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    let _ = s.write_all(b"\x00binary");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty(), "a denied connection got {got:?}");
+    wait_for(T, "the TCP denial", || {
+        let m = w.waypoint().metrics();
+        (metric_sum(
+            &m,
+            "weft_waypoint_tcp_connections_total",
+            &[("service", "shop/tcp"), ("result", "denied")],
+        ) >= 1.0)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.waypoint().metrics()));
+    // Removing the policies opens the service again, live.
+    let before = w.mesh.applied_counts();
+    w.mesh
+        .config
+        .raw
+        .retain(|d| d["kind"] != "AuthorizationPolicy");
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    wait_for(T, "the policies to be gone", || {
+        w.request(API_VIP, "POST", "/public/x", &[])
+            .ok()
+            .filter(|r| r.code == 200)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+}
+
 /// `traceparent=<value>` as the backend echoed it: (trace id, parent span id).
 fn echoed_traceparent(body: &str) -> Option<(String, String)> {
     let value = body

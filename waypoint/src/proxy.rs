@@ -810,6 +810,21 @@ pub async fn handle_from(
         );
         return Ok(finish(&listener, "", &context, response, start, &who, 0));
     }
+    // L7 authorization, before routing: a policy is about the Service, whichever route.
+    if let (Some((service, port)), Some(mesh)) = (&listener.attach, &listener.mesh) {
+        let decision = crate::layers::authz::Authorizer::check_request(
+            &mesh.current(),
+            service,
+            *port,
+            source.as_ref(),
+            &parts,
+        );
+        if !decision.allowed {
+            context.flag("denied");
+            let response = crate::layers::authz::forbidden(&decision);
+            return Ok(finish(&listener, "", &context, response, start, &who, 0));
+        }
+    }
     let Some(matched) = listener.table.lookup(&parts) else {
         let response = body::text_response(
             http::StatusCode::NOT_FOUND,

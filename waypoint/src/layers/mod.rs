@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::ProxyError;
 
 pub mod accesslog;
+pub mod authz;
 pub mod balance;
 pub mod circuit;
 pub mod fault;

@@ -96,6 +96,8 @@ pub struct MeshView {
     trust_pem: Vec<String>,
     /// HTTPRoutes and GRPCRoutes, in key order.
     routes: Vec<Arc<weft_api::routes::RouteInfo>>,
+    /// Per Service with a waypoint: the AuthorizationPolicies targeting it there.
+    policies: HashMap<String, crate::layers::authz::ServicePolicies>,
 }
 
 impl fmt::Debug for MeshView {
@@ -123,6 +125,7 @@ impl MeshView {
             trust: Err("the controller has not sent the mesh view yet".into()),
             trust_pem: Vec::new(),
             routes: Vec::new(),
+            policies: HashMap::new(),
         }
     }
 
@@ -154,6 +157,12 @@ impl MeshView {
             view.services_by_key.insert(s.key(), s);
         }
         view.routes = state.routes.values().cloned().map(Arc::new).collect();
+        for s in state.services.values().filter(|s| s.waypoint.is_some()) {
+            view.policies.insert(
+                s.key(),
+                crate::layers::authz::ServicePolicies::for_service(state.policies.values(), s),
+            );
+        }
         view.trust_pem = state.trust_bundle.clone();
         view.trust = if state.trust_bundle.is_empty() {
             Err("the mesh view carries no trust bundle".into())
@@ -203,6 +212,12 @@ impl MeshView {
     /// The roots peers' certificates must chain to.
     pub fn trust(&self) -> Result<Arc<TrustBundle>, String> {
         self.trust.clone()
+    }
+
+    /// The AuthorizationPolicies the waypoint enforces for Service `key` (`None`: the Service
+    /// has no waypoint).
+    pub fn policies_for(&self, key: &str) -> Option<&crate::layers::authz::ServicePolicies> {
+        self.policies.get(key)
     }
 
     /// The HTTPRoutes and GRPCRoutes of the mesh, in key order.

@@ -58,18 +58,31 @@ impl OpaqueTcp {
         OpaqueTcp { ctx }
     }
 
-    /// Whether `source` may open a connection to `service`'s port `port` (L4 authorization);
-    /// `Err` says why not (logged, counted `result="denied"`, the tunnel closed). Allows
-    /// everything for now.
+    /// Whether `source` may open a connection to `service`'s port `port`: the
+    /// AuthorizationPolicies targeting the Service at this waypoint, without L7 attributes
+    /// (an ALLOW rule with HTTP conditions never matches, a DENY rule with them matches on its
+    /// L4 parts: both fail closed; see [`crate::layers::authz`]). `Err` says why not (logged,
+    /// counted `result="denied"`, the tunnel closed).
     pub fn authorize_connection(
         &self,
         source: &Source,
         service: &ServiceInfo,
         port: u16,
     ) -> Result<(), String> {
-        // wired to layers::authz after merge
-        let _ = (source, service, port);
-        Ok(())
+        let view = self.ctx.mesh.current();
+        let decision = crate::layers::authz::Authorizer::check_connection(
+            &view,
+            &service.key(),
+            port,
+            Some(source),
+        );
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(decision
+                .reason
+                .unwrap_or_else(|| "denied by an AuthorizationPolicy".into()))
+        }
     }
 
     /// Proxies `client` (the tunnel, with any detection bytes replayed) to an endpoint of
