@@ -254,7 +254,7 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), Vec<String>> {
         for (f, from) in rule.from.iter().enumerate() {
             let at = format!("spec.rules[{r}].from[{f}]");
             for (i, ns) in from.namespaces.iter().enumerate() {
-                if !is_dns_label(ns) {
+                if !weft_api::labels::is_dns_label(ns) {
                     problems.push(format!(
                         "{at}.namespaces[{i}]: `{ns}` is not a namespace name (lowercase letters, digits and `-`, at most 63)"
                     ));
@@ -306,7 +306,7 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), Vec<String>> {
                 t.kind
             ));
         }
-        if !is_dns_label(&t.name) {
+        if !weft_api::labels::is_dns_label(&t.name) {
             problems.push(format!(
                 "spec.targetRefs[{i}].name: `{}` is not a Service name",
                 t.name
@@ -436,15 +436,6 @@ fn hint_for(error: &str) -> &'static str {
 }
 
 /// RFC 1123 label (namespace names).
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 fn check_principal(p: &str) -> Result<(), &'static str> {
     const SHAPE: &str = "is not a SPIFFE ID of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>";
@@ -458,7 +449,9 @@ fn check_principal(p: &str) -> Result<(), &'static str> {
             b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_')
         });
     match (td_ok, parts.collect::<Vec<_>>().as_slice()) {
-        (true, ["ns", ns, "sa", sa]) if is_dns_label(ns) && !sa.is_empty() => Ok(()),
+        (true, ["ns", ns, "sa", sa]) if weft_api::labels::is_dns_label(ns) && !sa.is_empty() => {
+            Ok(())
+        }
         _ => Err(SHAPE),
     }
 }

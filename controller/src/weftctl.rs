@@ -221,12 +221,7 @@ impl std::str::FromStr for Format {
 
 /// Whether `s` is a DNS-1123 label (namespace, Service and waypoint names).
 pub fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    weft_api::labels::is_dns_label(s)
 }
 
 /// Refuses `name` unless it is a DNS label.

@@ -39,3 +39,14 @@ pub const USE_WAYPOINT_NONE: &str = "none";
 /// agent never captures its traffic: it speaks HBONE itself), this Service is a waypoint's (it
 /// is never itself bound to a waypoint). The value is the waypoint's name.
 pub const WAYPOINT: &str = "weft.dev/waypoint";
+
+/// Whether `v` is a DNS-1123 label (a Kubernetes object name such as a Service or a
+/// namespace): 1-63 lowercase letters, digits and `-`, not starting or ending with `-`.
+pub fn is_dns_label(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-')
+}

@@ -442,12 +442,7 @@ pub struct MeshState {
 
 /// Whether `v` can name a waypoint (a Service name: a DNS-1123 label).
 fn valid_waypoint_name(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !v.starts_with('-')
-        && !v.ends_with('-')
+    labels::is_dns_label(v)
 }
 
 /// The waypoint a namespace's `weft.dev/use-waypoint` label names, validated.
