@@ -79,6 +79,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .context("configuring histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    crate::metrics::spawn_upkeep(prometheus.clone());
     crate::metrics::describe();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -89,3 +89,24 @@ pub fn describe() {
         "Pods that should be enrolled but are not (see /config_dump for why)."
     );
 }
+
+/// How often histogram samples are folded into their buckets.
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Folds histogram samples into their buckets every [`UPKEEP_INTERVAL`] on a small thread of
+/// its own. `install_recorder` leaves this to the caller: without it every sample is kept
+/// until the next scrape (measured on the waypoint: +1.6 MB/s at 30k req/s, unbounded when
+/// nothing scrapes).
+pub fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the metrics upkeep thread; histogram samples accumulate until scraped");
+    }
+}

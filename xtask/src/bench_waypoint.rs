@@ -24,11 +24,20 @@ const NGINX_PORT: u16 = 18080;
 const WAYPOINT_PORT: u16 = 18082;
 const WAYPOINT_METRICS_PORT: u16 = 18090;
 
-/// A child process killed (and reaped) on drop.
+/// A child process killed (and reaped) on drop, with its children: nginx's workers outlive a
+/// killed master and would keep its port (and the CPU) otherwise.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        for pid in family(self.0.id()).into_iter().skip(1) {
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: kill(2) on a pid we read from our child's children list.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
