@@ -18,6 +18,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -37,13 +38,26 @@ pub const POD_FIELD_SELECTOR: &str = "spec.nodeName!=,status.phase!=Succeeded,st
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The watched kinds (resource names, as in RBAC), in the order of the `ready` flags of [`run`].
-const KINDS: [&str; 5] = [
+const KINDS: [&str; 7] = [
     "namespaces",
     "pods",
     "services",
     "endpointslices",
     "authorizationpolicies",
+    "httproutes",
+    "grpcroutes",
 ];
+
+/// Kinds whose CRDs may be absent (the Gateway API is optional): a 404 means "none".
+const OPTIONAL_KINDS: [&str; 2] = ["httproutes", "grpcroutes"];
+
+/// The Gateway API resource `kind` (`HTTPRoute`, `GRPCRoute`) served as `plural`.
+fn gateway_api_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind),
+        plural,
+    )
+}
 
 /// Options of [`run`].
 #[derive(Clone, Debug)]
@@ -104,6 +118,10 @@ pub struct Objects {
     /// Only slices labelled [`SERVICE_NAME_LABEL`] are read.
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub policies: Vec<Arc<AuthorizationPolicy>>,
+    /// Gateway API HTTPRoutes (empty when the CRD is not installed).
+    pub http_routes: Vec<Arc<DynamicObject>>,
+    /// Gateway API GRPCRoutes (empty when the CRD is not installed).
+    pub grpc_routes: Vec<Arc<DynamicObject>>,
 }
 
 /// The reflectors' stores.
@@ -113,6 +131,8 @@ struct Stores {
     services: Store<Service>,
     endpoint_slices: Store<EndpointSlice>,
     policies: Store<AuthorizationPolicy>,
+    http_routes: Store<DynamicObject>,
+    grpc_routes: Store<DynamicObject>,
 }
 
 impl Stores {
@@ -123,12 +143,41 @@ impl Stores {
             services: self.services.state(),
             endpoint_slices: self.endpoint_slices.state(),
             policies: self.policies.state(),
+            http_routes: self.http_routes.state(),
+            grpc_routes: self.grpc_routes.state(),
         }
     }
 }
 
+/// Validates a Gateway API route object (`kind` `httproute` or `grpcroute`) as the directory
+/// mode does; the error lists every problem.
+fn route_info(kind: &str, o: &DynamicObject) -> Result<weft_api::routes::RouteInfo, String> {
+    let doc = serde_json::json!({
+        "metadata": {"name": o.name_any(), "namespace": o.namespace()},
+        "spec": o.data.get("spec").cloned().unwrap_or_else(|| serde_json::json!({})),
+    });
+    let problems = |errors: Vec<weft_api::routes::RouteError>| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let unreadable = |e: serde_json::Error| {
+        format!("spec cannot be read ({e}); Weft implements the fields listed in docs/waypoint.md")
+    };
+    if kind == "grpcroute" {
+        let r: resource::GrpcRoute = serde_json::from_value(doc).map_err(unreadable)?;
+        weft_api::routes::grpc_route_info(&r).map_err(problems)
+    } else {
+        let r: resource::HttpRoute = serde_json::from_value(doc).map_err(unreadable)?;
+        weft_api::routes::http_route_info(&r).map_err(problems)
+    }
+}
+
 /// Watches the cluster and publishes a complete, validated snapshot on `out` after every
-/// initial list (namespaces, pods, services, endpointslices, authorizationpolicies) completed
+/// initial list (namespaces, pods, services, endpointslices, authorizationpolicies, and the
+/// Gateway API's httproutes and grpcroutes, which may be absent) completed
 /// and then, debounced, whenever the cluster changes. Returns `Ok` when every receiver of `out`
 /// is gone.
 pub async fn run(client: Client, out: StateTx, opts: K8sOptions) -> Result<(), K8sError> {
@@ -163,22 +212,46 @@ pub async fn run(client: Client, out: StateTx, opts: K8sOptions) -> Result<(), K
     .modify(trim_metadata)
     .default_backoff()
     .reflect(slice_writer);
-    let policies = watcher(Api::<AuthorizationPolicy>::all(client), config)
+    let policies = watcher(
+        Api::<AuthorizationPolicy>::all(client.clone()),
+        config.clone(),
+    )
+    .modify(trim_metadata)
+    .default_backoff()
+    .reflect(policy_writer);
+    let http_ar = gateway_api_resource("HTTPRoute", "httproutes");
+    let http_writer = reflector::store::Writer::<DynamicObject>::new(http_ar.clone());
+    let http_store = http_writer.as_reader();
+    let http_routes = watcher(
+        Api::<DynamicObject>::all_with(client.clone(), &http_ar),
+        config.clone(),
+    )
+    .modify(trim_metadata)
+    .default_backoff()
+    .reflect(http_writer);
+    let grpc_ar = gateway_api_resource("GRPCRoute", "grpcroutes");
+    let grpc_writer = reflector::store::Writer::<DynamicObject>::new(grpc_ar.clone());
+    let grpc_store = grpc_writer.as_reader();
+    let grpc_routes = watcher(Api::<DynamicObject>::all_with(client, &grpc_ar), config)
         .modify(trim_metadata)
         .default_backoff()
-        .reflect(policy_writer);
+        .reflect(grpc_writer);
     let stores = Stores {
         namespaces: ns_store,
         pods: pod_store,
         services: svc_store,
         endpoint_slices: slice_store,
         policies: policy_store,
+        http_routes: http_store,
+        grpc_routes: grpc_store,
     };
     let mut namespaces = pin!(namespaces);
     let mut pods = pin!(pods);
     let mut services = pin!(services);
     let mut slices = pin!(slices);
     let mut policies = pin!(policies);
+    let mut http_routes = pin!(http_routes);
+    let mut grpc_routes = pin!(grpc_routes);
 
     let started = Instant::now();
     let mut ready = [false; KINDS.len()];
@@ -198,6 +271,8 @@ pub async fn run(client: Client, out: StateTx, opts: K8sOptions) -> Result<(), K
             ev = services.next() => on_event(KINDS[2], ev, &mut ready[2], &mut last_error)?,
             ev = slices.next() => on_event(KINDS[3], ev, &mut ready[3], &mut last_error)?,
             ev = policies.next() => on_event(KINDS[4], ev, &mut ready[4], &mut last_error)?,
+            ev = http_routes.next() => on_event(KINDS[5], ev, &mut ready[5], &mut last_error)?,
+            ev = grpc_routes.next() => on_event(KINDS[6], ev, &mut ready[6], &mut last_error)?,
             () = sleep_until(publish_at), if synced && publish_at.is_some() => {
                 publish_at = None;
                 publish(&stores.objects(), &out, &mut published_once, &mut reported);
@@ -272,6 +347,19 @@ fn on_event<K: kube::Resource>(
         Some(Err(e)) => {
             let msg = e.to_string();
             let code = api_code(&e);
+            if code == Some(404) && OPTIONAL_KINDS.contains(&kind) {
+                // The Gateway API CRDs are not installed: no routes (the watcher retries with
+                // backoff and picks them up once they are).
+                if !*ready {
+                    tracing::info!(
+                        kind,
+                        "not served by the API server (Gateway API CRDs not installed): no routes from it"
+                    );
+                    *ready = true;
+                    return Ok(true);
+                }
+                return Ok(false);
+            }
             if matches!(e, watcher::Error::WatchError(_)) && code == Some(410) {
                 // Routine on a real cluster: the resourceVersion expired; the watcher relists.
                 tracing::info!(kind, "watch expired (410 Gone); relisting");
@@ -434,6 +522,26 @@ pub fn build_state(objects: &Objects) -> Result<Snapshot, Vec<ModelError>> {
                     object,
                     format!("{} (its status says so too)", problems.join("; ")),
                 );
+            }
+        }
+    }
+    for (kind, objects) in [
+        ("httproute", &objects.http_routes),
+        ("grpcroute", &objects.grpc_routes),
+    ] {
+        for route in objects {
+            let object = format!(
+                "{kind} {}/{}",
+                route.namespace().unwrap_or_default(),
+                route.name_any()
+            );
+            match route_info(kind, route) {
+                Ok(info) => {
+                    state.routes.insert(info.key(), info);
+                }
+                Err(problem) => {
+                    skipped.insert(object, problem);
+                }
             }
         }
     }
@@ -1235,7 +1343,7 @@ mod tests {
             pods: pods.to_vec(),
             services: vec![web],
             endpoint_slices: slices.to_vec(),
-            policies: vec![],
+            ..Objects::default()
         })
         .expect("valid");
         let svc = &s.state.services["shop/web"];
@@ -1336,6 +1444,49 @@ mod tests {
         assert!(split.ports.is_empty() && split.endpoints.len() == 2);
         assert!(s.skipped["service a/split port 80"].contains("8080, 8081"));
         assert_eq!(s.skipped.len(), 4, "{:?}", s.skipped);
+    }
+
+    #[test]
+    fn gateway_api_routes_enter_the_state_or_are_reported() {
+        let route = |kind: &str, name: &str, spec: serde_json::Value| -> Arc<DynamicObject> {
+            let plural = if kind == "HTTPRoute" {
+                "httproutes"
+            } else {
+                "grpcroutes"
+            };
+            let ar = gateway_api_resource(kind, plural);
+            let mut o = DynamicObject::new(name, &ar).within("shop");
+            o.data = serde_json::json!({"spec": spec});
+            Arc::new(o)
+        };
+        let s = build_state(&Objects {
+            http_routes: vec![
+                route("HTTPRoute", "good", serde_json::json!({
+                    // As the API server returns it, defaults filled in.
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+                    "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                               "backendRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80, "weight": 1}]}],
+                })),
+                route("HTTPRoute", "mirror", serde_json::json!({
+                    "parentRefs": [{"group": "", "kind": "Service", "name": "api"}],
+                    "rules": [{"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "x", "port": 80}}}],
+                               "backendRefs": [{"name": "api", "port": 80}]}],
+                })),
+            ],
+            grpc_routes: vec![route("GRPCRoute", "g", serde_json::json!({
+                "parentRefs": [{"group": "", "kind": "Service", "name": "greeter"}],
+                "rules": [{"matches": [{"method": {"type": "Exact", "service": "shop.Greeter"}}],
+                           "backendRefs": [{"name": "greeter", "port": 50051}]}],
+            }))],
+            ..Objects::default()
+        })
+        .expect("valid");
+        assert_eq!(
+            s.state.routes.keys().collect::<Vec<_>>(),
+            ["GRPCRoute/shop/g", "HTTPRoute/shop/good"]
+        );
+        let why = &s.skipped["httproute shop/mirror"];
+        assert!(why.contains("RequestMirror"), "{why}");
     }
 
     #[test]

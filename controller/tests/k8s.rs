@@ -1051,3 +1051,48 @@ async fn k8s_first_snapshot_waits_for_every_kind() {
     assert_eq!(endpoints(&s, "shop/web").len(), 1);
     assert!(s.policies.contains_key("shop/deny-all"), "{s:#?}");
 }
+
+fn http_route(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+           "metadata": {"namespace": ns, "name": name}, "spec": spec})
+}
+
+#[tokio::test]
+async fn k8s_httproutes_enter_the_state_and_missing_gateway_api_crds_mean_none() {
+    let spec = json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+        "rules": [{"backendRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80, "weight": 1}]}],
+    });
+    let h = Harness::start(vec![
+        namespace("shop", Some("enabled")),
+        http_route("shop", "api", spec.clone()),
+    ])
+    .await;
+    let s = h.state();
+    assert_eq!(s.routes.keys().collect::<Vec<_>>(), ["HTTPRoute/shop/api"]);
+    assert_eq!(
+        s.routes["HTTPRoute/shop/api"].rules[0].backends[0].service,
+        "api"
+    );
+    // Without the Gateway API CRDs (404 on both kinds) the state is published, with no routes.
+    let server = FakeApiServer::start().await;
+    for path in [
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+    ] {
+        server.fail_path(path, 404, usize::MAX);
+    }
+    let mut h = Harness::spawn(
+        server,
+        vec![
+            namespace("shop", Some("enabled")),
+            pod("shop", "web", "10.0.0.1"),
+        ],
+    );
+    bounded("the first snapshot without routes", h.rx.changed())
+        .await
+        .expect("sender alive");
+    let s = h.state();
+    assert_eq!(keys(&s), ["shop/web"]);
+    assert!(s.routes.is_empty());
+}
