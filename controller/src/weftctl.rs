@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
@@ -37,6 +37,15 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
 pub const TOKEN_PATH: &str = "/var/run/secrets/weft/token";
 /// Where the waypoint keeps its last good mesh view (an emptyDir: the root is read-only).
 pub const STATE_DIR: &str = "/var/lib/weft-waypoint";
+/// The ConfigMap (in `weft-system`, copied into the waypoint's namespace) holding the CA of
+/// the controller's serving certificate under the key [`CONTROLLER_CA_KEY`].
+pub const CONTROLLER_CA_CONFIGMAP: &str = "weft-controller-ca";
+/// The key of the CA in [`CONTROLLER_CA_CONFIGMAP`].
+pub const CONTROLLER_CA_KEY: &str = "ca.pem";
+/// The namespace of the control plane.
+pub const SYSTEM_NAMESPACE: &str = "weft-system";
+/// Where the waypoint container finds the controller's CA.
+pub const CONTROLLER_CA_DIR: &str = "/var/run/secrets/weft-ca";
 /// HBONE port of waypoint pods and of the waypoint Service.
 pub const HBONE_PORT: u16 = 15008;
 /// Metrics (and readiness) port of waypoint pods.
@@ -64,6 +73,10 @@ pub enum CtlError {
     BadFormat(String),
     #[error("namespace {0} does not exist: create it (kubectl create namespace {0}) or check -n")]
     NoNamespace(String),
+    #[error(
+        "ConfigMap {SYSTEM_NAMESPACE}/{CONTROLLER_CA_CONFIGMAP} with key {CONTROLLER_CA_KEY} (the CA of the controller's serving certificate) does not exist: create it (kubectl -n {SYSTEM_NAMESPACE} create configmap {CONTROLLER_CA_CONFIGMAP} --from-file={CONTROLLER_CA_KEY}=<the controller's ca.pem>); waypoints verify the controller with it"
+    )]
+    NoControllerCa,
     #[error(
         "service {namespace}/{name} does not exist: check `--for service:<name>` (kubectl -n {namespace} get services)"
     )]
@@ -293,7 +306,8 @@ impl Waypoint {
                 "--namespace", "$(POD_NAMESPACE)",
                 "--service-account", self.name,
                 "--node", "$(NODE_NAME)",
-                "--token-file", TOKEN_PATH,
+                "--service-account-token-file", TOKEN_PATH,
+                "--controller-ca", format!("{CONTROLLER_CA_DIR}/{CONTROLLER_CA_KEY}"),
                 "--metrics-address", format!("0.0.0.0:{METRICS_PORT}"),
                 "--state-dir", STATE_DIR,
             ],
@@ -322,6 +336,7 @@ impl Waypoint {
             },
             "volumeMounts": [
                 {"name": "weft-token", "mountPath": TOKEN_DIR, "readOnly": true},
+                {"name": "controller-ca", "mountPath": CONTROLLER_CA_DIR, "readOnly": true},
                 {"name": "state", "mountPath": STATE_DIR},
             ],
         });
@@ -344,6 +359,7 @@ impl Waypoint {
                                     "path": "token",
                                 }}]},
                             },
+                            {"name": "controller-ca", "configMap": {"name": CONTROLLER_CA_CONFIGMAP}},
                             {"name": "state", "emptyDir": {}},
                         ],
                     },
@@ -464,7 +480,30 @@ pub async fn deploy(client: &Client, w: &Waypoint) -> Result<Deployed, CtlError>
     };
     out.rebound_from = previous.filter(|p| p != &w.name);
 
+    // The controller's CA, copied next to the waypoint (a pod mounts ConfigMaps of its own
+    // namespace only).
+    let ca = Api::<ConfigMap>::namespaced(client.clone(), SYSTEM_NAMESPACE)
+        .get_opt(CONTROLLER_CA_CONFIGMAP)
+        .await
+        .map_err(api_err(format!(
+            "get configmap {SYSTEM_NAMESPACE}/{CONTROLLER_CA_CONFIGMAP}"
+        )))?
+        .and_then(|c| c.data.and_then(|mut d| d.remove(CONTROLLER_CA_KEY)))
+        .filter(|pem| pem.contains("BEGIN CERTIFICATE"))
+        .ok_or(CtlError::NoControllerCa)?;
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let copy = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": CONTROLLER_CA_CONFIGMAP, "namespace": ns_name,
+                     "labels": {MANAGED_BY_LABEL: MANAGED_BY}},
+        "data": {CONTROLLER_CA_KEY: ca},
+    });
+    Api::<ConfigMap>::namespaced(client.clone(), ns_name)
+        .patch(CONTROLLER_CA_CONFIGMAP, &pp, &Patch::Apply(copy))
+        .await
+        .map_err(api_err(format!(
+            "apply configmap {ns_name}/{CONTROLLER_CA_CONFIGMAP}"
+        )))?;
     for obj in w.objects() {
         let kind = obj["kind"].as_str().unwrap_or_default().to_string();
         let action = format!("apply {kind} {ns_name}/{}", w.name);

@@ -17,8 +17,20 @@ fn waypoint(binding: Binding) -> Waypoint {
     }
 }
 
-/// A fake API server with namespace `shop` (meshed) and its Services `web` and `api`.
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+/// A fake API server with namespace `shop` (meshed) and its Services `web` and `api`, and the
+/// controller's CA in `weft-system`.
 async fn server() -> FakeApiServer {
+    let s = server_without_ca().await;
+    s.apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "weft-controller-ca", "namespace": "weft-system"},
+        "data": {"ca.pem": CA_PEM}}));
+    s
+}
+
+/// [`server`] without the controller's CA.
+async fn server_without_ca() -> FakeApiServer {
     let s = FakeApiServer::start().await;
     s.apply(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": "shop", "labels": {"weft.dev/mesh": "enabled"}}}));
@@ -109,7 +121,11 @@ async fn weftctl_deploy_creates_the_three_objects_and_labels_the_namespace() {
         ["--namespace", "$(POD_NAMESPACE)"],
         ["--service-account", "waypoint"],
         ["--node", "$(NODE_NAME)"],
-        ["--token-file", "/var/run/secrets/weft/token"],
+        [
+            "--service-account-token-file",
+            "/var/run/secrets/weft/token",
+        ],
+        ["--controller-ca", "/var/run/secrets/weft-ca/ca.pem"],
     ] {
         assert!(args.windows(2).any(|w| w == pair), "{pair:?} in {args:?}");
     }
@@ -291,6 +307,34 @@ async fn weftctl_deploy_for_one_service_labels_only_that_service() {
     assert!(s.get("apps/v1", "Deployment", "shop", "other").is_some());
     let ns = s.get("v1", "Namespace", "", "shop");
     assert_eq!(label(&ns, "weft.dev/use-waypoint"), None);
+}
+
+#[tokio::test]
+async fn weftctl_deploy_copies_the_controller_ca_and_fails_clearly_without_it() {
+    let s = server().await;
+    weftctl::deploy(&s.client(), &waypoint(Binding::Namespace))
+        .await
+        .expect("deploy");
+    let copy = s
+        .get("v1", "ConfigMap", "shop", "weft-controller-ca")
+        .expect("the CA next to the waypoint");
+    assert_eq!(copy["data"]["ca.pem"], CA_PEM);
+    let d = s
+        .get("apps/v1", "Deployment", "shop", "waypoint")
+        .expect("deployment");
+    let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--controller-ca"), "{args}");
+    assert!(args.contains("--service-account-token-file"), "{args}");
+    let s = server_without_ca().await;
+    let e = weftctl::deploy(&s.client(), &waypoint(Binding::Namespace))
+        .await
+        .expect_err("no CA");
+    assert!(matches!(e, CtlError::NoControllerCa), "{e}");
+    assert!(
+        e.to_string()
+            .contains("kubectl -n weft-system create configmap weft-controller-ca")
+    );
+    assert_eq!(writes(&s), Vec::<String>::new());
 }
 
 #[tokio::test]

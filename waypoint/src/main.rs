@@ -75,8 +75,18 @@ struct Args {
     node: Option<String>,
     /// File with the node's bootstrap token (no-cluster mode), exchanged for a node
     /// certificate; without it the controller must run with --insecure-no-auth.
-    #[arg(long, env = "WEFT_WAYPOINT_TOKEN_FILE")]
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_TOKEN_FILE",
+        conflicts_with = "service_account_token_file"
+    )]
     token_file: Option<PathBuf>,
+    /// Kubernetes: the waypoint pod's projected service-account token (audience
+    /// `weft-controller`), sent as the bearer credential of the config stream and of its own
+    /// certificate requests (the controller checks it with a TokenReview and allows only this
+    /// waypoint's identity). Re-read for every new connection to the controller.
+    #[arg(long, env = "WEFT_WAYPOINT_SERVICE_ACCOUNT_TOKEN_FILE")]
+    service_account_token_file: Option<PathBuf>,
     /// SPIFFE trust domain of workload identities (must match the controller's).
     #[arg(
         long,
@@ -169,13 +179,18 @@ fn start_mesh(args: &Args, url: &str) -> anyhow::Result<MeshRun> {
     let mut opts = ControllerOptions {
         url: url.to_string(),
         ca: ca.clone(),
-        token_file: args.token_file.clone(),
+        token_file: args
+            .token_file
+            .clone()
+            .or_else(|| args.service_account_token_file.clone()),
         node: node.clone(),
         state_dir: args.state_dir.clone(),
         node_identity: None,
     };
     let mut node_certs = None;
-    if opts.token_file.is_some() {
+    // A node bootstrap token is exchanged for a node certificate; a service-account token is
+    // used as it is (the controller refuses to exchange it).
+    if args.token_file.is_some() {
         let certs = CertManager::new(Arc::new(NodeCaClient::new(opts.clone())));
         opts.node_identity = Some(NodeIdentity {
             id: node_spiffe_id(&args.trust_domain, node),
