@@ -42,71 +42,49 @@ pub fn unframe(mut body: Bytes) -> Option<Bytes> {
     (body.len() >= len).then(|| body.split_to(len))
 }
 
-/// A gRPC server in a namespace (its own thread and runtime), stopped on drop.
-pub struct GrpcServer {
-    calls: Arc<AtomicUsize>,
+/// An async server on a thread of its own (a current-thread runtime), listening on a socket
+/// created in a namespace; told to stop and joined on drop.
+pub struct ServerThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl GrpcServer {
-    /// Listens on `addr` inside `ns`; `name` goes into every answer.
-    pub fn start(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
-        let listener = tcp_listen_in(ns, addr)?;
+impl ServerThread {
+    /// Runs `serve(listener, stopped)` on a new thread; `serve` returns when `stopped` fires.
+    pub fn spawn<F, Fut>(
+        name: String,
+        listener: std::net::TcpListener,
+        serve: F,
+    ) -> io::Result<Self>
+    where
+        F: FnOnce(tokio::net::TcpListener, tokio::sync::oneshot::Receiver<()>) -> Fut
+            + Send
+            + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         listener.set_nonblocking(true)?;
-        let calls = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let name: Arc<str> = name.into();
-        let counter = calls.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("grpc-server-{addr}"))
-            .spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    tokio::pin!(stopped);
-                    loop {
-                        let stream = tokio::select! {
-                            accepted = listener.accept() => match accepted {
-                                Ok((s, _)) => s,
-                                Err(_) => continue,
-                            },
-                            _ = &mut stopped => return,
-                        };
-                        let name = name.clone();
-                        let counter = counter.clone();
-                        tokio::spawn(async move {
-                            let service = hyper::service::service_fn(move |req| {
-                                answer(req, name.clone(), counter.clone())
-                            });
-                            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                });
-            })?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(listener) = tokio::net::TcpListener::from_std(listener) {
+                    serve(listener, stopped).await;
+                }
+            });
+        })?;
         Ok(Self {
-            calls,
             stop: Some(stop),
             thread: Some(thread),
         })
     }
-
-    /// Calls answered so far.
-    pub fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
 }
 
-impl Drop for GrpcServer {
+impl Drop for ServerThread {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -114,6 +92,57 @@ impl Drop for GrpcServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A gRPC server in a namespace (its own thread and runtime), stopped on drop.
+pub struct GrpcServer {
+    calls: Arc<AtomicUsize>,
+    _thread: ServerThread,
+}
+
+impl GrpcServer {
+    /// Listens on `addr` inside `ns`; `name` goes into every answer.
+    pub fn start(ns: &NetNs, addr: SocketAddr, name: &str) -> io::Result<Self> {
+        let listener = tcp_listen_in(ns, addr)?;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let name: Arc<str> = name.into();
+        let counter = calls.clone();
+        let thread = ServerThread::spawn(
+            format!("grpc-server-{addr}"),
+            listener,
+            move |listener, stopped| async move {
+                tokio::pin!(stopped);
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((s, _)) => s,
+                            Err(_) => continue,
+                        },
+                        _ = &mut stopped => return,
+                    };
+                    let name = name.clone();
+                    let counter = counter.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req| {
+                            answer(req, name.clone(), counter.clone())
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            },
+        )?;
+        Ok(Self {
+            calls,
+            _thread: thread,
+        })
+    }
+
+    /// Calls answered so far.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
     }
 }
 

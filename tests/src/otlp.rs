@@ -15,6 +15,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use weft_netns::NetNs;
 
+use crate::grpc::ServerThread;
 use crate::net::tcp_listen_in;
 
 /// One exported span.
@@ -99,46 +100,33 @@ fn hex(bytes: &[u8]) -> String {
 /// The receiver: serves on its own thread until dropped.
 pub struct OtlpReceiver {
     store: Store,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: ServerThread,
 }
 
 impl OtlpReceiver {
     /// Listens on `addr` inside `ns` (e.g. `127.0.0.1:4317` in a pod).
     pub fn start(ns: &NetNs, addr: SocketAddr) -> io::Result<Self> {
         let listener = tcp_listen_in(ns, addr)?;
-        listener.set_nonblocking(true)?;
         let store = Store::default();
         let service = TraceServiceServer::new(store.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name(format!("otlp-receiver-{addr}"))
-            .spawn(move || {
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                rt.block_on(async move {
-                    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                        return;
-                    };
-                    let _ = tonic::transport::Server::builder()
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(
-                            tokio_stream::wrappers::TcpListenerStream::new(listener),
-                            async {
-                                let _ = stopped.await;
-                            },
-                        )
-                        .await;
-                });
-            })?;
+        let thread = ServerThread::spawn(
+            format!("otlp-receiver-{addr}"),
+            listener,
+            move |listener, stopped| async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await;
+            },
+        )?;
         Ok(Self {
             store,
-            stop: Some(stop),
-            thread: Some(thread),
+            _thread: thread,
         })
     }
 
@@ -147,17 +135,6 @@ impl OtlpReceiver {
         match self.store.0.lock() {
             Ok(spans) => spans.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-}
-
-impl Drop for OtlpReceiver {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

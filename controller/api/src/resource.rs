@@ -197,47 +197,33 @@ pub struct PolicyDestination {
 /// `apiVersion` of the Gateway API kinds Weft reads (HTTPRoute, GRPCRoute).
 pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
 
-/// A Gateway API HTTPRoute attached to a Service (GAMMA): the waypoint bound to that Service
-/// applies its rules.
+/// A Gateway API route attached to a Service (GAMMA): the waypoint bound to that Service
+/// applies its rules. `Rule` is [`HttpRouteRule`] or [`GrpcRouteRule`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct HttpRoute {
+pub struct GatewayRoute<Rule> {
     pub metadata: ObjectMeta,
-    pub spec: HttpRouteSpec,
+    pub spec: RouteSpec<Rule>,
 }
 
-/// `HTTPRoute.spec` (the standard-channel fields the waypoint implements; any other field is
-/// rejected so that nothing is silently ignored).
+/// `HTTPRoute.spec` / `GRPCRoute.spec` (the standard-channel fields the waypoint implements;
+/// any other field is rejected so that nothing is silently ignored).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HttpRouteSpec {
+pub struct RouteSpec<Rule> {
     #[serde(default)]
     pub parent_refs: Vec<ParentRef>,
     #[serde(default)]
     pub hostnames: Vec<String>,
-    #[serde(default)]
-    pub rules: Vec<HttpRouteRule>,
+    #[serde(default = "Vec::new")]
+    pub rules: Vec<Rule>,
 }
 
-/// A Gateway API GRPCRoute attached to a Service (GAMMA).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct GrpcRoute {
-    pub metadata: ObjectMeta,
-    pub spec: GrpcRouteSpec,
-}
+/// A Gateway API HTTPRoute.
+pub type HttpRoute = GatewayRoute<HttpRouteRule>;
 
-/// `GRPCRoute.spec`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct GrpcRouteSpec {
-    #[serde(default)]
-    pub parent_refs: Vec<ParentRef>,
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-    #[serde(default)]
-    pub rules: Vec<GrpcRouteRule>,
-}
+/// A Gateway API GRPCRoute.
+pub type GrpcRoute = GatewayRoute<GrpcRouteRule>;
 
 /// `spec.parentRefs[]`: for the mesh, a Service (`group: ""`, `kind: Service`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::duration::GatewayDuration;
 use crate::resource::{
-    GrpcRoute, HeaderModifierSpec, HttpRoute, NameMatch, ParentRef, RouteBackendRef, RouteFilter,
+    GatewayRoute, GrpcRoute, GrpcRouteRule, HeaderModifierSpec, HttpRoute, HttpRouteRule,
+    NameMatch, ParentRef, RouteBackendRef, RouteFilter,
 };
 
 /// Which Gateway API kind a route came from.
@@ -371,11 +372,17 @@ fn is_grpc_name(v: &str) -> bool {
     !v.is_empty() && !v.contains('/') && !v.chars().any(char::is_whitespace)
 }
 
-/// Validates an HTTPRoute.
-pub fn http_route_info(r: &HttpRoute) -> Result<RouteInfo, Vec<RouteError>> {
+/// Validates a route of either kind: metadata, parents and hostnames here, each rule's matches
+/// with `matches` (which fills `info.matches`, the rest being common).
+fn route_info<R>(
+    kind: RouteKind,
+    r: &GatewayRoute<R>,
+    rule_parts: fn(&R) -> RuleParts<'_>,
+    matches: impl Fn(&mut Check<'_>, &str, &R, &mut RouteRuleInfo),
+) -> Result<RouteInfo, Vec<RouteError>> {
     let namespace = r.metadata.namespace.as_deref().unwrap_or("default");
     let mut c = Check {
-        kind: RouteKind::Http,
+        kind,
         namespace,
         name: &r.metadata.name,
         errors: Vec::new(),
@@ -385,39 +392,91 @@ pub fn http_route_info(r: &HttpRoute) -> Result<RouteInfo, Vec<RouteError>> {
     let mut rules = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
+        let parts = rule_parts(rule);
         let mut info = RouteRuleInfo {
-            name: rule.name.clone().unwrap_or_default(),
+            name: parts.name.clone().unwrap_or_default(),
             ..Default::default()
         };
+        matches(&mut c, &at, rule, &mut info);
+        c.filters(&at, parts.filters, &mut info);
+        info.backends = c.backends(&at, parts.backend_refs);
+        if let Some(t) = parts.timeouts {
+            info.request_timeout_ms = c.duration(format!("{at}.timeouts.request"), &t.request);
+            info.backend_timeout_ms =
+                c.duration(format!("{at}.timeouts.backendRequest"), &t.backend_request);
+        }
+        if parts.backend_refs.is_empty() {
+            c.fail(
+                format!("{at}.backendRefs"),
+                "is empty; name at least one Service backend (redirects are not implemented for routes from the control plane)",
+            );
+        }
+        rules.push(info);
+    }
+    let info = RouteInfo {
+        namespace: namespace.to_string(),
+        name: r.metadata.name.clone(),
+        kind,
+        parents,
+        hostnames: r.spec.hostnames.clone(),
+        rules,
+    };
+    c.finish(info)
+}
+
+/// What both kinds of rule have.
+struct RuleParts<'a> {
+    name: &'a Option<String>,
+    filters: &'a [RouteFilter],
+    backend_refs: &'a [RouteBackendRef],
+    timeouts: Option<&'a crate::resource::RouteTimeouts>,
+}
+
+fn http_parts(rule: &HttpRouteRule) -> RuleParts<'_> {
+    RuleParts {
+        name: &rule.name,
+        filters: &rule.filters,
+        backend_refs: &rule.backend_refs,
+        timeouts: rule.timeouts.as_ref(),
+    }
+}
+
+fn grpc_parts(rule: &GrpcRouteRule) -> RuleParts<'_> {
+    RuleParts {
+        name: &rule.name,
+        filters: &rule.filters,
+        backend_refs: &rule.backend_refs,
+        timeouts: None,
+    }
+}
+
+/// Validates an HTTPRoute.
+pub fn http_route_info(r: &HttpRoute) -> Result<RouteInfo, Vec<RouteError>> {
+    route_info(RouteKind::Http, r, http_parts, |c, at, rule, info| {
         for (m, matching) in rule.matches.iter().enumerate() {
             let at = format!("{at}.matches[{m}]");
-            let path = match &matching.path {
-                None => None,
-                Some(p) => {
-                    let value = p.value.clone().unwrap_or_else(|| "/".into());
-                    let kind = match p.kind.as_deref().unwrap_or("PathPrefix") {
-                        "Exact" => Some(PathKind::Exact),
-                        "PathPrefix" => Some(PathKind::PathPrefix),
-                        "RegularExpression" => Some(PathKind::RegularExpression),
-                        other => {
-                            c.fail(
-                                format!("{at}.path.type"),
-                                format!(
-                                    "`{other}` is not one of Exact, PathPrefix, RegularExpression"
-                                ),
-                            );
-                            None
-                        }
-                    };
-                    if kind != Some(PathKind::RegularExpression) && !value.starts_with('/') {
+            let path = matching.path.as_ref().and_then(|p| {
+                let value = p.value.clone().unwrap_or_else(|| "/".into());
+                let kind = match p.kind.as_deref().unwrap_or("PathPrefix") {
+                    "Exact" => PathKind::Exact,
+                    "PathPrefix" => PathKind::PathPrefix,
+                    "RegularExpression" => PathKind::RegularExpression,
+                    other => {
                         c.fail(
-                            format!("{at}.path.value"),
-                            format!("`{value}` does not start with `/`"),
+                            format!("{at}.path.type"),
+                            format!("`{other}` is not one of Exact, PathPrefix, RegularExpression"),
                         );
+                        return None;
                     }
-                    kind.map(|k| (k, value))
+                };
+                if kind != PathKind::RegularExpression && !value.starts_with('/') {
+                    c.fail(
+                        format!("{at}.path.value"),
+                        format!("`{value}` does not start with `/`"),
+                    );
                 }
-            };
+                Some((kind, value))
+            });
             let headers = c.names(&at, "headers", &matching.headers);
             let query_params = c.names(&at, "queryParams", &matching.query_params);
             info.matches.push(RouteMatchInfo {
@@ -428,50 +487,12 @@ pub fn http_route_info(r: &HttpRoute) -> Result<RouteInfo, Vec<RouteError>> {
                 ..Default::default()
             });
         }
-        c.filters(&at, &rule.filters, &mut info);
-        info.backends = c.backends(&at, &rule.backend_refs);
-        if let Some(t) = &rule.timeouts {
-            info.request_timeout_ms = c.duration(format!("{at}.timeouts.request"), &t.request);
-            info.backend_timeout_ms =
-                c.duration(format!("{at}.timeouts.backendRequest"), &t.backend_request);
-        }
-        if info.backends.is_empty() && rule.backend_refs.is_empty() {
-            c.fail(
-                format!("{at}.backendRefs"),
-                "is empty; name at least one Service backend (redirects are not implemented here)",
-            );
-        }
-        rules.push(info);
-    }
-    let info = RouteInfo {
-        namespace: namespace.to_string(),
-        name: r.metadata.name.clone(),
-        kind: RouteKind::Http,
-        parents,
-        hostnames: r.spec.hostnames.clone(),
-        rules,
-    };
-    c.finish(info)
+    })
 }
 
 /// Validates a GRPCRoute.
 pub fn grpc_route_info(r: &GrpcRoute) -> Result<RouteInfo, Vec<RouteError>> {
-    let namespace = r.metadata.namespace.as_deref().unwrap_or("default");
-    let mut c = Check {
-        kind: RouteKind::Grpc,
-        namespace,
-        name: &r.metadata.name,
-        errors: Vec::new(),
-    };
-    let parents = c.parents(&r.spec.parent_refs);
-    c.hostnames(&r.spec.hostnames);
-    let mut rules = Vec::new();
-    for (i, rule) in r.spec.rules.iter().enumerate() {
-        let at = format!("spec.rules[{i}]");
-        let mut info = RouteRuleInfo {
-            name: rule.name.clone().unwrap_or_default(),
-            ..Default::default()
-        };
+    route_info(RouteKind::Grpc, r, grpc_parts, |c, at, rule, info| {
         for (m, matching) in rule.matches.iter().enumerate() {
             let at = format!("{at}.matches[{m}]");
             let mut out = RouteMatchInfo {
@@ -507,25 +528,7 @@ pub fn grpc_route_info(r: &GrpcRoute) -> Result<RouteInfo, Vec<RouteError>> {
             }
             info.matches.push(out);
         }
-        c.filters(&at, &rule.filters, &mut info);
-        info.backends = c.backends(&at, &rule.backend_refs);
-        if rule.backend_refs.is_empty() {
-            c.fail(
-                format!("{at}.backendRefs"),
-                "is empty; name at least one Service backend",
-            );
-        }
-        rules.push(info);
-    }
-    let info = RouteInfo {
-        namespace: namespace.to_string(),
-        name: r.metadata.name.clone(),
-        kind: RouteKind::Grpc,
-        parents,
-        hostnames: r.spec.hostnames.clone(),
-        rules,
-    };
-    c.finish(info)
+    })
 }
 
 #[cfg(test)]
