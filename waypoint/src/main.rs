@@ -332,16 +332,22 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            args.worker_threads
-                .unwrap_or_else(default_worker_threads)
-                .max(1),
-        )
-        .thread_name("weft-waypoint")
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let workers = args
+        .worker_threads
+        .unwrap_or_else(default_worker_threads)
+        .max(1);
+    // One worker: a current-thread runtime (no work-stealing queues or cross-thread wake-ups).
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    }
+    .thread_name("weft-waypoint")
+    .enable_all()
+    .build()
+    .context("starting the runtime")?;
     runtime.block_on(run(args))
 }
 

@@ -120,6 +120,10 @@ pub struct CompiledListener {
     attach: Option<(String, u16)>,
     /// Mesh listeners: the mesh view, to name the chosen endpoint's workload in the metrics.
     mesh: Option<crate::mesh::Mesh>,
+    /// Mesh listeners: `namespace/name` of the Service (the metrics' destination).
+    destination: Option<Arc<str>>,
+    /// The golden metrics' handles of this listener's series.
+    series: Arc<crate::golden::SeriesCache>,
     version: u64,
     table: RouteTable,
     routes: Vec<CompiledRoute>,
@@ -406,6 +410,8 @@ fn compile_in(
             name: listener.name.as_str().into(),
             address,
             mesh: attach.as_ref().and(mesh).map(|ctx| ctx.mesh.clone()),
+            destination: attach.as_ref().map(|(key, _, _)| Arc::from(key.as_str())),
+            series: Arc::default(),
             attach: attach.map(|(key, _, port)| (key, port)),
             version,
             table,
@@ -469,8 +475,10 @@ fn default_listener(
     CompiledListener {
         name,
         address: None,
+        destination: Some(Arc::from(key.as_str())),
         attach: Some((key, port)),
         mesh: Some(ctx.mesh.clone()),
+        series: Arc::default(),
         version,
         table,
         routes: vec![CompiledRoute {
@@ -581,6 +589,8 @@ impl Waypoint {
                 address: None,
                 attach: None,
                 mesh: None,
+                destination: None,
+                series: Arc::default(),
                 version: 0,
                 table: RouteTable::empty(),
                 routes: Vec::new(),
@@ -808,7 +818,9 @@ pub async fn handle_from(
             http::StatusCode::NOT_IMPLEMENTED,
             "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
         );
-        return Ok(finish(&listener, "", &context, response, start, &who, 0));
+        return Ok(finish(
+            &listener, &NO_ROUTE, &context, response, start, &who, 0,
+        ));
     }
     // L7 authorization, before routing: a policy is about the Service, whichever route.
     if let (Some((service, port)), Some(mesh)) = (&listener.attach, &listener.mesh) {
@@ -822,7 +834,9 @@ pub async fn handle_from(
         if !decision.allowed {
             context.flag("denied");
             let response = crate::layers::authz::forbidden(&decision);
-            return Ok(finish(&listener, "", &context, response, start, &who, 0));
+            return Ok(finish(
+                &listener, &NO_ROUTE, &context, response, start, &who, 0,
+            ));
         }
     }
     let Some(matched) = listener.table.lookup(&parts) else {
@@ -836,7 +850,9 @@ pub async fn handle_from(
                 listener.name
             ),
         );
-        return Ok(finish(&listener, "", &context, response, start, &who, 0));
+        return Ok(finish(
+            &listener, &NO_ROUTE, &context, response, start, &who, 0,
+        ));
     };
     let route = &listener.routes[matched.route];
     context.set_route(route.name.clone());
@@ -943,63 +959,54 @@ fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     }
 }
 
-/// Who sent a request, for the metrics (`unknown` when not known).
+/// The `route` label when no route matched.
+static NO_ROUTE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
+/// Who sent a request, for the metrics.
 struct Who {
-    principal: String,
-    workload: String,
-    namespace: String,
+    principal: Option<Arc<str>>,
+    workload: Option<Arc<str>>,
 }
 
 impl Who {
     fn of(source: Option<&Source>) -> Who {
-        let workload = source.and_then(|s| s.workload.as_deref()).unwrap_or("");
         Who {
-            principal: golden::or_unknown(source.map_or("", |s| &*s.principal)),
-            workload: golden::or_unknown(workload),
-            namespace: golden::namespace_of(workload),
+            principal: source
+                .map(|s| s.principal.clone())
+                .filter(|p| !p.is_empty()),
+            workload: source.and_then(|s| s.workload.clone()),
         }
     }
 }
 
-/// A request context before any backend was chosen (local answers).
 /// `response` with the request's golden signals recorded when it ends.
 fn finish(
     listener: &CompiledListener,
-    route: &str,
+    route: &Arc<str>,
     context: &RequestContext,
     response: Response,
     start: Instant,
     who: &Who,
     request_bytes: u64,
 ) -> Response {
-    let (destination_service, service_namespace) = match &listener.attach {
-        Some((key, _)) => match key.split_once('/') {
-            Some((ns, name)) => (format!("{name}.{ns}.svc.cluster.local"), ns.to_string()),
-            None => (key.clone(), "unknown".to_string()),
-        },
-        None => ("unknown".to_string(), "unknown".to_string()),
-    };
     let destination_workload = match (&listener.mesh, context.endpoint()) {
-        (Some(mesh), Some(endpoint)) => mesh
-            .current()
-            .workload_at(endpoint.ip())
-            .map(|w| w.to_string()),
+        (Some(mesh), Some(endpoint)) => mesh.current().workload_at(endpoint.ip()).cloned(),
         _ => None,
     };
-    let destination_namespace = destination_workload
-        .as_deref()
-        .map_or(service_namespace, golden::namespace_of);
     let golden = Golden {
-        listener: listener.name.to_string(),
-        route: route.to_string(),
-        backend: context.backend().as_deref().unwrap_or("").to_string(),
-        source_workload: who.workload.clone(),
-        source_namespace: who.namespace.clone(),
+        listener: listener.name.clone(),
+        route: route.clone(),
+        backend: context.backend(),
         source_principal: who.principal.clone(),
-        destination_service,
-        destination_workload: golden::or_unknown(destination_workload.as_deref().unwrap_or("")),
-        destination_namespace,
-        request_bytes,
+        source_workload: who.workload.clone(),
+        destination_service: listener.destination.clone(),
+        destination_workload,
     };
-    golden::observe(response, golden, start)
+    golden::observe(
+        response,
+        golden,
+        request_bytes,
+        start,
+        listener.series.clone(),
+    )
 }
