@@ -9,6 +9,8 @@ mod bench_l4;
 mod bench_waypoint;
 mod ci;
 mod codegen;
+#[cfg(test)]
+mod dashboards;
 mod demo;
 mod lab;
 mod setup;
