@@ -479,6 +479,66 @@ fn state_file_path(run_id: &str) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{run_id}.json"))
 }
 
+/// `/run/weft-lab/<id>.owner`: `<pid> <start time>` of the process whose [`Lab`] value owns
+/// the run (removed when it is dropped or kept). A lab whose owner is gone was leaked by a
+/// process that could not run its destructor (killed, aborted): the next [`Lab::up`] removes it.
+fn owner_file_path(run_id: &str) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{run_id}.owner"))
+}
+
+/// Start time of process `pid` in clock ticks since boot (field 22 of `/proc/<pid>/stat`), to
+/// tell a live owner from a recycled pid.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it follow the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// `<pid> <start>` of this process.
+fn owner_record() -> String {
+    let pid = std::process::id();
+    format!("{pid} {}", process_start(pid).unwrap_or(0))
+}
+
+/// Whether the owner recorded in `text` is still running.
+fn owner_alive(text: &str) -> bool {
+    let mut parts = text.split_whitespace();
+    let (Some(pid), Some(start)) = (
+        parts.next().and_then(|p| p.parse::<u32>().ok()),
+        parts.next().and_then(|s| s.parse::<u64>().ok()),
+    ) else {
+        // Unreadable: keep the lab (only a proven-dead owner gets its lab removed).
+        return true;
+    };
+    process_start(pid) == Some(start)
+}
+
+/// Removes labs whose owning process is gone (see [`owner_file_path`]); labs kept on purpose
+/// (state file), labs without an owner file and labs of live processes are left alone.
+/// Returns the run ids removed.
+fn reap_orphans(cgroup2: Option<&Path>) -> Vec<String> {
+    let Ok(files) = list_dir(Path::new(STATE_DIR), |name, _| name.ends_with(".owner")) else {
+        return Vec::new();
+    };
+    let mut reaped = Vec::new();
+    for file in files {
+        let Some(id) = file.strip_suffix(".owner").filter(|id| is_run_id(id)) else {
+            continue;
+        };
+        let owner = fs::read_to_string(owner_file_path(id)).unwrap_or_default();
+        if owner_alive(&owner) || state_file_path(id).exists() {
+            continue;
+        }
+        let t = teardown_run(id, cgroup2);
+        for failure in &t.failures {
+            eprintln!("weft lab {id}: removing the lab its dead owner left: {failure}");
+        }
+        reaped.push(id.to_string());
+    }
+    reaped
+}
+
 /// A fresh run id: 6 lowercase hex digits mixed from the pid, the clock and a counter.
 fn new_run_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -1142,6 +1202,9 @@ fn teardown_run(run_id: &str, cgroup2: Option<&Path>) -> Teardown {
     let state = state_file_path(run_id);
     let what = format!("state file {}", state.display());
     t.note(remove_state_file(&state), what);
+    let owner = owner_file_path(run_id);
+    let what = format!("owner file {}", owner.display());
+    t.note(remove_state_file(&owner), what);
     t
 }
 
@@ -1184,7 +1247,19 @@ impl Lab {
         ensure_root("create a lab")?;
         spec.validate()?;
         let cgroup2 = cgroup2_mount()?;
+        for id in reap_orphans(Some(&cgroup2)) {
+            eprintln!("weft lab: removed lab {id}, left behind by a process that no longer runs");
+        }
         let (run_id, cgroup_root) = claim_run_id(&cgroup2)?;
+        // Before any namespace exists, so that a reaper never sees an ownerless new lab.
+        if let Err(e) = fs::create_dir_all(STATE_DIR)
+            .and_then(|()| fs::write(owner_file_path(&run_id), owner_record()))
+        {
+            eprintln!(
+                "weft lab {run_id}: cannot write {}: {e}; if this process is killed, remove the lab with `cargo xtask lab down {run_id}`",
+                owner_file_path(&run_id).display()
+            );
+        }
         let Plan {
             fabric,
             nodes,
@@ -1359,6 +1434,8 @@ impl Lab {
         if let Err(e) = self.write_state() {
             eprintln!("weft lab {}: {e}", self.run_id);
         }
+        // Kept on purpose: no longer tied to this process.
+        let _ = fs::remove_file(owner_file_path(&self.run_id));
         self.armed = false;
         self.run_id.clone()
     }
@@ -1440,7 +1517,7 @@ impl Lab {
             Err(e) => t.failures.push(e.to_string()),
         }
         match list_dir(Path::new(STATE_DIR), |name, _| {
-            name.ends_with(".json") || name.ends_with(".json.tmp")
+            name.ends_with(".json") || name.ends_with(".json.tmp") || name.ends_with(".owner")
         }) {
             Ok(files) => {
                 for file in files {

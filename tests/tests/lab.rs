@@ -329,6 +329,35 @@ fn lab_keep_leaves_it_running_until_down() {
 }
 
 #[test]
+fn lab_left_by_a_dead_process_is_removed_by_the_next_lab() {
+    if !require_root("lab_left_by_a_dead_process_is_removed_by_the_next_lab") {
+        return;
+    }
+    let lab = Lab::up(LabSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })
+    .expect("lab up");
+    let id = lab.run_id().to_string();
+    let owner = std::path::Path::new(weft_tests::lab::STATE_DIR).join(format!("{id}.owner"));
+    assert!(owner.exists(), "a running lab records its owner");
+    // As if its process had been killed: no destructor, and the recorded owner is gone.
+    std::mem::forget(lab);
+    std::fs::write(&owner, "4194303 1").expect("owner file");
+    assert_eq!(netns_of(&id).len(), 3, "leaked");
+    let next = Lab::up(LabSpec {
+        nodes: 1,
+        pods_per_node: 1,
+    })
+    .expect("next lab up");
+    assert_gone(&id);
+    assert!(!owner.exists());
+    // A live owner's lab is never touched.
+    assert_eq!(netns_of(next.run_id()).len(), 3);
+    drop(next);
+}
+
+#[test]
 fn lab_other_shapes_come_up() {
     if !require_root("lab_other_shapes_come_up") {
         return;
