@@ -871,11 +871,16 @@ pub async fn handle_from(
             0,
         ));
     }
-    let body = tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        Limited::new(incoming, listener.max_body).collect(),
-    )
-    .await;
+    // No body (most GETs): nothing to wait for, no timer to arm.
+    let body = if http_body::Body::is_end_stream(&incoming) {
+        Ok(Ok(http_body_util::Collected::default()))
+    } else {
+        tokio::time::timeout(
+            BODY_READ_TIMEOUT,
+            Limited::new(incoming, listener.max_body).collect(),
+        )
+        .await
+    };
     let mut request_bytes = 0;
     let response = match body {
         Err(_) => ProxyError::ClientTimeout {

@@ -23,6 +23,7 @@ const BACKEND_PORT: u16 = 18081;
 const NGINX_PORT: u16 = 18080;
 const WAYPOINT_PORT: u16 = 18082;
 const WAYPOINT_METRICS_PORT: u16 = 18090;
+const FLOOR_PORT: u16 = 18083;
 
 /// A child process killed (and reaped) on drop, with its children: nginx's workers outlive a
 /// killed master and would keep its port (and the CPU) otherwise.
@@ -30,7 +31,11 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        for pid in family(self.0.id()).into_iter().skip(1) {
+        // Children first read, then the parent killed before them: an nginx master that saw a
+        // worker die would start a new one that nobody kills.
+        let children: Vec<u32> = family(self.0.id()).into_iter().skip(1).collect();
+        let _ = self.0.kill();
+        for pid in children {
             if let Ok(pid) = i32::try_from(pid) {
                 // SAFETY: kill(2) on a pid we read from our child's children list.
                 unsafe {
@@ -50,6 +55,15 @@ fn family(pid: u32) -> Vec<u32> {
     std::iter::once(pid)
         .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
         .collect()
+}
+
+/// Fails when something already listens on `port`: the numbers would be another process's.
+fn ensure_free(port: u16) -> anyhow::Result<()> {
+    std::net::TcpListener::bind(("127.0.0.1", port)).map(drop).with_context(|| {
+        format!(
+            "127.0.0.1:{port} is taken (a proxy left by an earlier run?); `ss -ltnp 'sport = :{port}'` shows who has it"
+        )
+    })
 }
 
 fn wait_port(port: u16) -> anyhow::Result<()> {
@@ -85,13 +99,30 @@ fn measure(name: &str, port: u16, pid: u32, secs: u64) -> anyhow::Result<Value> 
 /// Runs the comparison with `seconds` of load per proxy.
 pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
     setup::ensure_debian(&["nginx", "wrk"])?;
-    setup::run_cmd(setup::cargo().args(["build", "--release", "-p", "weft-waypoint", "--bins"]))?;
+    setup::run_cmd(setup::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "weft-waypoint",
+        "--bins",
+        "--example",
+        "hyper_floor",
+    ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::PathBuf::from("target"),
         std::path::PathBuf::from,
     );
     let dir = std::env::temp_dir().join(format!("weft-bench-waypoint-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for port in [
+        BACKEND_PORT,
+        NGINX_PORT,
+        WAYPOINT_PORT,
+        WAYPOINT_METRICS_PORT,
+        FLOOR_PORT,
+    ] {
+        ensure_free(port)?;
+    }
     let _backend = HttpServer::start(&NetNs::current()?, BACKEND_PORT)?;
 
     let nginx_conf = dir.join("nginx.conf");
@@ -158,16 +189,43 @@ pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
         drop(p);
         r
     };
+    // Reference: the least any hyper-based proxy does per request (waypoint/examples/hyper_floor.rs).
+    let mut floors = Vec::new();
+    for threads in [1, 2] {
+        let p = Proc(
+            Command::new(target.join("release/examples/hyper_floor"))
+                .args([
+                    format!("127.0.0.1:{FLOOR_PORT}"),
+                    format!("127.0.0.1:{BACKEND_PORT}"),
+                    threads.to_string(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting hyper_floor")?,
+        );
+        wait_port(FLOOR_PORT)?;
+        floors.push(measure("hyper_floor", FLOOR_PORT, p.0.id(), seconds)?);
+        drop(p);
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    let [floor1, floor2] =
+        <[Value; 2]>::try_from(floors).map_err(|_| anyhow::anyhow!("two floor runs"))?;
     if json_out {
-        println!("{}", json!({"nginx": nginx, "waypoint": waypoint}));
+        println!(
+            "{}",
+            json!({"nginx": nginx, "waypoint": waypoint, "hyper_floor_1t": floor1, "hyper_floor_2t": floor2})
+        );
         return Ok(());
     }
     println!(
         "\nwaypoint vs nginx (reverse proxy), wrk -t2 -c16 for {} s each, loopback, same backend:",
         seconds
     );
-    println!("{:<22} {:>12} {:>12}", "", "nginx", "waypoint");
+    println!(
+        "{:<22} {:>12} {:>12} {:>14} {:>14}",
+        "", "nginx", "waypoint", "hyper floor 1t", "hyper floor 2t"
+    );
     for (label, key) in [
         ("req/s", "rps"),
         ("p50 (µs)", "p50_us"),
@@ -176,9 +234,11 @@ pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
         ("cores per 1k req/s", "cpu_per_1k_rps"),
     ] {
         println!(
-            "{label:<22} {:>12.3} {:>12.3}",
+            "{label:<22} {:>12.3} {:>12.3} {:>14.3} {:>14.3}",
             nginx[key].as_f64().unwrap_or(0.0),
-            waypoint[key].as_f64().unwrap_or(0.0)
+            waypoint[key].as_f64().unwrap_or(0.0),
+            floor1[key].as_f64().unwrap_or(0.0),
+            floor2[key].as_f64().unwrap_or(0.0)
         );
     }
     Ok(())

@@ -1,0 +1,124 @@
+//! The floor of a hyper-based HTTP/1.1 reverse proxy: the least a proxy built on hyper can
+//! do per request, as a reference for `cargo xtask bench waypoint`.
+//!
+//! Each downstream connection gets one upstream connection of its own (no pool, no routing,
+//! no timeouts, no metrics, no headers touched): hyper's server codec in, hyper's client codec
+//! out, both driven by the same task. `threads` current-thread runtimes each accept on their
+//! own `SO_REUSEPORT` listener (thread per core, nothing shared).
+//!
+//! `cargo run --release -p weft-waypoint --example hyper_floor -- LISTEN UPSTREAM [THREADS [pool]]`
+
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Like [`connection`], through hyper-util's pooled client (shared by the thread's connections).
+async fn pooled(
+    downstream: TcpStream,
+    upstream: SocketAddr,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Incoming,
+    >,
+) -> anyhow::Result<()> {
+    downstream.set_nodelay(true)?;
+    let uri: http::Uri = format!("http://{upstream}").parse()?;
+    let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
+        let client = client.clone();
+        let mut parts = uri.clone().into_parts();
+        parts.path_and_query = request.uri().path_and_query().cloned();
+        async move {
+            *request.uri_mut() = http::Uri::from_parts(parts)?;
+            anyhow::Ok(client.request(request).await?)
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(downstream), service)
+        .await?;
+    Ok(())
+}
+
+async fn connection(downstream: TcpStream, upstream: SocketAddr) -> anyhow::Result<()> {
+    let up = TcpStream::connect(upstream)
+        .await
+        .with_context(|| format!("connecting to {upstream}"))?;
+    up.set_nodelay(true)?;
+    downstream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(up))
+        .await
+        .context("upstream handshake")?;
+    let sender = std::rc::Rc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let sender = sender.clone();
+        async move {
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(request).await
+        }
+    });
+    let server = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(downstream), service);
+    // Both codecs in this task: no hop between tasks per request.
+    tokio::select! {
+        r = server => r.context("downstream")?,
+        r = conn => r.context("upstream")?,
+    }
+    Ok(())
+}
+
+fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(1024)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: hyper_floor LISTEN UPSTREAM [THREADS [pool]]";
+    let listen: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
+    let upstream: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
+    let threads: usize = args.next().map_or(Ok(1), |t| t.parse()).context(usage)?;
+    let pool = args.next().as_deref() == Some("pool");
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, async move {
+                    let listener = reuseport_listener(listen)?;
+                    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+                    http.set_nodelay(true);
+                    let client = hyper_util::client::legacy::Client::builder(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .build(http);
+                    loop {
+                        let (stream, _) = listener.accept().await?;
+                        let client = client.clone();
+                        tokio::task::spawn_local(async move {
+                            let r = if pool {
+                                pooled(stream, upstream, client).await
+                            } else {
+                                connection(stream, upstream).await
+                            };
+                            if let Err(e) = r {
+                                eprintln!("{e:#}");
+                            }
+                        });
+                    }
+                })
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
+    }
+    Ok(())
+}
