@@ -54,7 +54,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Forwards requests to the endpoint chosen by the balancer.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    client: Client<LimitedConnector, Full<Bytes>>,
+    /// One pool per worker thread ([`crate::workers`]): a connection is driven by the runtime
+    /// that opened it, so a worker only ever uses its own (one shared pool under
+    /// `maxConnections`).
+    clients: std::sync::Arc<[Client<LimitedConnector, Full<Bytes>>]>,
     protocol: BackendProtocol,
 }
 
@@ -70,8 +73,18 @@ impl Forwarder {
         if protocol == BackendProtocol::Http2 {
             builder.http2_only(true);
         }
+        let connector = LimitedConnector::new(connector, max_connections);
+        // Under a connection limit one pool for all workers: separate pools would keep idle
+        // connections a busy worker could not use while the limit makes it wait.
+        let pools = if max_connections.is_some() {
+            1
+        } else {
+            crate::workers::count()
+        };
         Forwarder {
-            client: builder.build(LimitedConnector::new(connector, max_connections)),
+            clients: (0..pools)
+                .map(|_| builder.build(connector.clone()))
+                .collect(),
             protocol,
         }
     }
@@ -87,7 +100,7 @@ impl Service<Request> for Forwarder {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let client = self.client.clone();
+        let client = self.clients[crate::workers::current() % self.clients.len()].clone();
         let protocol = self.protocol;
         Box::pin(async move {
             let Some(target) = request.extensions().get::<SelectedEndpoint>().cloned() else {

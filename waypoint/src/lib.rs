@@ -1,9 +1,9 @@
 //! # weft-waypoint
 //!
-//! Weft's waypoint: a per-namespace L7 proxy (issue #6). This crate is the first increment:
-//! the proxy itself, configured from a YAML file. The node agent integration (sending a
-//! namespace's traffic to its waypoint), HBONE termination (mTLS on port 15008) and lab tests
-//! come later; today the waypoint speaks plain TCP on both sides.
+//! Weft's waypoint: a per-namespace L7 proxy (issue #6), configured from a YAML file and, in
+//! mesh mode, from the controller (Services bound to it, their endpoints and identities,
+//! HTTPRoutes/GRPCRoutes, AuthorizationPolicies); it terminates HBONE (mTLS on port 15008) and
+//! sends through HBONE to the chosen endpoint. User documentation: docs/waypoint.md.
 //!
 //! ## What exists
 //!
@@ -60,19 +60,16 @@
 //! ratios, retries, timeouts, rate limits, faults, HTTP/2, filters, connection limits, reload,
 //! drain); `tests/metrics.rs` checks the golden metrics; `tests/binary.rs` the binary.
 //!
+//! * **Workers** ([`workers`]): thread per core, `SO_REUSEPORT` sockets and pools per worker.
+//!
 //! ## What does not exist yet
 //!
-//! * HBONE / mTLS on either side, identities from certificates (the per-source rate limit keys
-//!   on a configurable header or the peer IP), authorization policies.
-//! * Config from the controller (only a file), Kubernetes HTTPRoute translation.
 //! * Success-rate (statistical) outlier ejection; only consecutive failures eject.
 //! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
 //!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
 //!   response headers, not the response body. Upgrades (WebSocket) and CONNECT are answered 501.
 //! * Header/query matches other than `Exact` (query parameters are percent-decoded first);
-//!   `RequestMirror` and gRPC-specific routes; DNS names as endpoints (only `ip:port`).
-//! * Retries on gRPC codes look at `grpc-status` in the response headers (trailers-only
-//!   answers, how servers report errors before any message), as Envoy does, not in trailers.
+//!   `RequestMirror`; DNS names as endpoints (only `ip:port`).
 
 pub mod body;
 pub mod config;
@@ -87,3 +84,4 @@ pub mod mesh;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod workers;

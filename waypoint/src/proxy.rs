@@ -654,6 +654,28 @@ impl Waypoint {
     /// Binds every listener's address.
     pub async fn bind(&self) -> Result<Vec<(TcpListener, SharedListener)>, ProxyBuildError> {
         let mut bound = Vec::new();
+        for (mut copies, listener) in self.bind_copies(1)? {
+            let Some(socket) = copies.pop() else {
+                continue;
+            };
+            let address = socket.local_addr().ok();
+            let socket = TcpListener::from_std(socket).map_err(|source| ProxyBuildError::Bind {
+                listener: current(&listener).name.to_string(),
+                address: address.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                source,
+            })?;
+            bound.push((socket, listener));
+        }
+        Ok(bound)
+    }
+
+    /// Like [`Waypoint::bind`], `copies` sockets per listener (`SO_REUSEPORT` when more than
+    /// one: one per worker thread, see [`crate::workers`]), not yet tied to a runtime.
+    pub fn bind_copies(
+        &self,
+        copies: usize,
+    ) -> Result<Vec<(Vec<std::net::TcpListener>, SharedListener)>, ProxyBuildError> {
+        let mut bound = Vec::new();
         for slot in &self.listeners {
             let (name, address) = {
                 let current = current(slot);
@@ -662,15 +684,14 @@ impl Waypoint {
                     None => continue,
                 }
             };
-            let socket =
-                TcpListener::bind(address)
-                    .await
-                    .map_err(|source| ProxyBuildError::Bind {
-                        listener: name,
-                        address,
-                        source,
-                    })?;
-            bound.push((socket, slot.clone()));
+            let sockets = crate::workers::listen(address, copies).map_err(|source| {
+                ProxyBuildError::Bind {
+                    listener: name,
+                    address,
+                    source,
+                }
+            })?;
+            bound.push((sockets, slot.clone()));
         }
         Ok(bound)
     }

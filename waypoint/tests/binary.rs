@@ -91,6 +91,8 @@ backends:
             .arg(&path)
             .arg("--metrics-address")
             .arg(metrics.to_string())
+            // Thread per core: three SO_REUSEPORT sockets on one address.
+            .args(["--worker-threads", "3"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -107,7 +109,14 @@ backends:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready, "the binary did not listen within 5 s");
-    assert_eq!(get(listen, "/hello").await.body, "a");
+    // Every worker answers (the kernel spreads new connections over their sockets: one that
+    // nobody accepted on would hang about a third of these).
+    for _ in 0..30 {
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(listen, "/hello"))
+            .await
+            .expect("every connection is answered");
+        assert_eq!(answer.body, "a");
+    }
     let exported = get(metrics, "/metrics").await.body;
     assert!(
         exported.contains("weft_waypoint_requests_total"),
@@ -159,6 +168,13 @@ backends:
     }
     assert!(reloaded, "SIGHUP did not reload the config");
     assert_eq!(get(listen, "/hello").await.body, "a");
+    // ... on every worker.
+    for _ in 0..30 {
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(listen, "/teapot"))
+            .await
+            .expect("every connection is answered");
+        assert_eq!(answer.status, 418);
+    }
     // A broken file is refused and the running config stays.
     std::fs::write(&path, "listeners: [").expect("rewrite config");
     assert!(

@@ -53,6 +53,23 @@ pub async fn bind_hbone(address: SocketAddr) -> std::io::Result<TcpListener> {
     }
 }
 
+/// Like [`bind_hbone`], `copies` sockets (`SO_REUSEPORT` when more than one: one per worker
+/// thread, see [`crate::workers`]), not yet tied to a runtime.
+pub fn bind_hbone_copies(
+    address: SocketAddr,
+    copies: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    match crate::workers::listen(address, copies) {
+        Ok(sockets) => Ok(sockets),
+        Err(e) if address.ip().is_unspecified() && address.is_ipv6() && ipv6_unavailable(&e) => {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), address.port());
+            tracing::warn!(%address, error = %e, fallback = %v4, "IPv6 is unavailable; HBONE listens on IPv4 only");
+            crate::workers::listen(v4, copies)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn ipv6_unavailable(e: &std::io::Error) -> bool {
     // EAFNOSUPPORT (IPv6 compiled out), EADDRNOTAVAIL (disabled by sysctl).
     matches!(e.raw_os_error(), Some(97) | Some(99))
