@@ -124,7 +124,15 @@ impl<T: Write + Unpin> Write for LimitedIo<T> {
 
 impl<T: Connection> Connection for LimitedIo<T> {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        // Without the connector's `HttpInfo` extra, which the pool would otherwise copy into
+        // every response's extensions (allocations per request; nothing here reads it).
+        let inner = self.io.connected();
+        let connected = Connected::new().proxy(inner.is_proxied());
+        if inner.is_negotiated_h2() {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
     }
 }
 

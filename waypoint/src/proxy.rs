@@ -307,10 +307,13 @@ fn compile_route(
     if !headers.is_empty() {
         service = ProxyService::new(headers.layer(service));
     }
-    // Outermost: the span covers the whole route stack (every retry attempt).
-    service = ProxyService::new(
-        crate::layers::trace::TraceLayer::for_route(listener, &name, route).layer(service),
-    );
+    // Outermost: the span covers the whole route stack (every retry attempt). Only when spans
+    // are exported: otherwise the waypoint passes trace context through untouched.
+    if crate::layers::trace::exporting() {
+        service = ProxyService::new(
+            crate::layers::trace::TraceLayer::for_route(listener, &name, route).layer(service),
+        );
+    }
     Ok(CompiledRoute {
         name,
         redirect,
@@ -834,6 +837,11 @@ pub async fn handle_from(
     }
     let who = Who::of(source.as_ref());
     let (parts, incoming) = request.into_parts();
+    if !crate::layers::trace::exporting()
+        && let Some(trace_id) = crate::layers::trace::incoming_trace_id(&parts.headers)
+    {
+        context.set_trace_id(trace_id);
+    }
     if parts.method == http::Method::CONNECT || parts.headers.contains_key(http::header::UPGRADE) {
         let response = body::text_response(
             http::StatusCode::NOT_IMPLEMENTED,

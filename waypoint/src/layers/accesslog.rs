@@ -22,7 +22,7 @@
 //! | `retries` | endpoint attempts minus one (0 without retries) |
 //! | `source_principal`, `source_workload`, `source_ip` | mesh mode: the client's SPIFFE ID, workload and address; standalone: `source_ip` only |
 //! | `destination_service` | mesh mode: the Service (`namespace/name`) of the tunnel |
-//! | `trace_id` | the W3C trace id of the waypoint's span |
+//! | `trace_id` | the W3C trace id of the waypoint's span (with an exporter), else of the incoming `traceparent` |
 //! | `flags` | `timeout`, `rate_limited`, `fault_abort`, `no_healthy_upstream`, `overflow`, `upstream_connect_failure`, `upstream_reset`, `denied` |
 //!
 //! Lines go through a bounded queue ([`QUEUE_LINES`]) to a writer thread; when the sink is too

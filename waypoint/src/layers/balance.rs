@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use super::circuit::{CircuitState, EndpointCircuit, Outcome, Ticket};
 use super::{BoxFuture, Deadline, Inner, ProxyResult, SelectedEndpoint};
@@ -421,7 +421,9 @@ impl<S: Inner> Service<Request> for Balance<S> {
             addr: endpoint.addr,
             identity: endpoint.identity.clone(),
         });
-        let inner = self.inner.clone();
+        let deadline = request.extensions().get::<Deadline>().copied();
+        // Always ready (see the module docs): called now, no clone of the inner service.
+        let future = self.inner.call(request);
         let decay = set.decay;
         let guard = InFlight {
             set,
@@ -431,13 +433,12 @@ impl<S: Inner> Service<Request> for Balance<S> {
         };
         Box::pin(async move {
             let start = Instant::now();
-            let deadline = request.extensions().get::<Deadline>().copied();
             let result = match deadline {
-                None => inner.oneshot(request).await,
+                None => future.await,
                 // Enforced here too (the outer timeout fires at the same instant but polls this
                 // future first), so that the endpoint is charged with the timeout.
                 Some(Deadline { at, after, which }) => {
-                    match tokio::time::timeout_at(at, inner.oneshot(request)).await {
+                    match tokio::time::timeout_at(at, future).await {
                         Ok(result) => result,
                         Err(_) => Err(ProxyError::Timeout { after, which }),
                     }
@@ -463,6 +464,7 @@ impl<S: Inner> Service<Request> for Balance<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
     use crate::duration::GatewayDuration;
     use crate::layers::ProxyService;
     use crate::layers::testing::request;

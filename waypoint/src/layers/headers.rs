@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use super::{BoxFuture, Inner, ProxyResult};
 use crate::body::Request;
@@ -136,10 +136,11 @@ impl<S: Inner> Service<Request> for HeaderModification<S> {
         for modifier in self.layer.request.iter() {
             modifier.apply(request.headers_mut());
         }
-        let inner = self.inner.clone();
+        // Always ready (see the module docs): called now, no clone of the inner service.
+        let future = self.inner.call(request);
         let response_modifiers = self.layer.response.clone();
         Box::pin(async move {
-            let mut response = inner.oneshot(request).await?;
+            let mut response = future.await?;
             for modifier in response_modifiers.iter() {
                 modifier.apply(response.headers_mut());
             }
@@ -151,6 +152,7 @@ impl<S: Inner> Service<Request> for HeaderModification<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
     use crate::config::NameValue;
     use crate::layers::ProxyService;
     use crate::layers::testing::request;

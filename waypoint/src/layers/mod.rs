@@ -2,9 +2,12 @@
 //! and streaming responses ([`crate::body::Response`]) with [`ProxyError`] as error type, has
 //! its own config type, and is tested against an in-memory `tower::service_fn`.
 //!
-//! Every service here is "always ready": `poll_ready` returns ready and `call` clones the inner
-//! service and drives it with `oneshot`, so they compose freely and can be boxed into a
-//! `BoxCloneSyncService` shared by every connection.
+//! Every service here is "always ready": `poll_ready` returns ready, so they compose freely and
+//! can be boxed into a `BoxCloneSyncService` shared by every connection. A layer that calls its
+//! inner service once, at once (timeout, balance, header modifiers) calls it from its own
+//! `call` without `poll_ready` (that contract holds for every inner service here) and without
+//! cloning it; one that calls later or more than once (retry, fault delay, limits) clones it and
+//! drives the clone with `oneshot`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -199,7 +202,7 @@ pub trait Inner:
         crate::body::Request,
         Response = crate::body::Response,
         Error = ProxyError,
-        Future: Send,
+        Future: Send + 'static,
     > + Clone
     + Send
     + Sync

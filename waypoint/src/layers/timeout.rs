@@ -4,7 +4,7 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use super::{BoxFuture, Deadline, Inner, ProxyResult};
 use crate::body::Request;
@@ -64,7 +64,6 @@ impl<S: Inner> Service<Request> for Timeout<S> {
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let inner = self.inner.clone();
         let TimeoutConfig { after, which } = self.config;
         let at = tokio::time::Instant::now() + after;
         if request
@@ -76,8 +75,10 @@ impl<S: Inner> Service<Request> for Timeout<S> {
                 .extensions_mut()
                 .insert(Deadline { at, after, which });
         }
+        // Always ready (see the module docs): called now, no clone of the inner service.
+        let future = self.inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout(after, inner.oneshot(request)).await {
+            match tokio::time::timeout(after, future).await {
                 Ok(result) => result,
                 Err(_) => Err(ProxyError::Timeout { after, which }),
             }
@@ -88,6 +89,7 @@ impl<S: Inner> Service<Request> for Timeout<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
     use crate::body;
     use crate::layers::testing::request;
 

@@ -360,6 +360,32 @@ impl<S: Inner> Service<Request> for Trace<S> {
     }
 }
 
+/// Whether the process exports spans ([`Tracing::install`] with an OTLP endpoint).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported. Without an exporter routes get no [`TraceLayer`]: the waypoint
+/// is transparent to tracing (the incoming `traceparent`/`tracestate` pass unchanged, so the
+/// backend's span is the caller's child, with no unexported span in between) and spends
+/// nothing on spans.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// The trace id of a well-formed W3C `traceparent` in `headers` (version 00 layout, not all
+/// zeros), for the access log when the waypoint records no span of its own.
+pub fn incoming_trace_id(headers: &http::HeaderMap) -> Option<String> {
+    let value = headers.get(TRACEPARENT)?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace, span, _flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    (hex(trace, 32) && hex(span, 16) && trace.bytes().any(|b| b != b'0')).then(|| trace.to_string())
+}
+
 /// How [`Tracing`] builds the tracer provider.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TracingSettings {
@@ -537,6 +563,7 @@ impl Tracing {
     pub fn install(settings: &TracingSettings) -> Result<Tracing, TracingError> {
         let tracing = Tracing::new(settings)?;
         opentelemetry::global::set_tracer_provider(tracing.provider.clone());
+        EXPORTING.store(tracing.exporter.is_some(), Ordering::Relaxed);
         Ok(tracing)
     }
 
@@ -959,6 +986,27 @@ mod tests {
             forwarded[TRACEPARENT],
             format!("00-{TRACE}-{PARENT}-01").as_str()
         );
+    }
+
+    #[test]
+    fn trace_ids_of_incoming_traceparents() {
+        let id = |v: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(TRACEPARENT, v.parse().expect("value"));
+            incoming_trace_id(&headers)
+        };
+        assert_eq!(
+            id(&format!("00-{TRACE}-{PARENT}-01")).as_deref(),
+            Some(TRACE)
+        );
+        assert_eq!(id(&format!("00-{}-{PARENT}-01", "0".repeat(32))), None);
+        assert_eq!(
+            id(&format!("00-{}-{PARENT}-01", TRACE.to_uppercase())),
+            None
+        );
+        assert_eq!(id(&format!("00-{TRACE}-01")), None);
+        assert_eq!(id("garbage"), None);
+        assert_eq!(incoming_trace_id(&http::HeaderMap::new()), None);
     }
 
     #[test]
