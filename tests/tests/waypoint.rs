@@ -866,6 +866,97 @@ fn waypoint_serves_httproutes_from_the_controller_live() {
     .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
 }
 
+#[test]
+fn waypoint_httproute_rewrite_and_redirect_from_the_controller() {
+    let _g = serial();
+    let Some(mut w) = world(
+        "waypoint_httproute_rewrite_and_redirect_from_the_controller",
+        ROUTING,
+    ) else {
+        return;
+    };
+    // An HTTPRoute attached to api-v2 (no listener of the file serves it), from the
+    // controller's directory: a prefix rewrite, a permanent redirect within the Service and a
+    // redirect elsewhere.
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "api-v2-filters", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
+            "rules": [
+                {"name": "rewrite",
+                 "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                 "filters": [{"type": "URLRewrite",
+                              "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}],
+                 "backendRefs": [{"name": "api-v2", "port": 80}]},
+                {"name": "moved",
+                 "matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+                 "filters": [{"type": "RequestRedirect",
+                              "requestRedirect": {"statusCode": 301,
+                                                  "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/here"}}}]},
+                {"name": "secure",
+                 "matches": [{"path": {"type": "Exact", "value": "/login"}}],
+                 "filters": [{"type": "RequestRedirect",
+                              "requestRedirect": {"scheme": "https", "hostname": "login.example.com"}}]},
+                {"backendRefs": [{"name": "api-v2", "port": 80}]}
+            ]
+        }
+    });
+    let before = w.mesh.applied_counts();
+    w.mesh.config.raw.push(route);
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    // The backend sees the rewritten path, the query kept.
+    let body = wait_for(T, "the rewrite to be served", || {
+        w.get(API_V2_VIP, "/old/page?x=1")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .map(|(_, body)| body)
+            .filter(|b| b.starts_with("api-v2 GET /new/"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    assert!(body.starts_with("api-v2 GET /new/page?x=1 "), "{body}");
+    let (code, body) = w.get(API_V2_VIP, "/old").expect("GET /old");
+    assert_eq!(code, 200);
+    assert!(body.starts_with("api-v2 GET /new "), "{body}");
+    // `/oldish` is not under the prefix `/old`: the default rule, unchanged.
+    let (_, body) = w.get(API_V2_VIP, "/oldish").expect("GET /oldish");
+    assert!(body.starts_with("api-v2 GET /oldish "), "{body}");
+    // 301 within the Service: the request's host, the Service port (80, left out), the
+    // prefix replaced, the query kept. The waypoint answers; no backend is asked.
+    let r = w
+        .request(API_V2_VIP, "GET", "/moved/a/b?q=1", &[])
+        .expect("GET /moved");
+    assert_eq!(r.code, 301, "{r:?}\n{}", w.logs());
+    assert_eq!(
+        r.header("location"),
+        Some(format!("http://{API_V2_VIP}/here/a/b?q=1").as_str()),
+        "{r:?}"
+    );
+    assert!(!r.body.starts_with("api-v2 "), "{r:?}");
+    // 302 (the default) to another host and scheme.
+    let r = w
+        .request(API_V2_VIP, "GET", "/login", &[])
+        .expect("GET /login");
+    assert_eq!(r.code, 302, "{r:?}");
+    assert_eq!(
+        r.header("location"),
+        Some("https://login.example.com/login"),
+        "{r:?}"
+    );
+    assert_eq!(
+        w.wp_metric(
+            "weft_waypoint_requests_total",
+            &[
+                ("route", "api-v2-filters/moved"),
+                ("listener", "gamma:api-v2:80"),
+                ("code", "301")
+            ]
+        ),
+        1.0
+    );
+}
+
 /// An AuthorizationPolicy document of namespace `shop`.
 fn authz_policy(name: &str, spec: Value) -> Value {
     json!({

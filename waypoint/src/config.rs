@@ -301,7 +301,7 @@ pub struct RedirectConfig {
     /// New host; default: the request's.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// New port; default: none in the Location.
+    /// New port; default: none in the Location (80 for http and 443 for https are left out).
     #[serde(default)]
     pub port: Option<u16>,
     /// New path; default: the request's.

@@ -100,7 +100,12 @@ pub fn redirect(
         Some(modifier) => new_path(modifier, parts.uri.path(), matched_prefix_len),
         None => parts.uri.path().to_string(),
     };
-    let port = config.port.map(|p| format!(":{p}")).unwrap_or_default();
+    // Gateway API: the Location leaves out the scheme's well-known port.
+    let port = config
+        .port
+        .filter(|p| !matches!((scheme.as_str(), p), ("http", 80) | ("https", 443)))
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
     let query = parts
         .uri
         .query()
@@ -188,5 +193,25 @@ mod tests {
             response.headers()["location"],
             "https://example.com:8443/new/page?x=1"
         );
+    }
+
+    #[test]
+    fn redirect_leaves_out_the_schemes_well_known_port() {
+        let (parts, ()) = request("/a").into_parts();
+        for (scheme, port, location) in [
+            (None, Some(80), "http://example.com/a"),
+            (Some("https"), Some(443), "https://example.com/a"),
+            (Some("http"), Some(443), "http://example.com:443/a"),
+            (None, Some(8080), "http://example.com:8080/a"),
+        ] {
+            let config = RedirectConfig {
+                scheme: scheme.map(str::to_string),
+                port,
+                status_code: 302,
+                ..Default::default()
+            };
+            let response = redirect(&config, &parts, 0).expect("redirect");
+            assert_eq!(response.headers()["location"], location);
+        }
     }
 }

@@ -332,8 +332,8 @@ pub struct GrpcMethodMatch {
     pub method: Option<String>,
 }
 
-/// `rules[].filters[]`: the header modifiers are implemented; other types are read so that
-/// they can be refused by name.
+/// `rules[].filters[]`: the header modifiers, `URLRewrite` and `RequestRedirect` (HTTPRoute
+/// only) are implemented; other types are read so that they can be refused by name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteFilter {
@@ -344,9 +344,9 @@ pub struct RouteFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_header_modifier: Option<HeaderModifierSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url_rewrite: Option<serde_yaml::Value>,
+    pub url_rewrite: Option<UrlRewriteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_redirect: Option<serde_yaml::Value>,
+    pub request_redirect: Option<RequestRedirectSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_mirror: Option<serde_yaml::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -363,6 +363,50 @@ pub struct HeaderModifierSpec {
     pub add: Vec<NameValueSpec>,
     #[serde(default)]
     pub remove: Vec<String>,
+}
+
+/// `URLRewrite` (Gateway API `HTTPURLRewriteFilter`): what the request is forwarded with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlRewriteSpec {
+    /// Replaces the `Host` header (a DNS name, no wildcard, no port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifierSpec>,
+}
+
+/// `RequestRedirect` (Gateway API `HTTPRequestRedirectFilter`): the parts of the `Location`
+/// of the redirect answer; absent parts come from the request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestRedirectSpec {
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathModifierSpec>,
+    /// 1-65535 (read wide so that a bad value is reported by validation, with its fix).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i64>,
+    /// 301 or 302 (default 302).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<i64>,
+}
+
+/// Gateway API `HTTPPathModifier`: `type` `ReplaceFullPath` with `replaceFullPath`, or
+/// `ReplacePrefixMatch` with `replacePrefixMatch`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathModifierSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_full_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_prefix_match: Option<String>,
 }
 
 /// A header name and value.

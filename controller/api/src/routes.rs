@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::duration::GatewayDuration;
 use crate::resource::{
     GatewayRoute, GrpcRoute, GrpcRouteRule, HeaderModifierSpec, HttpRoute, HttpRouteRule,
-    NameMatch, ParentRef, RouteBackendRef, RouteFilter,
+    NameMatch, ParentRef, PathModifierSpec, RequestRedirectSpec, RouteBackendRef, RouteFilter,
+    UrlRewriteSpec,
 };
 
 /// Which Gateway API kind a route came from.
@@ -74,6 +75,58 @@ impl HeaderModifierInfo {
     }
 }
 
+/// How a `URLRewrite` or a `RequestRedirect` changes the path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum PathModifierInfo {
+    /// Replaces the whole path (starts with `/`).
+    ReplaceFullPath(String),
+    /// Replaces the part of the path the rule's `PathPrefix` match matched (starts with `/`;
+    /// Gateway API's empty replacement is stored as `/`, which means the same).
+    ReplacePrefixMatch(String),
+}
+
+/// A `URLRewrite` filter: what the request is forwarded with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UrlRewriteInfo {
+    /// New `Host` header.
+    pub hostname: Option<String>,
+    pub path: Option<PathModifierInfo>,
+}
+
+/// The scheme of a redirect's `Location`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum RedirectScheme {
+    Http,
+    Https,
+}
+
+impl RedirectScheme {
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedirectScheme::Http => "http",
+            RedirectScheme::Https => "https",
+        }
+    }
+}
+
+/// A `RequestRedirect` filter: the rule answers with a redirect instead of forwarding. Absent
+/// parts of the `Location` come from the request (Gateway API semantics).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RedirectInfo {
+    /// `None`: the request's scheme.
+    pub scheme: Option<RedirectScheme>,
+    /// `None`: the request's host.
+    pub hostname: Option<String>,
+    /// `None`: the request's path.
+    pub path: Option<PathModifierInfo>,
+    /// `None`: the scheme's well-known port when `scheme` is set, else the port the client
+    /// used (the Service port).
+    pub port: Option<u16>,
+    /// 301 or 302.
+    pub status_code: u16,
+}
+
 /// A weighted backend: a Service port in the route's namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct RouteBackendInfo {
@@ -91,6 +144,10 @@ pub struct RouteRuleInfo {
     pub matches: Vec<RouteMatchInfo>,
     pub request_headers: HeaderModifierInfo,
     pub response_headers: HeaderModifierInfo,
+    /// `URLRewrite` (HTTPRoute only; never with `redirect`).
+    pub url_rewrite: Option<UrlRewriteInfo>,
+    /// `RequestRedirect` (HTTPRoute only): the rule has no backends.
+    pub redirect: Option<RedirectInfo>,
     pub backends: Vec<RouteBackendInfo>,
     /// `timeouts.request` / `timeouts.backendRequest`, milliseconds.
     pub request_timeout_ms: Option<u64>,
@@ -264,36 +321,326 @@ impl Check<'_> {
     }
 
     fn filters(&mut self, at: &str, filters: &[RouteFilter], rule: &mut RouteRuleInfo) {
+        let mut seen: Vec<&str> = Vec::new();
+        let mut prefix_replaced = None;
         for (i, f) in filters.iter().enumerate() {
             let at = format!("{at}.filters[{i}]");
-            match (
-                f.kind.as_str(),
-                &f.request_header_modifier,
-                &f.response_header_modifier,
-            ) {
-                ("RequestHeaderModifier", Some(m), _) => {
-                    rule.request_headers = self.modifier(&format!("{at}.requestHeaderModifier"), m);
-                }
-                ("ResponseHeaderModifier", _, Some(m)) => {
-                    rule.response_headers =
-                        self.modifier(&format!("{at}.responseHeaderModifier"), m);
-                }
-                ("RequestHeaderModifier" | "ResponseHeaderModifier", _, _) => self.fail(
-                    at,
-                    format!(
-                        "type {} needs its configuration field ({}{})",
-                        f.kind,
-                        f.kind[..1].to_ascii_lowercase(),
-                        &f.kind[1..]
-                    ),
+            // Gateway API: a filter carries the configuration of its own type only.
+            for (field, present, owner) in [
+                (
+                    "requestHeaderModifier",
+                    f.request_header_modifier.is_some(),
+                    "RequestHeaderModifier",
                 ),
-                (other, _, _) => self.fail(
+                (
+                    "responseHeaderModifier",
+                    f.response_header_modifier.is_some(),
+                    "ResponseHeaderModifier",
+                ),
+                ("urlRewrite", f.url_rewrite.is_some(), "URLRewrite"),
+                (
+                    "requestRedirect",
+                    f.request_redirect.is_some(),
+                    "RequestRedirect",
+                ),
+                ("requestMirror", f.request_mirror.is_some(), "RequestMirror"),
+                ("extensionRef", f.extension_ref.is_some(), "ExtensionRef"),
+            ] {
+                if present && f.kind != owner {
+                    self.fail(
+                        format!("{at}.{field}"),
+                        format!(
+                            "is set but the filter's type is `{}`; a filter holds only the field of its type: remove `{field}` or set `type: {owner}`",
+                            f.kind
+                        ),
+                    );
+                }
+            }
+            let implemented = match self.kind {
+                RouteKind::Http => &[
+                    "RequestHeaderModifier",
+                    "ResponseHeaderModifier",
+                    "URLRewrite",
+                    "RequestRedirect",
+                ][..],
+                RouteKind::Grpc => &["RequestHeaderModifier", "ResponseHeaderModifier"][..],
+            };
+            if implemented.contains(&f.kind.as_str()) {
+                if seen.contains(&f.kind.as_str()) {
+                    self.fail(
+                        format!("{at}.type"),
+                        format!(
+                            "`{}` appears more than once in this rule; Gateway API allows each of these filters once per rule: merge them into one",
+                            f.kind
+                        ),
+                    );
+                    continue;
+                }
+                seen.push(f.kind.as_str());
+            }
+            let needs_field = |c: &mut Self, field: &str| {
+                c.fail(
+                    at.clone(),
+                    format!("type {} needs its configuration field `{field}`", f.kind),
+                );
+            };
+            match (self.kind, f.kind.as_str()) {
+                (_, "RequestHeaderModifier") => match &f.request_header_modifier {
+                    Some(m) => {
+                        rule.request_headers =
+                            self.modifier(&format!("{at}.requestHeaderModifier"), m);
+                    }
+                    None => needs_field(self, "requestHeaderModifier"),
+                },
+                (_, "ResponseHeaderModifier") => match &f.response_header_modifier {
+                    Some(m) => {
+                        rule.response_headers =
+                            self.modifier(&format!("{at}.responseHeaderModifier"), m);
+                    }
+                    None => needs_field(self, "responseHeaderModifier"),
+                },
+                (RouteKind::Http, "URLRewrite") => match &f.url_rewrite {
+                    Some(spec) => {
+                        let at = format!("{at}.urlRewrite");
+                        let info = self.url_rewrite(&at, spec);
+                        if matches!(info.path, Some(PathModifierInfo::ReplacePrefixMatch(_))) {
+                            prefix_replaced = Some(format!("{at}.path"));
+                        }
+                        rule.url_rewrite = Some(info);
+                    }
+                    None => needs_field(self, "urlRewrite"),
+                },
+                (RouteKind::Http, "RequestRedirect") => match &f.request_redirect {
+                    Some(spec) => {
+                        let at = format!("{at}.requestRedirect");
+                        let info = self.redirect(&at, spec);
+                        if matches!(info.path, Some(PathModifierInfo::ReplacePrefixMatch(_))) {
+                            prefix_replaced = Some(format!("{at}.path"));
+                        }
+                        rule.redirect = Some(info);
+                    }
+                    None => needs_field(self, "requestRedirect"),
+                },
+                (RouteKind::Grpc, other @ ("URLRewrite" | "RequestRedirect")) => self.fail(
                     format!("{at}.type"),
                     format!(
-                        "`{other}` is not implemented for routes from the control plane (RequestHeaderModifier and ResponseHeaderModifier are); an unenforceable rule is refused, not ignored"
+                        "`{other}` is not a GRPCRoute filter (GRPCRoute has RequestHeaderModifier, ResponseHeaderModifier, RequestMirror and ExtensionRef); use an HTTPRoute for rewrites and redirects"
+                    ),
+                ),
+                (_, other) => self.fail(
+                    format!("{at}.type"),
+                    format!(
+                        "`{other}` is not implemented for routes from the control plane ({} are); an unenforceable rule is refused, not ignored",
+                        implemented.join(", ")
                     ),
                 ),
             }
+        }
+        let at_filters = format!("{at}.filters");
+        if rule.url_rewrite.is_some() && rule.redirect.is_some() {
+            self.fail(
+                at_filters.clone(),
+                "has both URLRewrite and RequestRedirect; Gateway API does not allow them in one rule (a redirect answers, a rewrite forwards): keep one, or use two rules",
+            );
+        }
+        if rule.redirect.is_some() && !rule.response_headers.is_empty() {
+            self.fail(
+                at_filters,
+                "has both RequestRedirect and ResponseHeaderModifier; Weft's waypoint answers a redirect before the response header filter runs, so the modifier would be ignored: remove it",
+            );
+        }
+        if let Some(field) = prefix_replaced {
+            self.prefix_match_rule(field, rule);
+        }
+    }
+
+    /// ReplacePrefixMatch replaces what a `PathPrefix` match matched: Gateway API requires the
+    /// rule to have exactly one match, a `PathPrefix` one. A missing match or path is Gateway
+    /// API's default (`PathPrefix /`, applied here as Kubernetes applies it).
+    fn prefix_match_rule(&mut self, field: String, rule: &mut RouteRuleInfo) {
+        if rule.matches.is_empty() {
+            rule.matches.push(RouteMatchInfo::default());
+        }
+        let [only] = rule.matches.as_mut_slice() else {
+            self.fail(
+                field,
+                format!(
+                    "ReplacePrefixMatch needs the rule to have exactly one match, with a PathPrefix path (Gateway API), and it has {}: split the rule into one rule per match, or use ReplaceFullPath",
+                    rule.matches.len()
+                ),
+            );
+            return;
+        };
+        match &only.path {
+            None => only.path = Some((PathKind::PathPrefix, "/".into())),
+            Some((PathKind::PathPrefix, _)) => {}
+            Some((kind, _)) => self.fail(
+                field,
+                format!(
+                    "ReplacePrefixMatch needs the rule's match to be a PathPrefix path (Gateway API), not {kind:?}: use a PathPrefix match, or ReplaceFullPath"
+                ),
+            ),
+        }
+    }
+
+    fn url_rewrite(&mut self, at: &str, spec: &UrlRewriteSpec) -> UrlRewriteInfo {
+        if let Some(h) = &spec.hostname {
+            self.precise_hostname(format!("{at}.hostname"), h);
+        }
+        UrlRewriteInfo {
+            hostname: spec.hostname.clone(),
+            path: spec
+                .path
+                .as_ref()
+                .and_then(|p| self.path_modifier(&format!("{at}.path"), p)),
+        }
+    }
+
+    fn redirect(&mut self, at: &str, spec: &RequestRedirectSpec) -> RedirectInfo {
+        let scheme = match spec.scheme.as_deref() {
+            None => None,
+            Some("http") => Some(RedirectScheme::Http),
+            Some("https") => Some(RedirectScheme::Https),
+            Some(other) => {
+                self.fail(
+                    format!("{at}.scheme"),
+                    format!("`{other}` is not a redirect scheme; use `http` or `https` (or leave it out to keep the request's)"),
+                );
+                None
+            }
+        };
+        if let Some(h) = &spec.hostname {
+            self.precise_hostname(format!("{at}.hostname"), h);
+        }
+        let port = spec.port.and_then(|p| match u16::try_from(p) {
+            Ok(p) if p != 0 => Some(p),
+            _ => {
+                self.fail(
+                    format!("{at}.port"),
+                    format!("{p} is not a port; use 1-65535 (or leave it out: the scheme's port, else the Service port)"),
+                );
+                None
+            }
+        });
+        let status_code = match spec.status_code {
+            None => 302,
+            Some(c @ (301 | 302)) => c as u16,
+            Some(c @ (303 | 307 | 308)) => {
+                self.fail(
+                    format!("{at}.statusCode"),
+                    format!("{c} is not implemented by Weft's waypoint; use 301 or 302"),
+                );
+                302
+            }
+            Some(c) => {
+                self.fail(
+                    format!("{at}.statusCode"),
+                    format!("{c} is not a redirect status; use 301 or 302 (default 302)"),
+                );
+                302
+            }
+        };
+        RedirectInfo {
+            scheme,
+            hostname: spec.hostname.clone(),
+            path: spec
+                .path
+                .as_ref()
+                .and_then(|p| self.path_modifier(&format!("{at}.path"), p)),
+            port,
+            status_code,
+        }
+    }
+
+    fn path_modifier(&mut self, at: &str, spec: &PathModifierSpec) -> Option<PathModifierInfo> {
+        let (full, prefix) = (&spec.replace_full_path, &spec.replace_prefix_match);
+        let (value, own, other) = match spec.kind.as_str() {
+            "ReplaceFullPath" => (full, "replaceFullPath", ("replacePrefixMatch", prefix)),
+            "ReplacePrefixMatch" => (prefix, "replacePrefixMatch", ("replaceFullPath", full)),
+            kind => {
+                self.fail(
+                    format!("{at}.type"),
+                    format!(
+                        "`{kind}` is not a path modifier; use ReplaceFullPath or ReplacePrefixMatch"
+                    ),
+                );
+                return None;
+            }
+        };
+        if other.1.is_some() {
+            self.fail(
+                format!("{at}.{}", other.0),
+                format!(
+                    "is set but `type` is {}; remove it, or set `{own}` instead",
+                    spec.kind
+                ),
+            );
+        }
+        let Some(value) = value else {
+            self.fail(
+                format!("{at}.{own}"),
+                format!("is required when `type` is {}", spec.kind),
+            );
+            return None;
+        };
+        let at = format!("{at}.{own}");
+        // An empty ReplacePrefixMatch is Gateway API's "remove the prefix".
+        let replaces_prefix_with_nothing = spec.kind == "ReplacePrefixMatch" && value.is_empty();
+        if !replaces_prefix_with_nothing && !value.starts_with('/') {
+            self.fail(
+                at.clone(),
+                format!("`{value}` does not start with `/`; paths are absolute"),
+            );
+            return None;
+        }
+        if value.len() > 1024 {
+            self.fail(
+                at.clone(),
+                "is longer than 1024 characters (Gateway API's limit)",
+            );
+            return None;
+        }
+        if let Some(c) = value.chars().find(|c| !is_path_char(*c)) {
+            self.fail(
+                at,
+                format!(
+                    "`{value}` has `{}`, which a URL path cannot hold: percent-encode it (e.g. `%20` for a space); a query (`?`) or fragment (`#`) cannot be set here",
+                    c.escape_default()
+                ),
+            );
+            return None;
+        }
+        Some(if spec.kind == "ReplaceFullPath" {
+            PathModifierInfo::ReplaceFullPath(value.clone())
+        } else if value.is_empty() {
+            PathModifierInfo::ReplacePrefixMatch("/".into())
+        } else {
+            PathModifierInfo::ReplacePrefixMatch(value.clone())
+        })
+    }
+
+    /// Gateway API `PreciseHostname`: a DNS name (RFC 1123), lowercase, no wildcard, no port,
+    /// not an IP address.
+    fn precise_hostname(&mut self, at: String, h: &str) {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        let valid = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(label_ok)
+            && h.parse::<std::net::Ipv4Addr>().is_err();
+        if !valid {
+            self.fail(
+                at,
+                format!(
+                    "`{h}` is not a DNS name; write a lowercase host such as `api.shop.svc.cluster.local` (letters, digits, `-` and `.`; no wildcard, port or IP address)"
+                ),
+            );
         }
     }
 
@@ -368,6 +715,11 @@ impl Check<'_> {
     }
 }
 
+/// RFC 3986 `pchar` and `/`: unreserved, `%` of a percent-encoding, sub-delims, `:`, `@`.
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~%!$&'()*+,;=:@/".contains(c)
+}
+
 fn is_grpc_name(v: &str) -> bool {
     !v.is_empty() && !v.contains('/') && !v.chars().any(char::is_whitespace)
 }
@@ -405,11 +757,16 @@ fn route_info<R>(
             info.backend_timeout_ms =
                 c.duration(format!("{at}.timeouts.backendRequest"), &t.backend_request);
         }
-        if parts.backend_refs.is_empty() {
-            c.fail(
+        match (&info.redirect, parts.backend_refs.is_empty()) {
+            (Some(_), false) => c.fail(
                 format!("{at}.backendRefs"),
-                "is empty; name at least one Service backend (redirects are not implemented for routes from the control plane)",
-            );
+                "must be empty in a rule with a RequestRedirect filter (Gateway API: the redirect answers, nothing is forwarded); remove backendRefs, or the filter",
+            ),
+            (None, true) => c.fail(
+                format!("{at}.backendRefs"),
+                "is empty; name at least one Service backend (or answer with a RequestRedirect filter)",
+            ),
+            _ => {}
         }
         rules.push(info);
     }
@@ -614,7 +971,7 @@ spec:
                 "{name: gw}",
             )
             .replace("type: PathPrefix, value: /v2", "type: Prefix, value: /v2")
-            .replace("type: RequestHeaderModifier\n", "type: URLRewrite\n")
+            .replace("type: RequestHeaderModifier\n", "type: RequestMirror\n")
             .replace(
                 "{name: api-v2, port: 80, weight: 90}",
                 "{name: api-v2, weight: 90}",
@@ -636,6 +993,282 @@ spec:
             "{}",
             errors[0]
         );
+    }
+
+    /// An HTTPRoute of namespace `shop` attached to Service `api` with `rules` (YAML list
+    /// items indented by 4).
+    fn http_rules(rules: &str) -> String {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: api}}]\n  rules:\n{rules}"
+        )
+    }
+
+    #[test]
+    fn rewrites_and_redirects_validate_into_the_model() {
+        let r = parse(&http_rules(
+            r#"    - matches: [{path: {type: PathPrefix, value: /old}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {hostname: internal.shop, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}
+      backendRefs: [{name: api, port: 80}]
+    - matches: [{path: {type: Exact, value: /x}}, {path: {type: RegularExpression, value: "/y.*"}}]
+      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /z}}}]
+      backendRefs: [{name: api, port: 80}]
+    - matches: [{path: {type: PathPrefix, value: /moved}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {scheme: https, hostname: www.example.com, port: 8443, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: ""}}
+    - matches: [{headers: [{name: x-go, value: away}]}]
+      filters:
+        - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-a, value: b}]}}
+        - {type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}
+    - filters: [{type: RequestRedirect, requestRedirect: {}}]
+"#,
+        ))
+        .expect("valid");
+        assert_eq!(
+            r.rules[0].url_rewrite,
+            Some(UrlRewriteInfo {
+                hostname: Some("internal.shop".into()),
+                path: Some(PathModifierInfo::ReplacePrefixMatch("/new".into())),
+            })
+        );
+        assert_eq!(r.rules[0].redirect, None);
+        assert_eq!(
+            r.rules[1].url_rewrite.as_ref().and_then(|u| u.path.clone()),
+            Some(PathModifierInfo::ReplaceFullPath("/z".into())),
+            "ReplaceFullPath goes with any match"
+        );
+        assert_eq!(
+            r.rules[2].redirect,
+            Some(RedirectInfo {
+                scheme: Some(RedirectScheme::Https),
+                hostname: Some("www.example.com".into()),
+                // Gateway API's empty replacement: the prefix is removed.
+                path: Some(PathModifierInfo::ReplacePrefixMatch("/".into())),
+                port: Some(8443),
+                status_code: 301,
+            })
+        );
+        assert!(r.rules[2].backends.is_empty());
+        // A match without a path is Gateway API's default `PathPrefix /`, made explicit.
+        assert_eq!(
+            r.rules[3].matches[0].path,
+            Some((PathKind::PathPrefix, "/".into()))
+        );
+        assert_eq!(r.rules[3].matches[0].headers.len(), 1);
+        assert_eq!(
+            r.rules[4].redirect,
+            Some(RedirectInfo {
+                scheme: None,
+                hostname: None,
+                path: None,
+                port: None,
+                status_code: 302,
+            }),
+            "statusCode defaults to 302"
+        );
+        assert!(
+            r.rules[4].matches.is_empty(),
+            "no prefix replaced: unchanged"
+        );
+    }
+
+    #[test]
+    fn prefix_replacement_of_a_rule_without_matches_gets_the_default_match() {
+        let r = parse(&http_rules(
+            "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+        ))
+        .expect("valid");
+        assert_eq!(r.rules[0].matches.len(), 1);
+        assert_eq!(
+            r.rules[0].matches[0].path,
+            Some((PathKind::PathPrefix, "/".into()))
+        );
+    }
+
+    /// Each rule alone is refused with exactly this field and a message containing this text.
+    #[test]
+    fn rewrite_and_redirect_refusals_name_the_field_and_the_fix() {
+        let at = "spec.rules[0]";
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "    - matches: [{path: {type: Exact, value: /old}}]\n      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.path",
+                "needs the rule's match to be a PathPrefix path",
+            ),
+            (
+                "    - matches: [{path: {type: PathPrefix, value: /a}}, {path: {type: PathPrefix, value: /b}}]\n      filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.path",
+                "exactly one match",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].backendRefs",
+                "must be empty in a rule with a RequestRedirect filter",
+            ),
+            (
+                "    - matches: [{path: {type: PathPrefix, value: /a}}]\n      filters: [{type: URLRewrite, urlRewrite: {hostname: b.shop}}, {type: RequestRedirect, requestRedirect: {scheme: https}}]\n",
+                "spec.rules[0].filters",
+                "both URLRewrite and RequestRedirect",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.statusCode",
+                "use 301 or 302",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 200}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.statusCode",
+                "200 is not a redirect status; use 301 or 302",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {scheme: ftp}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.scheme",
+                "use `http` or `https`",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {port: 0}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.port",
+                "use 1-65535",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {port: 70000}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.port",
+                "70000 is not a port; use 1-65535",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {hostname: \"*.example.com\"}}]\n",
+                "spec.rules[0].filters[0].requestRedirect.hostname",
+                "is not a DNS name",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {hostname: Api.Shop}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.hostname",
+                "write a lowercase host",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {hostname: \"api.shop:8080\"}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.hostname",
+                "no wildcard, port or IP address",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {hostname: 10.0.0.1}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.hostname",
+                "is not a DNS name",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: Prefix, replacePrefixMatch: /a}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.path.type",
+                "use ReplaceFullPath or ReplacePrefixMatch",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath",
+                "is required when `type` is ReplaceFullPath",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /a, replacePrefixMatch: /b}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.path.replacePrefixMatch",
+                "is set but `type` is ReplaceFullPath",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: relative}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath",
+                "does not start with `/`",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: \"/a b?c\"}}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite.path.replaceFullPath",
+                "percent-encode it",
+            ),
+            (
+                "    - filters: [{type: URLRewrite, urlRewrite: {hostname: a.shop}}, {type: URLRewrite, urlRewrite: {hostname: b.shop}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[1].type",
+                "appears more than once",
+            ),
+            (
+                "    - filters: [{type: URLRewrite}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0]",
+                "needs its configuration field `urlRewrite`",
+            ),
+            (
+                "    - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {}, urlRewrite: {hostname: a.shop}}]\n      backendRefs: [{name: api, port: 80}]\n",
+                "spec.rules[0].filters[0].urlRewrite",
+                "is set but the filter's type is `RequestHeaderModifier`",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {}}, {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: a, value: b}]}}]\n",
+                "spec.rules[0].filters",
+                "the modifier would be ignored",
+            ),
+        ];
+        for (rules, field, text) in cases {
+            let errors = parse(&http_rules(rules)).expect_err(field);
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.field == *field && e.problem.contains(text)),
+                "want {field}: ...{text}... for\n{rules}got {errors:#?}"
+            );
+            assert!(
+                errors.iter().all(|e| e.field.starts_with(at)),
+                "{errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn grpc_routes_have_no_rewrites_or_redirects() {
+        for filter in [
+            "{type: URLRewrite, urlRewrite: {hostname: a.shop}}",
+            "{type: RequestRedirect, requestRedirect: {scheme: https}}",
+        ] {
+            let errors = parse(&format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: greeter}}]\n  rules:\n    - filters: [{filter}]\n      backendRefs: [{{name: greeter, port: 50051}}]\n"
+            ))
+            .expect_err("refused");
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.field == "spec.rules[0].filters[0].type"
+                        && e.problem.contains("is not a GRPCRoute filter")),
+                "{errors:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_of_rewrites_and_redirects_are_refused_at_parse() {
+        for (filter, field) in [
+            (
+                "{type: URLRewrite, urlRewrite: {hostname: a.shop, port: 80}}",
+                "urlRewrite",
+            ),
+            (
+                "{type: RequestRedirect, requestRedirect: {scheme: https, query: x}}",
+                "requestRedirect",
+            ),
+            (
+                "{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /a, value: /b}}}",
+                "urlRewrite.path",
+            ),
+        ] {
+            let e = parse_documents(
+                &http_rules(&format!(
+                    "    - filters: [{filter}]\n      backendRefs: [{{name: api, port: 80}}]\n"
+                )),
+                "t.yaml",
+            )
+            .expect_err("unknown field");
+            assert!(
+                e.field
+                    .as_deref()
+                    .is_some_and(|f| f.starts_with(&format!("spec.rules[0].filters[0].{field}"))),
+                "{e}"
+            );
+            assert!(e.message.contains("unknown field"), "{e}");
+        }
     }
 
     #[test]

@@ -14,8 +14,8 @@ use crate::model::{
     ServicePort, WorkloadInfo,
 };
 use crate::routes::{
-    HeaderModifierInfo, PathKind, RouteBackendInfo, RouteInfo, RouteKind, RouteMatchInfo,
-    RouteParent, RouteRuleInfo,
+    HeaderModifierInfo, PathKind, PathModifierInfo, RedirectInfo, RedirectScheme, RouteBackendInfo,
+    RouteInfo, RouteKind, RouteMatchInfo, RouteParent, RouteRuleInfo, UrlRewriteInfo,
 };
 
 /// Generated protobuf types and gRPC stubs.
@@ -503,6 +503,20 @@ impl From<&RouteInfo> for pb::Route {
             add: nv(&m.add),
             remove: m.remove.clone(),
         };
+        let path_modifier = |p: &PathModifierInfo| {
+            let (kind, value) = match p {
+                PathModifierInfo::ReplaceFullPath(v) => {
+                    (pb::path_modifier::Kind::ReplaceFullPath, v)
+                }
+                PathModifierInfo::ReplacePrefixMatch(v) => {
+                    (pb::path_modifier::Kind::ReplacePrefixMatch, v)
+                }
+            };
+            pb::PathModifier {
+                kind: kind.into(),
+                value: value.clone(),
+            }
+        };
         Self {
             name: r.name.clone(),
             namespace: r.namespace.clone(),
@@ -568,6 +582,22 @@ impl From<&RouteInfo> for pb::Route {
                         .collect(),
                     request_timeout_ms: rule.request_timeout_ms.unwrap_or(0),
                     backend_timeout_ms: rule.backend_timeout_ms.unwrap_or(0),
+                    url_rewrite: rule.url_rewrite.as_ref().map(|u| pb::UrlRewrite {
+                        hostname: u.hostname.clone().unwrap_or_default(),
+                        path: u.path.as_ref().map(path_modifier),
+                    }),
+                    redirect: rule.redirect.as_ref().map(|r| pb::RequestRedirect {
+                        scheme: match r.scheme {
+                            None => pb::request_redirect::Scheme::Unspecified,
+                            Some(RedirectScheme::Http) => pb::request_redirect::Scheme::Http,
+                            Some(RedirectScheme::Https) => pb::request_redirect::Scheme::Https,
+                        }
+                        .into(),
+                        hostname: r.hostname.clone().unwrap_or_default(),
+                        path: r.path.as_ref().map(path_modifier),
+                        port: r.port.map_or(0, u32::from),
+                        status_code: u32::from(r.status_code),
+                    }),
                 })
                 .collect(),
         }
@@ -610,6 +640,29 @@ impl TryFrom<pb::Route> for RouteInfo {
             }
         };
         let opt = |v: String| (!v.is_empty()).then_some(v);
+        let path_modifier = |field: &'static str, p: Option<pb::PathModifier>| {
+            let Some(p) = p else {
+                return Ok(None);
+            };
+            if !p.value.starts_with('/') {
+                return Err(err(field, format!("`{}` does not start with `/`", p.value)));
+            }
+            match pb::path_modifier::Kind::try_from(p.kind) {
+                Ok(pb::path_modifier::Kind::ReplaceFullPath) => {
+                    Ok(Some(PathModifierInfo::ReplaceFullPath(p.value)))
+                }
+                Ok(pb::path_modifier::Kind::ReplacePrefixMatch) => {
+                    Ok(Some(PathModifierInfo::ReplacePrefixMatch(p.value)))
+                }
+                _ => Err(err(
+                    field,
+                    format!(
+                        "kind {} is not REPLACE_FULL_PATH or REPLACE_PREFIX_MATCH",
+                        p.kind
+                    ),
+                )),
+            }
+        };
         let mut parents = Vec::new();
         for p in r.parents {
             let port = port("parents.port", p.port)?;
@@ -655,11 +708,60 @@ impl TryFrom<pb::Route> for RouteInfo {
                     weight: b.weight,
                 });
             }
+            let url_rewrite = match rule.url_rewrite {
+                None => None,
+                Some(u) => Some(UrlRewriteInfo {
+                    hostname: opt(u.hostname),
+                    path: path_modifier("rules.url_rewrite.path", u.path)?,
+                }),
+            };
+            let redirect = match rule.redirect {
+                None => None,
+                Some(r) => {
+                    let scheme = match pb::request_redirect::Scheme::try_from(r.scheme) {
+                        Ok(pb::request_redirect::Scheme::Unspecified) => None,
+                        Ok(pb::request_redirect::Scheme::Http) => Some(RedirectScheme::Http),
+                        Ok(pb::request_redirect::Scheme::Https) => Some(RedirectScheme::Https),
+                        Err(_) => {
+                            return Err(err(
+                                "rules.redirect.scheme",
+                                format!("unknown scheme {}", r.scheme),
+                            ));
+                        }
+                    };
+                    let status_code = match r.status_code {
+                        301 => 301,
+                        302 => 302,
+                        c => {
+                            return Err(err(
+                                "rules.redirect.status_code",
+                                format!("{c} is not 301 or 302"),
+                            ));
+                        }
+                    };
+                    let port = port("rules.redirect.port", r.port)?;
+                    Some(RedirectInfo {
+                        scheme,
+                        hostname: opt(r.hostname),
+                        path: path_modifier("rules.redirect.path", r.path)?,
+                        port: (port != 0).then_some(port),
+                        status_code,
+                    })
+                }
+            };
+            if redirect.is_some() && (url_rewrite.is_some() || !backends.is_empty()) {
+                return Err(err(
+                    "rules.redirect",
+                    "a rule with a redirect has no rewrite and no backends".into(),
+                ));
+            }
             rules.push(RouteRuleInfo {
                 name: rule.name,
                 matches,
                 request_headers: modifier(rule.request_headers),
                 response_headers: modifier(rule.response_headers),
+                url_rewrite,
+                redirect,
                 backends,
                 request_timeout_ms: (rule.request_timeout_ms != 0)
                     .then_some(rule.request_timeout_ms),
@@ -781,6 +883,24 @@ spec:
         - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-r, value: s}]}}
       backendRefs: [{name: api-v2, port: 80, weight: 3}]
       timeouts: {request: 1s, backendRequest: 250ms}
+    - name: rewrite
+      matches: [{path: {type: PathPrefix, value: /old}}]
+      filters:
+        - {type: URLRewrite, urlRewrite: {hostname: api.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}
+      backendRefs: [{name: api, port: 80}]
+    - name: full
+      matches: [{path: {type: Exact, value: /health}}]
+      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /healthz}}}]
+      backendRefs: [{name: api, port: 80}]
+    - name: moved
+      matches: [{path: {type: PathPrefix, value: /moved}}]
+      filters:
+        - {type: RequestRedirect, requestRedirect: {scheme: https, hostname: www.example.com, port: 8443, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /here}}}
+    - name: bare-redirect
+      filters: [{type: RequestRedirect, requestRedirect: {scheme: http, path: {type: ReplaceFullPath, replaceFullPath: /}}}]
+    - name: default-redirect
+      matches: [{method: DELETE}]
+      filters: [{type: RequestRedirect, requestRedirect: {}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -796,6 +916,13 @@ spec:
         .expect("parse");
         let state = crate::MeshState::from_resources(&docs).expect("valid");
         assert_eq!(state.routes.len(), 2);
+        let http = &state.routes["HTTPRoute/shop/api"];
+        assert!(http.rules.iter().any(|r| r.url_rewrite.is_some()));
+        assert!(
+            http.rules
+                .iter()
+                .any(|r| r.redirect.as_ref().is_some_and(|d| d.port == Some(8443)))
+        );
         for route in state.routes.values() {
             let r = route_resource(route);
             assert_eq!(r.key, route.key());
@@ -803,6 +930,116 @@ spec:
                 panic!("not a route")
             };
             assert_eq!(&RouteInfo::try_from(wire).expect("back"), route);
+        }
+        // Routes without the new filters encode as before (their versions do not change).
+        let plain = &state.routes["GRPCRoute/shop/g"];
+        let wire = pb::Route::from(plain);
+        assert!(
+            wire.rules
+                .iter()
+                .all(|r| r.url_rewrite.is_none() && r.redirect.is_none())
+        );
+    }
+
+    /// A route with one rewrite rule and one redirect rule, on the wire.
+    fn filter_route() -> pb::Route {
+        let docs = crate::parse_documents(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: api}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /old}}]
+      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+      backendRefs: [{name: api, port: 80}]
+    - filters: [{type: RequestRedirect, requestRedirect: {scheme: https, statusCode: 301, path: {type: ReplaceFullPath, replaceFullPath: /x}}}]
+"#,
+            "t.yaml",
+        )
+        .expect("parse");
+        let state = crate::MeshState::from_resources(&docs).expect("valid");
+        pb::Route::from(&state.routes["HTTPRoute/shop/api"])
+    }
+
+    #[test]
+    fn malformed_rewrites_and_redirects_from_the_wire_name_the_field() {
+        let good = filter_route();
+        RouteInfo::try_from(good.clone()).expect("valid");
+        type Breaker = fn(&mut pb::Route);
+        let cases: &[(Breaker, &str, &str)] = &[
+            (
+                |r| r.rules[1].redirect.as_mut().expect("redirect").status_code = 307,
+                "rules.redirect.status_code",
+                "307 is not 301 or 302",
+            ),
+            (
+                |r| r.rules[1].redirect.as_mut().expect("redirect").status_code = 0,
+                "rules.redirect.status_code",
+                "0 is not 301 or 302",
+            ),
+            (
+                |r| r.rules[1].redirect.as_mut().expect("redirect").scheme = 9,
+                "rules.redirect.scheme",
+                "unknown scheme 9",
+            ),
+            (
+                |r| r.rules[1].redirect.as_mut().expect("redirect").port = 70000,
+                "rules.redirect.port",
+                "70000 is not a port",
+            ),
+            (
+                |r| {
+                    let redirect = r.rules[1].redirect.as_mut().expect("redirect");
+                    redirect.path.as_mut().expect("path").kind = 0;
+                },
+                "rules.redirect.path",
+                "kind 0 is not REPLACE_FULL_PATH",
+            ),
+            (
+                |r| {
+                    let rewrite = r.rules[0].url_rewrite.as_mut().expect("rewrite");
+                    rewrite.path.as_mut().expect("path").kind = 42;
+                },
+                "rules.url_rewrite.path",
+                "kind 42",
+            ),
+            (
+                |r| {
+                    let rewrite = r.rules[0].url_rewrite.as_mut().expect("rewrite");
+                    rewrite.path.as_mut().expect("path").value = "new".into();
+                },
+                "rules.url_rewrite.path",
+                "does not start with `/`",
+            ),
+            (
+                |r| {
+                    let backends = r.rules[0].backends.clone();
+                    r.rules[1].backends = backends;
+                },
+                "rules.redirect",
+                "no rewrite and no backends",
+            ),
+            (
+                |r| {
+                    let rewrite = r.rules[0].url_rewrite.clone();
+                    r.rules[1].url_rewrite = rewrite;
+                },
+                "rules.redirect",
+                "no rewrite and no backends",
+            ),
+        ];
+        for (break_it, field, text) in cases {
+            let mut wire = good.clone();
+            break_it(&mut wire);
+            let e = RouteInfo::try_from(wire).expect_err(field);
+            assert_eq!(e.field, *field, "{e}");
+            assert!(e.problem.contains(text), "{e}");
+            assert!(
+                e.to_string().starts_with("resource HTTPRoute/shop/api: "),
+                "{e}"
+            );
         }
     }
 

@@ -9,18 +9,23 @@
 //! port wins: the routes are then not served, with a warning. Backends are
 //! `<service>:<port>`, speaking HTTP/2 for GRPCRoutes and for Service ports whose
 //! `appProtocol` says so, else HTTP/1.1. Route names in metrics are `<route>/<rule name or
-//! index>`.
+//! index>`. `URLRewrite` and `RequestRedirect` become the file's filters of the same name; a
+//! redirect without `scheme` or `port` keeps the Service port the client used (Gateway API: the
+//! listener's port).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use weft_api::routes::{HeaderModifierInfo, PathKind, RouteInfo, RouteKind};
+use weft_api::routes::{
+    HeaderModifierInfo, PathKind, PathModifierInfo, RedirectInfo, RouteInfo, RouteKind,
+    UrlRewriteInfo,
+};
 
 use super::MeshView;
 use crate::config::{
     BackendConfig, BackendProtocol, BackendRef, Config, FilterConfig, GrpcMethodMatch,
     HeaderModifierConfig, ListenerConfig, MatchConfig, NameValue, PathMatch, PathMatchType,
-    RouteConfig, TimeoutsConfig,
+    PathModifier, RedirectConfig, RouteConfig, TimeoutsConfig, UrlRewriteConfig,
 };
 use crate::duration::GatewayDuration;
 
@@ -40,6 +45,37 @@ fn modifier(m: &HeaderModifierInfo) -> HeaderModifierConfig {
         set: nv(&m.set),
         add: nv(&m.add),
         remove: m.remove.clone(),
+    }
+}
+
+fn path_modifier(p: &PathModifierInfo) -> PathModifier {
+    match p {
+        PathModifierInfo::ReplaceFullPath(path) => PathModifier::ReplaceFullPath {
+            replace_full_path: path.clone(),
+        },
+        PathModifierInfo::ReplacePrefixMatch(path) => PathModifier::ReplacePrefixMatch {
+            replace_prefix_match: path.clone(),
+        },
+    }
+}
+
+fn url_rewrite(u: &UrlRewriteInfo) -> UrlRewriteConfig {
+    UrlRewriteConfig {
+        hostname: u.hostname.clone(),
+        path: u.path.as_ref().map(path_modifier),
+    }
+}
+
+/// The redirect of a rule served on Service port `port`: without `scheme` and `port`, the
+/// `Location` keeps `port` (Gateway API: the listener's port; the filter leaves out 80 for
+/// http), as the client reached the Service there.
+fn redirect(r: &RedirectInfo, port: u16) -> RedirectConfig {
+    RedirectConfig {
+        scheme: r.scheme.map(|s| s.as_str().to_string()),
+        hostname: r.hostname.clone(),
+        port: r.port.or(r.scheme.is_none().then_some(port)),
+        path: r.path.as_ref().map(path_modifier),
+        status_code: r.status_code,
     }
 }
 
@@ -155,6 +191,16 @@ pub fn with_routes(file: &Config, view: &MeshView, namespace: &str, waypoint: &s
                 if !rule.response_headers.is_empty() {
                     filters.push(FilterConfig::ResponseHeaderModifier {
                         response_header_modifier: modifier(&rule.response_headers),
+                    });
+                }
+                if let Some(u) = &rule.url_rewrite {
+                    filters.push(FilterConfig::UrlRewrite {
+                        url_rewrite: url_rewrite(u),
+                    });
+                }
+                if let Some(r) = &rule.redirect {
+                    filters.push(FilterConfig::RequestRedirect {
+                        request_redirect: redirect(r, port),
                     });
                 }
                 let mut backend_refs = Vec::new();
@@ -311,6 +357,82 @@ spec:
         config
             .validate_for(crate::config::Mode::Mesh)
             .expect("valid");
+    }
+
+    const FILTERS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.13, ports: [{port: 80, targetPort: 8080}, {name: alt, port: 8080, targetPort: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+    - name: old
+      matches: [{path: {type: PathPrefix, value: /old}}]
+      filters: [{type: URLRewrite, urlRewrite: {hostname: web.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+      backendRefs: [{name: web, port: 80}]
+    - name: moved
+      matches: [{path: {type: PathPrefix, value: /moved}}]
+      filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /here}, statusCode: 301}}]
+    - name: secure
+      filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: login.example.com, path: {type: ReplaceFullPath, replaceFullPath: /login}}}]
+"#;
+
+    #[test]
+    fn rewrites_and_redirects_become_the_files_filters() {
+        let view = MeshView::build(&state(FILTERS), "cluster.local");
+        let config = with_routes(&empty_file(), &view, "shop", "shop/waypoint");
+        config
+            .validate_for(crate::config::Mode::Mesh)
+            .expect("redirect rules without backends are valid");
+        let listener = |name: &str| {
+            config
+                .listeners
+                .iter()
+                .find(|l| l.name == name)
+                .unwrap_or_else(|| panic!("listener {name}"))
+        };
+        // The same rules written in the waypoint's file compile to the same routes.
+        let file = Config::from_yaml_for(
+            r#"
+listeners:
+  - name: web
+    service: web
+    port: 80
+    routes:
+      - name: web/old
+        matches: [{path: {type: PathPrefix, value: /old}}]
+        filters: [{type: URLRewrite, urlRewrite: {hostname: web.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+        backendRefs: [{name: "web:80"}]
+      - name: web/moved
+        matches: [{path: {type: PathPrefix, value: /moved}}]
+        filters: [{type: RequestRedirect, requestRedirect: {port: 80, path: {type: ReplacePrefixMatch, replacePrefixMatch: /here}, statusCode: 301}}]
+      - name: web/secure
+        filters: [{type: RequestRedirect, requestRedirect: {scheme: https, hostname: login.example.com, path: {type: ReplaceFullPath, replaceFullPath: /login}}}]
+backends:
+  - {name: "web:80", service: web, port: 80}
+"#,
+            crate::config::Mode::Mesh,
+        )
+        .expect("file config");
+        assert_eq!(listener("gamma:web:80").routes, file.listeners[0].routes);
+        assert!(listener("gamma:web:80").routes[1].backend_refs.is_empty());
+        // Without scheme and port a redirect keeps the Service port the client used; with a
+        // scheme, the scheme's port (none in the Location).
+        let redirect_port = |listener_name: &str, rule: usize| match &listener(listener_name).routes
+            [rule]
+            .filters[..]
+        {
+            [FilterConfig::RequestRedirect { request_redirect }] => request_redirect.port,
+            other => panic!("not a redirect: {other:?}"),
+        };
+        assert_eq!(redirect_port("gamma:web:80", 1), Some(80));
+        assert_eq!(redirect_port("gamma:web:8080", 1), Some(8080));
+        assert_eq!(redirect_port("gamma:web:8080", 2), None);
     }
 
     #[test]
