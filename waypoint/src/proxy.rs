@@ -980,12 +980,21 @@ pub async fn handle_from(
 fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
     const XFP: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
-    let ip = peer.ip().to_string();
     let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {ip}"),
-        None => ip,
+        Some(previous) => http::HeaderValue::from_str(&format!("{previous}, {}", peer.ip())),
+        None => {
+            // The common case without a heap string: an address is at most 45 characters.
+            use std::io::Write as _;
+            let mut buf = [0u8; 64];
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            let len = match write!(cursor, "{}", peer.ip()) {
+                Ok(()) => usize::try_from(cursor.position()).unwrap_or(0),
+                Err(_) => 0,
+            };
+            http::HeaderValue::from_bytes(&buf[..len])
+        }
     };
-    if let Ok(value) = http::HeaderValue::from_str(&value) {
+    if let Ok(value) = value {
         headers.insert(XFF, value);
     }
     if !headers.contains_key(&XFP) {

@@ -464,11 +464,11 @@ impl<S: Inner> Service<Request> for Balance<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::ServiceExt;
     use crate::duration::GatewayDuration;
     use crate::layers::ProxyService;
     use crate::layers::testing::request;
     use std::collections::HashMap;
+    use tower::ServiceExt;
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))

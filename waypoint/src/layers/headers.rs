@@ -152,10 +152,10 @@ impl<S: Inner> Service<Request> for HeaderModification<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::ServiceExt;
     use crate::config::NameValue;
     use crate::layers::ProxyService;
     use crate::layers::testing::request;
+    use tower::ServiceExt;
 
     fn nv(name: &str, value: &str) -> NameValue {
         NameValue {

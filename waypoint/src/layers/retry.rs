@@ -195,20 +195,38 @@ impl<S: Inner> Service<Request> for Retry<S> {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let inner = self.inner.clone();
         let RetryLayer {
             config,
             budget,
             route,
         } = self.layer.clone();
+        budget.deposit();
+        let attempt_of = |request: &Request, attempt: u32| {
+            let mut copy = clone_request(request);
+            copy.headers_mut()
+                .insert(ATTEMPT_HEADER, http::HeaderValue::from(attempt));
+            copy
+        };
+        let single = config.attempts <= 1;
+        // The first attempt is sent now (always ready, see the module docs); the request is
+        // kept (and the inner service cloned) only when there can be a second.
+        let (first, mut later) = if single {
+            let mut request = request;
+            request
+                .headers_mut()
+                .insert(ATTEMPT_HEADER, http::HeaderValue::from(1u32));
+            (self.inner.call(request), None)
+        } else {
+            let first = self.inner.call(attempt_of(&request, 1));
+            (first, Some((self.inner.clone(), request)))
+        };
         Box::pin(async move {
-            budget.deposit();
+            let mut result = first.await;
             let mut attempt = 1;
             loop {
-                let mut copy = clone_request(&request);
-                copy.headers_mut()
-                    .insert(ATTEMPT_HEADER, http::HeaderValue::from(attempt));
-                let result = inner.clone().oneshot(copy).await;
+                let Some((inner, request)) = later.as_mut() else {
+                    return result;
+                };
                 if attempt >= config.attempts || !is_retryable(&result, &config.retry_on) {
                     return result;
                 }
@@ -221,6 +239,20 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 drop(result);
                 tokio::time::sleep(backoff(&config, attempt)).await;
                 attempt += 1;
+                result = if attempt >= config.attempts {
+                    // The last attempt takes the kept request itself.
+                    match later.take() {
+                        Some((inner, mut request)) => {
+                            request
+                                .headers_mut()
+                                .insert(ATTEMPT_HEADER, http::HeaderValue::from(attempt));
+                            inner.oneshot(request).await
+                        }
+                        None => return Err(ProxyError::Internal("retry without a request")),
+                    }
+                } else {
+                    inner.clone().oneshot(attempt_of(request, attempt)).await
+                };
             }
         })
     }

@@ -89,9 +89,9 @@ impl<S: Inner> Service<Request> for Timeout<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::ServiceExt;
     use crate::body;
     use crate::layers::testing::request;
+    use tower::ServiceExt;
 
     fn slow(delay: Duration) -> crate::layers::ProxyService {
         crate::layers::ProxyService::new(tower::service_fn(move |_| async move {
