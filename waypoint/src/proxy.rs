@@ -163,7 +163,7 @@ fn compile_backend(config: &BackendConfig, mesh: Option<&Arc<MeshContext>>) -> P
                 config.load_balancer,
                 config.outlier_detection,
             ));
-            ProxyService::new(BalanceLayer::new(set).layer(MeshForwarder::new(
+            ProxyService::layered(BalanceLayer::new(set).layer(MeshForwarder::new(
                 ctx.clone(),
                 config.protocol,
                 max_connections,
@@ -182,13 +182,15 @@ fn compile_backend(config: &BackendConfig, mesh: Option<&Arc<MeshContext>>) -> P
                 config.load_balancer,
                 config.outlier_detection,
             ));
-            ProxyService::new(
+            ProxyService::layered(
                 BalanceLayer::new(set).layer(Forwarder::new(config.protocol, max_connections)),
             )
         }
     };
     match config.circuit_breaker {
-        Some(limits) => ProxyService::new(ConcurrencyLimitLayer::new(limits, name).layer(service)),
+        Some(limits) => {
+            ProxyService::layered(ConcurrencyLimitLayer::new(limits, name).layer(service))
+        }
         None => service,
     }
 }
@@ -255,7 +257,7 @@ fn compile_route(
         })
         .collect();
     let mut service = match WeightedSplit::new(weighted) {
-        Some(split) => ProxyService::new(split),
+        Some(split) => ProxyService::layered(split),
         // Redirect-only routes never reach the stack.
         None => ProxyService::new(tower::service_fn(|_| async {
             Err(ProxyError::Internal("route without backends"))
@@ -263,7 +265,7 @@ fn compile_route(
     };
     let timeouts = route.timeouts.unwrap_or_default();
     if let Some(after) = timeouts.backend_request {
-        service = ProxyService::new(
+        service = ProxyService::layered(
             TimeoutLayer::new(TimeoutConfig {
                 after: after.0,
                 which: crate::layers::timeout::BACKEND_REQUEST,
@@ -280,10 +282,10 @@ fn compile_route(
             _ => RetryLayer::new(retry.clone(), name.clone()),
         };
         next.retries.insert(key, (retry.clone(), layer.clone()));
-        service = ProxyService::new(layer.layer(service));
+        service = ProxyService::layered(layer.layer(service));
     }
     if let Some(after) = timeouts.request {
-        service = ProxyService::new(
+        service = ProxyService::layered(
             TimeoutLayer::new(TimeoutConfig {
                 after: after.0,
                 which: crate::layers::timeout::REQUEST,
@@ -292,7 +294,7 @@ fn compile_route(
         );
     }
     if let Some(fault) = route.fault {
-        service = ProxyService::new(FaultLayer::new(fault).layer(service));
+        service = ProxyService::layered(FaultLayer::new(fault).layer(service));
     }
     if let Some(limit) = &route.rate_limit {
         let key = (listener.to_string(), name.to_string());
@@ -301,16 +303,16 @@ fn compile_route(
             _ => RateLimitLayer::new(limit, name.clone()),
         };
         next.limiters.insert(key, (limit.clone(), layer.clone()));
-        service = ProxyService::new(layer.layer(service));
+        service = ProxyService::layered(layer.layer(service));
     }
     let headers = HeaderModifierLayer::new(request_modifiers, response_modifiers);
     if !headers.is_empty() {
-        service = ProxyService::new(headers.layer(service));
+        service = ProxyService::layered(headers.layer(service));
     }
     // Outermost: the span covers the whole route stack (every retry attempt). Only when spans
     // are exported: otherwise the waypoint passes trace context through untouched.
     if crate::layers::trace::exporting() {
-        service = ProxyService::new(
+        service = ProxyService::layered(
             crate::layers::trace::TraceLayer::for_route(listener, &name, route).layer(service),
         );
     }
@@ -454,7 +456,7 @@ fn default_listener(
         LoadBalancerConfig::default(),
         None,
     ));
-    let backend = ProxyService::new(BalanceLayer::new(set).layer(MeshForwarder::new(
+    let backend = ProxyService::layered(BalanceLayer::new(set).layer(MeshForwarder::new(
         ctx.clone(),
         protocol,
         None,

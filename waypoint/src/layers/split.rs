@@ -26,6 +26,8 @@ pub struct WeightedBackend {
 pub struct WeightedSplit {
     backends: Arc<[WeightedBackend]>,
     total: u64,
+    /// With a single backend: its name and service, called directly (no roll, no clone).
+    single: Option<(Arc<str>, ProxyService)>,
 }
 
 impl WeightedSplit {
@@ -33,9 +35,14 @@ impl WeightedSplit {
     pub fn new(backends: Vec<WeightedBackend>) -> Option<Self> {
         let backends: Vec<_> = backends.into_iter().filter(|b| b.weight > 0).collect();
         let total = backends.iter().map(|b| u64::from(b.weight)).sum();
+        let single = match backends.as_slice() {
+            [only] => Some((only.name.clone(), only.service.clone())),
+            _ => None,
+        };
         (total > 0).then(|| WeightedSplit {
             backends: backends.into(),
             total,
+            single,
         })
     }
 
@@ -61,6 +68,13 @@ impl Service<Request> for WeightedSplit {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        if let Some((name, service)) = &mut self.single {
+            if let Some(context) = request.extensions().get::<RequestContext>() {
+                context.set_backend(name.clone());
+            }
+            // Always ready (see the module docs).
+            return service.call(request);
+        }
         let roll = rand::rng().random_range(0..self.total);
         let backend = self.pick(roll);
         if let Some(context) = request.extensions().get::<RequestContext>() {
