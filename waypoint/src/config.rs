@@ -893,6 +893,15 @@ impl Config {
                 ),
                 (Some(address), false) => match address.parse::<SocketAddr>() {
                     Ok(addr) => {
+                        if mode == Mode::Mesh && !addr.ip().is_loopback() {
+                            err(
+                                format!("{at}.address"),
+                                format!(
+                                    "`{addr}` would take plaintext from other nodes, without identities or AuthorizationPolicies, beside the mesh's mTLS; in mesh mode attach the listener to a `service` and `port` (its traffic then arrives through HBONE), or listen on a loopback address (e.g. 127.0.0.1:{}) for local use",
+                                    addr.port()
+                                ),
+                            );
+                        }
                         if !addresses.insert(addr) {
                             err(
                                 format!("{at}.address"),
@@ -1584,6 +1593,27 @@ backends:
             errors.iter().all(|e| e.message.contains("--controller")),
             "{errors:?}"
         );
+    }
+
+    #[test]
+    fn mesh_mode_refuses_plaintext_listeners_off_loopback() {
+        let plain = |address: &str| {
+            format!(
+                "listeners:\n  - name: plain\n    address: \"{address}\"\n    routes: [{{backendRefs: [{{name: b}}]}}]\nbackends:\n  - {{name: b, endpoints: [\"127.0.0.1:1\"]}}\n"
+            )
+        };
+        for address in ["0.0.0.0:8080", "[::]:8080", "10.1.2.3:8080"] {
+            let errors = problems_for(&plain(address), Mode::Mesh);
+            assert!(
+                errors.iter().any(|e| e.path == "listeners[0].address"
+                    && e.message.contains("plaintext from other nodes")),
+                "{address}: {errors:?}"
+            );
+            assert!(Config::from_yaml_for(&plain(address), Mode::Standalone).is_ok());
+        }
+        for address in ["127.0.0.1:8080", "[::1]:8080"] {
+            assert!(Config::from_yaml_for(&plain(address), Mode::Mesh).is_ok());
+        }
     }
 
     #[test]
