@@ -46,6 +46,10 @@ pub const CONTROLLER_CA_KEY: &str = "ca.pem";
 pub const SYSTEM_NAMESPACE: &str = "weft-system";
 /// Where the waypoint container finds the controller's CA.
 pub const CONTROLLER_CA_DIR: &str = "/var/run/secrets/weft-ca";
+/// Where the waypoint's config file (`--config`, ConfigMap `<name>-config`) is mounted.
+pub const CONFIG_DIR: &str = "/etc/weft-waypoint";
+/// Key (file name) of the config file in its ConfigMap.
+pub const CONFIG_KEY: &str = "waypoint.yaml";
 /// HBONE port of waypoint pods and of the waypoint Service.
 pub const HBONE_PORT: u16 = 15008;
 /// Metrics (and readiness) port of waypoint pods.
@@ -69,6 +73,10 @@ pub enum CtlError {
     BadReplicas(u32),
     #[error("--image `{0}`: expected an image reference without spaces, e.g. {DEFAULT_IMAGE}")]
     BadImage(String),
+    #[error(
+        "--config {path}: {reason}; give the waypoint's YAML config (listeners, routes, backends: docs/waypoint.md)"
+    )]
+    BadConfig { path: String, reason: String },
     #[error("-o {0}: expected `yaml` or `json`")]
     BadFormat(String),
     #[error("namespace {0} does not exist: create it (kubectl create namespace {0}) or check -n")]
@@ -254,6 +262,9 @@ pub struct Waypoint {
     pub image: String,
     pub replicas: u32,
     pub binding: Binding,
+    /// The waypoint's config file (YAML), shipped as ConfigMap `<name>-config`: retries,
+    /// timeouts, faults, rate limits, circuit breakers for the Services it serves.
+    pub config: Option<String>,
 }
 
 impl Waypoint {
@@ -265,7 +276,32 @@ impl Waypoint {
             image: DEFAULT_IMAGE.into(),
             replicas: 1,
             binding: Binding::Namespace,
+            config: None,
         }
+    }
+
+    /// The ConfigMap holding the config file.
+    pub fn config_map_name(&self) -> String {
+        format!("{}-config", self.name)
+    }
+
+    /// Reads the config file at `path` for [`Waypoint::config`], refusing what is not YAML
+    /// (the waypoint checks the rest when it loads it; `weft-waypoint --check --config FILE
+    /// --controller URL` checks it all before deploying).
+    pub fn read_config(path: &Path) -> Result<String, CtlError> {
+        let bad = |reason: String| CtlError::BadConfig {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        serde_yaml::from_str::<serde_yaml::Value>(&text).map_err(|e| bad(e.to_string()))?;
+        if text.len() > 900 * 1024 {
+            return Err(bad(format!(
+                "{} bytes is more than a ConfigMap holds (1 MiB)",
+                text.len()
+            )));
+        }
+        Ok(text)
     }
 
     /// Checks names, replicas and image before any request.
@@ -292,13 +328,14 @@ impl Waypoint {
         })
     }
 
-    /// The ServiceAccount, Deployment and Service of the waypoint, in that order.
+    /// The ServiceAccount, Deployment and Service of the waypoint, in that order, after its
+    /// config ConfigMap when it has a config file.
     pub fn objects(&self) -> Vec<Value> {
         let meta = json!({"name": self.name, "namespace": self.namespace, "labels": self.labels()});
         let service_account = json!({
             "apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
         });
-        let container = json!({
+        let mut container = json!({
             "name": "waypoint",
             "image": self.image,
             "args": [
@@ -340,6 +377,36 @@ impl Waypoint {
                 {"name": "state", "mountPath": STATE_DIR},
             ],
         });
+        let mut volumes = vec![
+            json!({
+                "name": "weft-token",
+                "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": TOKEN_AUDIENCE,
+                    "expirationSeconds": 3600,
+                    "path": "token",
+                }}]},
+            }),
+            json!({"name": "controller-ca", "configMap": {"name": CONTROLLER_CA_CONFIGMAP}}),
+            json!({"name": "state", "emptyDir": {}}),
+        ];
+        let mut objects = Vec::new();
+        if let Some(config) = &self.config {
+            objects.push(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": self.config_map_name(), "namespace": self.namespace,
+                             "labels": self.labels()},
+                "data": {CONFIG_KEY: config},
+            }));
+            // Changes reach the mounted file in place; the waypoint reloads it (no restart).
+            if let Some(args) = container["args"].as_array_mut() {
+                args.push(json!("--config"));
+                args.push(json!(format!("{CONFIG_DIR}/{CONFIG_KEY}")));
+            }
+            if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+                mounts.push(json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true}));
+            }
+            volumes.push(json!({"name": "config", "configMap": {"name": self.config_map_name()}}));
+        }
         let deployment = json!({
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
             "spec": {
@@ -350,18 +417,7 @@ impl Waypoint {
                     "spec": {
                         "serviceAccountName": self.name,
                         "containers": [container],
-                        "volumes": [
-                            {
-                                "name": "weft-token",
-                                "projected": {"sources": [{"serviceAccountToken": {
-                                    "audience": TOKEN_AUDIENCE,
-                                    "expirationSeconds": 3600,
-                                    "path": "token",
-                                }}]},
-                            },
-                            {"name": "controller-ca", "configMap": {"name": CONTROLLER_CA_CONFIGMAP}},
-                            {"name": "state", "emptyDir": {}},
-                        ],
+                        "volumes": volumes,
                     },
                 },
             },
@@ -379,7 +435,8 @@ impl Waypoint {
                 }],
             },
         });
-        vec![service_account, deployment, service]
+        objects.extend([service_account, deployment, service]);
+        objects
     }
 
     /// The objects as `format` would print them: a multi-document YAML stream, or a `v1`
@@ -506,10 +563,20 @@ pub async fn deploy(client: &Client, w: &Waypoint) -> Result<Deployed, CtlError>
         )))?;
     for obj in w.objects() {
         let kind = obj["kind"].as_str().unwrap_or_default().to_string();
-        let action = format!("apply {kind} {ns_name}/{}", w.name);
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or(&w.name)
+            .to_string();
+        let action = format!("apply {kind} {ns_name}/{name}");
         tracing::debug!("{action}");
         let patch = Patch::Apply(obj);
         match kind.as_str() {
+            "ConfigMap" => {
+                Api::<ConfigMap>::namespaced(client.clone(), ns_name)
+                    .patch(&name, &pp, &patch)
+                    .await
+                    .map_err(api_err(action))?;
+            }
             "ServiceAccount" => {
                 Api::<ServiceAccount>::namespaced(client.clone(), ns_name)
                     .patch(&w.name, &pp, &patch)
@@ -572,7 +639,8 @@ pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Dele
     let dp = DeleteParams::default();
 
     macro_rules! delete_managed {
-        ($ty:ty, $what:literal) => {{
+        ($ty:ty, $what:literal, $name:expr) => {{
+            let name: &str = $name;
             let api = Api::<$ty>::namespaced(client.clone(), namespace);
             let what = format!(concat!($what, " {}/{}"), namespace, name);
             if let Some(o) = api
@@ -592,9 +660,10 @@ pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Dele
             }
         }};
     }
-    delete_managed!(Deployment, "deployment");
-    delete_managed!(Service, "service");
-    delete_managed!(ServiceAccount, "serviceaccount");
+    delete_managed!(Deployment, "deployment", name);
+    delete_managed!(Service, "service", name);
+    delete_managed!(ServiceAccount, "serviceaccount", name);
+    delete_managed!(ConfigMap, "configmap", &format!("{name}-config"));
 
     let unlabel = Patch::Merge(json!({"metadata": {"labels": {labels::USE_WAYPOINT: null}}}));
     let pp = PatchParams::default();
@@ -767,6 +836,76 @@ mod tests {
             binding,
             ..Waypoint::new("shop")
         }
+    }
+
+    #[test]
+    fn a_config_file_ships_as_a_configmap_mounted_and_passed() {
+        assert_eq!(
+            wp(Binding::Namespace).objects().len(),
+            3,
+            "no config: no ConfigMap"
+        );
+        let w = Waypoint {
+            config: Some("listeners: []\n".into()),
+            ..wp(Binding::Namespace)
+        };
+        let objs = w.objects();
+        assert_eq!(objs.len(), 4);
+        assert_eq!(objs[0]["kind"], "ConfigMap");
+        assert_eq!(objs[0]["metadata"]["name"], "waypoint-config");
+        assert_eq!(objs[0]["data"][CONFIG_KEY], "listeners: []\n");
+        let pod = &objs[2]["spec"]["template"]["spec"];
+        let args: Vec<&str> = pod["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| *a == "--config")
+            .expect("--config");
+        assert_eq!(args[at + 1], format!("{CONFIG_DIR}/{CONFIG_KEY}"));
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .any(|v| v["configMap"]["name"] == "waypoint-config")
+        );
+        assert!(
+            pod["containers"][0]["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .any(|m| m["mountPath"] == CONFIG_DIR)
+        );
+    }
+
+    #[test]
+    fn config_files_that_are_not_yaml_are_refused_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("weftctl-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let good = dir.join("good.yaml");
+        std::fs::write(&good, "listeners: []\n").expect("write");
+        assert_eq!(
+            Waypoint::read_config(&good).expect("yaml"),
+            "listeners: []\n"
+        );
+        let bad = dir.join("bad.yaml");
+        std::fs::write(&bad, "listeners: [").expect("write");
+        let e = Waypoint::read_config(&bad)
+            .expect_err("not yaml")
+            .to_string();
+        assert!(
+            e.contains("bad.yaml") && e.contains("docs/waypoint.md"),
+            "{e}"
+        );
+        let e = Waypoint::read_config(&dir.join("missing.yaml"))
+            .expect_err("missing")
+            .to_string();
+        assert!(e.contains("missing.yaml"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -377,6 +377,48 @@ async fn weftctl_deploy_reports_an_unmeshed_namespace_and_a_rebinding() {
 }
 
 #[tokio::test]
+async fn weftctl_deploy_ships_the_config_file_and_delete_removes_it() {
+    let s = server().await;
+    let c = s.client();
+    let config = "listeners: []\nbackends: []\n";
+    let w = Waypoint {
+        config: Some(config.into()),
+        ..waypoint(Binding::Namespace)
+    };
+    weftctl::deploy(&c, &w).await.expect("deploy");
+    let cm = s
+        .get("v1", "ConfigMap", "shop", "waypoint-config")
+        .expect("config ConfigMap");
+    assert_eq!(cm["data"]["waypoint.yaml"], config);
+    assert_eq!(
+        label(&Some(cm.clone()), "app.kubernetes.io/managed-by").as_deref(),
+        Some("weftctl")
+    );
+    let d = s
+        .get("apps/v1", "Deployment", "shop", "waypoint")
+        .expect("deployment");
+    let args = d["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(
+        args.contains("\"--config\",\"/etc/weft-waypoint/waypoint.yaml\""),
+        "{args}"
+    );
+    let done = weftctl::delete(&c, "shop", "waypoint")
+        .await
+        .expect("delete");
+    assert!(
+        done.removed
+            .iter()
+            .any(|r| r == "configmap shop/waypoint-config"),
+        "{:?}",
+        done.removed
+    );
+    assert!(
+        s.get("v1", "ConfigMap", "shop", "waypoint-config")
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn weftctl_delete_removes_the_objects_and_the_bindings_and_keeps_foreign_objects() {
     let s = server().await;
     let c = s.client();

@@ -38,6 +38,10 @@ struct Args {
         required_unless_present = "controller"
     )]
     config: Option<PathBuf>,
+    /// How often (seconds) the --config file is read again; a changed file is reloaded as on
+    /// SIGHUP (a ConfigMap volume updates in place). 0: only on SIGHUP.
+    #[arg(long, env = "WEFT_WAYPOINT_CONFIG_CHECK_SECONDS", default_value_t = 5)]
+    config_check_seconds: u64,
     /// Address serving Prometheus metrics on /metrics.
     #[arg(
         long,
@@ -493,6 +497,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("installing the SIGHUP handler")?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    // The file as last loaded (or tried), to notice changes without SIGHUP.
+    let mut loaded = args.config.as_ref().and_then(|p| std::fs::read(p).ok());
+    let check_file = args.config.is_some() && args.config_check_seconds > 0;
+    let mut file_check = tokio::time::interval(std::time::Duration::from_secs(
+        args.config_check_seconds.max(1),
+    ));
+    file_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -500,22 +511,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     tracing::info!("SIGHUP: no --config file to reload");
                     continue;
                 };
-                let result = Config::from_file_for(path, mode)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|file| {
-                        let serving = match &mesh {
-                            Some(run) => with_routes(&file, &run.ctx.mesh.current(), &run.ctx.namespace, &waypoint_key),
-                            None => file.clone(),
-                        };
-                        let version = waypoint.reload(&serving)?;
-                        if let Ok(mut current) = file_config.lock() {
-                            *current = file;
-                        }
-                        Ok(version)
-                    });
-                match result {
-                    Ok(version) => tracing::info!(version, "config reloaded"),
-                    Err(e) => tracing::error!(error = %e, "config reload failed; keeping the running config"),
+                reload_file(path, mode, &mesh, &waypoint_key, &waypoint, &file_config);
+                loaded = std::fs::read(path).ok();
+            }
+            _ = file_check.tick(), if check_file => {
+                let Some(path) = &args.config else { continue };
+                let now = std::fs::read(path).ok();
+                if now.is_some() && now != loaded {
+                    tracing::info!(path = %path.display(), "the config file changed");
+                    reload_file(path, mode, &mesh, &waypoint_key, &waypoint, &file_config);
+                    loaded = now;
                 }
             }
             _ = terminate.recv() => break,
@@ -540,6 +545,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     traces.shutdown(std::time::Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// Reloads the config file `path` (plus the controller's routes in mesh mode); a broken file
+/// is logged and the running config stays.
+fn reload_file(
+    path: &std::path::Path,
+    mode: Mode,
+    mesh: &Option<MeshRun>,
+    waypoint_key: &str,
+    waypoint: &Waypoint,
+    file_config: &std::sync::Mutex<Config>,
+) {
+    let result = Config::from_file_for(path, mode)
+        .map_err(anyhow::Error::from)
+        .and_then(|file| {
+            let serving = match mesh {
+                Some(run) => with_routes(
+                    &file,
+                    &run.ctx.mesh.current(),
+                    &run.ctx.namespace,
+                    waypoint_key,
+                ),
+                None => file.clone(),
+            };
+            let version = waypoint.reload(&serving)?;
+            if let Ok(mut current) = file_config.lock() {
+                *current = file;
+            }
+            Ok(version)
+        });
+    match result {
+        Ok(version) => tracing::info!(version, "config reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "config reload failed; keeping the running config");
+        }
+    }
 }
 
 /// A socket a worker thread serves.

@@ -93,6 +93,7 @@ backends:
             .arg(metrics.to_string())
             // Thread per core: three SO_REUSEPORT sockets on one address.
             .args(["--worker-threads", "3"])
+            .args(["--config-check-seconds", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -184,8 +185,38 @@ backends:
             .expect("kill")
             .success()
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(get(listen, "/teapot").await.status, 418);
+
+    // Without SIGHUP: a changed file is noticed (as a ConfigMap volume changes in place).
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+listeners:
+  - name: web
+    address: {listen}
+    routes:
+      - name: all
+        backendRefs: [{{ name: a }}]
+        fault: {{ abort: {{ httpStatus: 429, percentage: 100 }} }}
+backends:
+  - name: a
+    endpoints: ["{}"]
+"#,
+            a.addr
+        ),
+    )
+    .expect("rewrite config");
+    let mut noticed = false;
+    for _ in 0..100 {
+        if get(listen, "/hello").await.status == 429 {
+            noticed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(noticed, "the changed file was not reloaded within 5 s");
 
     // SIGTERM: drain and exit cleanly.
     assert!(

@@ -55,6 +55,11 @@ enum WaypointCmd {
             value_name = "namespace|service:<svc>|none"
         )]
         binding: Binding,
+        /// The waypoint's YAML config file (retries, timeouts, faults, rate limits, circuit
+        /// breakers for the Services it serves: docs/waypoint.md), shipped as ConfigMap
+        /// `<name>-config`; the waypoint reloads it when it changes.
+        #[arg(long, value_name = "FILE")]
+        config: Option<std::path::PathBuf>,
         /// Print the objects and change nothing (talks to no cluster).
         #[arg(long)]
         dry_run: bool,
@@ -124,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             replicas,
             binding,
+            config,
             dry_run,
             output,
         }) => {
@@ -133,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 image: image.clone(),
                 replicas: *replicas,
                 binding: binding.clone(),
+                config: config.as_deref().map(Waypoint::read_config).transpose()?,
             };
             w.validate()?;
             if *dry_run || output.is_some() {
