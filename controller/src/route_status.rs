@@ -273,7 +273,9 @@ pub fn desired_parents(
             Ok(_) => (
                 true,
                 "Accepted",
-                format!("served by the waypoint of Service {parent_ns}/{parent}"),
+                format!(
+                    "valid; served by the waypoint Service {parent_ns}/{parent} is bound to (weft.dev/use-waypoint)"
+                ),
             ),
         };
         let accepted = condition("Accepted", ok, reason, message, generation, previous, now);
@@ -619,7 +621,7 @@ mod tests {
                 "controllerName": "weft.dev/waypoint",
                 "conditions": [
                     {"type": "Accepted", "status": "True", "reason": "Accepted",
-                     "message": "served by the waypoint of Service shop/api",
+                     "message": "valid; served by the waypoint Service shop/api is bound to (weft.dev/use-waypoint)",
                      "observedGeneration": 2, "lastTransitionTime": T0},
                     {"type": "ResolvedRefs", "status": "True", "reason": "ResolvedRefs",
                      "message": "every backend is a Service of the route's namespace that exists",

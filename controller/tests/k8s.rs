@@ -738,6 +738,12 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
             "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
         }),
     ));
+    h.server.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"namespace": "shop", "name": "g"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                 "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+    );
     let routes = tokio::spawn(weft_controller::route_status::run_route_status_controller(
         h.server.client(),
     ));
@@ -745,6 +751,9 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
         server
             .get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "r")
             .is_some_and(|r| r["status"]["parents"].is_array())
+            && server
+                .get("gateway.networking.k8s.io/v1", "GRPCRoute", "shop", "g")
+                .is_some_and(|r| r["status"]["parents"].is_array())
     })
     .await;
     h.server.drop_watches();
@@ -803,6 +812,7 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
         ("weft.dev", "authorizationpolicies/status", "patch"),
         ("gateway.networking.k8s.io", "httproutes", "watch"),
         ("gateway.networking.k8s.io", "httproutes/status", "patch"),
+        ("gateway.networking.k8s.io", "grpcroutes/status", "patch"),
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("", "pods", "get"),
         ("", "secrets", "get"),
