@@ -52,7 +52,7 @@ const KINDS: [&str; 7] = [
 const OPTIONAL_KINDS: [&str; 2] = ["httproutes", "grpcroutes"];
 
 /// The Gateway API resource `kind` (`HTTPRoute`, `GRPCRoute`) served as `plural`.
-fn gateway_api_resource(kind: &str, plural: &str) -> ApiResource {
+pub(crate) fn gateway_api_resource(kind: &str, plural: &str) -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind),
         plural,
@@ -151,7 +151,10 @@ impl Stores {
 
 /// Validates a Gateway API route object (`kind` `httproute` or `grpcroute`) as the directory
 /// mode does; the error lists every problem.
-fn route_info(kind: &str, o: &DynamicObject) -> Result<weft_api::routes::RouteInfo, String> {
+pub(crate) fn route_info(
+    kind: &str,
+    o: &DynamicObject,
+) -> Result<weft_api::routes::RouteInfo, String> {
     let doc = serde_json::json!({
         "metadata": {"name": o.name_any(), "namespace": o.namespace()},
         "spec": o.data.get("spec").cloned().unwrap_or_else(|| serde_json::json!({})),

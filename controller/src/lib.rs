@@ -7,6 +7,7 @@ pub mod certs;
 pub mod crd;
 pub mod dir;
 pub mod k8s;
+pub mod route_status;
 pub mod server;
 pub mod source;
 pub mod tls;

@@ -239,6 +239,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => bail!("pass --config-dir DIR or --kubernetes"),
         (None, Some(client)) => {
             tokio::spawn(weft_controller::crd::run_status_controller(client.clone()));
+            tokio::spawn(weft_controller::route_status::run_route_status_controller(
+                client.clone(),
+            ));
             tokio::spawn(async move {
                 let why =
                     match weft_controller::k8s::run(client, state_tx, Default::default()).await {

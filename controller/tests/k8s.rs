@@ -729,10 +729,38 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
         status().is_some_and(|p| p["status"].is_object())
     })
     .await;
+    // Route status (HTTPRoute attached to a Service).
+    h.server.apply(http_route(
+        "shop",
+        "r",
+        json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+            "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+        }),
+    ));
+    h.server.apply(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"namespace": "shop", "name": "g"},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}],
+                 "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}),
+    );
+    let routes = tokio::spawn(weft_controller::route_status::run_route_status_controller(
+        h.server.client(),
+    ));
+    until("the route status", || {
+        server
+            .get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", "r")
+            .is_some_and(|r| r["status"]["parents"].is_array())
+            && server
+                .get("gateway.networking.k8s.io/v1", "GRPCRoute", "shop", "g")
+                .is_some_and(|r| r["status"]["parents"].is_array())
+    })
+    .await;
     h.server.drop_watches();
     h.server.apply(pod("shop", "api", "10.0.0.2"));
     h.wait_for("the rewatch", |s| s.workloads.len() == 2).await;
     policies.abort();
+    routes.abort();
     // Agent authentication (TokenReview, then the agent's pod for its node) and the CA Secret
     // (created, then read on the next start).
     let agent = h.server.apply(json!({"apiVersion": "v1", "kind": "Pod",
@@ -782,6 +810,9 @@ async fn k8s_rbac_allows_every_request_the_controller_makes() {
         ("weft.dev", "authorizationpolicies", "list"),
         ("weft.dev", "authorizationpolicies", "watch"),
         ("weft.dev", "authorizationpolicies/status", "patch"),
+        ("gateway.networking.k8s.io", "httproutes", "watch"),
+        ("gateway.networking.k8s.io", "httproutes/status", "patch"),
+        ("gateway.networking.k8s.io", "grpcroutes/status", "patch"),
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("", "pods", "get"),
         ("", "secrets", "get"),
@@ -1095,4 +1126,197 @@ async fn k8s_httproutes_enter_the_state_and_missing_gateway_api_crds_mean_none()
     let s = h.state();
     assert_eq!(keys(&s), ["shop/web"]);
     assert!(s.routes.is_empty());
+}
+
+/// The `status.parents` of an HTTPRoute on the fake server (`Null` when it has none).
+fn route_parents(server: &FakeApiServer, name: &str) -> Value {
+    server
+        .get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", name)
+        .map(|r| r["status"]["parents"].clone())
+        .unwrap_or_default()
+}
+
+/// The condition `type_` of Weft's entry (the last one) of `parents`.
+fn weft_condition(parents: &Value, type_: &str) -> Value {
+    parents
+        .as_array()
+        .and_then(|ps| {
+            ps.iter()
+                .rfind(|p| p["controllerName"] == weft_controller::route_status::CONTROLLER_NAME)
+        })
+        .and_then(|p| p["conditions"].as_array())
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn route_status_writes(server: &FakeApiServer) -> Vec<RequestRecord> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "PATCH" && r.path.contains("/httproutes/") && r.path.ends_with("/status")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn k8s_route_status_is_written_once_and_keeps_other_controllers_entries() {
+    use weft_controller::route_status::run_route_status_controller;
+    init_tracing();
+    let server = FakeApiServer::start().await;
+    let port = json!([{"name": "http", "port": 80, "protocol": "TCP"}]);
+    server.apply(service("shop", "api", &["10.96.0.1"], port.clone()));
+    server.apply(service("shop", "api-v1", &["10.96.0.2"], port.clone()));
+    let foreign = json!({
+        "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"},
+        "controllerName": "example.com/gateway",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                        "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+    });
+    let good_spec = json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "api", "port": 80}],
+        "rules": [{"backendRefs": [{"group": "", "kind": "Service", "name": "api-v1", "port": 80, "weight": 1}]}],
+    });
+    // Weft's entry from an earlier generation: Accepted already True since T0.
+    let t0 = "2026-01-01T00:00:00Z";
+    let earlier = json!({
+        "parentRef": {"group": "", "kind": "Service", "name": "api", "port": 80},
+        "controllerName": "weft.dev/waypoint",
+        "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                        "message": "earlier", "observedGeneration": 0, "lastTransitionTime": t0}],
+    });
+    server.apply(with(
+        http_route("shop", "good", good_spec.clone()),
+        "/status",
+        json!({"parents": [foreign.clone(), earlier]}),
+    ));
+    server.apply(http_route("shop", "bad", json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "api"}],
+        "rules": [{"filters": [{"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "x", "port": 80}}}],
+                   "backendRefs": [{"name": "api", "port": 80}]}],
+    })));
+    let task = tokio::spawn(run_route_status_controller(server.client()));
+    until("both route statuses", || {
+        weft_condition(&route_parents(&server, "good"), "ResolvedRefs").is_object()
+            && route_parents(&server, "bad").is_array()
+    })
+    .await;
+    let good = route_parents(&server, "good");
+    assert_eq!(good[0], foreign, "another controller's entry is kept");
+    assert_eq!(
+        good[1]["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "api", "port": 80})
+    );
+    assert_eq!(good[1]["controllerName"], "weft.dev/waypoint");
+    let accepted = weft_condition(&good, "Accepted");
+    assert_eq!(
+        (&accepted["status"], &accepted["reason"]),
+        (&json!("True"), &json!("Accepted"))
+    );
+    assert_eq!(accepted["observedGeneration"], 1);
+    assert_eq!(
+        accepted["lastTransitionTime"], t0,
+        "status unchanged: time kept"
+    );
+    assert_ne!(
+        weft_condition(&good, "ResolvedRefs")["lastTransitionTime"],
+        t0
+    );
+    assert_eq!(good.as_array().map(Vec::len), Some(2), "{good:#}");
+    assert_eq!(
+        weft_condition(&good, "ResolvedRefs")["reason"],
+        "ResolvedRefs"
+    );
+    let bad = route_parents(&server, "bad");
+    assert_eq!(bad.as_array().map(Vec::len), Some(1));
+    let refused = weft_condition(&bad, "Accepted");
+    assert_eq!(
+        (&refused["status"], &refused["reason"]),
+        (&json!("False"), &json!("UnsupportedValue"))
+    );
+    let msg = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("spec.rules[0].filters[0].type") && msg.contains("RequestMirror"),
+        "{msg}"
+    );
+    let writes = route_status_writes(&server);
+    assert_eq!(writes.len(), 2, "{writes:#?}");
+    for w in &writes {
+        assert_eq!(
+            w.query.get("fieldManager").map(String::as_str),
+            Some(FIELD_MANAGER)
+        );
+        assert!(
+            !w.query.contains_key("force"),
+            "a merge patch, not an apply: {w:?}"
+        );
+    }
+    let rv = |name: &str| {
+        server
+            .get("gateway.networking.k8s.io/v1", "HTTPRoute", "shop", name)
+            .map(|r| r["metadata"]["resourceVersion"].clone())
+            .unwrap_or_default()
+    };
+    let (good_rv, bad_rv) = (rv("good"), rv("bad"));
+
+    // Nothing changed for good and bad: adding a route (and seeing its status written, twice, so
+    // the passes after the earlier writes are done) writes only the new routes' statuses.
+    for (n, name) in ["later", "last"].into_iter().enumerate() {
+        server.apply(http_route("shop", name, good_spec.clone()));
+        until("the new route's status", || {
+            route_parents(&server, name).is_array()
+        })
+        .await;
+        assert_eq!(
+            route_status_writes(&server).len(),
+            3 + n,
+            "no status write loop"
+        );
+    }
+    assert_eq!((rv("good"), rv("bad")), (good_rv, bad_rv));
+
+    // A backend Service that goes away: ResolvedRefs follows (Services are watched too).
+    server.delete("v1", "Service", "shop", "api-v1");
+    until("BackendNotFound", || {
+        weft_condition(&route_parents(&server, "good"), "ResolvedRefs")["reason"]
+            == "BackendNotFound"
+    })
+    .await;
+    let good = route_parents(&server, "good");
+    assert_eq!(good[0], foreign);
+    assert_eq!(
+        weft_condition(&good, "Accepted")["lastTransitionTime"],
+        accepted["lastTransitionTime"],
+        "an unchanged condition keeps its time"
+    );
+    assert!(!task.is_finished());
+    task.abort();
+}
+
+#[tokio::test]
+async fn k8s_route_status_without_gateway_api_crds_writes_nothing_and_keeps_running() {
+    init_tracing();
+    let server = FakeApiServer::start().await;
+    for path in [
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+    ] {
+        server.fail_path(path, 404, usize::MAX);
+    }
+    let task = tokio::spawn(weft_controller::route_status::run_route_status_controller(
+        server.client(),
+    ));
+    until("the route lists to be tried twice", || {
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/httproutes") && r.status == 404)
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(!task.is_finished());
+    assert!(server.requests().iter().all(|r| r.method == "GET"));
+    task.abort();
 }
