@@ -319,9 +319,10 @@ async fn follow_routes(
     }
 }
 
-/// One worker thread per CPU (`available_parallelism` follows the container's CPU limit).
-/// Measured on the 2-CPU CI machine with the load generator and the backend on the same CPUs:
-/// 2 workers (thread per core) 40-41k req/s at p99 1.2-1.5 ms against 36.5k at 1.6 ms for 1.
+/// One worker thread per CPU (`available_parallelism` follows the container's CPU limit), so
+/// the waypoint uses the CPUs it is given. On the 2-CPU CI machine, with the load generator and
+/// the backend on the same CPUs, 2 workers and 1 measured the same within the noise (41-47k
+/// and 38-45k req/s: docs/waypoint.md).
 fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
