@@ -319,7 +319,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// The HTTP status of an API error, if the error is one.
-fn api_code(e: &watcher::Error) -> Option<u16> {
+pub(crate) fn api_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
         | watcher::Error::WatchStartFailed(kube::Error::Api(s))

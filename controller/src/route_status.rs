@@ -38,7 +38,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::crd::FIELD_MANAGER;
-use crate::k8s::{gateway_api_resource, route_info};
+use crate::k8s::{api_code, gateway_api_resource, route_info};
 
 /// The `controllerName` of every `status.parents` entry Weft writes.
 pub const CONTROLLER_NAME: &str = "weft.dev/waypoint";
@@ -346,17 +346,6 @@ fn now_rfc3339() -> String {
         t.minute(),
         t.second()
     )
-}
-
-/// The HTTP status of an API error, if the error is one.
-fn api_code(e: &watcher::Error) -> Option<u16> {
-    match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s))
-        | watcher::Error::WatchError(s) => Some(s.code),
-        _ => None,
-    }
 }
 
 /// Logs a watch error once per kind and HTTP status (a missing CRD is retried with backoff
