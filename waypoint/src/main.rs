@@ -474,6 +474,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             drain,
         )));
     }
+    tokio::spawn(weft_waypoint::workers::keep_timer_armed());
     let mut threads = Vec::new();
     for (i, jobs) in jobs.into_iter().enumerate() {
         let waypoint = waypoint.clone();
@@ -606,6 +607,7 @@ fn run_worker(
         .build()
         .context("starting a worker runtime")?;
     runtime.block_on(async move {
+        tokio::spawn(weft_waypoint::workers::keep_timer_armed());
         let mut servers = Vec::new();
         for job in jobs {
             let mut stopped = stopped.clone();

@@ -31,7 +31,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tower::{Layer, ServiceExt};
+use tower::Layer;
 
 use crate::body::{self, Response};
 use crate::config::{
@@ -51,7 +51,7 @@ use crate::layers::ratelimit::RateLimitLayer;
 use crate::layers::retry::RetryLayer;
 use crate::layers::split::{WeightedBackend, WeightedSplit};
 use crate::layers::timeout::{TimeoutConfig, TimeoutLayer};
-use crate::layers::{PeerAddr, ProxyService, RequestContext, Source};
+use crate::layers::{ProxyService, RequestContext, Source};
 use crate::mesh::forward::MeshForwarder;
 use crate::mesh::{MeshContext, ServiceEndpoints};
 use crate::route::{RouteError, RouteTable};
@@ -948,12 +948,10 @@ pub async fn handle_from(
                 }
                 _ => {
                     forwarded_headers(request.headers_mut(), peer);
-                    request.extensions_mut().insert(PeerAddr(peer));
-                    if let Some(source) = source {
-                        request.extensions_mut().insert(source);
-                    }
+                    // Everything the layers need travels in the one context (peer, source,
+                    // deadlines): one extension to insert and to copy per attempt.
                     request.extensions_mut().insert(context.clone());
-                    match route.service.clone().oneshot(request).await {
+                    match route.service.call_shared(request).await {
                         Ok(response) => response,
                         Err(error) => {
                             tracing::debug!(route = %route.name, %error, "request failed");
@@ -984,17 +982,7 @@ fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     const XFP: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
     let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
         Some(previous) => http::HeaderValue::from_str(&format!("{previous}, {}", peer.ip())),
-        None => {
-            // The common case without a heap string: an address is at most 45 characters.
-            use std::io::Write as _;
-            let mut buf = [0u8; 64];
-            let mut cursor = std::io::Cursor::new(&mut buf[..]);
-            let len = match write!(cursor, "{}", peer.ip()) {
-                Ok(()) => usize::try_from(cursor.position()).unwrap_or(0),
-                Err(_) => 0,
-            };
-            http::HeaderValue::from_bytes(&buf[..len])
-        }
+        None => Ok(client_address_value(peer.ip())),
     };
     if let Ok(value) = value {
         headers.insert(XFF, value);
@@ -1002,6 +990,28 @@ fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     if !headers.contains_key(&XFP) {
         headers.insert(XFP, http::HeaderValue::from_static("http"));
     }
+}
+
+/// `ip` as a header value. The last one is kept per thread: a connection's requests (and, on
+/// a node, most requests) come from the same address, so it is formatted once, not per request.
+fn client_address_value(ip: std::net::IpAddr) -> http::HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((cached, value)) = last.as_ref()
+            && *cached == ip
+        {
+            return value.clone();
+        }
+        // An address is printable ASCII: always a valid value.
+        let value = http::HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
+        *last = Some((ip, value.clone()));
+        value
+    })
 }
 
 /// The `route` label when no route matched.

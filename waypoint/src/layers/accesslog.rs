@@ -561,6 +561,7 @@ mod tests {
                 workload: Some("shop/web-1".into()),
             }),
             destination: Some("shop/reviews".into()),
+            deadlines: [None; 2],
             peer: Some("10.0.0.9:4000".parse().expect("addr")),
         };
         let line = entry(&started, 504, Some("4".into()), 12, facts).to_line();

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::circuit::{CircuitState, EndpointCircuit, Outcome, Ticket};
-use super::{BoxFuture, Deadline, Inner, ProxyResult, SelectedEndpoint};
+use super::{BoxFuture, Deadline, Inner, ProxyResult, SelectedEndpoint, context_of};
 use crate::body::Request;
 use crate::config::{LoadBalancerConfig, OutlierDetectionConfig};
 use crate::error::ProxyError;
@@ -28,6 +28,8 @@ struct Ewma {
 #[derive(Debug)]
 pub struct Endpoint {
     addr: SocketAddr,
+    /// `addr` as a URI authority, made once (the forwarder's upstream URI).
+    authority: Option<http::uri::Authority>,
     /// The SPIFFE ID the endpoint must present (mesh backends, reached through HBONE).
     identity: Option<Arc<str>>,
     ewma: Mutex<Ewma>,
@@ -184,6 +186,7 @@ impl EndpointSet {
                 }
                 Arc::new(Endpoint {
                     addr: *addr,
+                    authority: http::uri::Authority::try_from(addr.to_string().as_str()).ok(),
                     identity: identity.clone(),
                     ewma: Mutex::new(Ewma {
                         nanos: self.lb.initial_latency.0.as_nanos() as f64,
@@ -275,19 +278,27 @@ impl EndpointSet {
                 return Some((index, Some(ticket)));
             }
         }
-        let mut candidates: Vec<usize> = (0..endpoints.len())
-            .filter(|&i| Self::available(&endpoints[i], now))
-            .collect();
+        // Without allocating: count the endpoints in service, then find the two drawn.
+        let available = |i: &usize| Self::available(&endpoints[*i], now);
+        let in_service = (0..endpoints.len()).filter(available).count();
         // Panic mode (as in Envoy): with too few endpoints in service, ejections would overload
         // the rest or refuse everything (a single-endpoint backend); spread over all instead.
-        let panic = candidates.len() * 100 < self.panic_threshold as usize * endpoints.len();
+        let panic = in_service * 100 < self.panic_threshold as usize * endpoints.len();
         if panic {
             metrics::counter!("weft_waypoint_panic_routing_total", "backend" => self.backend.to_string()).increment(1);
-            candidates = (0..endpoints.len()).collect();
         }
-        let mut order = match candidates.len() {
+        let n = if panic { endpoints.len() } else { in_service };
+        // The `k`th candidate (in service, or any in panic mode).
+        let nth = |k: usize| {
+            if panic {
+                Some(k)
+            } else {
+                (0..endpoints.len()).filter(available).nth(k)
+            }
+        };
+        let order: [Option<usize>; 2] = match n {
             0 => return None,
-            1 => vec![candidates[0]],
+            1 => [nth(0), None],
             n => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..n);
@@ -295,16 +306,18 @@ impl EndpointSet {
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (candidates[a], candidates[b]);
+                let (Some(a), Some(b)) = (nth(a), nth(b)) else {
+                    return None;
+                };
                 if endpoints[b].cost(now, self.decay) < endpoints[a].cost(now, self.decay) {
-                    vec![b, a]
+                    [Some(b), Some(a)]
                 } else {
-                    vec![a, b]
+                    [Some(a), Some(b)]
                 }
             }
         };
         // The loser is the fallback if the winner's probe slot was just taken by another request.
-        for index in order.drain(..) {
+        for index in order.into_iter().flatten() {
             if panic {
                 // Outcomes are not recorded: the circuits keep their own schedule.
                 return Some((index, None));
@@ -413,15 +426,16 @@ impl<S: Inner> Service<Request> for Balance<S> {
         };
         let endpoint = endpoints[index].clone();
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
-        if let Some(context) = request.extensions().get::<crate::layers::RequestContext>() {
+        let deadline = context_of(&request).and_then(|context| {
             context.set_endpoint(endpoint.addr);
-        }
+            context.deadline()
+        });
         request.extensions_mut().insert(SelectedEndpoint {
             backend: set.backend.clone(),
             addr: endpoint.addr,
+            authority: endpoint.authority.clone(),
             identity: endpoint.identity.clone(),
         });
-        let deadline = request.extensions().get::<Deadline>().copied();
         // Always ready (see the module docs): called now, no clone of the inner service.
         let future = self.inner.call(request);
         let decay = set.decay;
@@ -711,7 +725,9 @@ mod tests {
         .layer(balanced);
         let mut timeouts = 0;
         for _ in 0..40 {
-            match service.clone().oneshot(request("/")).await {
+            // The deadline reaches the balancer in the request's context.
+            let request = crate::layers::testing::request_in_context("/");
+            match service.clone().oneshot(request).await {
                 Ok(_) => {}
                 Err(ProxyError::Timeout { which, .. }) => {
                     assert_eq!(which, "timeouts.backendRequest");

@@ -34,19 +34,20 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// The result every layer produces.
 pub type ProxyResult = Result<crate::body::Response, ProxyError>;
 
-/// A boxed, cloneable, shareable service: what a route or a backend compiles to. Like tower's
-/// `BoxCloneSyncService`, except that a service whose future is already a [`BoxFuture`] (every
-/// layer here) is built with [`ProxyService::layered`] and its futures are not boxed a second
-/// time: one allocation less per layer and request.
-pub struct ProxyService(Box<dyn ErasedService>);
+/// A shared, cloneable service: what a route or a backend compiles to. Like tower's
+/// `BoxCloneSyncService`, except that
+/// * cloning it is a reference count, not a copy of the whole layer stack into new boxes (a
+///   route's service is cloned for every request);
+/// * a service whose future is already a [`BoxFuture`] (every layer here) is built with
+///   [`ProxyService::layered`] and its futures are not boxed a second time.
+///
+/// A call clones the layer it wraps (its fields are reference counts and the next
+/// `ProxyService`) and calls the clone, so every service here must be "always ready" (see the
+/// module docs): `poll_ready` is not forwarded.
+pub struct ProxyService(Arc<dyn ErasedService>);
 
 trait ErasedService: Send + Sync {
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), ProxyError>>;
-    fn call(&mut self, request: crate::body::Request) -> BoxFuture<ProxyResult>;
-    fn clone_box(&self) -> Box<dyn ErasedService>;
+    fn call(&self, request: crate::body::Request) -> BoxFuture<ProxyResult>;
 }
 
 /// A service with any future, boxed per call.
@@ -67,17 +68,8 @@ where
         + Sync
         + 'static,
 {
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), ProxyError>> {
-        self.0.poll_ready(cx)
-    }
-    fn call(&mut self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
-        Box::pin(self.0.call(request))
-    }
-    fn clone_box(&self) -> Box<dyn ErasedService> {
-        Box::new(Boxing(self.0.clone()))
+    fn call(&self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
+        Box::pin(self.0.clone().call(request))
     }
 }
 
@@ -93,22 +85,13 @@ where
         + Sync
         + 'static,
 {
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), ProxyError>> {
-        self.0.poll_ready(cx)
-    }
-    fn call(&mut self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
-        self.0.call(request)
-    }
-    fn clone_box(&self) -> Box<dyn ErasedService> {
-        Box::new(Boxed(self.0.clone()))
+    fn call(&self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
+        self.0.clone().call(request)
     }
 }
 
 impl ProxyService {
-    /// Boxes `service` (its futures are boxed on each call).
+    /// Wraps `service` (its futures are boxed on each call). It must be always ready.
     pub fn new<S>(service: S) -> Self
     where
         S: tower::Service<
@@ -121,10 +104,10 @@ impl ProxyService {
             + Sync
             + 'static,
     {
-        ProxyService(Box::new(Boxing(service)))
+        ProxyService(Arc::new(Boxing(service)))
     }
 
-    /// Boxes `service`, whose futures are boxed already (the layers of this module).
+    /// Wraps `service`, whose futures are boxed already (the layers of this module).
     pub fn layered<S>(service: S) -> Self
     where
         S: tower::Service<
@@ -137,13 +120,18 @@ impl ProxyService {
             + Sync
             + 'static,
     {
-        ProxyService(Box::new(Boxed(service)))
+        ProxyService(Arc::new(Boxed(service)))
+    }
+
+    /// Calls the service without `&mut` (and without a clone of this handle).
+    pub fn call_shared(&self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
+        self.0.call(request)
     }
 }
 
 impl Clone for ProxyService {
     fn clone(&self) -> Self {
-        ProxyService(self.0.clone_box())
+        ProxyService(self.0.clone())
     }
 }
 
@@ -160,19 +148,15 @@ impl tower::Service<crate::body::Request> for ProxyService {
 
     fn poll_ready(
         &mut self,
-        cx: &mut std::task::Context<'_>,
+        _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), ProxyError>> {
-        self.0.poll_ready(cx)
+        std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: crate::body::Request) -> Self::Future {
         self.0.call(request)
     }
 }
-
-/// Request extension: the client's socket address (the rate limiter's default source key).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
 
 /// Request extension: the endpoint the balancer picked, read by the forwarder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +165,8 @@ pub struct SelectedEndpoint {
     pub backend: Arc<str>,
     /// The endpoint.
     pub addr: SocketAddr,
+    /// `addr` as a URI authority when the balancer made it already (else the forwarder does).
+    pub authority: Option<http::uri::Authority>,
     /// The SPIFFE ID the endpoint must present (mesh endpoints, reached through HBONE).
     pub identity: Option<Arc<str>>,
 }
@@ -198,10 +184,10 @@ pub struct Source {
     pub workload: Option<Arc<str>>,
 }
 
-/// Request extension: the earliest timeout the request is under, set by
-/// [`timeout::TimeoutLayer`]. The balancer enforces it itself, so that an endpoint that does
-/// not answer in time counts as failing for outlier detection (instead of its attempt being
-/// dropped unnoticed).
+/// A timeout the request is under, recorded in its [`RequestContext`] by
+/// [`timeout::TimeoutLayer`]. The balancer enforces the earliest itself, so that an endpoint
+/// that does not answer in time counts as failing for outlier detection (instead of its attempt
+/// being dropped unnoticed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline {
     /// When the timeout fires.
@@ -247,6 +233,9 @@ pub struct RequestFacts {
     pub peer: Option<SocketAddr>,
     /// The Service (`namespace/name`) it was sent to (mesh mode).
     pub destination: Option<Arc<str>>,
+    /// The timeouts it is under: `timeouts.request`, then the current attempt's
+    /// `timeouts.backendRequest` (each attempt replaces it).
+    pub deadlines: [Option<Deadline>; 2],
 }
 
 impl RequestContext {
@@ -319,6 +308,30 @@ impl RequestContext {
         self.with(|f| f.destination = Some(service));
     }
 
+    /// The client's address, when recorded.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.facts.lock().ok().and_then(|f| f.peer)
+    }
+
+    /// Who sent it, when known (mesh mode).
+    pub fn source(&self) -> Option<Source> {
+        self.facts.lock().ok().and_then(|f| f.source.clone())
+    }
+
+    /// Records a timeout the request is under (replacing the last one of the same kind).
+    pub fn set_deadline(&self, deadline: Deadline) {
+        let slot = usize::from(deadline.which == timeout::BACKEND_REQUEST);
+        self.with(|f| f.deadlines[slot] = Some(deadline));
+    }
+
+    /// The earliest timeout the request is under.
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.facts
+            .lock()
+            .ok()
+            .and_then(|f| f.deadlines.iter().flatten().min_by_key(|d| d.at).copied())
+    }
+
     /// Everything recorded so far.
     pub fn facts(&self) -> RequestFacts {
         match self.facts.lock() {
@@ -326,6 +339,12 @@ impl RequestContext {
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
+}
+
+/// The request's [`RequestContext`] (every request has one in the proxy; the layer unit tests
+/// may leave it out).
+pub fn context_of<B>(request: &http::Request<B>) -> Option<&RequestContext> {
+    request.extensions().get::<RequestContext>()
 }
 
 /// Bounds every layer puts on its inner service.
@@ -369,6 +388,13 @@ pub(crate) mod testing {
             .uri(path)
             .body(Bytes::new())
             .expect("request")
+    }
+
+    /// A request for `path` with its [`RequestContext`], as the proxy makes them.
+    pub fn request_in_context(path: &str) -> crate::body::Request {
+        let mut request = request(path);
+        request.extensions_mut().insert(RequestContext::default());
+        request
     }
 
     /// A service answering `status` and counting calls.

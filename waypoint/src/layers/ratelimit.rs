@@ -12,7 +12,7 @@ use http::HeaderName;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{BoxFuture, Inner, PeerAddr, ProxyResult, Source};
+use super::{BoxFuture, Inner, ProxyResult, RequestContext, context_of};
 use crate::body::{Request, text_response};
 use crate::config::{RateLimitConfig, TokenBucketConfig};
 use crate::error::ProxyError;
@@ -80,7 +80,7 @@ type PerSourceBuckets = (
 /// the SPIFFE ID of the HBONE peer's certificate), else the identity header when configured.
 /// A principal wins over the header, which any client can set.
 fn source_key(request: &Request, header: Option<&HeaderName>) -> Option<String> {
-    if let Some(source) = request.extensions().get::<Source>() {
+    if let Some(source) = context_of(request).and_then(RequestContext::source) {
         return Some(source.principal.to_string());
     }
     header
@@ -104,10 +104,9 @@ impl Limiter {
         if let Some((config, header, buckets)) = &self.per_source {
             let key = source_key(request, header.as_ref())
                 .or_else(|| {
-                    request
-                        .extensions()
-                        .get::<PeerAddr>()
-                        .map(|p| p.0.ip().to_string())
+                    context_of(request)
+                        .and_then(RequestContext::peer)
+                        .map(|p| p.ip().to_string())
                 })
                 .unwrap_or_default();
             if let Ok(mut buckets) = buckets.lock() {
@@ -348,8 +347,9 @@ mod tests {
         };
         let from_peer = |port: u16, ip: [u8; 4]| {
             let mut r = request("/");
-            r.extensions_mut()
-                .insert(PeerAddr(SocketAddr::from((ip, port))));
+            let context = RequestContext::default();
+            context.set_peer(SocketAddr::from((ip, port)));
+            r.extensions_mut().insert(context);
             r
         };
         assert_eq!(status(&service, with_id("a")).await.0, 200);
@@ -386,13 +386,14 @@ mod tests {
             let mut r = request("/");
             r.headers_mut()
                 .insert("x-id", http::HeaderValue::from_str(header).expect("value"));
-            r.extensions_mut()
-                .insert(PeerAddr(SocketAddr::from((ip, 1000))));
-            r.extensions_mut().insert(Source {
+            let context = RequestContext::default();
+            context.set_peer(SocketAddr::from((ip, 1000)));
+            context.set_source(crate::layers::Source {
                 principal: principal.into(),
                 ip: std::net::IpAddr::from(ip),
                 workload: None,
             });
+            r.extensions_mut().insert(context);
             r
         };
         let web = "spiffe://cluster.local/ns/shop/sa/web";

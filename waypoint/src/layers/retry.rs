@@ -22,6 +22,15 @@ const SLOTS: usize = 10;
 /// Request header telling the endpoint which attempt this is (1 for the first).
 pub const ATTEMPT_HEADER: http::HeaderName = http::HeaderName::from_static("x-weft-attempt");
 
+/// The [`ATTEMPT_HEADER`] value for `attempt`: static (no allocation) for the usual few.
+fn attempt_value(attempt: u32) -> http::HeaderValue {
+    const STATIC: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    match STATIC.get(attempt as usize) {
+        Some(text) => http::HeaderValue::from_static(text),
+        None => http::HeaderValue::from(attempt),
+    }
+}
+
 /// A sliding-window retry budget (10 slots over the window).
 #[derive(Debug)]
 pub struct RetryBudget {
@@ -204,7 +213,7 @@ impl<S: Inner> Service<Request> for Retry<S> {
         let attempt_of = |request: &Request, attempt: u32| {
             let mut copy = clone_request(request);
             copy.headers_mut()
-                .insert(ATTEMPT_HEADER, http::HeaderValue::from(attempt));
+                .insert(ATTEMPT_HEADER, attempt_value(attempt));
             copy
         };
         let single = config.attempts <= 1;
@@ -214,7 +223,7 @@ impl<S: Inner> Service<Request> for Retry<S> {
             let mut request = request;
             request
                 .headers_mut()
-                .insert(ATTEMPT_HEADER, http::HeaderValue::from(1u32));
+                .insert(ATTEMPT_HEADER, attempt_value(1));
             (self.inner.call(request), None)
         } else {
             let first = self.inner.call(attempt_of(&request, 1));
@@ -245,7 +254,7 @@ impl<S: Inner> Service<Request> for Retry<S> {
                         Some((inner, mut request)) => {
                             request
                                 .headers_mut()
-                                .insert(ATTEMPT_HEADER, http::HeaderValue::from(attempt));
+                                .insert(ATTEMPT_HEADER, attempt_value(attempt));
                             inner.oneshot(request).await
                         }
                         None => return Err(ProxyError::Internal("retry without a request")),
@@ -387,6 +396,13 @@ mod tests {
             retries >= 15,
             "retries {retries}: the budget should still allow some"
         );
+    }
+
+    #[test]
+    fn attempt_values_are_the_numbers() {
+        for attempt in [0u32, 1, 2, 9, 10, 11, 250] {
+            assert_eq!(attempt_value(attempt), attempt.to_string().as_str());
+        }
     }
 
     #[test]

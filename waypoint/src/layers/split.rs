@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rand::Rng;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::{BoxFuture, ProxyResult, ProxyService, RequestContext};
 use crate::body::Request;
@@ -80,7 +80,7 @@ impl Service<Request> for WeightedSplit {
         if let Some(context) = request.extensions().get::<RequestContext>() {
             context.set_backend(backend.name.clone());
         }
-        Box::pin(backend.service.clone().oneshot(request))
+        backend.service.call_shared(request)
     }
 }
 
@@ -89,6 +89,7 @@ mod tests {
     use super::*;
     use crate::layers::testing::{request, status_service};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
 
     #[tokio::test]
     async fn split_follows_weights_within_tolerance() {

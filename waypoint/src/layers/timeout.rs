@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tower::{Layer, Service};
 
-use super::{BoxFuture, Deadline, Inner, ProxyResult};
+use super::{BoxFuture, Deadline, Inner, ProxyResult, context_of};
 use crate::body::Request;
 use crate::error::ProxyError;
 
@@ -63,22 +63,16 @@ impl<S: Inner> Service<Request> for Timeout<S> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut request: Request) -> Self::Future {
+    fn call(&mut self, request: Request) -> Self::Future {
         let TimeoutConfig { after, which } = self.config;
         let at = tokio::time::Instant::now() + after;
-        if request
-            .extensions()
-            .get::<Deadline>()
-            .is_none_or(|d| at < d.at)
-        {
-            request
-                .extensions_mut()
-                .insert(Deadline { at, after, which });
+        if let Some(context) = context_of(&request) {
+            context.set_deadline(Deadline { at, after, which });
         }
         // Always ready (see the module docs): called now, no clone of the inner service.
         let future = self.inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout(after, future).await {
+            match tokio::time::timeout_at(at, future).await {
                 Ok(result) => result,
                 Err(_) => Err(ProxyError::Timeout { after, which }),
             }
@@ -90,6 +84,7 @@ impl<S: Inner> Service<Request> for Timeout<S> {
 mod tests {
     use super::*;
     use crate::body;
+    use crate::layers::RequestContext;
     use crate::layers::testing::request;
     use tower::ServiceExt;
 
@@ -115,46 +110,78 @@ mod tests {
         assert!(err.to_string().contains("timeouts.request"), "{err}");
     }
 
+    /// A request with a context, as the proxy makes them.
+    fn with_context() -> (Request, RequestContext) {
+        let context = RequestContext::default();
+        let mut request = request("/");
+        request.extensions_mut().insert(context.clone());
+        (request, context)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_earliest_deadline_is_published_to_inner_layers() {
         let seen =
             crate::layers::ProxyService::new(tower::service_fn(|request: Request| async move {
-                let deadline = request
-                    .extensions()
-                    .get::<Deadline>()
-                    .copied()
+                let deadline = context_of(&request)
+                    .and_then(RequestContext::deadline)
                     .expect("deadline");
                 Ok::<_, ProxyError>(body::text_response(http::StatusCode::OK, deadline.which))
             }));
         let outer = TimeoutLayer::new(TimeoutConfig {
             after: Duration::from_secs(5),
-            which: "timeouts.request",
+            which: REQUEST,
         });
         let inner = TimeoutLayer::new(TimeoutConfig {
             after: Duration::from_secs(1),
-            which: "timeouts.backendRequest",
+            which: BACKEND_REQUEST,
         });
-        let response = outer
-            .layer(inner.layer(seen.clone()))
-            .oneshot(request("/"))
+        for service in [
+            crate::layers::ProxyService::layered(outer.layer(inner.layer(seen.clone()))),
+            // A later timeout inside does not hide an earlier one outside.
+            crate::layers::ProxyService::layered(inner.layer(outer.layer(seen))),
+        ] {
+            let response = service.oneshot(with_context().0).await.expect("ok");
+            let body = http_body_util::BodyExt::collect(response.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            assert_eq!(body.as_ref(), b"timeouts.backendRequest");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_attempt_replaces_the_last_attempts_deadline() {
+        let (first, context) = with_context();
+        let request_timeout = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_secs(5),
+            which: REQUEST,
+        });
+        let attempt = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_secs(1),
+            which: BACKEND_REQUEST,
+        });
+        let start = tokio::time::Instant::now();
+        let fast = slow(Duration::from_millis(10));
+        request_timeout
+            .layer(attempt.layer(fast.clone()))
+            .oneshot(first)
             .await
-            .expect("ok");
-        let body = http_body_util::BodyExt::collect(response.into_body())
+            .expect("first attempt");
+        // Two seconds later (the first attempt's deadline is past), a second attempt.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut second = request("/");
+        second.extensions_mut().insert(context.clone());
+        attempt
+            .layer(fast)
+            .oneshot(second)
             .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(body.as_ref(), b"timeouts.backendRequest");
-        // A later inner timeout does not replace an earlier outer one.
-        let response = inner
-            .layer(outer.layer(seen))
-            .oneshot(request("/"))
-            .await
-            .expect("ok");
-        let body = http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .expect("body")
-            .to_bytes();
-        assert_eq!(body.as_ref(), b"timeouts.backendRequest");
+            .expect("second attempt");
+        let deadline = context.deadline().expect("deadline");
+        assert_eq!(deadline.which, BACKEND_REQUEST);
+        assert_eq!(
+            deadline.at,
+            start + Duration::from_secs(2) + Duration::from_millis(10) + Duration::from_secs(1)
+        );
     }
 
     #[tokio::test(start_paused = true)]

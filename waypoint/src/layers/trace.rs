@@ -49,7 +49,7 @@ use opentelemetry_sdk::trace::{
 };
 use tower::{Layer, Service, ServiceExt};
 
-use super::{BoxFuture, Inner, PeerAddr, ProxyResult, RequestContext};
+use super::{BoxFuture, Inner, ProxyResult, RequestContext, context_of};
 use crate::body::Request;
 use crate::config::{PathMatchType, RouteConfig};
 use crate::error::ProxyError;
@@ -283,7 +283,8 @@ impl<S: Inner> Service<Request> for Trace<S> {
                 attributes.push(KeyValue::new("server.port", i64::from(port)));
             }
         }
-        if let Some(PeerAddr(peer)) = request.extensions().get::<PeerAddr>() {
+        let context = context_of(&request);
+        if let Some(peer) = context.and_then(RequestContext::peer) {
             attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
         }
         if let Some(agent) = request
@@ -302,7 +303,7 @@ impl<S: Inner> Service<Request> for Trace<S> {
         if let Some(route) = &config.route {
             attributes.push(KeyValue::new("weft.route", route.to_string()));
         }
-        if let Some(source) = request.extensions().get::<super::Source>() {
+        if let Some(source) = context.and_then(RequestContext::source) {
             attributes.push(KeyValue::new(
                 "weft.source.principal",
                 source.principal.to_string(),
@@ -836,15 +837,14 @@ mod tests {
             .version(http::Version::HTTP_2)
             .body(bytes::Bytes::new())
             .expect("request");
-        request.extensions_mut().insert(RequestContext::default());
-        request
-            .extensions_mut()
-            .insert(PeerAddr("10.0.0.9:40000".parse().expect("addr")));
-        request.extensions_mut().insert(super::super::Source {
+        let context = RequestContext::default();
+        context.set_peer("10.0.0.9:40000".parse().expect("addr"));
+        context.set_source(super::super::Source {
             principal: "spiffe://cluster.local/ns/a/sa/web".into(),
             ip: "10.0.0.9".parse().expect("ip"),
             workload: None,
         });
+        request.extensions_mut().insert(context);
         call(&provider, named_route(), 201, request).await;
         let unnamed = TraceConfig {
             listener: Some("web".into()),

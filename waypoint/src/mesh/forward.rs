@@ -38,7 +38,7 @@ use crate::config::BackendProtocol;
 use crate::connect::CONNECTION_WAIT;
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
-use crate::layers::{BoxFuture, PeerAddr, ProxyResult, SelectedEndpoint, Source};
+use crate::layers::{BoxFuture, ProxyResult, RequestContext, SelectedEndpoint, context_of};
 
 /// An HTTP connection unused for this long is closed.
 const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -380,11 +380,11 @@ impl Service<Request> for MeshForwarder {
                     "a mesh endpoint was selected without its identity",
                 ));
             };
-            let client = request
-                .extensions()
-                .get::<Source>()
+            let context = context_of(&request);
+            let client = context
+                .and_then(RequestContext::source)
                 .map(|s| s.ip)
-                .or_else(|| request.extensions().get::<PeerAddr>().map(|p| p.0.ip()));
+                .or_else(|| context.and_then(RequestContext::peer).map(|p| p.ip()));
             let connect_error = |reason: String| ProxyError::Connect {
                 backend: target.backend.to_string(),
                 endpoint: target.addr,
