@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::circuit::{CircuitState, EndpointCircuit, Outcome, Ticket};
-use super::{BoxFuture, Deadline, Inner, ProxyResult, SelectedEndpoint, context_of};
+use super::{BoxFuture, Inner, ProxyResult, SelectedEndpoint, context_of};
 use crate::body::Request;
 use crate::config::{LoadBalancerConfig, OutlierDetectionConfig};
 use crate::error::ProxyError;
@@ -366,17 +366,26 @@ pub struct Balance<S> {
     set: Arc<EndpointSet>,
 }
 
-/// Keeps `in_flight` right and reports cancellation to the circuit if the future is dropped.
+/// Keeps `in_flight` right and reports an attempt dropped before its end to the circuit: as a
+/// failure when its deadline had passed (a timeout outside fired), else as cancelled.
 struct InFlight {
     set: Arc<EndpointSet>,
     /// The list the endpoint was chosen from (for `maxEjectionPercent`).
     endpoints: Endpoints,
     index: usize,
     ticket: Option<Ticket>,
+    /// When the attempt started (the latency EWMA).
+    start: Instant,
+    /// The earliest timeout the request is under (from its [`RequestContext`]).
+    ///
+    /// [`RequestContext`]: crate::layers::RequestContext
+    deadline: Option<tokio::time::Instant>,
+    finished: bool,
 }
 
 impl InFlight {
     fn finish(mut self, outcome: Outcome) {
+        self.finished = true;
         self.record(outcome);
     }
 
@@ -394,7 +403,19 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.record(Outcome::Cancelled);
+        if !self.finished {
+            // The timeout layers arm the only timer: the endpoint is charged with the timeout
+            // here, when the expired attempt is dropped, without a second timer per attempt.
+            if self
+                .deadline
+                .is_some_and(|at| tokio::time::Instant::now() >= at)
+            {
+                self.endpoints[self.index].observe(self.start.elapsed(), self.set.decay);
+                self.record(Outcome::Failure5xx);
+            } else {
+                self.record(Outcome::Cancelled);
+            }
+        }
         self.endpoints[self.index]
             .in_flight
             .fetch_sub(1, Ordering::SeqCst);
@@ -428,7 +449,7 @@ impl<S: Inner> Service<Request> for Balance<S> {
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
         let deadline = context_of(&request).and_then(|context| {
             context.set_endpoint(endpoint.addr);
-            context.deadline()
+            context.deadline().map(|d| d.at)
         });
         request.extensions_mut().insert(SelectedEndpoint {
             backend: set.backend.clone(),
@@ -444,20 +465,12 @@ impl<S: Inner> Service<Request> for Balance<S> {
             endpoints,
             index,
             ticket,
+            start: Instant::now(),
+            deadline,
+            finished: false,
         };
         Box::pin(async move {
-            let start = Instant::now();
-            let result = match deadline {
-                None => future.await,
-                // Enforced here too (the outer timeout fires at the same instant but polls this
-                // future first), so that the endpoint is charged with the timeout.
-                Some(Deadline { at, after, which }) => {
-                    match tokio::time::timeout_at(at, future).await {
-                        Ok(result) => result,
-                        Err(_) => Err(ProxyError::Timeout { after, which }),
-                    }
-                }
-            };
+            let result = future.await;
             let outcome = match &result {
                 Ok(response) if response.status().is_server_error() => Outcome::Failure5xx,
                 Ok(_) => Outcome::Success,
@@ -467,7 +480,7 @@ impl<S: Inner> Service<Request> for Balance<S> {
                 Err(_) => Outcome::Failure5xx,
             };
             if outcome != Outcome::ConnectFailure {
-                endpoint.observe(start.elapsed(), decay);
+                endpoint.observe(guard.start.elapsed(), decay);
             }
             guard.finish(outcome);
             result

@@ -185,9 +185,9 @@ pub struct Source {
 }
 
 /// A timeout the request is under, recorded in its [`RequestContext`] by
-/// [`timeout::TimeoutLayer`]. The balancer enforces the earliest itself, so that an endpoint
-/// that does not answer in time counts as failing for outlier detection (instead of its attempt
-/// being dropped unnoticed).
+/// [`timeout::TimeoutLayer`]. When the timeout fires it drops the attempt; the balancer then
+/// sees its attempt dropped at or after the earliest deadline and counts the endpoint as
+/// failing for outlier detection (instead of the attempt going unnoticed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline {
     /// When the timeout fires.
