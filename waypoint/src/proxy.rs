@@ -15,7 +15,7 @@
 //! latency statistics and circuits are per backend, not per route.
 //!
 //! With an access log ([`Waypoint::with_access_log`], [`serve_logged_until`]) each connection's
-//! service is wrapped in [`AccessLogLayer`], outside everything above, so the line has the
+//! service is wrapped in the access log ([`HttpService`](crate::layers::accesslog::HttpService)), outside everything above, so the line has the
 //! status the client got. [`handle_from`] records what it learns (route, source, destination,
 //! request size, error flags) in the request's [`RequestContext`].
 
@@ -42,7 +42,7 @@ use crate::error::ProxyError;
 use crate::filters;
 use crate::forward::Forwarder;
 use crate::golden::{self, Golden};
-use crate::layers::accesslog::{AccessLog, AccessLogLayer};
+use crate::layers::accesslog::{AccessLog, HttpService};
 use crate::layers::balance::{BalanceLayer, EndpointSet};
 use crate::layers::circuit::ConcurrencyLimitLayer;
 use crate::layers::fault::FaultLayer;
@@ -779,11 +779,10 @@ pub async fn serve_logged_until(
         let watcher = graceful.watcher();
         let log = log.clone();
         tokio::spawn(async move {
-            let service = AccessLogLayer::new(log).layer(tower::service_fn(move |request| {
+            let service = HttpService::new(log, move |request| {
                 let routes = current(&listener);
                 handle(routes, peer, request)
-            }));
-            let service = hyper_util::service::TowerToHyperService::new(service);
+            });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // The timer makes hyper enforce its HTTP/1 header read timeout (30 s).
             builder.http1().timer(TokioTimer::new());

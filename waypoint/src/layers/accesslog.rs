@@ -346,6 +346,70 @@ impl<S> Layer<S> for AccessLogLayer {
     }
 }
 
+/// hyper's per-connection service: `handler` for each request, inside the access log when one
+/// is written. hyper calls it by reference, so with the log off a request costs no clone of the
+/// service, no adapter and no boxed future (tower's `TowerToHyperService` clones the service
+/// and drives a `oneshot` per request).
+pub struct HttpService<F> {
+    handler: F,
+    logged: Option<AccessLogService<tower::util::ServiceFn<F>>>,
+}
+
+impl<F: Clone> HttpService<F> {
+    /// Serves `handler`, logging each request to `log` when given.
+    pub fn new(log: Option<AccessLog>, handler: F) -> Self {
+        let logged = log.map(|log| AccessLogService {
+            inner: tower::service_fn(handler.clone()),
+            log: Some(log),
+        });
+        HttpService { handler, logged }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`HttpService`]'s future: the handler's own, or the access log's.
+    #[project = HttpFutureProj]
+    pub enum HttpFuture<Fut> {
+        /// Without access log.
+        Plain { #[pin] inner: Fut },
+        /// Through the access log.
+        Logged { inner: BoxFuture<Result<Response, Infallible>> },
+    }
+}
+
+impl<Fut: Future<Output = Result<Response, Infallible>>> Future for HttpFuture<Fut> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            HttpFutureProj::Plain { inner } => inner.poll(cx),
+            HttpFutureProj::Logged { inner } => inner.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, Fut, B> hyper::service::Service<http::Request<B>> for HttpService<F>
+where
+    F: Fn(http::Request<B>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<Response, Infallible>> + Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = HttpFuture<Fut>;
+
+    fn call(&self, request: http::Request<B>) -> Self::Future {
+        match &self.logged {
+            None => HttpFuture::Plain {
+                inner: (self.handler)(request),
+            },
+            Some(logged) => HttpFuture::Logged {
+                inner: logged.clone().call(request),
+            },
+        }
+    }
+}
+
 /// See [`AccessLogLayer`].
 #[derive(Debug, Clone)]
 pub struct AccessLogService<S> {
@@ -655,6 +719,42 @@ mod tests {
         assert_eq!(lines[0]["route"], "r");
         assert_eq!(lines[0]["response_bytes"], 9);
         assert_eq!(lines[0]["flags"], serde_json::json!(["rate_limited"]));
+    }
+
+    #[tokio::test]
+    async fn the_hyper_service_logs_only_when_a_log_is_given() {
+        use hyper::service::Service as _;
+        let handler = |_request: http::Request<()>| async {
+            Ok::<_, Infallible>(crate::body::text_response(http::StatusCode::ACCEPTED, "ok"))
+        };
+        let request = || {
+            http::Request::builder()
+                .uri("http://a.example/x")
+                .body(())
+                .expect("request")
+        };
+        // Off: the handler's answer, straight.
+        let plain = HttpService::new(None, handler);
+        let response = plain.call(request()).await.expect("response");
+        assert_eq!(response.status(), http::StatusCode::ACCEPTED);
+        // On: the same answer, and one line once the body is read.
+        let sink = Sink::default();
+        let log = AccessLog::to_writer(Box::new(sink.clone()), 16).expect("log");
+        let logged = HttpService::new(Some(log), handler);
+        let response = logged.call(request()).await.expect("response");
+        assert_eq!(response.status(), http::StatusCode::ACCEPTED);
+        response.into_body().collect().await.expect("body");
+        let mut lines = Vec::new();
+        for _ in 0..500 {
+            lines = sink.lines();
+            if !lines.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["status"], 202);
+        assert_eq!(lines[0]["path"], "/x");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use super::detect::{self, DetectedBy, Protocol};
 use super::tcp::OpaqueTcp;
 use super::{MeshContext, MeshView, Svid};
 use crate::layers::Source;
-use crate::layers::accesslog::AccessLogLayer;
+use crate::layers::accesslog::HttpService;
 use crate::proxy::{Waypoint, accept, handle_from};
 
 /// Binds the HBONE listener. When `address` is the IPv6 wildcard (`[::]:<port>`, the default)
@@ -368,14 +368,10 @@ impl Handler for Inbound {
         let waypoint = self.shared.waypoint.clone();
         let peer = SocketAddr::new(source.ip, 0);
         let log = waypoint.access_log().cloned();
-        let http = tower::Layer::layer(
-            &AccessLogLayer::new(log),
-            tower::service_fn(move |request| {
-                let listener = waypoint.mesh_listener(&service, port);
-                handle_from(listener, peer, Some(source.clone()), request)
-            }),
-        );
-        let http = hyper_util::service::TowerToHyperService::new(http);
+        let http = HttpService::new(log, move |request| {
+            let listener = waypoint.mesh_listener(&service, port);
+            handle_from(listener, peer, Some(source.clone()), request)
+        });
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new());
         let connection = builder.serve_connection(TokioIo::new(io), http);
