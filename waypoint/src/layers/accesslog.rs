@@ -671,6 +671,20 @@ mod tests {
         assert_eq!(v["retries"], 0);
     }
 
+    /// The sink's lines once there are any: the writer thread writes asynchronously, so a
+    /// bounded wait (5 s).
+    async fn first_lines(sink: &Sink) -> Vec<serde_json::Value> {
+        let mut lines = Vec::new();
+        for _ in 0..500 {
+            lines = sink.lines();
+            if !lines.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        lines
+    }
+
     #[tokio::test]
     async fn a_request_writes_one_line_when_its_body_is_done() {
         let sink = Sink::default();
@@ -703,15 +717,7 @@ mod tests {
             .expect("body")
             .to_bytes();
         assert_eq!(&body[..], b"slow down");
-        // The writer thread writes asynchronously: bounded wait for the line.
-        let mut lines = Vec::new();
-        for _ in 0..500 {
-            lines = sink.lines();
-            if !lines.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let lines = first_lines(&sink).await;
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_eq!(lines[0]["status"], 429);
         assert_eq!(lines[0]["authority"], "a.example");
@@ -744,14 +750,7 @@ mod tests {
         let response = logged.call(request()).await.expect("response");
         assert_eq!(response.status(), http::StatusCode::ACCEPTED);
         response.into_body().collect().await.expect("body");
-        let mut lines = Vec::new();
-        for _ in 0..500 {
-            lines = sink.lines();
-            if !lines.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let lines = first_lines(&sink).await;
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_eq!(lines[0]["status"], 202);
         assert_eq!(lines[0]["path"], "/x");
