@@ -824,9 +824,7 @@ pub async fn handle_from(
     request: http::Request<Incoming>,
 ) -> Result<Response, Infallible> {
     let start = Instant::now();
-    let context = request
-        .extensions()
-        .get::<RequestContext>()
+    let context = crate::layers::context_of(&request)
         .cloned()
         .unwrap_or_default();
     if let Some((service, _)) = &listener.attach {

@@ -14,6 +14,41 @@ fn free_port() -> std::net::SocketAddr {
     socket.local_addr().expect("addr")
 }
 
+/// Sends `SIG<name>` to process `pid`.
+fn signal(name: &str, pid: &str) {
+    assert!(
+        Command::new("kill")
+            .args([&format!("-{name}"), pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+}
+
+/// Whether `path` on `listen` answers `status` within 5 s (polled every 50 ms).
+async fn answers_within_5s(listen: std::net::SocketAddr, path: &str, status: u16) -> bool {
+    for _ in 0..100 {
+        if get(listen, path).await.status == status {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// `path` fetched on 30 new connections (the kernel spreads them over the workers' sockets:
+/// one that nobody accepted on would hang about a third of them), each within 5 s.
+async fn thirty_connections(listen: std::net::SocketAddr, path: &str) -> Vec<common::Answer> {
+    let mut answers = Vec::new();
+    for _ in 0..30 {
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(listen, path))
+            .await
+            .expect("every connection is answered");
+        answers.push(answer);
+    }
+    answers
+}
+
 fn write_config(name: &str, text: &str) -> std::path::PathBuf {
     let path =
         std::env::temp_dir().join(format!("weft-waypoint-{}-{name}.yaml", std::process::id()));
@@ -112,10 +147,7 @@ backends:
     assert!(ready, "the binary did not listen within 5 s");
     // Every worker answers (the kernel spreads new connections over their sockets: one that
     // nobody accepted on would hang about a third of these).
-    for _ in 0..30 {
-        let answer = tokio::time::timeout(Duration::from_secs(5), get(listen, "/hello"))
-            .await
-            .expect("every connection is answered");
+    for answer in thirty_connections(listen, "/hello").await {
         assert_eq!(answer.body, "a");
     }
     let exported = get(metrics, "/metrics").await.body;
@@ -152,39 +184,19 @@ backends:
     )
     .expect("rewrite config");
     let pid = child.0.id().to_string();
+    signal("HUP", &pid);
     assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill")
-            .success()
+        answers_within_5s(listen, "/teapot", 418).await,
+        "SIGHUP did not reload the config"
     );
-    let mut reloaded = false;
-    for _ in 0..100 {
-        if get(listen, "/teapot").await.status == 418 {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(reloaded, "SIGHUP did not reload the config");
     assert_eq!(get(listen, "/hello").await.body, "a");
     // ... on every worker.
-    for _ in 0..30 {
-        let answer = tokio::time::timeout(Duration::from_secs(5), get(listen, "/teapot"))
-            .await
-            .expect("every connection is answered");
+    for answer in thirty_connections(listen, "/teapot").await {
         assert_eq!(answer.status, 418);
     }
     // A broken file is refused and the running config stays.
     std::fs::write(&path, "listeners: [").expect("rewrite config");
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    signal("HUP", &pid);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(get(listen, "/teapot").await.status, 418);
 
@@ -208,24 +220,13 @@ backends:
         ),
     )
     .expect("rewrite config");
-    let mut noticed = false;
-    for _ in 0..100 {
-        if get(listen, "/hello").await.status == 429 {
-            noticed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(noticed, "the changed file was not reloaded within 5 s");
+    assert!(
+        answers_within_5s(listen, "/hello", 429).await,
+        "the changed file was not reloaded within 5 s"
+    );
 
     // SIGTERM: drain and exit cleanly.
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill")
-            .success()
-    );
+    signal("TERM", &pid);
     let mut exited = None;
     for _ in 0..100 {
         if let Some(status) = child.0.try_wait().expect("wait") {

@@ -70,7 +70,7 @@ impl<S: Inner> Service<Request> for Fault<S> {
                 && hit(abort.percentage)
             {
                 metrics::counter!("weft_waypoint_faults_total", "kind" => "abort").increment(1);
-                if let Some(context) = request.extensions().get::<super::RequestContext>() {
+                if let Some(context) = super::context_of(&request) {
                     context.flag("fault_abort");
                 }
                 let status = http::StatusCode::from_u16(abort.http_status)

@@ -56,18 +56,7 @@ struct Boxing<S>(S);
 /// A service whose future is a [`BoxFuture`] already.
 struct Boxed<S>(S);
 
-impl<S> ErasedService for Boxing<S>
-where
-    S: tower::Service<
-            crate::body::Request,
-            Response = crate::body::Response,
-            Error = ProxyError,
-            Future: Send + 'static,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-{
+impl<S: Inner> ErasedService for Boxing<S> {
     fn call(&self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
         Box::pin(self.0.clone().call(request))
     }
@@ -75,15 +64,7 @@ where
 
 impl<S> ErasedService for Boxed<S>
 where
-    S: tower::Service<
-            crate::body::Request,
-            Response = crate::body::Response,
-            Error = ProxyError,
-            Future = BoxFuture<ProxyResult>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
+    S: Inner + tower::Service<crate::body::Request, Future = BoxFuture<ProxyResult>>,
 {
     fn call(&self, request: crate::body::Request) -> BoxFuture<ProxyResult> {
         self.0.clone().call(request)
@@ -92,33 +73,14 @@ where
 
 impl ProxyService {
     /// Wraps `service` (its futures are boxed on each call). It must be always ready.
-    pub fn new<S>(service: S) -> Self
-    where
-        S: tower::Service<
-                crate::body::Request,
-                Response = crate::body::Response,
-                Error = ProxyError,
-                Future: Send + 'static,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
-    {
+    pub fn new<S: Inner>(service: S) -> Self {
         ProxyService(Arc::new(Boxing(service)))
     }
 
     /// Wraps `service`, whose futures are boxed already (the layers of this module).
     pub fn layered<S>(service: S) -> Self
     where
-        S: tower::Service<
-                crate::body::Request,
-                Response = crate::body::Response,
-                Error = ProxyError,
-                Future = BoxFuture<ProxyResult>,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: Inner + tower::Service<crate::body::Request, Future = BoxFuture<ProxyResult>>,
     {
         ProxyService(Arc::new(Boxed(service)))
     }
@@ -239,7 +201,7 @@ pub struct RequestFacts {
 }
 
 impl RequestContext {
-    fn with(&self, f: impl FnOnce(&mut RequestFacts)) {
+    fn with<T>(&self, f: impl FnOnce(&mut RequestFacts) -> T) -> T {
         match self.facts.lock() {
             Ok(mut facts) => f(&mut facts),
             Err(poisoned) => f(&mut poisoned.into_inner()),
@@ -248,7 +210,7 @@ impl RequestContext {
 
     /// The endpoint chosen by the last attempt, if any.
     pub fn endpoint(&self) -> Option<SocketAddr> {
-        self.facts.lock().ok().and_then(|f| f.endpoint)
+        self.with(|f| f.endpoint)
     }
 
     /// Records the backend the weighted split chose.
@@ -258,7 +220,7 @@ impl RequestContext {
 
     /// The backend chosen by the last attempt, if any.
     pub fn backend(&self) -> Option<Arc<str>> {
-        self.facts.lock().ok().and_then(|f| f.backend.clone())
+        self.with(|f| f.backend.clone())
     }
 
     /// Records the matched route.
@@ -310,12 +272,12 @@ impl RequestContext {
 
     /// The client's address, when recorded.
     pub fn peer(&self) -> Option<SocketAddr> {
-        self.facts.lock().ok().and_then(|f| f.peer)
+        self.with(|f| f.peer)
     }
 
     /// Who sent it, when known (mesh mode).
     pub fn source(&self) -> Option<Source> {
-        self.facts.lock().ok().and_then(|f| f.source.clone())
+        self.with(|f| f.source.clone())
     }
 
     /// Records a timeout the request is under (replacing the last one of the same kind).
@@ -326,18 +288,12 @@ impl RequestContext {
 
     /// The earliest timeout the request is under.
     pub fn deadline(&self) -> Option<Deadline> {
-        self.facts
-            .lock()
-            .ok()
-            .and_then(|f| f.deadlines.iter().flatten().min_by_key(|d| d.at).copied())
+        self.with(|f| f.deadlines.iter().flatten().min_by_key(|d| d.at).copied())
     }
 
     /// Everything recorded so far.
     pub fn facts(&self) -> RequestFacts {
-        match self.facts.lock() {
-            Ok(f) => f.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.with(|f| f.clone())
     }
 }
 

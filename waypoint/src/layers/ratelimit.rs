@@ -201,7 +201,7 @@ impl<S: Inner> Service<Request> for RateLimit<S> {
         match self.limiter.check(&request) {
             Ok(()) => Box::pin(self.inner.clone().oneshot(request)),
             Err((wait, which)) => {
-                if let Some(context) = request.extensions().get::<super::RequestContext>() {
+                if let Some(context) = context_of(&request) {
                     context.flag("rate_limited");
                 }
                 let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;

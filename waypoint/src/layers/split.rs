@@ -6,14 +6,14 @@ use std::task::{Context, Poll};
 use rand::Rng;
 use tower::Service;
 
-use super::{BoxFuture, ProxyResult, ProxyService, RequestContext};
+use super::{BoxFuture, ProxyResult, ProxyService, context_of};
 use crate::body::Request;
 use crate::error::ProxyError;
 
 /// One weighted target of a [`WeightedSplit`].
 #[derive(Clone)]
 pub struct WeightedBackend {
-    /// The backend's name (recorded in the [`RequestContext`] for metrics).
+    /// The backend's name (recorded in the [`RequestContext`](super::RequestContext) for metrics).
     pub name: Arc<str>,
     /// Relative weight; 0 never chosen.
     pub weight: u32,
@@ -69,7 +69,7 @@ impl Service<Request> for WeightedSplit {
 
     fn call(&mut self, request: Request) -> Self::Future {
         if let Some((name, service)) = &mut self.single {
-            if let Some(context) = request.extensions().get::<RequestContext>() {
+            if let Some(context) = context_of(&request) {
                 context.set_backend(name.clone());
             }
             // Always ready (see the module docs).
@@ -77,7 +77,7 @@ impl Service<Request> for WeightedSplit {
         }
         let roll = rand::rng().random_range(0..self.total);
         let backend = self.pick(roll);
-        if let Some(context) = request.extensions().get::<RequestContext>() {
+        if let Some(context) = context_of(&request) {
             context.set_backend(backend.name.clone());
         }
         backend.service.call_shared(request)
@@ -87,6 +87,7 @@ impl Service<Request> for WeightedSplit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::RequestContext;
     use crate::layers::testing::{request, status_service};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::ServiceExt;

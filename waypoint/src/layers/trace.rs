@@ -328,7 +328,7 @@ impl<S: Inner> Service<Request> for Trace<S> {
         {
             request.headers_mut().remove(TRACESTATE);
         }
-        let request_context = request.extensions().get::<RequestContext>().cloned();
+        let request_context = context_of(&request).cloned();
         if let Some(request_context) = &request_context
             && context.span().span_context().is_valid()
         {
