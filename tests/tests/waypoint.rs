@@ -867,6 +867,68 @@ fn waypoint_serves_httproutes_from_the_controller_live() {
 }
 
 #[test]
+fn waypoint_httproute_retries_from_the_controller() {
+    let _g = serial();
+    let Some(mut w) = world("waypoint_httproute_retries_from_the_controller", ROUTING) else {
+        return;
+    };
+    // Gateway API `retry` on an HTTPRoute attached to api-v2, sending to `api` (api-v1):
+    // 2 retries on 503, at least 30 ms apart.
+    let route = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "api-v2-retry", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
+            "rules": [
+                {"name": "retried",
+                 "matches": [{"path": {"type": "PathPrefix", "value": "/status"}}],
+                 "backendRefs": [{"name": "api", "port": 80}],
+                 "retry": {"codes": [503], "attempts": 2, "backoff": "30ms"}},
+                {"backendRefs": [{"name": "api-v2", "port": 80}]}
+            ]
+        }
+    });
+    let before = w.mesh.applied_counts();
+    w.mesh.config.raw.push(route);
+    w.mesh.write_config().expect("write config");
+    w.mesh.wait_applied(&before, T).expect("config applied");
+    wait_for(T, "the route to be served", || {
+        w.get(API_V2_VIP, "/status/200")
+            .ok()
+            .filter(|(_, body)| body.starts_with("api-v1 "))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    let retries = || {
+        w.wp_metric(
+            "weft_waypoint_retries_total",
+            &[("route", "api-v2-retry/retried")],
+        )
+    };
+    // A 503 is tried three times, the backoff floor between each.
+    let seen = w.servers[0].accepted();
+    let started = std::time::Instant::now();
+    let (code, _) = w.get(API_V2_VIP, "/status/503").expect("GET");
+    let took = started.elapsed();
+    assert_eq!(code, 503, "the last attempt's answer");
+    assert_eq!(w.servers[0].accepted() - seen, 3, "1 attempt + 2 retries");
+    assert_eq!(retries(), 2.0);
+    assert!(
+        took >= Duration::from_millis(60),
+        "two backoffs of at least 30 ms each, took {took:?}"
+    );
+    // A code the route does not name is not retried.
+    let seen = w.servers[0].accepted();
+    let (code, _) = w.get(API_V2_VIP, "/status/500").expect("GET");
+    assert_eq!(code, 500);
+    assert_eq!(
+        w.servers[0].accepted() - seen,
+        1,
+        "500 is not in retry.codes"
+    );
+    assert_eq!(retries(), 2.0);
+}
+
+#[test]
 fn waypoint_httproute_rewrite_and_redirect_from_the_controller() {
     let _g = serial();
     let Some(mut w) = world(

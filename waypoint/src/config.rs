@@ -346,10 +346,15 @@ pub struct RetryConfig {
 }
 
 fn default_retry_on() -> Vec<RetryOn> {
-    vec![RetryOn::ConnectFailure, RetryOn::Reset, RetryOn::Status503]
+    vec![
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::Status(503),
+    ]
 }
 
-/// Exponential backoff: attempt `n` waits a random time in `[0, min(max, base * 2^n)]`.
+/// Exponential backoff: retry `n` waits `min` plus a random time in
+/// `[0, min(max, base * 2^(n-1)) - min]`.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BackoffConfig {
@@ -357,6 +362,9 @@ pub struct BackoffConfig {
     pub base: GatewayDuration,
     /// Largest backoff ceiling.
     pub max: GatewayDuration,
+    /// No retry waits less than this (HTTPRoute `retry.backoff`); 0 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<GatewayDuration>,
 }
 
 impl Default for BackoffConfig {
@@ -364,40 +372,91 @@ impl Default for BackoffConfig {
         BackoffConfig {
             base: GatewayDuration(std::time::Duration::from_millis(25)),
             max: GatewayDuration(std::time::Duration::from_millis(250)),
+            min: None,
         }
     }
 }
 
-/// A retry condition.
+/// A retry condition. In YAML: a name (`connect-failure`, `5xx`, ...) or a response status
+/// code 400-599 (`503`, quoted or not).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(try_from = "RawRetryOn", into = "String")]
 pub enum RetryOn {
     /// The TCP connection to the endpoint failed.
-    #[serde(rename = "connect-failure")]
     ConnectFailure,
     /// The connection broke before the response headers.
-    #[serde(rename = "reset")]
     Reset,
     /// Any 5xx response.
-    #[serde(rename = "5xx")]
     Status5xx,
-    /// A 503 response.
-    #[serde(rename = "503")]
-    Status503,
+    /// One response status (400-599): a backend's response with it, or a failure the waypoint
+    /// answers with it (503 for no healthy endpoint or a full circuit, 504 for an attempt
+    /// timeout).
+    Status(u16),
     /// gRPC status CANCELLED (1).
-    #[serde(rename = "cancelled")]
     GrpcCancelled,
     /// gRPC status DEADLINE_EXCEEDED (4).
-    #[serde(rename = "deadline-exceeded")]
     GrpcDeadlineExceeded,
     /// gRPC status RESOURCE_EXHAUSTED (8).
-    #[serde(rename = "resource-exhausted")]
     GrpcResourceExhausted,
     /// gRPC status INTERNAL (13).
-    #[serde(rename = "internal")]
     GrpcInternal,
     /// gRPC status UNAVAILABLE (14).
-    #[serde(rename = "unavailable")]
     GrpcUnavailable,
+}
+
+/// A retry condition as written: a name or a status code.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawRetryOn {
+    Code(u64),
+    Name(String),
+}
+
+const RETRY_ON_NAMES: [(&str, RetryOn); 8] = [
+    ("connect-failure", RetryOn::ConnectFailure),
+    ("reset", RetryOn::Reset),
+    ("5xx", RetryOn::Status5xx),
+    ("cancelled", RetryOn::GrpcCancelled),
+    ("deadline-exceeded", RetryOn::GrpcDeadlineExceeded),
+    ("resource-exhausted", RetryOn::GrpcResourceExhausted),
+    ("internal", RetryOn::GrpcInternal),
+    ("unavailable", RetryOn::GrpcUnavailable),
+];
+
+impl TryFrom<RawRetryOn> for RetryOn {
+    type Error = String;
+
+    fn try_from(raw: RawRetryOn) -> Result<Self, String> {
+        let code = match raw {
+            RawRetryOn::Code(code) => code,
+            RawRetryOn::Name(name) => match RETRY_ON_NAMES.iter().find(|(n, _)| *n == name) {
+                Some((_, on)) => return Ok(*on),
+                None => name.parse().map_err(|_| {
+                    format!(
+                        "`{name}` is not a retry condition; use connect-failure, reset, 5xx, a status code 400-599 (e.g. 503), or a gRPC status: cancelled, deadline-exceeded, resource-exhausted, internal, unavailable"
+                    )
+                })?,
+            },
+        };
+        match u16::try_from(code) {
+            Ok(code @ 400..=599) => Ok(RetryOn::Status(code)),
+            _ => Err(format!(
+                "retry status code {code} is out of range; retryable codes are 400-599"
+            )),
+        }
+    }
+}
+
+impl From<RetryOn> for String {
+    fn from(on: RetryOn) -> String {
+        match on {
+            RetryOn::Status(code) => code.to_string(),
+            other => RETRY_ON_NAMES
+                .iter()
+                .find(|(_, on)| *on == other)
+                .map_or_else(String::new, |(name, _)| (*name).to_string()),
+        }
+    }
 }
 
 /// Retry budget: over a sliding window, retries may not exceed `ratio` times the requests

@@ -256,6 +256,8 @@ pub struct HttpRouteRule {
     pub backend_refs: Vec<RouteBackendRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<RouteTimeouts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RouteRetry>,
 }
 
 /// `GRPCRoute.spec.rules[]`.
@@ -444,6 +446,22 @@ pub struct RouteTimeouts {
     pub request: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_request: Option<String>,
+}
+
+/// `HTTPRoute.spec.rules[].retry` (Gateway API, standard since v1.7; GEP-1731). Numbers are
+/// kept wide here so that out-of-range values get a validation error naming the field.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRetry {
+    /// Response status codes (400-599) to retry on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<i64>,
+    /// Retries after the first attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i64>,
+    /// The least time between attempts (Gateway API duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
 }
 
 /// One parsed document.

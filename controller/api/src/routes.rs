@@ -152,6 +152,25 @@ pub struct RouteRuleInfo {
     /// `timeouts.request` / `timeouts.backendRequest`, milliseconds.
     pub request_timeout_ms: Option<u64>,
     pub backend_timeout_ms: Option<u64>,
+    /// `retry` (HTTPRoute only).
+    pub retry: Option<RetryInfo>,
+}
+
+/// Most retries a rule may ask for: each one is a whole new request to a backend.
+pub const MAX_RETRY_ATTEMPTS: u32 = 10;
+/// Retries when `retry.attempts` is unset (Envoy Gateway's and Istio's default).
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+
+/// An HTTPRoute rule's `retry`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryInfo {
+    /// Retries after the first attempt (0: none).
+    pub attempts: u32,
+    /// Response status codes to retry on, 400-599, sorted, without repeats. Connection errors
+    /// are always retried.
+    pub codes: Vec<u16>,
+    /// The least time between attempts, milliseconds.
+    pub backoff_ms: Option<u64>,
 }
 
 /// A validated HTTPRoute or GRPCRoute attached to Services.
@@ -706,6 +725,50 @@ impl Check<'_> {
         }
     }
 
+    fn retry(&mut self, at: &str, r: &crate::resource::RouteRetry) -> Option<RetryInfo> {
+        let mut ok = true;
+        let attempts = match r.attempts {
+            None => DEFAULT_RETRY_ATTEMPTS,
+            Some(n) => match u32::try_from(n) {
+                Ok(n) if n <= MAX_RETRY_ATTEMPTS => n,
+                _ => {
+                    ok = false;
+                    self.fail(
+                        format!("{at}.attempts"),
+                        format!(
+                            "{n} is out of range: Weft allows 0 to {MAX_RETRY_ATTEMPTS} retries per request (each is a new request to a backend; the retry budget caps them further)"
+                        ),
+                    );
+                    0
+                }
+            },
+        };
+        let mut codes = Vec::with_capacity(r.codes.len());
+        for (i, code) in r.codes.iter().enumerate() {
+            match u16::try_from(*code) {
+                Ok(code @ 400..=599) => codes.push(code),
+                _ => {
+                    ok = false;
+                    self.fail(
+                        format!("{at}.codes[{i}]"),
+                        format!("{code} is not a retryable status code; use 400-599 (e.g. 503)"),
+                    );
+                }
+            }
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        let backoff_ms = self.duration(format!("{at}.backoff"), &r.backoff);
+        if r.backoff.is_some() && backoff_ms.is_none() {
+            ok = false;
+        }
+        ok.then_some(RetryInfo {
+            attempts,
+            codes,
+            backoff_ms,
+        })
+    }
+
     fn finish(self, info: RouteInfo) -> Result<RouteInfo, Vec<RouteError>> {
         if self.errors.is_empty() {
             Ok(info)
@@ -757,6 +820,15 @@ fn route_info<R>(
             info.backend_timeout_ms =
                 c.duration(format!("{at}.timeouts.backendRequest"), &t.backend_request);
         }
+        if let Some(r) = parts.retry {
+            info.retry = c.retry(&format!("{at}.retry"), r);
+        }
+        if info.redirect.is_some() && parts.retry.is_some() {
+            c.fail(
+                format!("{at}.retry"),
+                "has no effect in a rule with a RequestRedirect filter (the waypoint answers, nothing is forwarded to retry); remove retry, or the filter",
+            );
+        }
         match (&info.redirect, parts.backend_refs.is_empty()) {
             (Some(_), false) => c.fail(
                 format!("{at}.backendRefs"),
@@ -787,6 +859,7 @@ struct RuleParts<'a> {
     filters: &'a [RouteFilter],
     backend_refs: &'a [RouteBackendRef],
     timeouts: Option<&'a crate::resource::RouteTimeouts>,
+    retry: Option<&'a crate::resource::RouteRetry>,
 }
 
 fn http_parts(rule: &HttpRouteRule) -> RuleParts<'_> {
@@ -795,6 +868,7 @@ fn http_parts(rule: &HttpRouteRule) -> RuleParts<'_> {
         filters: &rule.filters,
         backend_refs: &rule.backend_refs,
         timeouts: rule.timeouts.as_ref(),
+        retry: rule.retry.as_ref(),
     }
 }
 
@@ -804,6 +878,7 @@ fn grpc_parts(rule: &GrpcRouteRule) -> RuleParts<'_> {
         filters: &rule.filters,
         backend_refs: &rule.backend_refs,
         timeouts: None,
+        retry: None,
     }
 }
 
@@ -914,7 +989,9 @@ spec:
           requestHeaderModifier: {set: [{name: x-a, value: b}], remove: [x-drop]}
       backendRefs: [{name: api-v2, port: 80, weight: 90}, {name: api, port: 80, weight: 10}]
       timeouts: {request: 2s, backendRequest: 500ms}
+      retry: {codes: [504, 502, 503, 502], attempts: 3, backoff: 100ms}
     - backendRefs: [{name: api, port: 80}]
+      retry: {}
 "#;
 
     #[test]
@@ -937,7 +1014,24 @@ spec:
         assert_eq!(rule.backends[0].weight, 90);
         assert_eq!(rule.request_timeout_ms, Some(2000));
         assert_eq!(rule.backend_timeout_ms, Some(500));
+        assert_eq!(
+            rule.retry,
+            Some(RetryInfo {
+                attempts: 3,
+                codes: vec![502, 503, 504],
+                backoff_ms: Some(100)
+            })
+        );
         assert_eq!(r.rules[1].backends[0].weight, 1);
+        // `retry: {}`: the default number of retries, on connection errors only.
+        assert_eq!(
+            r.rules[1].retry,
+            Some(RetryInfo {
+                attempts: DEFAULT_RETRY_ATTEMPTS,
+                codes: vec![],
+                backoff_ms: None
+            })
+        );
     }
 
     #[test]
@@ -976,7 +1070,10 @@ spec:
                 "{name: api-v2, port: 80, weight: 90}",
                 "{name: api-v2, weight: 90}",
             )
-            .replace("request: 2s", "request: 2 seconds");
+            .replace("request: 2s", "request: 2 seconds")
+            .replace("codes: [504, 502, 503, 502]", "codes: [504, 302, 600]")
+            .replace("attempts: 3", "attempts: 11")
+            .replace("backoff: 100ms", "backoff: soon");
         let errors = parse(&bad).expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         for f in [
@@ -985,6 +1082,10 @@ spec:
             "spec.rules[0].filters[0].type",
             "spec.rules[0].backendRefs[0].port",
             "spec.rules[0].timeouts.request",
+            "spec.rules[0].retry.codes[1]",
+            "spec.rules[0].retry.codes[2]",
+            "spec.rules[0].retry.attempts",
+            "spec.rules[0].retry.backoff",
         ] {
             assert!(fields.contains(&f), "{f} missing from {errors:?}");
         }
@@ -1111,6 +1212,11 @@ spec:
                 "    - matches: [{path: {type: PathPrefix, value: /a}}]\n      filters: [{type: URLRewrite, urlRewrite: {hostname: b.shop}}, {type: RequestRedirect, requestRedirect: {scheme: https}}]\n",
                 "spec.rules[0].filters",
                 "both URLRewrite and RequestRedirect",
+            ),
+            (
+                "    - filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n      retry: {attempts: 1}\n",
+                "spec.rules[0].retry",
+                "has no effect in a rule with a RequestRedirect filter",
             ),
             (
                 "    - filters: [{type: RequestRedirect, requestRedirect: {statusCode: 307}}]\n",

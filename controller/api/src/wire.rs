@@ -582,6 +582,11 @@ impl From<&RouteInfo> for pb::Route {
                         .collect(),
                     request_timeout_ms: rule.request_timeout_ms.unwrap_or(0),
                     backend_timeout_ms: rule.backend_timeout_ms.unwrap_or(0),
+                    retry: rule.retry.as_ref().map(|r| pb::RouteRetry {
+                        attempts: r.attempts,
+                        codes: r.codes.iter().map(|c| u32::from(*c)).collect(),
+                        backoff_ms: r.backoff_ms.unwrap_or(0),
+                    }),
                     url_rewrite: rule.url_rewrite.as_ref().map(|u| pb::UrlRewrite {
                         hostname: u.hostname.clone().unwrap_or_default(),
                         path: u.path.as_ref().map(path_modifier),
@@ -749,6 +754,38 @@ impl TryFrom<pb::Route> for RouteInfo {
                     })
                 }
             };
+            let retry = match rule.retry {
+                None => None,
+                Some(r) => {
+                    if r.attempts > crate::routes::MAX_RETRY_ATTEMPTS {
+                        return Err(err(
+                            "rules.retry.attempts",
+                            format!(
+                                "{} is more than {}",
+                                r.attempts,
+                                crate::routes::MAX_RETRY_ATTEMPTS
+                            ),
+                        ));
+                    }
+                    let mut codes = Vec::with_capacity(r.codes.len());
+                    for code in r.codes {
+                        match u16::try_from(code) {
+                            Ok(code @ 400..=599) => codes.push(code),
+                            _ => {
+                                return Err(err(
+                                    "rules.retry.codes",
+                                    format!("{code} is not a status code 400-599"),
+                                ));
+                            }
+                        }
+                    }
+                    Some(crate::routes::RetryInfo {
+                        attempts: r.attempts,
+                        codes,
+                        backoff_ms: (r.backoff_ms != 0).then_some(r.backoff_ms),
+                    })
+                }
+            };
             if redirect.is_some() && (url_rewrite.is_some() || !backends.is_empty()) {
                 return Err(err(
                     "rules.redirect",
@@ -767,6 +804,7 @@ impl TryFrom<pb::Route> for RouteInfo {
                     .then_some(rule.request_timeout_ms),
                 backend_timeout_ms: (rule.backend_timeout_ms != 0)
                     .then_some(rule.backend_timeout_ms),
+                retry,
             });
         }
         Ok(RouteInfo {
@@ -883,6 +921,10 @@ spec:
         - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: x-r, value: s}]}}
       backendRefs: [{name: api-v2, port: 80, weight: 3}]
       timeouts: {request: 1s, backendRequest: 250ms}
+      retry: {codes: [503, 504], attempts: 1, backoff: 50ms}
+    - name: retry-defaults
+      backendRefs: [{name: api-v2, port: 80}]
+      retry: {}
     - name: rewrite
       matches: [{path: {type: PathPrefix, value: /old}}]
       filters:
@@ -937,8 +979,28 @@ spec:
         assert!(
             wire.rules
                 .iter()
-                .all(|r| r.url_rewrite.is_none() && r.redirect.is_none())
+                .all(|r| r.url_rewrite.is_none() && r.redirect.is_none() && r.retry.is_none())
         );
+        assert!(
+            http.rules
+                .iter()
+                .any(|r| r.retry.as_ref().is_some_and(|r| r.codes == [503, 504]))
+        );
+        // Out-of-range values on the wire are refused, not trusted.
+        let mut wire = pb::Route::from(http);
+        wire.rules[0].retry = Some(pb::RouteRetry {
+            attempts: 1,
+            codes: vec![200],
+            backoff_ms: 0,
+        });
+        let err = RouteInfo::try_from(wire.clone()).expect_err("code 200");
+        assert!(err.to_string().contains("400-599"), "{err}");
+        wire.rules[0].retry = Some(pb::RouteRetry {
+            attempts: 99,
+            codes: vec![],
+            backoff_ms: 0,
+        });
+        assert!(RouteInfo::try_from(wire).is_err());
     }
 
     /// A route with one rewrite rule and one redirect rule, on the wire.

@@ -93,7 +93,7 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
     match result {
         Ok(response) => {
             let status = response.status().as_u16();
-            if status == 503 && retry_on.contains(&RetryOn::Status503) {
+            if retry_on.contains(&RetryOn::Status(status)) {
                 return true;
             }
             if status >= 500 && retry_on.contains(&RetryOn::Status5xx) {
@@ -113,6 +113,14 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
                 _ => false,
             }
         }
+        // A failure on the backend's side also matches the status the waypoint answers it
+        // with (503, 504, ...), as an HTTPRoute's `retry.codes` expects.
+        Err(error)
+            if is_backend_failure(error)
+                && retry_on.contains(&RetryOn::Status(error.status().as_u16())) =>
+        {
+            true
+        }
         Err(ProxyError::Connect { .. }) => retry_on.contains(&RetryOn::ConnectFailure),
         Err(ProxyError::Upstream { .. }) => {
             retry_on.contains(&RetryOn::Reset) || retry_on.contains(&RetryOn::Status5xx)
@@ -127,7 +135,7 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
             | ProxyError::NoEndpoints { .. }
             | ProxyError::Overflow { .. }
             | ProxyError::ConnectionLimit { .. },
-        ) => retry_on.contains(&RetryOn::Status503) || retry_on.contains(&RetryOn::Status5xx),
+        ) => retry_on.contains(&RetryOn::Status5xx),
         Err(
             ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody { .. }
@@ -137,19 +145,37 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
     }
 }
 
-/// The backoff before retry number `retry` (1-based): random in `[0, min(max, base * 2^(retry-1))]`.
+/// Whether `error` is the backend's side failing (not the client's, and not the whole request
+/// running out of time).
+fn is_backend_failure(error: &ProxyError) -> bool {
+    match error {
+        ProxyError::Connect { .. }
+        | ProxyError::Upstream { .. }
+        | ProxyError::NoHealthyEndpoint { .. }
+        | ProxyError::NoEndpoints { .. }
+        | ProxyError::Overflow { .. }
+        | ProxyError::ConnectionLimit { .. } => true,
+        ProxyError::Timeout { which, .. } => *which != super::timeout::REQUEST,
+        _ => false,
+    }
+}
+
+/// The backoff before retry number `retry` (1-based): `min` plus a random time in
+/// `[0, min(max, base * 2^(retry-1)) - min]` (full jitter above the floor).
 pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
+    let floor = config.backoff.min.map_or(Duration::ZERO, |m| m.0);
     let ceiling = config
         .backoff
         .base
         .0
         .saturating_mul(1u32 << retry.saturating_sub(1).min(20))
         .min(config.backoff.max.0);
-    if ceiling.is_zero() {
-        return ceiling;
+    let spread = ceiling.saturating_sub(floor);
+    if spread.is_zero() {
+        return floor;
     }
-    let nanos = rand::rng().random_range(0..=ceiling.as_nanos().min(u128::from(u64::MAX)) as u64);
-    Duration::from_nanos(nanos)
+    let nanos = rand::rng().random_range(0..=spread.as_nanos().min(u128::from(u64::MAX)) as u64);
+    floor + Duration::from_nanos(nanos)
 }
 
 /// Retries failed attempts per [`RetryConfig`], within a [`RetryBudget`].
@@ -282,8 +308,9 @@ mod tests {
             backoff: crate::config::BackoffConfig {
                 base: GatewayDuration(Duration::from_millis(10)),
                 max: GatewayDuration(Duration::from_millis(40)),
+                min: None,
             },
-            retry_on: vec![RetryOn::ConnectFailure, RetryOn::Status503],
+            retry_on: vec![RetryOn::ConnectFailure, RetryOn::Status(503)],
             budget: RetryBudgetConfig {
                 ratio,
                 min_retries_per_second: min,
@@ -429,6 +456,87 @@ mod tests {
         }
         let distinct: std::collections::HashSet<_> = (0..20).map(|_| backoff(&config, 3)).collect();
         assert!(distinct.len() > 1, "jitter varies the backoff");
+    }
+
+    #[test]
+    fn the_backoff_never_goes_below_its_floor() {
+        let mut config = config(5, 1.0, 1);
+        config.backoff.min = Some(GatewayDuration(Duration::from_millis(25)));
+        for retry in 1..=6 {
+            for _ in 0..50 {
+                let wait = backoff(&config, retry);
+                assert!(wait >= Duration::from_millis(25), "{wait:?}");
+                assert!(wait <= Duration::from_millis(40), "{wait:?}");
+            }
+        }
+        // A floor above the cap wins: never earlier than asked.
+        config.backoff.min = Some(GatewayDuration(Duration::from_millis(100)));
+        assert_eq!(backoff(&config, 1), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn status_codes_match_responses_and_the_waypoints_own_answers() {
+        let response = |code: u16| -> ProxyResult {
+            let status = http::StatusCode::from_u16(code).expect("status");
+            Ok(crate::body::text_response(status, ""))
+        };
+        let on = [RetryOn::Status(502), RetryOn::Status(504)];
+        assert!(is_retryable(&response(502), &on));
+        assert!(!is_retryable(&response(503), &on));
+        assert!(!is_retryable(&response(500), &on));
+        // An attempt that timed out is answered 504: retried. The whole request timing out is not.
+        let attempt = ProxyError::Timeout {
+            which: super::super::timeout::BACKEND_REQUEST,
+            after: Duration::from_millis(5),
+        };
+        assert!(is_retryable(&Err(attempt), &on));
+        let whole = ProxyError::Timeout {
+            which: super::super::timeout::REQUEST,
+            after: Duration::from_millis(5),
+        };
+        assert!(!is_retryable(&Err(whole), &on));
+        // A refused connection is answered 503: retried under 503, not under 502 alone.
+        let refused = || ProxyError::Connect {
+            backend: "b".into(),
+            endpoint: "127.0.0.1:1".parse().expect("addr"),
+            reason: "refused".into(),
+        };
+        assert!(!is_retryable(&Err(refused()), &on));
+        assert!(is_retryable(&Err(refused()), &[RetryOn::Status(503)]));
+        // Client-side failures never are.
+        let client = ProxyError::BodyTooLarge { limit: 1 };
+        assert!(!is_retryable(&Err(client), &[RetryOn::Status(413)]));
+    }
+
+    #[test]
+    fn retry_conditions_parse_by_name_and_code() {
+        let parsed: Vec<RetryOn> =
+            serde_yaml::from_str("[connect-failure, reset, 5xx, \"503\", 429, unavailable]")
+                .expect("parse");
+        assert_eq!(
+            parsed,
+            [
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::Status5xx,
+                RetryOn::Status(503),
+                RetryOn::Status(429),
+                RetryOn::GrpcUnavailable
+            ]
+        );
+        for (bad, says) in [
+            ("[600]", "400-599"),
+            ("[\"302\"]", "400-599"),
+            ("[retry-me]", "`retry-me` is not a retry condition"),
+        ] {
+            let err = serde_yaml::from_str::<Vec<RetryOn>>(bad).expect_err(bad);
+            assert!(err.to_string().contains(says), "{bad}: {err}");
+        }
+        let back = serde_yaml::to_string(&parsed).expect("serialize");
+        assert_eq!(
+            serde_yaml::from_str::<Vec<RetryOn>>(&back).expect("again"),
+            parsed
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
-use http::{HeaderValue, Method, Uri, Version};
+use http::header;
+use http::{HeaderValue, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -75,6 +75,36 @@ impl Sender {
             Sender::H2(s) => s.is_closed(),
         }
     }
+
+    /// Sends `request`. When the connection turned out closed before the request was written,
+    /// the error gives the request back for another connection.
+    async fn send(
+        &mut self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
+        let sent = match self {
+            Sender::H1(s) => match s.ready().await {
+                Ok(()) => s.try_send_request(request).await,
+                Err(e) => return Err(SendError::NotSent(Box::new(request), e)),
+            },
+            Sender::H2(s) => match s.ready().await {
+                Ok(()) => s.try_send_request(request).await,
+                Err(e) => return Err(SendError::NotSent(Box::new(request), e)),
+            },
+        };
+        sent.map_err(|mut e| match e.take_message() {
+            Some(request) => SendError::NotSent(Box::new(request), e.into_error()),
+            None => SendError::Failed(e.into_error()),
+        })
+    }
+}
+
+/// Why [`Sender::send`] failed.
+enum SendError {
+    /// The connection was closed before the request went out: the request, untouched.
+    NotSent(Box<http::Request<Full<Bytes>>>, hyper::Error),
+    /// The request was (maybe partly) sent and failed.
+    Failed(hyper::Error),
 }
 
 struct Idle {
@@ -336,28 +366,6 @@ async fn connect_hbone(
         })?
 }
 
-/// The parts of an upstream request, re-buildable for a second try.
-struct Prepared {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Prepared {
-    fn build(&self) -> Result<http::Request<Full<Bytes>>, ProxyError> {
-        let mut request = http::Request::builder()
-            .method(self.method.clone())
-            .uri(self.uri.clone())
-            .version(self.version)
-            .body(Full::new(self.body.clone()))
-            .map_err(|_| ProxyError::Internal("could not build the upstream request"))?;
-        *request.headers_mut() = self.headers.clone();
-        Ok(request)
-    }
-}
-
 impl Service<Request> for MeshForwarder {
     type Response = crate::body::Response;
     type Error = ProxyError;
@@ -417,14 +425,12 @@ impl Service<Request> for MeshForwarder {
                     (uri, Version::HTTP_2)
                 }
             };
-            let uri = uri.map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
-            let prepared = Prepared {
-                method: parts.method,
-                uri,
-                version,
-                headers: parts.headers,
-                body,
-            };
+            parts.uri =
+                uri.map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
+            parts.version = version;
+            // Sent as is; a pooled connection found closed gives it back for a new one (no
+            // copy of the headers per request).
+            let mut upstream = http::Request::from_parts(parts, Full::new(body));
             let svid = inner
                 .ctx
                 .svid
@@ -437,8 +443,10 @@ impl Service<Request> for MeshForwarder {
                 client,
                 generation: svid.generation,
             };
-            for attempt in 0..2 {
-                let (sender, reused) = match inner.checkout(&key) {
+            let mut fresh = false;
+            loop {
+                let pooled = if fresh { None } else { inner.checkout(&key) };
+                let (mut sender, reused) = match pooled {
                     Some(sender) => (sender, true),
                     None => match inner.connect(&key, &svid, traceparent.as_deref()).await {
                         Ok(sender) => (sender, false),
@@ -451,41 +459,26 @@ impl Service<Request> for MeshForwarder {
                         Err(ConnectError::Failed(reason)) => return Err(connect_error(reason)),
                     },
                 };
-                let upstream = prepared.build()?;
-                let sent = match sender {
-                    Sender::H1(mut s) => {
-                        let result = match s.ready().await {
-                            Ok(()) => s.send_request(upstream).await,
-                            Err(e) => Err(e),
-                        };
-                        if result.is_ok() {
-                            inner.checkin(key.clone(), Sender::H1(s));
-                        }
-                        result
-                    }
-                    Sender::H2(mut s) => {
-                        let result = match s.ready().await {
-                            Ok(()) => s.send_request(upstream).await,
-                            Err(e) => Err(e),
-                        };
-                        if !reused && result.is_ok() {
-                            inner.checkin(key.clone(), Sender::H2(s));
-                        }
-                        result
-                    }
-                };
-                match sent {
+                match sender.send(upstream).await {
                     Ok(response) => {
+                        match sender {
+                            Sender::H1(_) => inner.checkin(key, sender),
+                            // A new HTTP/2 connection joins the pool; a pooled one never left.
+                            Sender::H2(_) if !reused => inner.checkin(key, sender),
+                            Sender::H2(_) => {}
+                        }
                         let (mut parts, body) = response.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
                         return Ok(http::Response::from_parts(parts, body.boxed()));
                     }
                     // A pooled connection closed before the request went out: once more on
                     // a new one.
-                    Err(e) if reused && attempt == 0 && (e.is_canceled() || e.is_closed()) => {
+                    Err(SendError::NotSent(back, e)) if reused => {
                         tracing::debug!(endpoint = %target.addr, error = %e, "pooled connection closed; retrying on a new one");
+                        upstream = *back;
+                        fresh = true;
                     }
-                    Err(e) => {
+                    Err(SendError::NotSent(_, e) | SendError::Failed(e)) => {
                         return Err(ProxyError::Upstream {
                             backend: target.backend.to_string(),
                             endpoint: target.addr,
@@ -494,11 +487,6 @@ impl Service<Request> for MeshForwarder {
                     }
                 }
             }
-            Err(ProxyError::Upstream {
-                backend: target.backend.to_string(),
-                endpoint: target.addr,
-                reason: "the pooled connection closed twice".into(),
-            })
         })
     }
 }

@@ -23,9 +23,10 @@ use weft_api::routes::{
 
 use super::MeshView;
 use crate::config::{
-    BackendConfig, BackendProtocol, BackendRef, Config, FilterConfig, GrpcMethodMatch,
-    HeaderModifierConfig, ListenerConfig, MatchConfig, NameValue, PathMatch, PathMatchType,
-    PathModifier, RedirectConfig, RouteConfig, TimeoutsConfig, UrlRewriteConfig,
+    BackendConfig, BackendProtocol, BackendRef, BackoffConfig, Config, FilterConfig,
+    GrpcMethodMatch, HeaderModifierConfig, ListenerConfig, MatchConfig, NameValue, PathMatch,
+    PathMatchType, PathModifier, RedirectConfig, RetryBudgetConfig, RetryConfig, RetryOn,
+    RouteConfig, TimeoutsConfig, UrlRewriteConfig,
 };
 use crate::duration::GatewayDuration;
 
@@ -255,6 +256,7 @@ pub fn with_routes(file: &Config, view: &MeshView, namespace: &str, waypoint: &s
                     filters,
                     backend_refs,
                     timeouts,
+                    retry: rule.retry.as_ref().and_then(retry_config),
                     ..Default::default()
                 });
             }
@@ -263,6 +265,35 @@ pub fn with_routes(file: &Config, view: &MeshView, namespace: &str, waypoint: &s
     }
     config.backends.extend(backends.into_values());
     config
+}
+
+/// An HTTPRoute's `retry` as the retry layer's config: `attempts` retries (none: no layer),
+/// on connection failures and resets (Gateway API's connection errors) and on `codes`, no
+/// sooner than `backoff` (then exponential with jitter, capped at ten times it), within the
+/// default retry budget so that retries cannot multiply the load on a failing backend.
+fn retry_config(retry: &weft_api::routes::RetryInfo) -> Option<RetryConfig> {
+    if retry.attempts == 0 {
+        return None;
+    }
+    let mut retry_on = vec![RetryOn::ConnectFailure, RetryOn::Reset];
+    retry_on.extend(retry.codes.iter().map(|c| RetryOn::Status(*c)));
+    let backoff = match retry.backoff_ms {
+        None => BackoffConfig::default(),
+        Some(ms) => {
+            let floor = Duration::from_millis(ms);
+            BackoffConfig {
+                base: GatewayDuration(floor),
+                max: GatewayDuration(floor.saturating_mul(10)),
+                min: Some(GatewayDuration(floor)),
+            }
+        }
+    };
+    Some(RetryConfig {
+        attempts: retry.attempts + 1,
+        backoff,
+        retry_on,
+        budget: RetryBudgetConfig::default(),
+    })
 }
 
 #[cfg(test)]
@@ -307,6 +338,10 @@ spec:
       filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-route, value: gamma}]}}]
       backendRefs: [{name: greeter, port: 50051, weight: 1}, {name: api, port: 80, weight: 3}]
       timeouts: {request: 2s}
+      retry: {codes: [502, 503], attempts: 2, backoff: 40ms}
+    - matches: [{path: {type: PathPrefix, value: /once}}]
+      backendRefs: [{name: api, port: 80}]
+      retry: {attempts: 0}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
@@ -337,6 +372,28 @@ spec:
         assert_eq!(
             api.routes[0].timeouts.as_ref().and_then(|t| t.request),
             Some(GatewayDuration(Duration::from_secs(2)))
+        );
+        let retry = api.routes[0].retry.as_ref().expect("retry");
+        assert_eq!(retry.attempts, 3, "2 retries after the first attempt");
+        assert_eq!(
+            retry.retry_on,
+            [
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::Status(502),
+                RetryOn::Status(503)
+            ]
+        );
+        let floor = GatewayDuration(Duration::from_millis(40));
+        assert_eq!(retry.backoff.min, Some(floor));
+        assert_eq!(retry.backoff.base, floor);
+        assert_eq!(retry.budget, RetryBudgetConfig::default());
+        assert!(
+            api.routes
+                .iter()
+                .any(|r| r.name.as_deref().is_some_and(|n| n.starts_with("api/"))
+                    && r.retry.is_none()),
+            "attempts: 0 means no retries"
         );
         let greeter = config
             .backends
