@@ -76,8 +76,8 @@ backends:
 "#;
 
 /// The listener of the gRPC Service `greeter` (GRPCRoute-style method matches): `SayHello`
-/// with `x-canary: true` to greeter-v2, the rest of `shop.Greeter` to greeter (retrying
-/// UNAVAILABLE), anything else unrouted.
+/// with `x-canary: true` to greeter-v2, `Broken` answered UNAVAILABLE by a fault abort, the
+/// rest of `shop.Greeter` to greeter (retrying UNAVAILABLE), anything else unrouted.
 const GREETER_LISTENER: &str = r#"  - name: greeter
     service: greeter
     port: 50051
@@ -87,6 +87,11 @@ const GREETER_LISTENER: &str = r#"  - name: greeter
           - grpc: {service: shop.Greeter, method: SayHello}
             headers: [{name: x-canary, value: "true"}]
         backendRefs: [{name: greeter-v2}]
+      - name: broken
+        matches:
+          - grpc: {service: shop.Greeter, method: Broken}
+        backendRefs: [{name: greeter}]
+        fault: {abort: {grpcStatus: 14, percentage: 100}}
       - name: greeter
         matches:
           - grpc: {service: shop.Greeter}
@@ -615,6 +620,12 @@ fn waypoint_routes_grpc_by_service_and_method() {
     );
     let retries = w.wp_metric("weft_waypoint_retries_total", &[("route", "greeter")]);
     assert_eq!(retries - retries_before, 3.0);
+    // A fault abort with a gRPC status: UNAVAILABLE from the waypoint, no backend reached.
+    let calls: usize = w.grpc.iter().map(GrpcServer::calls).sum();
+    let r = w.grpc("/shop.Greeter/Broken", &[]);
+    assert_eq!(r.http_status, 200, "{r:?}");
+    assert_eq!(r.grpc_status.as_deref(), Some("14"), "{r:?}");
+    assert_eq!(w.grpc.iter().map(GrpcServer::calls).sum::<usize>(), calls);
     // A service no route matches never reaches a backend.
     let calls: usize = w.grpc.iter().map(GrpcServer::calls).sum();
     let r = w.grpc("/shop.Inventory/List", &[]);

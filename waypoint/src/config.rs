@@ -514,12 +514,17 @@ pub struct DelayFault {
     pub percentage: f64,
 }
 
-/// An error answer on a percentage of requests.
+/// An error answer on a percentage of requests: an HTTP status, or a gRPC status (exactly one).
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AbortFault {
-    /// Status answered, 200 to 599.
-    pub http_status: u16,
+    /// HTTP status answered, 200 to 599.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// gRPC status answered, 1 (CANCELLED) to 16 (UNAUTHENTICATED): HTTP 200 with
+    /// `grpc-status` and `grpc-message` and no message (a trailers-only gRPC response).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
     /// Share of requests aborted, 0 to 100.
     pub percentage: f64,
 }
@@ -1302,11 +1307,27 @@ fn validate_route(
                     format!("{} is out of range; use 0 to 100", abort.percentage),
                 );
             }
-            if !(200..=599).contains(&abort.http_status) {
-                err(
+            match (abort.http_status, abort.grpc_status) {
+                (Some(status), None) if !(200..=599).contains(&status) => err(
                     format!("{at}.fault.abort.httpStatus"),
-                    format!("{} is not a status code; use 200 to 599", abort.http_status),
-                );
+                    format!("{status} is not a status code; use 200 to 599"),
+                ),
+                (None, Some(status)) if !(1..=16).contains(&status) => err(
+                    format!("{at}.fault.abort.grpcStatus"),
+                    format!(
+                        "{status} is not a gRPC error status; use 1 (CANCELLED) to 16 (UNAUTHENTICATED), e.g. 14 for UNAVAILABLE (0 is OK)"
+                    ),
+                ),
+                (None, None) => err(
+                    format!("{at}.fault.abort"),
+                    "answers nothing; set httpStatus (e.g. 503) or grpcStatus (e.g. 14)".into(),
+                ),
+                (Some(_), Some(_)) => err(
+                    format!("{at}.fault.abort"),
+                    "has both httpStatus and grpcStatus; set one (grpcStatus for gRPC routes)"
+                        .into(),
+                ),
+                _ => {}
             }
         }
     }
@@ -1568,6 +1589,45 @@ backends:
         }
         let text = ConfigError::Invalid(errors).to_string();
         assert!(text.contains("backend `v3` is not declared"), "{text}");
+    }
+
+    #[test]
+    fn an_abort_answers_one_http_or_grpc_status() {
+        let grpc = GOOD.replace("httpStatus: 503", "grpcStatus: 14");
+        let config = Config::from_yaml(&grpc).expect("a gRPC abort is valid");
+        let abort = config.listeners[0].routes[0]
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort)
+            .expect("abort");
+        assert_eq!((abort.http_status, abort.grpc_status), (None, Some(14)));
+        for (replacement, field, says) in [
+            ("grpcStatus: 0", "fault.abort.grpcStatus", "0 is OK"),
+            (
+                "grpcStatus: 17",
+                "fault.abort.grpcStatus",
+                "use 1 (CANCELLED) to 16",
+            ),
+            ("httpStatus: 99", "fault.abort.httpStatus", "use 200 to 599"),
+            ("httpStatus: 503, grpcStatus: 14", "fault.abort", "set one"),
+            ("", "fault.abort", "set httpStatus (e.g. 503) or grpcStatus"),
+        ] {
+            let bad = GOOD.replace(
+                "httpStatus: 503, ",
+                &format!(
+                    "{replacement}{}",
+                    if replacement.is_empty() { "" } else { ", " }
+                ),
+            );
+            let errors = problems(&bad);
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.path == format!("listeners[0].routes[0].{field}")
+                        && e.message.contains(says)),
+                "{replacement}: {errors:?}"
+            );
+        }
     }
 
     #[test]

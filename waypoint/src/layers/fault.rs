@@ -73,16 +73,23 @@ impl<S: Inner> Service<Request> for Fault<S> {
                 if let Some(context) = super::context_of(&request) {
                     context.flag("fault_abort");
                 }
-                let status = http::StatusCode::from_u16(abort.http_status)
-                    .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
-                let mut response = text_response(
-                    status,
-                    format!(
-                        "fault injected by the route's fault.abort ({}% of requests answer {}); remove fault.abort to stop it\n",
-                        abort.percentage,
-                        status.as_u16()
-                    ),
-                );
+                let mut response = match abort.grpc_status {
+                    Some(grpc) => grpc_abort(grpc),
+                    None => {
+                        let status = abort
+                            .http_status
+                            .and_then(|s| http::StatusCode::from_u16(s).ok())
+                            .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+                        text_response(
+                            status,
+                            format!(
+                                "fault injected by the route's fault.abort ({}% of requests answer {}); remove fault.abort to stop it\n",
+                                abort.percentage,
+                                status.as_u16()
+                            ),
+                        )
+                    }
+                };
                 response
                     .headers_mut()
                     .insert("x-weft-fault", http::HeaderValue::from_static("abort"));
@@ -91,6 +98,25 @@ impl<S: Inner> Service<Request> for Fault<S> {
             inner.oneshot(request).await
         })
     }
+}
+
+/// A trailers-only gRPC answer with status `grpc`: HTTP 200, `grpc-status`, `grpc-message`,
+/// no message.
+fn grpc_abort(grpc: u32) -> crate::body::Response {
+    let mut response = http::Response::new(crate::body::full(bytes::Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", http::HeaderValue::from(grpc));
+    headers.insert(
+        "grpc-message",
+        http::HeaderValue::from_static(
+            "fault injected by the route's fault.abort; remove fault.abort to stop it",
+        ),
+    );
+    response
 }
 
 #[cfg(test)]
@@ -108,7 +134,8 @@ mod tests {
         let layer = FaultLayer::new(FaultConfig {
             delay: None,
             abort: Some(AbortFault {
-                http_status: 418,
+                http_status: Some(418),
+                grpc_status: None,
                 percentage: 100.0,
             }),
         });
@@ -123,12 +150,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_grpc_abort_is_a_trailers_only_grpc_answer() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let layer = FaultLayer::new(FaultConfig {
+            delay: None,
+            abort: Some(AbortFault {
+                http_status: None,
+                grpc_status: Some(14),
+                percentage: 100.0,
+            }),
+        });
+        let response = layer
+            .layer(status_service(200, calls.clone()))
+            .oneshot(request("/shop.Greeter/SayHello"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), 200, "gRPC errors travel in grpc-status");
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        assert_eq!(response.headers()["grpc-status"], "14");
+        assert!(response.headers().contains_key("grpc-message"));
+        assert_eq!(response.headers()["x-weft-fault"], "abort");
+        assert!(
+            http_body::Body::is_end_stream(response.body()),
+            "no message"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
     async fn partial_abort_hits_about_the_percentage() {
         let calls = Arc::new(AtomicUsize::new(0));
         let layer = FaultLayer::new(FaultConfig {
             delay: None,
             abort: Some(AbortFault {
-                http_status: 503,
+                http_status: Some(503),
+                grpc_status: None,
                 percentage: 30.0,
             }),
         });
@@ -179,7 +235,8 @@ mod tests {
         let layer = FaultLayer::new(FaultConfig {
             delay: None,
             abort: Some(AbortFault {
-                http_status: 503,
+                http_status: Some(503),
+                grpc_status: None,
                 percentage: 0.0,
             }),
         });
