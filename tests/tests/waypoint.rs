@@ -334,6 +334,14 @@ struct World {
 }
 
 impl World {
+    /// Changes the controller's directory with `edit` and waits until the agents and the
+    /// waypoint have applied it.
+    fn change(&mut self, edit: impl FnOnce(&mut MeshConfig)) {
+        let before = self.mesh.applied_counts();
+        edit(&mut self.mesh.config);
+        self.mesh.write_config().expect("write config");
+        self.mesh.wait_applied(&before, T).expect("config applied");
+    }
     fn pod(&self, node: usize, pod: usize) -> Pod {
         self.mesh.lab.pod(node, pod).clone()
     }
@@ -389,6 +397,19 @@ impl World {
     fn wp_metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_sum(&self.waypoint().metrics(), name, labels)
     }
+}
+
+/// An HTTPRoute `name` of namespace `shop` attached to Service api-v2 port 80 (GAMMA), with
+/// `rules`.
+fn api_v2_route(name: &str, rules: Value) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
+            "rules": rules
+        }
+    })
 }
 
 fn world(test: &str, waypoint_routes: &str) -> Option<World> {
@@ -820,25 +841,20 @@ fn waypoint_serves_httproutes_from_the_controller_live() {
     assert_eq!(code, 200, "{body}");
     assert!(body.starts_with("api-v2 GET /hello"), "{body}");
     // An HTTPRoute attached to the Service (GAMMA), from the controller's directory.
-    let route = json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": "api-v2-canary", "namespace": "shop"},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
-            "rules": [
-                {"name": "gamma",
-                 "matches": [{"headers": [{"name": "x-gamma", "value": "yes"}]}],
-                 "filters": [{"type": "RequestHeaderModifier",
-                              "requestHeaderModifier": {"set": [{"name": "x-route", "value": "gamma"}]}}],
-                 "backendRefs": [{"name": "api", "port": 80}]},
-                {"backendRefs": [{"name": "api-v2", "port": 80}]}
-            ]
-        }
+    let route = api_v2_route(
+        "api-v2-canary",
+        json!([
+            {"name": "gamma",
+             "matches": [{"headers": [{"name": "x-gamma", "value": "yes"}]}],
+             "filters": [{"type": "RequestHeaderModifier",
+                          "requestHeaderModifier": {"set": [{"name": "x-route", "value": "gamma"}]}}],
+             "backendRefs": [{"name": "api", "port": 80}]},
+            {"backendRefs": [{"name": "api-v2", "port": 80}]}
+        ]),
+    );
+    w.change(|c| {
+        c.raw.push(route);
     });
-    let before = w.mesh.applied_counts();
-    w.mesh.config.raw.push(route);
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
     let (code, body) = wait_for(T, "the route to be served", || {
         w.request(API_V2_VIP, "GET", "/hello", &[("x-gamma", "yes")])
             .ok()
@@ -865,10 +881,9 @@ fn waypoint_serves_httproutes_from_the_controller_live() {
     let (_, body) = w.get(API_VIP, "/v2/x").expect("GET api");
     assert!(body.starts_with("api-v2 GET /v2/x"), "{body}");
     // The route goes away: back to the default route, live.
-    let before = w.mesh.applied_counts();
-    w.mesh.config.raw.retain(|d| d["kind"] != "HTTPRoute");
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
+    w.change(|c| {
+        c.raw.retain(|d| d["kind"] != "HTTPRoute");
+    });
     wait_for(T, "the route to be gone", || {
         w.request(API_V2_VIP, "GET", "/hello", &[("x-gamma", "yes")])
             .ok()
@@ -885,24 +900,19 @@ fn waypoint_httproute_retries_from_the_controller() {
     };
     // Gateway API `retry` on an HTTPRoute attached to api-v2, sending to `api` (api-v1):
     // 2 retries on 503, at least 30 ms apart.
-    let route = json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": "api-v2-retry", "namespace": "shop"},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
-            "rules": [
-                {"name": "retried",
-                 "matches": [{"path": {"type": "PathPrefix", "value": "/status"}}],
-                 "backendRefs": [{"name": "api", "port": 80}],
-                 "retry": {"codes": [503], "attempts": 2, "backoff": "30ms"}},
-                {"backendRefs": [{"name": "api-v2", "port": 80}]}
-            ]
-        }
+    let route = api_v2_route(
+        "api-v2-retry",
+        json!([
+            {"name": "retried",
+             "matches": [{"path": {"type": "PathPrefix", "value": "/status"}}],
+             "backendRefs": [{"name": "api", "port": 80}],
+             "retry": {"codes": [503], "attempts": 2, "backoff": "30ms"}},
+            {"backendRefs": [{"name": "api-v2", "port": 80}]}
+        ]),
+    );
+    w.change(|c| {
+        c.raw.push(route);
     });
-    let before = w.mesh.applied_counts();
-    w.mesh.config.raw.push(route);
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
     wait_for(T, "the route to be served", || {
         w.get(API_V2_VIP, "/status/200")
             .ok()
@@ -951,34 +961,29 @@ fn waypoint_httproute_rewrite_and_redirect_from_the_controller() {
     // An HTTPRoute attached to api-v2 (no listener of the file serves it), from the
     // controller's directory: a prefix rewrite, a permanent redirect within the Service and a
     // redirect elsewhere.
-    let route = json!({
-        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
-        "metadata": {"name": "api-v2-filters", "namespace": "shop"},
-        "spec": {
-            "parentRefs": [{"group": "", "kind": "Service", "name": "api-v2", "port": 80}],
-            "rules": [
-                {"name": "rewrite",
-                 "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
-                 "filters": [{"type": "URLRewrite",
-                              "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}],
-                 "backendRefs": [{"name": "api-v2", "port": 80}]},
-                {"name": "moved",
-                 "matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
-                 "filters": [{"type": "RequestRedirect",
-                              "requestRedirect": {"statusCode": 301,
-                                                  "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/here"}}}]},
-                {"name": "secure",
-                 "matches": [{"path": {"type": "Exact", "value": "/login"}}],
-                 "filters": [{"type": "RequestRedirect",
-                              "requestRedirect": {"scheme": "https", "hostname": "login.example.com"}}]},
-                {"backendRefs": [{"name": "api-v2", "port": 80}]}
-            ]
-        }
+    let route = api_v2_route(
+        "api-v2-filters",
+        json!([
+            {"name": "rewrite",
+             "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+             "filters": [{"type": "URLRewrite",
+                          "urlRewrite": {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}}}],
+             "backendRefs": [{"name": "api-v2", "port": 80}]},
+            {"name": "moved",
+             "matches": [{"path": {"type": "PathPrefix", "value": "/moved"}}],
+             "filters": [{"type": "RequestRedirect",
+                          "requestRedirect": {"statusCode": 301,
+                                              "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/here"}}}]},
+            {"name": "secure",
+             "matches": [{"path": {"type": "Exact", "value": "/login"}}],
+             "filters": [{"type": "RequestRedirect",
+                          "requestRedirect": {"scheme": "https", "hostname": "login.example.com"}}]},
+            {"backendRefs": [{"name": "api-v2", "port": 80}]}
+        ]),
+    );
+    w.change(|c| {
+        c.raw.push(route);
     });
-    let before = w.mesh.applied_counts();
-    w.mesh.config.raw.push(route);
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
     // The backend sees the rewritten path, the query kept.
     let body = wait_for(T, "the rewrite to be served", || {
         w.get(API_V2_VIP, "/old/page?x=1")
@@ -1066,10 +1071,9 @@ fn waypoint_l7_authorization_allows_and_denies_by_method_path_header_and_princip
         json!({"action": "DENY", "targetRefs": [{"kind": "Service", "name": "tcp"}],
                "rules": [{"from": [{"principals": [WEB_ID]}], "to": [{"methods": ["DELETE"]}]}]}),
     );
-    let before = w.mesh.applied_counts();
-    w.mesh.config.raw.extend([allow, block, tcp_deny]);
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
+    w.change(|c| {
+        c.raw.extend([allow, block, tcp_deny]);
+    });
     let served_before = w.servers[0].accepted();
     // Applied: POST is refused by the waypoint itself.
     let denied = wait_for(T, "the policies at the waypoint", || {
@@ -1129,13 +1133,9 @@ fn waypoint_l7_authorization_allows_and_denies_by_method_path_header_and_princip
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", w.waypoint().metrics()));
     // Removing the policies opens the service again, live.
-    let before = w.mesh.applied_counts();
-    w.mesh
-        .config
-        .raw
-        .retain(|d| d["kind"] != "AuthorizationPolicy");
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
+    w.change(|c| {
+        c.raw.retain(|d| d["kind"] != "AuthorizationPolicy");
+    });
     wait_for(T, "the policies to be gone", || {
         w.request(API_VIP, "POST", "/public/x", &[])
             .ok()
@@ -1244,10 +1244,9 @@ fn waypoint_down_means_bound_traffic_is_refused_never_bypassed() {
         "a bound service must not be reachable without its waypoint"
     );
     // The waypoint's pod goes away: no ready waypoint pod at all.
-    let before = w.mesh.applied_counts();
-    w.mesh.config.workloads.retain(|x| x.name != "waypoint-1");
-    w.mesh.write_config().expect("write config");
-    w.mesh.wait_applied(&before, T).expect("config applied");
+    w.change(|c| {
+        c.workloads.retain(|x| x.name != "waypoint-1");
+    });
     assert!(w.get(API_VIP, "/gone").is_err());
     let m = w.mesh.agent(0).metrics_text();
     assert!(
