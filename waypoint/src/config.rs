@@ -386,6 +386,8 @@ pub enum RetryOn {
     ConnectFailure,
     /// The connection broke before the response headers.
     Reset,
+    /// The attempt ran past `timeouts.backendRequest` (also covered by `5xx`).
+    AttemptTimeout,
     /// Any 5xx response.
     Status5xx,
     /// One response status (400-599): a backend's response with it, or a failure the waypoint
@@ -412,9 +414,10 @@ enum RawRetryOn {
     Name(String),
 }
 
-const RETRY_ON_NAMES: [(&str, RetryOn); 8] = [
+const RETRY_ON_NAMES: [(&str, RetryOn); 9] = [
     ("connect-failure", RetryOn::ConnectFailure),
     ("reset", RetryOn::Reset),
+    ("attempt-timeout", RetryOn::AttemptTimeout),
     ("5xx", RetryOn::Status5xx),
     ("cancelled", RetryOn::GrpcCancelled),
     ("deadline-exceeded", RetryOn::GrpcDeadlineExceeded),
@@ -433,7 +436,7 @@ impl TryFrom<RawRetryOn> for RetryOn {
                 Some((_, on)) => return Ok(*on),
                 None => name.parse().map_err(|_| {
                     format!(
-                        "`{name}` is not a retry condition; use connect-failure, reset, 5xx, a status code 400-599 (e.g. 503), or a gRPC status: cancelled, deadline-exceeded, resource-exhausted, internal, unavailable"
+                        "`{name}` is not a retry condition; use connect-failure, reset, attempt-timeout, 5xx, a status code 400-599 (e.g. 503), or a gRPC status: cancelled, deadline-exceeded, resource-exhausted, internal, unavailable"
                     )
                 })?,
             },

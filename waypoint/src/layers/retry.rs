@@ -128,7 +128,9 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
         // Per-attempt timeouts count as gateway errors (as in Envoy's `5xx`).
         // ... but not once the whole request's time is up.
         Err(ProxyError::Timeout { which, .. }) => {
-            *which != super::timeout::REQUEST && retry_on.contains(&RetryOn::Status5xx)
+            *which != super::timeout::REQUEST
+                && (retry_on.contains(&RetryOn::Status5xx)
+                    || retry_on.contains(&RetryOn::AttemptTimeout))
         }
         Err(
             ProxyError::NoHealthyEndpoint { .. }
@@ -495,6 +497,12 @@ mod tests {
             after: Duration::from_millis(5),
         };
         assert!(!is_retryable(&Err(whole), &on));
+        let attempt = || ProxyError::Timeout {
+            which: super::super::timeout::BACKEND_REQUEST,
+            after: Duration::from_millis(5),
+        };
+        assert!(is_retryable(&Err(attempt()), &[RetryOn::AttemptTimeout]));
+        assert!(!is_retryable(&Err(attempt()), &[RetryOn::Reset]));
         // A refused connection is answered 503: retried under 503, not under 502 alone.
         let refused = || ProxyError::Connect {
             backend: "b".into(),
@@ -510,14 +518,16 @@ mod tests {
 
     #[test]
     fn retry_conditions_parse_by_name_and_code() {
-        let parsed: Vec<RetryOn> =
-            serde_yaml::from_str("[connect-failure, reset, 5xx, \"503\", 429, unavailable]")
-                .expect("parse");
+        let parsed: Vec<RetryOn> = serde_yaml::from_str(
+            "[connect-failure, reset, attempt-timeout, 5xx, \"503\", 429, unavailable]",
+        )
+        .expect("parse");
         assert_eq!(
             parsed,
             [
                 RetryOn::ConnectFailure,
                 RetryOn::Reset,
+                RetryOn::AttemptTimeout,
                 RetryOn::Status5xx,
                 RetryOn::Status(503),
                 RetryOn::Status(429),

@@ -268,14 +268,21 @@ pub fn with_routes(file: &Config, view: &MeshView, namespace: &str, waypoint: &s
 }
 
 /// An HTTPRoute's `retry` as the retry layer's config: `attempts` retries (none: no layer),
-/// on connection failures and resets (Gateway API's connection errors) and on `codes`, no
+/// on connection failures and resets (Gateway API's connection errors), on attempts that ran
+/// past `timeouts.backendRequest` and on `codes`, no
 /// sooner than `backoff` (then exponential with jitter, capped at ten times it), within the
 /// default retry budget so that retries cannot multiply the load on a failing backend.
 fn retry_config(retry: &weft_api::routes::RetryInfo) -> Option<RetryConfig> {
     if retry.attempts == 0 {
         return None;
     }
-    let mut retry_on = vec![RetryOn::ConnectFailure, RetryOn::Reset];
+    // Gateway API: connection errors always; an attempt past `timeouts.backendRequest` is a
+    // retryable error too.
+    let mut retry_on = vec![
+        RetryOn::ConnectFailure,
+        RetryOn::Reset,
+        RetryOn::AttemptTimeout,
+    ];
     retry_on.extend(retry.codes.iter().map(|c| RetryOn::Status(*c)));
     let backoff = match retry.backoff_ms {
         None => BackoffConfig::default(),
@@ -380,6 +387,7 @@ spec:
             [
                 RetryOn::ConnectFailure,
                 RetryOn::Reset,
+                RetryOn::AttemptTimeout,
                 RetryOn::Status(502),
                 RetryOn::Status(503)
             ]
