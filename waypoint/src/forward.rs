@@ -1,29 +1,34 @@
-//! The innermost service: sends a request to the [`SelectedEndpoint`] over a pooled hyper
-//! client (plain TCP; HTTP/1.1, or HTTP/2 with prior knowledge) and streams the response back.
+//! The innermost service: sends a request to the [`SelectedEndpoint`] on a pooled connection
+//! ([`crate::pool`]; plain TCP; HTTP/1.1, or HTTP/2 with prior knowledge) and streams the
+//! response back.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
 use http::header::{self, HeaderMap, HeaderName};
 use http::{HeaderValue, Uri, Version};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tower::Service;
 
 use crate::body::Request;
 use crate::config::BackendProtocol;
-use crate::connect::{LimitedConnector, is_max_connections};
 use crate::error::ProxyError;
 use crate::layers::{BoxFuture, ProxyResult, SelectedEndpoint};
+use crate::pool::{self, Pool, PoolError, Sender};
 
 /// How long opening a TCP connection to an endpoint may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1). A `static`,
+/// not a `const`: a `const` array is built (and dropped) anew wherever it is used, here once
+/// per header name of every message.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -34,37 +39,56 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
+///
+/// One pass over the names finds which are present; only those are removed (most messages
+/// carry `connection: keep-alive` and nothing else of the kind).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have none: one pass over the names instead of eight lookups.
-    if !headers
-        .keys()
-        .any(|name| name == header::TE || HOP_BY_HOP.contains(name))
-    {
+    let mut present = 0u8;
+    let mut te = false;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::TE {
+            te = true;
+        }
+    }
+    if present == 0 && !te {
         return;
     }
+    // Options of `Connection` other than keep-alive and close name more headers of this hop
+    // (no allocation when there are none).
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|option| {
+            !option.is_empty()
+                && !option.eq_ignore_ascii_case("keep-alive")
+                && !option.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    for name in &named {
         headers.remove(name);
     }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
     // `te: trailers` is the only TE value allowed in HTTP/2, and what gRPC sends.
-    if headers.get(header::TE).is_some_and(|te| te != "trailers") {
+    if te && headers.get(header::TE).is_some_and(|te| te != "trailers") {
         headers.remove(header::TE);
     }
 }
 
-/// Forwards requests to the endpoint chosen by the balancer.
+/// Forwards requests to the endpoint chosen by the balancer, on pooled connections
+/// ([`crate::pool`]).
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    /// One pool per worker thread ([`crate::workers`]): a connection is driven by the runtime
-    /// that opened it, so a worker only ever uses its own (one shared pool under
-    /// `maxConnections`).
-    clients: std::sync::Arc<[Client<LimitedConnector, Full<Bytes>>]>,
+    pool: Arc<Pool<SocketAddr>>,
     protocol: BackendProtocol,
 }
 
@@ -72,29 +96,32 @@ impl Forwarder {
     /// A forwarder with its own connection pool speaking `protocol`, holding at most
     /// `max_connections` connections open (unbounded when `None`).
     pub fn new(protocol: BackendProtocol, max_connections: Option<usize>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(Duration::from_secs(90));
-        if protocol == BackendProtocol::Http2 {
-            builder.http2_only(true);
-        }
-        let connector = LimitedConnector::new(connector, max_connections);
-        // Under a connection limit one pool for all workers: separate pools would keep idle
-        // connections a busy worker could not use while the limit makes it wait.
-        let pools = if max_connections.is_some() {
-            1
-        } else {
-            crate::workers::count()
-        };
         Forwarder {
-            clients: (0..pools)
-                .map(|_| builder.build(connector.clone()))
-                .collect(),
+            pool: Pool::new(max_connections),
             protocol,
         }
     }
+}
+
+/// TCP to `addr` (at most [`CONNECT_TIMEOUT`]), then HTTP.
+async fn connect(
+    addr: SocketAddr,
+    protocol: BackendProtocol,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Result<Sender, String> {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(format!("TCP connect to {addr} failed: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "TCP connect to {addr} took longer than {CONNECT_TIMEOUT:?}"
+            ));
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    pool::start(TokioIo::new(tcp), protocol, slot)
+        .await
+        .map_err(|e| format!("HTTP handshake with {addr} failed: {e}"))
 }
 
 impl Service<Request> for Forwarder {
@@ -107,7 +134,7 @@ impl Service<Request> for Forwarder {
     }
 
     fn call(&mut self, mut request: Request) -> Self::Future {
-        let client = self.clients[crate::workers::current() % self.clients.len()].clone();
+        let pool = self.pool.clone();
         let protocol = self.protocol;
         Box::pin(async move {
             let Some(target) = request.extensions_mut().remove::<SelectedEndpoint>() else {
@@ -117,45 +144,58 @@ impl Service<Request> for Forwarder {
             };
             let (mut parts, body) = request.into_parts();
             // HTTP/2 clients send the host as :authority; HTTP/1.1 endpoints need a Host header.
-            if !parts.headers.contains_key(header::HOST)
-                && let Some(authority) = parts.uri.authority()
-                && let Ok(value) = HeaderValue::from_str(authority.as_str())
-            {
-                parts.headers.insert(header::HOST, value);
+            if !parts.headers.contains_key(header::HOST) {
+                let value = match parts.uri.authority() {
+                    Some(authority) => HeaderValue::from_str(authority.as_str()),
+                    None => HeaderValue::from_str(&target.addr.to_string()),
+                };
+                if let Ok(value) = value {
+                    parts.headers.insert(header::HOST, value);
+                }
             }
             strip_hop_by_hop(&mut parts.headers);
-            parts.uri = upstream_uri(&target, &parts.uri)?;
-            parts.version = match protocol {
-                BackendProtocol::Http1 => Version::HTTP_11,
-                BackendProtocol::Http2 => Version::HTTP_2,
+            // HTTP/1.1: the origin form (`/path?query`). HTTP/2: the endpoint as :authority
+            // (the original host travels in the Host header, which HTTP/2 allows).
+            (parts.uri, parts.version) = match protocol {
+                BackendProtocol::Http1 => (origin_form(&parts.uri), Version::HTTP_11),
+                BackendProtocol::Http2 => (upstream_uri(&target, &parts.uri)?, Version::HTTP_2),
             };
-            // For HTTP/2 endpoints the :authority is the endpoint's address (the client connects
-            // by URI); the original host travels in the Host header, which HTTP/2 allows.
             let upstream = http::Request::from_parts(parts, Full::new(body));
-            match client.request(upstream).await {
+            let addr = target.addr;
+            match pool
+                .send(addr, upstream, |slot| connect(addr, protocol, slot))
+                .await
+            {
                 Ok(response) => {
                     let (mut parts, body) = response.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    Ok(http::Response::from_parts(parts, body.boxed()))
+                    Ok(http::Response::from_parts(parts, body))
                 }
-                Err(e) if let Some(max) = is_max_connections(&e) => {
-                    Err(ProxyError::ConnectionLimit {
-                        backend: target.backend.to_string(),
-                        max,
-                    })
-                }
-                Err(e) if e.is_connect() => Err(ProxyError::Connect {
+                Err(PoolError::Limit(max)) => Err(ProxyError::ConnectionLimit {
                     backend: target.backend.to_string(),
-                    endpoint: target.addr,
-                    reason: error_chain(&e),
+                    max,
                 }),
-                Err(e) => Err(ProxyError::Upstream {
+                Err(PoolError::Connect(reason)) => Err(ProxyError::Connect {
                     backend: target.backend.to_string(),
-                    endpoint: target.addr,
+                    endpoint: addr,
+                    reason,
+                }),
+                Err(PoolError::Upstream(e)) => Err(ProxyError::Upstream {
+                    backend: target.backend.to_string(),
+                    endpoint: addr,
                     reason: error_chain(&e),
                 }),
             }
         })
+    }
+}
+
+/// The origin form of `uri`: its path and query (`/` when it has none).
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(path) if path.as_str().starts_with('/') => Uri::from(path.clone()),
+        Some(path) if path.as_str() == "*" => Uri::from(path.clone()),
+        _ => Uri::from_static("/"),
     }
 }
 
@@ -194,6 +234,156 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An HTTP/1.1 server on loopback answering `ok` after `delay`, counting connections; a
+    /// request with `x-close` is answered with `connection: close`.
+    async fn backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            let mut response = http::Response::new(Full::new(Bytes::from("ok")));
+                            if request.headers().contains_key("x-close") {
+                                response
+                                    .headers_mut()
+                                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    fn to(addr: SocketAddr, headers: &[&'static str]) -> Request {
+        let mut request = http::Request::builder()
+            .uri("/x")
+            .body(Bytes::new())
+            .expect("request");
+        for name in headers {
+            request
+                .headers_mut()
+                .insert(*name, HeaderValue::from_static("1"));
+        }
+        request.extensions_mut().insert(SelectedEndpoint {
+            backend: "b".into(),
+            addr,
+            authority: None,
+            identity: None,
+        });
+        request
+    }
+
+    async fn body_of(response: crate::body::Response) -> Bytes {
+        response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_once_their_response_has_ended() {
+        let (addr, connections) = backend(Duration::ZERO).await;
+        let mut forwarder = Forwarder::new(BackendProtocol::Http1, None);
+        for _ in 0..5 {
+            let response = forwarder.call(to(addr, &[])).await.expect("response");
+            assert_eq!(body_of(response).await, "ok");
+        }
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1,
+            "one connection, reused"
+        );
+        // A connection the endpoint closes is not reused; the next request opens another.
+        let response = forwarder.call(to(addr, &["x-close"])).await.expect("close");
+        assert_eq!(body_of(response).await, "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let response = forwarder.call(to(addr, &[])).await.expect("after close");
+        assert_eq!(body_of(response).await, "ok");
+        assert_eq!(connections.load(Ordering::SeqCst), 2);
+        // A response dropped before its end takes its connection with it.
+        let response = forwarder.call(to(addr, &[])).await.expect("dropped");
+        drop(response);
+        let response = forwarder.call(to(addr, &[])).await.expect("after drop");
+        assert_eq!(body_of(response).await, "ok");
+    }
+
+    #[tokio::test]
+    async fn under_max_connections_a_request_waits_for_a_connection_to_come_back() {
+        let (addr, connections) = backend(Duration::from_millis(100)).await;
+        let forwarder = Forwarder::new(BackendProtocol::Http1, Some(1));
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let mut forwarder = forwarder.clone();
+                tokio::spawn(async move {
+                    let response = forwarder.call(to(addr, &[])).await.expect("response");
+                    body_of(response).await
+                })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.expect("join"), "ok");
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_slot_within_the_wait_is_a_connection_limit_error() {
+        let mut forwarder = Forwarder::new(BackendProtocol::Http1, Some(0));
+        let err = forwarder
+            .call(to("127.0.0.1:9".parse().expect("addr"), &[]))
+            .await
+            .expect_err("no slot");
+        assert!(
+            matches!(err, ProxyError::ConnectionLimit { max: 0, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("maxConnections"), "{err}");
+    }
+
+    #[test]
+    fn requests_go_out_in_origin_form() {
+        assert_eq!(
+            origin_form(&Uri::from_static("http://a.example/x?y=1")),
+            "/x?y=1"
+        );
+        assert_eq!(origin_form(&Uri::from_static("/p")), "/p");
+        assert_eq!(origin_form(&Uri::from_static("http://a.example")), "/");
+    }
+
+    #[test]
+    fn keep_alive_alone_removes_only_connection() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        headers.insert(header::HOST, HeaderValue::from_static("a"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 2);
+        assert!(!headers.contains_key(header::CONNECTION));
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

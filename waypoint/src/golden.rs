@@ -123,7 +123,7 @@ pub struct SeriesCache {
 }
 
 /// One worker's handles by label set.
-type SeriesMap = HashMap<SeriesKey, Arc<Series>>;
+type SeriesMap = HashMap<SeriesKey, Arc<Series>, foldhash::fast::RandomState>;
 
 impl Default for SeriesCache {
     fn default() -> Self {

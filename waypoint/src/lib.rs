@@ -30,7 +30,7 @@
 //!     closed, `weft_waypoint_circuit_transitions_total`, growing ejections,
 //!     `maxEjectionPercent`, Envoy's panic threshold) and per-backend concurrent/pending
 //!     request limits (held until the response body ends);
-//!     `maxConnections` is enforced by the backend's connector ([`connect`]).
+//!     `maxConnections` is enforced by the backend's connection pool ([`pool`]).
 //!   * [`layers::headers`]: request/response header modifiers.
 //!   * [`layers::split`]: weighted backend choice.
 //!   * [`layers::balance`]: power of two choices over a peak EWMA of latency (decaying while
@@ -73,7 +73,6 @@
 
 pub mod body;
 pub mod config;
-pub mod connect;
 pub mod duration;
 pub mod error;
 pub mod filters;
@@ -82,6 +81,7 @@ pub mod golden;
 pub mod layers;
 pub mod mesh;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod route;
 pub mod workers;

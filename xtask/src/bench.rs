@@ -38,6 +38,11 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// `waypoint`: also count the user-space instructions per request of the waypoint and of
+    /// the hyper floor (one worker each) under callgrind: a number that does not move with
+    /// the machine's noise, for comparing changes.
+    #[arg(long)]
+    pub instructions: bool,
     #[command(flatten)]
     pub control_plane: crate::bench_control_plane::ControlPlaneArgs,
     #[command(flatten)]
@@ -179,7 +184,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Target::Capture => capture(args),
         Target::ControlPlane => crate::bench_control_plane::run(args.control_plane, args.json),
         Target::L4 => crate::bench_l4::run(args.l4, args.json),
-        Target::Waypoint => crate::bench_waypoint::run(args.l4.seconds, args.json),
+        Target::Waypoint => {
+            crate::bench_waypoint::run(args.l4.seconds, args.json, args.instructions)
+        }
     }
 }
 

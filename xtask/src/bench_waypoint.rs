@@ -8,6 +8,11 @@
 //! access log off (as nginx's).
 //! Load: wrk -t2 -c16 for `--seconds` (default 5), each proxy in turn. Reported per proxy: req/s, p50 and
 //! p99 latency, RSS after the run (all processes), CPU cores used per 1,000 req/s.
+//!
+//! `--instructions`: the waypoint and the hyper floor (one worker each) run again under
+//! callgrind (Debian `valgrind`), loaded by h2load (Debian `nghttp2-client`) with a fixed
+//! number of requests after a warm-up; reported: user-space instructions per request. Unlike
+//! req/s on a shared 2-CPU machine, it is the same from run to run within ~1 %.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -96,9 +101,81 @@ fn measure(name: &str, port: u16, pid: u32, secs: u64) -> anyhow::Result<Value> 
     }))
 }
 
-/// Runs the comparison with `seconds` of load per proxy.
-pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
+/// Requests counted under callgrind (after as many for warm-up).
+const COUNTED_REQUESTS: u64 = 20_000;
+
+/// User-space instructions per request of `command` (a proxy listening on `port`), counted by
+/// callgrind over [`COUNTED_REQUESTS`] requests of h2load (HTTP/1.1, 4 connections).
+fn instructions(command: &mut Command, port: u16, dir: &std::path::Path) -> anyhow::Result<f64> {
+    let out = dir.join(format!("callgrind.{port}"));
+    let mut valgrind = Command::new("valgrind");
+    valgrind
+        .args(["--tool=callgrind", "--instr-atstart=no"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(command.get_program())
+        .args(command.get_args())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let p = Proc(valgrind.spawn().context("starting valgrind")?);
+    // Under callgrind start-up takes seconds: up to 6 waits of 5 s.
+    let mut waited = wait_port(port);
+    for _ in 0..5 {
+        if waited.is_ok() {
+            break;
+        }
+        waited = wait_port(port);
+    }
+    waited?;
+    let url = format!("http://127.0.0.1:{port}/api/items");
+    let h2load = |n: u64| -> anyhow::Result<()> {
+        let output = Command::new("h2load")
+            .args(["--h1", "-c4", "-t1", "-n", &n.to_string(), &url])
+            .output()
+            .context("running h2load (Debian package nghttp2-client)")?;
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !text.contains(&format!("{n} succeeded")) {
+            bail!("h2load against {url} did not succeed {n} times:\n{text}");
+        }
+        Ok(())
+    };
+    let control = |what: &str| -> anyhow::Result<()> {
+        let status = Command::new("callgrind_control")
+            .args([what, &p.0.id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .context("running callgrind_control")?;
+        if !status.success() {
+            bail!("callgrind_control {what} failed ({status})");
+        }
+        Ok(())
+    };
+    h2load(COUNTED_REQUESTS)?;
+    control("--instr=on")?;
+    h2load(COUNTED_REQUESTS)?;
+    control("--dump")?;
+    drop(p);
+    // The dump is `<out>.1`; its `summary:` (or `totals:`) line holds the instruction count.
+    let dump = std::path::PathBuf::from(format!("{}.1", out.display()));
+    let text = std::fs::read_to_string(&dump)
+        .with_context(|| format!("reading the callgrind dump {}", dump.display()))?;
+    let total: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no instruction total in {}", dump.display()))?;
+    Ok(total / COUNTED_REQUESTS as f64)
+}
+
+/// Runs the comparison with `seconds` of load per proxy (and, with `count_instructions`, the
+/// instruction counts).
+pub fn run(seconds: u64, json_out: bool, count_instructions: bool) -> anyhow::Result<()> {
     setup::ensure_debian(&["nginx", "wrk"])?;
+    if count_instructions {
+        setup::ensure_debian(&["valgrind", "nghttp2-client"])?;
+    }
     setup::run_cmd(setup::cargo().args([
         "build",
         "--release",
@@ -168,7 +245,7 @@ pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
         drop(p);
         r
     };
-    let waypoint = {
+    let mut waypoint = {
         let p = Proc(
             Command::new(target.join("release/weft-waypoint"))
                 .arg("--config")
@@ -208,9 +285,39 @@ pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
         floors.push(measure("hyper_floor", FLOOR_PORT, p.0.id(), seconds)?);
         drop(p);
     }
+    let counted = if count_instructions {
+        let waypoint = instructions(
+            Command::new(target.join("release/weft-waypoint"))
+                .arg("--config")
+                .arg(&waypoint_conf)
+                .args(["--worker-threads", "1", "--access-log", "off"])
+                .args([
+                    "--metrics-address",
+                    &format!("127.0.0.1:{WAYPOINT_METRICS_PORT}"),
+                ]),
+            WAYPOINT_PORT,
+            &dir,
+        )?;
+        let floor = instructions(
+            Command::new(target.join("release/examples/hyper_floor")).args([
+                format!("127.0.0.1:{FLOOR_PORT}"),
+                format!("127.0.0.1:{BACKEND_PORT}"),
+                "1".to_string(),
+            ]),
+            FLOOR_PORT,
+            &dir,
+        )?;
+        Some((waypoint, floor))
+    } else {
+        None
+    };
     let _ = std::fs::remove_dir_all(&dir);
-    let [floor1, floor2] =
+    let [mut floor1, floor2] =
         <[Value; 2]>::try_from(floors).map_err(|_| anyhow::anyhow!("two floor runs"))?;
+    if let Some((w, f)) = counted {
+        waypoint["instructions_per_request"] = json!(w);
+        floor1["instructions_per_request"] = json!(f);
+    }
     if json_out {
         println!(
             "{}",
@@ -239,6 +346,12 @@ pub fn run(seconds: u64, json_out: bool) -> anyhow::Result<()> {
             waypoint[key].as_f64().unwrap_or(0.0),
             floor1[key].as_f64().unwrap_or(0.0),
             floor2[key].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some((w, f)) = counted {
+        println!(
+            "{:<22} {:>12} {:>12.0} {:>14.0} {:>14}",
+            "instructions/request", "", w, f, ""
         );
     }
     Ok(())

@@ -8,24 +8,19 @@
 //! generation) by [`weft_agent::pool::Pool`] and carry many tunnels. A tunnel carries one HTTP
 //! connection, pooled per (endpoint, expected identity, original client address, certificate
 //! generation) — the tunnel names its original client, so requests of different clients never
-//! share one. Failing to open either is a connect failure (`ProxyError::Connect`): retried on
-//! `connect-failure` and counted by outlier detection.
+//! share one ([`crate::pool`]). Failing to open either is a connect failure
+//! (`ProxyError::Connect`): retried on `connect-failure` and counted by outlier detection.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use bytes::Bytes;
 use http::header;
 use http::{HeaderValue, Uri, Version};
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 use tower::Service;
 use weft_agent::pool::{Lease, PoolKey};
@@ -35,17 +30,10 @@ use weft_tunnel::hbone::{Client, HboneError, Tunnel};
 use super::{MeshContext, MeshView, Svid};
 use crate::body::Request;
 use crate::config::BackendProtocol;
-use crate::connect::CONNECTION_WAIT;
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
 use crate::layers::{BoxFuture, ProxyResult, RequestContext, SelectedEndpoint, context_of};
-
-/// An HTTP connection unused for this long is closed.
-const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Idle HTTP/1.1 connections kept per key.
-const MAX_IDLE_PER_KEY: usize = 64;
-/// How often idle connections are swept (on use).
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
+use crate::pool::{self, Pool, PoolError, Sender};
 
 /// What an HTTP connection inside a tunnel is for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -56,80 +44,10 @@ struct ConnKey {
     generation: i64,
 }
 
-enum Sender {
-    H1(http1::SendRequest<Full<Bytes>>),
-    H2(http2::SendRequest<Full<Bytes>>),
-}
-
-impl Sender {
-    fn is_ready(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
-        }
-    }
-
-    fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
-        }
-    }
-
-    /// Sends `request`. When the connection turned out closed before the request was written,
-    /// the error gives the request back for another connection.
-    async fn send(
-        &mut self,
-        request: http::Request<Full<Bytes>>,
-    ) -> Result<http::Response<hyper::body::Incoming>, SendError> {
-        let sent = match self {
-            Sender::H1(s) => match s.ready().await {
-                Ok(()) => s.try_send_request(request).await,
-                Err(e) => return Err(SendError::NotSent(Box::new(request), e)),
-            },
-            Sender::H2(s) => match s.ready().await {
-                Ok(()) => s.try_send_request(request).await,
-                Err(e) => return Err(SendError::NotSent(Box::new(request), e)),
-            },
-        };
-        sent.map_err(|mut e| match e.take_message() {
-            Some(request) => SendError::NotSent(Box::new(request), e.into_error()),
-            None => SendError::Failed(e.into_error()),
-        })
-    }
-}
-
-/// Why [`Sender::send`] failed.
-enum SendError {
-    /// The connection was closed before the request went out: the request, untouched.
-    NotSent(Box<http::Request<Full<Bytes>>>, hyper::Error),
-    /// The request was (maybe partly) sent and failed.
-    Failed(hyper::Error),
-}
-
-struct Idle {
-    sender: Sender,
-    since: Instant,
-}
-
-struct Conns {
-    by_key: HashMap<ConnKey, Vec<Idle>>,
-    swept: Instant,
-}
-
-/// Why no HTTP connection could be had.
-enum ConnectError {
-    /// `circuitBreaker.maxConnections` stayed full.
-    Limit(usize),
-    /// The tunnel could not be opened (HBONE, TLS, TCP) or HTTP did not start on it.
-    Failed(String),
-}
-
 struct Inner {
     protocol: BackendProtocol,
     ctx: Arc<MeshContext>,
-    conns: Mutex<Conns>,
-    slots: Option<(Arc<Semaphore>, usize)>,
+    pool: Arc<Pool<ConnKey>>,
 }
 
 /// Forwards requests to mesh endpoints through HBONE.
@@ -158,82 +76,21 @@ impl MeshForwarder {
             inner: Arc::new(Inner {
                 protocol,
                 ctx,
-                conns: Mutex::new(Conns {
-                    by_key: HashMap::new(),
-                    swept: Instant::now(),
-                }),
-                slots: max_connections.map(|m| (Arc::new(Semaphore::new(m)), m)),
+                pool: Pool::new(max_connections),
             }),
         }
     }
 }
 
 impl Inner {
-    fn conns(&self) -> std::sync::MutexGuard<'_, Conns> {
-        match self.conns.lock() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
-    /// A pooled connection ready for a request.
-    fn checkout(&self, key: &ConnKey) -> Option<Sender> {
-        let now = Instant::now();
-        let mut conns = self.conns();
-        if now.saturating_duration_since(conns.swept) > SWEEP_EVERY {
-            conns.swept = now;
-            for list in conns.by_key.values_mut() {
-                list.retain(|idle| {
-                    !idle.sender.is_closed()
-                        && now.saturating_duration_since(idle.since) < HTTP_IDLE_TIMEOUT
-                });
-            }
-            conns.by_key.retain(|_, list| !list.is_empty());
-        }
-        let list = conns.by_key.get_mut(key)?;
-        list.retain(|idle| !idle.sender.is_closed());
-        let index = list.iter().position(|idle| idle.sender.is_ready())?;
-        match &list[index].sender {
-            // HTTP/2 multiplexes: the connection stays in the pool for others.
-            Sender::H2(s) => {
-                let s = s.clone();
-                list[index].since = now;
-                Some(Sender::H2(s))
-            }
-            Sender::H1(_) => Some(list.swap_remove(index).sender),
-        }
-    }
-
-    /// Returns an HTTP/1.1 connection (busy until its response body ends) or registers a new
-    /// HTTP/2 one.
-    fn checkin(&self, key: ConnKey, sender: Sender) {
-        let mut conns = self.conns();
-        let list = conns.by_key.entry(key).or_default();
-        if list.len() < MAX_IDLE_PER_KEY {
-            list.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
-    }
-
     /// Opens a tunnel to the endpoint and starts HTTP on it.
     async fn connect(
         &self,
         key: &ConnKey,
         svid: &Svid,
         traceparent: Option<&str>,
-    ) -> Result<Sender, ConnectError> {
-        let permit: Option<OwnedSemaphorePermit> = match &self.slots {
-            None => None,
-            Some((semaphore, max)) => {
-                match tokio::time::timeout(CONNECTION_WAIT, semaphore.clone().acquire_owned()).await
-                {
-                    Ok(Ok(permit)) => Some(permit),
-                    _ => return Err(ConnectError::Limit(*max)),
-                }
-            }
-        };
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Sender, String> {
         let (tunnel, lease) = open_tunnel(
             &self.ctx,
             svid,
@@ -242,42 +99,15 @@ impl Inner {
             key.client,
             traceparent,
         )
-        .await
-        .map_err(ConnectError::Failed)?;
-        let io = TokioIo::new(tunnel);
-        let failed = |e: hyper::Error| {
-            ConnectError::Failed(format!(
-                "HTTP handshake inside the tunnel to {} failed: {e}",
-                key.endpoint
-            ))
-        };
-        match self.protocol {
-            BackendProtocol::Http1 => {
-                let (sender, connection) = http1::handshake(io).await.map_err(failed)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "HTTP/1.1 connection in a tunnel ended");
-                    }
-                    drop((lease, permit));
-                });
-                let sender = Sender::H1(sender);
-                Ok(sender)
-            }
-            BackendProtocol::Http2 => {
-                let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .handshake(io)
-                    .await
-                    .map_err(failed)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "HTTP/2 connection in a tunnel ended");
-                    }
-                    drop((lease, permit));
-                });
-                Ok(Sender::H2(sender))
-            }
-        }
+        .await?;
+        pool::start(TokioIo::new(tunnel), self.protocol, (lease, slot))
+            .await
+            .map_err(|e| {
+                format!(
+                    "HTTP handshake inside the tunnel to {} failed: {e}",
+                    key.endpoint
+                )
+            })
     }
 }
 
@@ -430,7 +260,7 @@ impl Service<Request> for MeshForwarder {
             parts.version = version;
             // Sent as is; a pooled connection found closed gives it back for a new one (no
             // copy of the headers per request).
-            let mut upstream = http::Request::from_parts(parts, Full::new(body));
+            let upstream = http::Request::from_parts(parts, Full::new(body));
             let svid = inner
                 .ctx
                 .svid
@@ -443,49 +273,28 @@ impl Service<Request> for MeshForwarder {
                 client,
                 generation: svid.generation,
             };
-            let mut fresh = false;
-            loop {
-                let pooled = if fresh { None } else { inner.checkout(&key) };
-                let (mut sender, reused) = match pooled {
-                    Some(sender) => (sender, true),
-                    None => match inner.connect(&key, &svid, traceparent.as_deref()).await {
-                        Ok(sender) => (sender, false),
-                        Err(ConnectError::Limit(max)) => {
-                            return Err(ProxyError::ConnectionLimit {
-                                backend: target.backend.to_string(),
-                                max,
-                            });
-                        }
-                        Err(ConnectError::Failed(reason)) => return Err(connect_error(reason)),
-                    },
-                };
-                match sender.send(upstream).await {
-                    Ok(response) => {
-                        match sender {
-                            Sender::H1(_) => inner.checkin(key, sender),
-                            // A new HTTP/2 connection joins the pool; a pooled one never left.
-                            Sender::H2(_) if !reused => inner.checkin(key, sender),
-                            Sender::H2(_) => {}
-                        }
-                        let (mut parts, body) = response.into_parts();
-                        strip_hop_by_hop(&mut parts.headers);
-                        return Ok(http::Response::from_parts(parts, body.boxed()));
-                    }
-                    // A pooled connection closed before the request went out: once more on
-                    // a new one.
-                    Err(SendError::NotSent(back, e)) if reused => {
-                        tracing::debug!(endpoint = %target.addr, error = %e, "pooled connection closed; retrying on a new one");
-                        upstream = *back;
-                        fresh = true;
-                    }
-                    Err(SendError::NotSent(_, e) | SendError::Failed(e)) => {
-                        return Err(ProxyError::Upstream {
-                            backend: target.backend.to_string(),
-                            endpoint: target.addr,
-                            reason: crate::forward::error_chain(&e),
-                        });
-                    }
+            let sent = inner
+                .pool
+                .send(key.clone(), upstream, |slot| {
+                    inner.connect(&key, &svid, traceparent.as_deref(), slot)
+                })
+                .await;
+            match sent {
+                Ok(response) => {
+                    let (mut parts, body) = response.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(http::Response::from_parts(parts, body))
                 }
+                Err(PoolError::Limit(max)) => Err(ProxyError::ConnectionLimit {
+                    backend: target.backend.to_string(),
+                    max,
+                }),
+                Err(PoolError::Connect(reason)) => Err(connect_error(reason)),
+                Err(PoolError::Upstream(e)) => Err(ProxyError::Upstream {
+                    backend: target.backend.to_string(),
+                    endpoint: target.addr,
+                    reason: crate::forward::error_chain(&e),
+                }),
             }
         })
     }

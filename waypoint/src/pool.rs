@@ -1,0 +1,427 @@
+//! HTTP connections to endpoints, kept open between requests: the pool under both forwarders
+//! ([`crate::forward::Forwarder`] over plain TCP, [`crate::mesh::forward::MeshForwarder`]
+//! through HBONE tunnels).
+//!
+//! * One map of idle connections per worker thread ([`crate::workers`]): a connection's task
+//!   runs on the worker that opened it, and only that worker sends on it, so no request hops
+//!   threads and workers never contend for a lock. Under `circuitBreaker.maxConnections` a
+//!   backend has one map for all workers: separate maps would keep connections idle that a
+//!   busy worker could not use while the limit makes it wait.
+//! * An HTTP/1.1 connection comes back when its response body has ended (its
+//!   [`PooledBody`] returns it), last in first out; an HTTP/2 connection stays in the pool
+//!   while requests share it.
+//! * A request that finds no connection opens one. Under `maxConnections`, while every slot is
+//!   taken it waits for whichever comes first, a slot or a connection coming back, for at most
+//!   [`CONNECTION_WAIT`].
+//! * A pooled connection found closed before the request went out is replaced by a new one
+//!   once; connections unused for [`IDLE_TIMEOUT`] are closed when the pool is next used.
+//!
+//! It replaces hyper-util's pooled client, whose per-request work (a task spawned per
+//! response to return the connection, SipHash of the endpoint's authority byte by byte, a
+//! boxed future) was a fifth of the waypoint's instructions per request.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::rt::{Read, Write};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::BackendProtocol;
+
+/// An HTTP connection unused for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Longest wait for a connection slot under `maxConnections` before the request fails.
+pub const CONNECTION_WAIT: Duration = Duration::from_secs(3);
+/// Idle HTTP/1.1 connections kept per key; more are closed.
+const MAX_IDLE_PER_KEY: usize = 64;
+/// How often idle connections are swept (on use).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// The sending half of an HTTP connection.
+pub enum Sender {
+    /// HTTP/1.1: one request at a time.
+    H1(http1::SendRequest<Full<Bytes>>),
+    /// HTTP/2: shared by concurrent requests.
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    /// Sends `request`. When the connection turned out closed before the request was written,
+    /// the error gives the request back for another connection.
+    async fn send(
+        &mut self,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let sent = match self {
+            Sender::H1(s) => match s.ready().await {
+                Ok(()) => s.try_send_request(request).await,
+                Err(e) => return Err(SendError::NotSent(Box::new(request), e)),
+            },
+            Sender::H2(s) => match s.ready().await {
+                Ok(()) => s.try_send_request(request).await,
+                Err(e) => return Err(SendError::NotSent(Box::new(request), e)),
+            },
+        };
+        sent.map_err(|mut e| match e.take_message() {
+            Some(request) => SendError::NotSent(Box::new(request), e.into_error()),
+            None => SendError::Failed(e.into_error()),
+        })
+    }
+}
+
+/// Why [`Sender::send`] failed.
+enum SendError {
+    /// The connection was closed before the request went out: the request, untouched.
+    NotSent(Box<http::Request<Full<Bytes>>>, hyper::Error),
+    /// The request was (maybe partly) sent and failed.
+    Failed(hyper::Error),
+}
+
+/// Why a request could not be sent.
+#[derive(Debug)]
+pub enum PoolError {
+    /// `circuitBreaker.maxConnections` connections stayed open and busy for
+    /// [`CONNECTION_WAIT`].
+    Limit(usize),
+    /// No connection could be opened: what failed, for the operator.
+    Connect(String),
+    /// The request failed on its connection (reset, closed, malformed response).
+    Upstream(hyper::Error),
+}
+
+/// Starts HTTP (`protocol`) on `io` and spawns the connection's task on the current worker;
+/// the task keeps `hold` (a connection slot, a tunnel's lease) until the connection ends.
+pub async fn start<I, H>(io: I, protocol: BackendProtocol, hold: H) -> Result<Sender, hyper::Error>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    H: Send + 'static,
+{
+    match protocol {
+        BackendProtocol::Http1 => {
+            let (sender, connection) = http1::handshake(io).await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTP/1.1 connection to an endpoint ended");
+                }
+                drop(hold);
+            });
+            Ok(Sender::H1(sender))
+        }
+        BackendProtocol::Http2 => {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTP/2 connection to an endpoint ended");
+                }
+                drop(hold);
+            });
+            Ok(Sender::H2(sender))
+        }
+    }
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+struct Shard<K> {
+    by_key: HashMap<K, Vec<Idle>, foldhash::fast::RandomState>,
+    swept: Instant,
+}
+
+/// The `maxConnections` bound: a slot per open connection.
+struct Slots {
+    semaphore: Arc<Semaphore>,
+    max: usize,
+    /// Signalled when a connection comes back, for requests waiting on a slot.
+    returned: Notify,
+}
+
+/// What a pool's connections are keyed by.
+pub trait Key: Hash + Eq + Clone + Send + Sync + Unpin + 'static {}
+
+impl<K: Hash + Eq + Clone + Send + Sync + Unpin + 'static> Key for K {}
+
+/// Idle connections by key (what a connection is for: its endpoint, and in mesh mode the
+/// identity it must present and the client the tunnel names).
+pub struct Pool<K> {
+    shards: Box<[Mutex<Shard<K>>]>,
+    slots: Option<Slots>,
+}
+
+impl<K> std::fmt::Debug for Pool<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("shards", &self.shards.len())
+            .field("max_connections", &self.slots.as_ref().map(|s| s.max))
+            .finish()
+    }
+}
+
+impl<K: Key> Pool<K> {
+    /// A pool holding at most `max_connections` connections open (unbounded when `None`).
+    pub fn new(max_connections: Option<usize>) -> Arc<Self> {
+        let shards = if max_connections.is_some() {
+            1
+        } else {
+            crate::workers::count().max(1)
+        };
+        Arc::new(Pool {
+            shards: (0..shards)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        by_key: HashMap::default(),
+                        swept: Instant::now(),
+                    })
+                })
+                .collect(),
+            slots: max_connections.map(|max| Slots {
+                semaphore: Arc::new(Semaphore::new(max)),
+                max,
+                returned: Notify::new(),
+            }),
+        })
+    }
+
+    fn shard(&self) -> MutexGuard<'_, Shard<K>> {
+        let shard = &self.shards[crate::workers::current() % self.shards.len()];
+        match shard.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// A pooled connection for `key`, if one is open.
+    fn checkout(&self, key: &K) -> Option<Sender> {
+        let now = Instant::now();
+        let mut shard = self.shard();
+        if now.saturating_duration_since(shard.swept) > SWEEP_EVERY {
+            shard.swept = now;
+            for list in shard.by_key.values_mut() {
+                list.retain(|idle| {
+                    !idle.sender.is_closed()
+                        && now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
+                });
+            }
+            shard.by_key.retain(|_, list| !list.is_empty());
+        }
+        let list = shard.by_key.get_mut(key)?;
+        loop {
+            let last = list.last_mut()?;
+            if last.sender.is_closed() {
+                list.pop();
+                continue;
+            }
+            return match &last.sender {
+                // HTTP/2 multiplexes: the connection stays in the pool for others.
+                Sender::H2(s) => {
+                    last.since = now;
+                    Some(Sender::H2(s.clone()))
+                }
+                Sender::H1(_) => list.pop().map(|idle| idle.sender),
+            };
+        }
+    }
+
+    /// Takes back an HTTP/1.1 connection whose response has ended, or a new HTTP/2 one.
+    fn checkin(&self, key: K, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        {
+            let mut shard = self.shard();
+            let list = shard.by_key.entry(key).or_default();
+            if list.len() < MAX_IDLE_PER_KEY {
+                list.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+        if let Some(slots) = &self.slots {
+            slots.returned.notify_waiters();
+        }
+    }
+
+    /// A connection for `key` (and whether it was pooled): a pooled one unless `fresh`, else
+    /// one from `connect`, given the connection's slot under `maxConnections`.
+    async fn acquire<C, F>(
+        &self,
+        key: &K,
+        fresh: bool,
+        connect: &C,
+    ) -> Result<(Sender, bool), PoolError>
+    where
+        C: Fn(Option<OwnedSemaphorePermit>) -> F,
+        F: Future<Output = Result<Sender, String>>,
+    {
+        let pooled = |pool: &Self| if fresh { None } else { pool.checkout(key) };
+        let permit = match &self.slots {
+            None => {
+                if let Some(sender) = pooled(self) {
+                    return Ok((sender, true));
+                }
+                None
+            }
+            Some(slots) => {
+                let deadline = Instant::now() + CONNECTION_WAIT;
+                loop {
+                    // Registered before looking, so a connection coming back in between is
+                    // not missed.
+                    let returned = slots.returned.notified();
+                    tokio::pin!(returned);
+                    returned.as_mut().enable();
+                    if let Some(sender) = pooled(self) {
+                        return Ok((sender, true));
+                    }
+                    if let Ok(permit) = slots.semaphore.clone().try_acquire_owned() {
+                        break Some(permit);
+                    }
+                    tokio::select! {
+                        permit = slots.semaphore.clone().acquire_owned() => match permit {
+                            Ok(permit) => break Some(permit),
+                            Err(_) => return Err(PoolError::Limit(slots.max)),
+                        },
+                        () = &mut returned => {}
+                        () = tokio::time::sleep_until(deadline) => return Err(PoolError::Limit(slots.max)),
+                    }
+                }
+            }
+        };
+        connect(permit)
+            .await
+            .map(|sender| (sender, false))
+            .map_err(PoolError::Connect)
+    }
+
+    /// Sends `request` on a connection for `key` (see the module docs), opening one with
+    /// `connect` when none is pooled. The response body returns an HTTP/1.1 connection to the
+    /// pool when it ends.
+    pub async fn send<C, F>(
+        self: &Arc<Self>,
+        key: K,
+        mut request: http::Request<Full<Bytes>>,
+        connect: C,
+    ) -> Result<http::Response<crate::body::Body>, PoolError>
+    where
+        C: Fn(Option<OwnedSemaphorePermit>) -> F,
+        F: Future<Output = Result<Sender, String>>,
+    {
+        let mut fresh = false;
+        loop {
+            let (mut sender, reused) = self.acquire(&key, fresh, &connect).await?;
+            match sender.send(request).await {
+                Ok(response) => {
+                    return Ok(match sender {
+                        Sender::H1(_) => response
+                            .map(|body| PooledBody::new(body, self.clone(), key, sender).boxed()),
+                        // A new HTTP/2 connection joins the pool; a pooled one never left.
+                        Sender::H2(_) => {
+                            if !reused {
+                                self.checkin(key, sender);
+                            }
+                            response.map(BodyExt::boxed)
+                        }
+                    });
+                }
+                // A pooled connection closed before the request went out: once more on a
+                // new one.
+                Err(SendError::NotSent(back, e)) if reused => {
+                    tracing::debug!(error = %e, "pooled connection closed; retrying on a new one");
+                    request = *back;
+                    fresh = true;
+                }
+                Err(SendError::NotSent(_, e) | SendError::Failed(e)) => {
+                    return Err(PoolError::Upstream(e));
+                }
+            }
+        }
+    }
+}
+
+/// A response body that returns its HTTP/1.1 connection to the pool when it ends. Dropped
+/// before its end, the connection is dropped too (it still carries the rest of the response).
+pub struct PooledBody<K: Key> {
+    inner: Incoming,
+    back: Option<(Arc<Pool<K>>, K, Sender)>,
+}
+
+impl<K: Key> PooledBody<K> {
+    fn new(inner: Incoming, pool: Arc<Pool<K>>, key: K, sender: Sender) -> Self {
+        let mut body = PooledBody {
+            inner,
+            back: Some((pool, key, sender)),
+        };
+        // An empty body may never be polled.
+        if body.inner.is_end_stream() {
+            body.give_back();
+        }
+        body
+    }
+
+    fn give_back(&mut self) {
+        if let Some((pool, key, sender)) = self.back.take() {
+            pool.checkin(key, sender);
+        }
+    }
+}
+
+impl<K: Key> http_body::Body for PooledBody<K> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.give_back(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
+            // The connection failed mid-response: never reused.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<K: Key> Drop for PooledBody<K> {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
