@@ -162,31 +162,40 @@ impl Service<Request> for Forwarder {
             };
             let upstream = http::Request::from_parts(parts, Full::new(body));
             let addr = target.addr;
-            match pool
+            let sent = pool
                 .send(addr, upstream, |slot| connect(addr, protocol, slot))
-                .await
-            {
-                Ok(response) => {
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    Ok(http::Response::from_parts(parts, body))
-                }
-                Err(PoolError::Limit(max)) => Err(ProxyError::ConnectionLimit {
-                    backend: target.backend.to_string(),
-                    max,
-                }),
-                Err(PoolError::Connect(reason)) => Err(ProxyError::Connect {
-                    backend: target.backend.to_string(),
-                    endpoint: addr,
-                    reason,
-                }),
-                Err(PoolError::Upstream(e)) => Err(ProxyError::Upstream {
-                    backend: target.backend.to_string(),
-                    endpoint: addr,
-                    reason: error_chain(&e),
-                }),
-            }
+                .await;
+            answer(sent, &target)
         })
+    }
+}
+
+/// The endpoint's answer without its hop-by-hop headers, or why there is none, as the
+/// layers see it (both forwarders).
+pub(crate) fn answer(
+    sent: Result<crate::body::Response, PoolError>,
+    target: &SelectedEndpoint,
+) -> ProxyResult {
+    match sent {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(http::Response::from_parts(parts, body))
+        }
+        Err(PoolError::Limit(max)) => Err(ProxyError::ConnectionLimit {
+            backend: target.backend.to_string(),
+            max,
+        }),
+        Err(PoolError::Connect(reason)) => Err(ProxyError::Connect {
+            backend: target.backend.to_string(),
+            endpoint: target.addr,
+            reason,
+        }),
+        Err(PoolError::Upstream(e)) => Err(ProxyError::Upstream {
+            backend: target.backend.to_string(),
+            endpoint: target.addr,
+            reason: error_chain(&e),
+        }),
     }
 }
 

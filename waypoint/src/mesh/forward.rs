@@ -33,7 +33,7 @@ use crate::config::BackendProtocol;
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
 use crate::layers::{BoxFuture, ProxyResult, RequestContext, SelectedEndpoint, context_of};
-use crate::pool::{self, Pool, PoolError, Sender};
+use crate::pool::{self, Pool, Sender};
 
 /// What an HTTP connection inside a tunnel is for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
@@ -279,23 +279,7 @@ impl Service<Request> for MeshForwarder {
                     inner.connect(&key, &svid, traceparent.as_deref(), slot)
                 })
                 .await;
-            match sent {
-                Ok(response) => {
-                    let (mut parts, body) = response.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    Ok(http::Response::from_parts(parts, body))
-                }
-                Err(PoolError::Limit(max)) => Err(ProxyError::ConnectionLimit {
-                    backend: target.backend.to_string(),
-                    max,
-                }),
-                Err(PoolError::Connect(reason)) => Err(connect_error(reason)),
-                Err(PoolError::Upstream(e)) => Err(ProxyError::Upstream {
-                    backend: target.backend.to_string(),
-                    endpoint: target.addr,
-                    reason: crate::forward::error_chain(&e),
-                }),
-            }
+            crate::forward::answer(sent, &target)
         })
     }
 }
