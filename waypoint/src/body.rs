@@ -84,12 +84,18 @@ impl<G: Unpin> http_body::Body for Guarded<G> {
 
 /// A copy of `request` (method, URI, version, headers, extensions, body) for a retry.
 pub fn clone_request(request: &Request) -> Request {
+    let mut copy = clone_without_extensions(request);
+    *copy.extensions_mut() = request.extensions().clone();
+    copy
+}
+
+/// A copy of `request` without its extensions (method, URI, version, headers, body).
+pub fn clone_without_extensions(request: &Request) -> Request {
     let mut copy = http::Request::new(request.body().clone());
     *copy.method_mut() = request.method().clone();
     *copy.uri_mut() = request.uri().clone();
     *copy.version_mut() = request.version();
     *copy.headers_mut() = request.headers().clone();
-    *copy.extensions_mut() = request.extensions().clone();
     copy
 }
 

@@ -406,6 +406,20 @@ pub enum RetryOn {
     GrpcUnavailable,
 }
 
+impl RetryOn {
+    /// Whether this is a gRPC status condition (read from `grpc-status`).
+    pub fn is_grpc(&self) -> bool {
+        matches!(
+            self,
+            RetryOn::GrpcCancelled
+                | RetryOn::GrpcDeadlineExceeded
+                | RetryOn::GrpcResourceExhausted
+                | RetryOn::GrpcInternal
+                | RetryOn::GrpcUnavailable
+        )
+    }
+}
+
 /// A retry condition as written: a name or a status code.
 #[derive(Deserialize)]
 #[serde(untagged)]

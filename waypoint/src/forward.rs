@@ -25,9 +25,9 @@ use crate::pool::{self, Pool, PoolError, Sender};
 /// How long opening a TCP connection to an endpoint may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1). A `static`,
-/// not a `const`: a `const` array is built (and dropped) anew wherever it is used, here once
-/// per header name of every message.
+/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1), in the
+/// order of [`strip_hop_by_hop`]'s match. A `static`, not a `const`: a `const` array is built
+/// (and dropped) anew wherever it is used.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -46,11 +46,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let mut present = 0u8;
     let mut te = false;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        } else if name == header::TE {
-            te = true;
-        }
+        // By text: most names differ in length from every hop-by-hop name.
+        let i = match name.as_str() {
+            "connection" => 0,
+            "keep-alive" => 1,
+            "proxy-connection" => 2,
+            "proxy-authenticate" => 3,
+            "proxy-authorization" => 4,
+            "transfer-encoding" => 5,
+            "upgrade" => 6,
+            "te" => {
+                te = true;
+                continue;
+            }
+            _ => continue,
+        };
+        present |= 1 << i;
     }
     if present == 0 && !te {
         return;
@@ -136,8 +147,9 @@ impl Service<Request> for Forwarder {
     fn call(&mut self, mut request: Request) -> Self::Future {
         let pool = self.pool.clone();
         let protocol = self.protocol;
+        let selected = crate::layers::take_selected(&mut request);
         Box::pin(async move {
-            let Some(target) = request.extensions_mut().remove::<SelectedEndpoint>() else {
+            let Some(target) = selected else {
                 return Err(ProxyError::Internal(
                     "the forwarder ran without a selected endpoint",
                 ));
@@ -377,6 +389,18 @@ mod tests {
         );
         assert_eq!(origin_form(&Uri::from_static("/p")), "/p");
         assert_eq!(origin_form(&Uri::from_static("http://a.example")), "/");
+    }
+
+    #[test]
+    fn each_hop_by_hop_name_is_removed() {
+        for name in HOP_BY_HOP.iter().chain([&header::TE]) {
+            let mut headers = HeaderMap::new();
+            headers.insert(name.clone(), HeaderValue::from_static("x"));
+            headers.insert(header::HOST, HeaderValue::from_static("a"));
+            strip_hop_by_hop(&mut headers);
+            assert!(!headers.contains_key(name), "{name} kept");
+            assert!(headers.contains_key(header::HOST));
+        }
     }
 
     #[test]

@@ -824,9 +824,10 @@ pub async fn handle_from(
     request: http::Request<Incoming>,
 ) -> Result<Response, Infallible> {
     let start = Instant::now();
-    let context = crate::layers::context_of(&request)
-        .cloned()
-        .unwrap_or_default();
+    // The access log layer puts the context in; without it nothing reads the trace id.
+    let logged = crate::layers::context_of(&request).cloned();
+    let logging = logged.is_some();
+    let context = logged.unwrap_or_default();
     if let Some((service, _)) = &listener.attach {
         context.set_destination(service.as_str().into());
     }
@@ -836,7 +837,8 @@ pub async fn handle_from(
     }
     let who = Who::of(source.as_ref());
     let (parts, incoming) = request.into_parts();
-    if !crate::layers::trace::exporting()
+    if logging
+        && !crate::layers::trace::exporting()
         && let Some(trace_id) = crate::layers::trace::incoming_trace_id(&parts.headers)
     {
         context.set_trace_id(trace_id);

@@ -627,6 +627,7 @@ mod tests {
             destination: Some("shop/reviews".into()),
             deadlines: [None; 2],
             peer: Some("10.0.0.9:4000".parse().expect("addr")),
+            selected: None,
         };
         let line = entry(&started, 504, Some("4".into()), 12, facts).to_line();
         assert!(!line.contains('\n'));

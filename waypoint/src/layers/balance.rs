@@ -447,16 +447,20 @@ impl<S: Inner> Service<Request> for Balance<S> {
         };
         let endpoint = endpoints[index].clone();
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
-        let deadline = context_of(&request).and_then(|context| {
-            context.set_endpoint(endpoint.addr);
-            context.deadline().map(|d| d.at)
-        });
-        request.extensions_mut().insert(SelectedEndpoint {
+        let selected = SelectedEndpoint {
             backend: set.backend.clone(),
             addr: endpoint.addr,
             authority: endpoint.authority.clone(),
             identity: endpoint.identity.clone(),
-        });
+        };
+        // In the context when there is one: no extension to insert (and remove) per attempt.
+        let deadline = match context_of(&request) {
+            Some(context) => context.select(selected).map(|d| d.at),
+            None => {
+                request.extensions_mut().insert(selected);
+                None
+            }
+        };
         // Always ready (see the module docs): called now, no clone of the inner service.
         let future = self.inner.call(request);
         let decay = set.decay;
@@ -507,10 +511,8 @@ mod tests {
         status: HashMap<u16, u16>,
         calls: Arc<Mutex<HashMap<u16, usize>>>,
     ) -> ProxyService {
-        ProxyService::new(tower::service_fn(move |request: Request| {
-            let port = request
-                .extensions()
-                .get::<SelectedEndpoint>()
+        ProxyService::new(tower::service_fn(move |mut request: Request| {
+            let port = crate::layers::take_selected(&mut request)
                 .map(|e| e.addr.port())
                 .unwrap_or(0);
             *calls.lock().expect("lock").entry(port).or_default() += 1;
@@ -567,10 +569,8 @@ mod tests {
         let slow_then_fast = {
             let calls = calls.clone();
             let start = Instant::now();
-            ProxyService::new(tower::service_fn(move |request: Request| {
-                let port = request
-                    .extensions()
-                    .get::<SelectedEndpoint>()
+            ProxyService::new(tower::service_fn(move |mut request: Request| {
+                let port = crate::layers::take_selected(&mut request)
                     .map(|e| e.addr.port())
                     .unwrap_or(0);
                 *calls.lock().expect("lock").entry(port).or_default() += 1;

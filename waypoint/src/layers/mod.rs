@@ -120,7 +120,9 @@ impl tower::Service<crate::body::Request> for ProxyService {
     }
 }
 
-/// Request extension: the endpoint the balancer picked, read by the forwarder.
+/// The endpoint the balancer picked, read by the forwarder: in the request's
+/// [`RequestContext`] (or, for a request without one, as a request extension); see
+/// [`take_selected`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelectedEndpoint {
     /// The backend's name.
@@ -198,6 +200,8 @@ pub struct RequestFacts {
     /// The timeouts it is under: `timeouts.request`, then the current attempt's
     /// `timeouts.backendRequest` (each attempt replaces it).
     pub deadlines: [Option<Deadline>; 2],
+    /// The endpoint the current attempt goes to, until the forwarder takes it.
+    pub selected: Option<SelectedEndpoint>,
 }
 
 impl RequestContext {
@@ -234,6 +238,17 @@ impl RequestContext {
             f.endpoint = Some(endpoint);
             f.attempts += 1;
         });
+    }
+
+    /// Records an attempt to `selected` for the forwarder ([`take_selected`]), in one lock
+    /// with the earliest deadline the attempt is under, which it returns.
+    pub fn select(&self, selected: SelectedEndpoint) -> Option<Deadline> {
+        self.with(|f| {
+            f.endpoint = Some(selected.addr);
+            f.attempts += 1;
+            f.selected = Some(selected);
+            f.deadlines.iter().flatten().min_by_key(|d| d.at).copied()
+        })
     }
 
     /// Adds `flag` (once).
@@ -295,6 +310,14 @@ impl RequestContext {
     pub fn facts(&self) -> RequestFacts {
         self.with(|f| f.clone())
     }
+}
+
+/// The endpoint the balancer picked for `request`'s current attempt ([`SelectedEndpoint`]),
+/// taken out of its context (or extensions), once.
+pub fn take_selected<B>(request: &mut http::Request<B>) -> Option<SelectedEndpoint> {
+    context_of(request)
+        .and_then(|context| context.with(|f| f.selected.take()))
+        .or_else(|| request.extensions_mut().remove::<SelectedEndpoint>())
 }
 
 /// The request's [`RequestContext`] (every request has one in the proxy; the layer unit tests

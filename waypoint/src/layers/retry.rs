@@ -12,8 +12,8 @@ use rand::Rng;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use super::{BoxFuture, Inner, ProxyResult};
-use crate::body::{Request, clone_request};
+use super::{BoxFuture, Inner, ProxyResult, RequestContext, context_of};
+use crate::body::{Request, clone_request, clone_without_extensions};
 use crate::config::{RetryBudgetConfig, RetryConfig, RetryOn};
 use crate::error::ProxyError;
 
@@ -99,6 +99,10 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
             if status >= 500 && retry_on.contains(&RetryOn::Status5xx) {
                 return true;
             }
+            // Most routes retry no gRPC status: no header lookup for them.
+            if !retry_on.iter().any(RetryOn::is_grpc) {
+                return false;
+            }
             let grpc = response
                 .headers()
                 .get("grpc-status")
@@ -180,6 +184,51 @@ pub fn backoff(config: &RetryConfig, retry: u32) -> Duration {
     floor + Duration::from_nanos(nanos)
 }
 
+/// The request kept for the attempts after the first. When its only extension is its
+/// [`RequestContext`] (as in the proxy), the first attempt takes the extensions themselves and
+/// the context is kept beside the request, put back into each later attempt: no copy of the
+/// extension map per request, only per retry.
+struct Kept {
+    request: Request,
+    context: Option<RequestContext>,
+}
+
+impl Kept {
+    /// The first attempt and what is kept for the others.
+    fn split(mut request: Request) -> (Request, Kept) {
+        let mut first = clone_without_extensions(&request);
+        let context = if request.extensions().len() == 1 {
+            context_of(&request).cloned()
+        } else {
+            None
+        };
+        if context.is_some() {
+            *first.extensions_mut() = std::mem::take(request.extensions_mut());
+        } else {
+            *first.extensions_mut() = request.extensions().clone();
+        }
+        (first, Kept { request, context })
+    }
+
+    /// A copy for another attempt.
+    fn copy(&self) -> Request {
+        let mut copy = clone_request(&self.request);
+        if let Some(context) = &self.context {
+            copy.extensions_mut().insert(context.clone());
+        }
+        copy
+    }
+
+    /// The kept request itself, for the last attempt.
+    fn into_request(self) -> Request {
+        let mut request = self.request;
+        if let Some(context) = self.context {
+            request.extensions_mut().insert(context);
+        }
+        request
+    }
+}
+
 /// Retries failed attempts per [`RetryConfig`], within a [`RetryBudget`].
 #[derive(Debug, Clone)]
 pub struct RetryLayer {
@@ -238,12 +287,6 @@ impl<S: Inner> Service<Request> for Retry<S> {
             route,
         } = self.layer.clone();
         budget.deposit();
-        let attempt_of = |request: &Request, attempt: u32| {
-            let mut copy = clone_request(request);
-            copy.headers_mut()
-                .insert(ATTEMPT_HEADER, attempt_value(attempt));
-            copy
-        };
         let single = config.attempts <= 1;
         // The first attempt is sent now (always ready, see the module docs); the request is
         // kept (and the inner service cloned) only when there can be a second.
@@ -254,8 +297,11 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 .insert(ATTEMPT_HEADER, attempt_value(1));
             (self.inner.call(request), None)
         } else {
-            let first = self.inner.call(attempt_of(&request, 1));
-            (first, Some((self.inner.clone(), request)))
+            let (mut first, kept) = Kept::split(request);
+            first
+                .headers_mut()
+                .insert(ATTEMPT_HEADER, attempt_value(1));
+            (self.inner.call(first), Some((self.inner.clone(), kept)))
         };
         Box::pin(async move {
             let mut result = first.await;
@@ -279,7 +325,8 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 result = if attempt >= config.attempts {
                     // The last attempt takes the kept request itself.
                     match later.take() {
-                        Some((inner, mut request)) => {
+                        Some((inner, kept)) => {
+                            let mut request = kept.into_request();
                             request
                                 .headers_mut()
                                 .insert(ATTEMPT_HEADER, attempt_value(attempt));
@@ -288,7 +335,10 @@ impl<S: Inner> Service<Request> for Retry<S> {
                         None => return Err(ProxyError::Internal("retry without a request")),
                     }
                 } else {
-                    inner.clone().oneshot(attempt_of(request, attempt)).await
+                    let mut copy = request.copy();
+                    copy.headers_mut()
+                        .insert(ATTEMPT_HEADER, attempt_value(attempt));
+                    inner.clone().oneshot(copy).await
                 };
             }
         })
@@ -349,6 +399,44 @@ mod tests {
         assert_eq!(response.status(), http::StatusCode::OK);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         assert_eq!(*attempts.lock().expect("lock"), ["1", "2", "3"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_attempt_carries_the_requests_context_and_other_extensions() {
+        #[derive(Clone, Debug, PartialEq)]
+        struct Mark(u8);
+        for with_other in [false, true] {
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let record = seen.clone();
+            let context = RequestContext::default();
+            let shared = context.clone();
+            let failing = ProxyService::new(tower::service_fn(move |request: Request| {
+                let same = context_of(&request).is_some_and(|c| {
+                    c.set_route("r".into());
+                    shared.facts().route.as_deref() == Some("r")
+                });
+                record
+                    .lock()
+                    .expect("lock")
+                    .push((same, request.extensions().get::<Mark>().cloned()));
+                async move {
+                    Ok::<_, ProxyError>(crate::body::text_response(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        "x",
+                    ))
+                }
+            }));
+            let mut sent = request("/");
+            sent.extensions_mut().insert(context.clone());
+            if with_other {
+                sent.extensions_mut().insert(Mark(7));
+            }
+            let service = RetryLayer::new(config(3, 1.0, 10), "r".into()).layer(failing);
+            let response = service.oneshot(sent).await.expect("response");
+            assert_eq!(response.status(), 503);
+            let mark = with_other.then_some(Mark(7));
+            assert_eq!(*seen.lock().expect("lock"), vec![(true, mark); 3]);
+        }
     }
 
     #[tokio::test(start_paused = true)]

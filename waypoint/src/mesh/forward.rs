@@ -1,5 +1,5 @@
 //! Service backends in mesh mode: the innermost service of a backend whose endpoints come from
-//! the mesh view. Each request goes to the [`SelectedEndpoint`] through HBONE: TLS 1.3 to
+//! the mesh view. Each request goes to the [`SelectedEndpoint`](crate::layers::SelectedEndpoint) through HBONE: TLS 1.3 to
 //! `<endpoint ip>:15008` with the waypoint's certificate, requiring the endpoint workload's
 //! SPIFFE ID, then `CONNECT <endpoint ip>:<target port>` with `Forwarded: for=<client ip>`,
 //! then HTTP/1.1 or HTTP/2 (the backend's `protocol`) inside the tunnel.
@@ -32,7 +32,7 @@ use crate::body::Request;
 use crate::config::BackendProtocol;
 use crate::error::ProxyError;
 use crate::forward::strip_hop_by_hop;
-use crate::layers::{BoxFuture, ProxyResult, RequestContext, SelectedEndpoint, context_of};
+use crate::layers::{BoxFuture, ProxyResult, RequestContext, context_of};
 use crate::pool::{self, Pool, Sender};
 
 /// What an HTTP connection inside a tunnel is for.
@@ -205,10 +205,11 @@ impl Service<Request> for MeshForwarder {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, mut request: Request) -> Self::Future {
         let inner = self.inner.clone();
+        let selected = crate::layers::take_selected(&mut request);
         Box::pin(async move {
-            let Some(target) = request.extensions().get::<SelectedEndpoint>().cloned() else {
+            let Some(target) = selected else {
                 return Err(ProxyError::Internal(
                     "the mesh forwarder ran without a selected endpoint",
                 ));
