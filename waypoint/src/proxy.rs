@@ -285,13 +285,18 @@ fn compile_route(
         service = ProxyService::layered(layer.layer(service));
     }
     if let Some(after) = timeouts.request {
-        service = ProxyService::layered(
-            TimeoutLayer::new(TimeoutConfig {
-                after: after.0,
-                which: crate::layers::timeout::REQUEST,
-            })
-            .layer(service),
-        );
+        let config = TimeoutConfig {
+            after: after.0,
+            which: crate::layers::timeout::REQUEST,
+        };
+        // With an attempt timeout inside, its timer enforces the request's deadline too (and
+        // the retry backoff ends at it): one timer per attempt, none of its own.
+        let layer = if timeouts.backend_request.is_some() {
+            TimeoutLayer::recorded(config)
+        } else {
+            TimeoutLayer::new(config)
+        };
+        service = ProxyService::layered(layer.layer(service));
     }
     if let Some(fault) = route.fault {
         service = ProxyService::layered(FaultLayer::new(fault).layer(service));

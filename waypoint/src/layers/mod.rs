@@ -295,10 +295,24 @@ impl RequestContext {
         self.with(|f| f.source.clone())
     }
 
-    /// Records a timeout the request is under (replacing the last one of the same kind).
-    pub fn set_deadline(&self, deadline: Deadline) {
+    /// Records a timeout the request is under (replacing the last one of the same kind) and
+    /// returns the earliest one in force.
+    pub fn set_deadline(&self, deadline: Deadline) -> Deadline {
         let slot = usize::from(deadline.which == timeout::BACKEND_REQUEST);
-        self.with(|f| f.deadlines[slot] = Some(deadline));
+        self.with(|f| {
+            f.deadlines[slot] = Some(deadline);
+            f.deadlines
+                .iter()
+                .flatten()
+                .min_by_key(|d| d.at)
+                .copied()
+                .unwrap_or(deadline)
+        })
+    }
+
+    /// The whole request's deadline (`timeouts.request`), when it has one.
+    pub fn request_deadline(&self) -> Option<Deadline> {
+        self.with(|f| f.deadlines[0])
     }
 
     /// The earliest timeout the request is under.

@@ -210,6 +210,11 @@ impl Kept {
         (first, Kept { request, context })
     }
 
+    /// The request's context.
+    fn context(&self) -> Option<&RequestContext> {
+        self.context.as_ref().or_else(|| context_of(&self.request))
+    }
+
     /// A copy for another attempt.
     fn copy(&self) -> Request {
         let mut copy = clone_request(&self.request);
@@ -298,9 +303,7 @@ impl<S: Inner> Service<Request> for Retry<S> {
             (self.inner.call(request), None)
         } else {
             let (mut first, kept) = Kept::split(request);
-            first
-                .headers_mut()
-                .insert(ATTEMPT_HEADER, attempt_value(1));
+            first.headers_mut().insert(ATTEMPT_HEADER, attempt_value(1));
             (self.inner.call(first), Some((self.inner.clone(), kept)))
         };
         Box::pin(async move {
@@ -320,7 +323,19 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 metrics::counter!("weft_waypoint_retries_total", "route" => route.to_string())
                     .increment(1);
                 drop(result);
-                tokio::time::sleep(backoff(&config, attempt)).await;
+                // The backoff ends at the request's deadline: past it, the request has timed
+                // out (its timeout layer arms no timer of its own when attempts have one).
+                let wake = Instant::now() + backoff(&config, attempt);
+                match request.context().and_then(|c| c.request_deadline()) {
+                    Some(deadline) if deadline.at <= wake => {
+                        tokio::time::sleep_until(deadline.at).await;
+                        return Err(ProxyError::Timeout {
+                            after: deadline.after,
+                            which: deadline.which,
+                        });
+                    }
+                    _ => tokio::time::sleep_until(wake).await,
+                }
                 attempt += 1;
                 result = if attempt >= config.attempts {
                     // The last attempt takes the kept request itself.
@@ -437,6 +452,47 @@ mod tests {
             let mark = with_other.then_some(Mark(7));
             assert_eq!(*seen.lock().expect("lock"), vec![(true, mark); 3]);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_backoff_ends_at_the_requests_deadline() {
+        let mut slow_backoff = config(5, 1.0, 10);
+        let second = GatewayDuration(Duration::from_secs(1));
+        slow_backoff.backoff = crate::config::BackoffConfig {
+            base: second,
+            max: second,
+            min: Some(second),
+        };
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service =
+            crate::layers::timeout::TimeoutLayer::recorded(crate::layers::timeout::TimeoutConfig {
+                after: Duration::from_millis(100),
+                which: crate::layers::timeout::REQUEST,
+            })
+            .layer(ProxyService::layered(
+                RetryLayer::new(slow_backoff, "r".into()).layer(status_service(503, calls.clone())),
+            ));
+        let start = Instant::now();
+        let err = service
+            .oneshot(crate::layers::testing::request_in_context("/"))
+            .await
+            .expect_err("timed out");
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert!(
+            matches!(
+                err,
+                ProxyError::Timeout {
+                    which: crate::layers::timeout::REQUEST,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no attempt after the deadline"
+        );
     }
 
     #[tokio::test(start_paused = true)]

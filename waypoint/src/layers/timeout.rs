@@ -1,5 +1,11 @@
 //! Timeouts until the response headers: `timeouts.request` around the whole request (retries
 //! included) and `timeouts.backendRequest` around each attempt. A timeout answers 504.
+//!
+//! One timer per attempt, not two: each timeout records its deadline in the request's
+//! [`RequestContext`](super::RequestContext), and a layer's timer fires at the earliest
+//! deadline in force, naming the timeout that ran out. A route with both timeouts arms only the
+//! attempt's: its request timeout is [`TimeoutLayer::recorded`], enforced by the attempts'
+//! timers and by the retry layer's backoff, the only waits between them.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,12 +34,27 @@ pub struct TimeoutConfig {
 #[derive(Debug, Clone, Copy)]
 pub struct TimeoutLayer {
     config: TimeoutConfig,
+    armed: bool,
 }
 
 impl TimeoutLayer {
-    /// A layer applying `config`.
+    /// A layer applying `config` with a timer of its own.
     pub fn new(config: TimeoutConfig) -> Self {
-        TimeoutLayer { config }
+        TimeoutLayer {
+            config,
+            armed: true,
+        }
+    }
+
+    /// A layer that records `config`'s deadline in the request's context and arms no timer:
+    /// for a request timeout whose inner layers are an attempt timeout (which fires at the
+    /// earliest deadline) and retries (whose backoff ends at it). A request without a context
+    /// gets a timer.
+    pub fn recorded(config: TimeoutConfig) -> Self {
+        TimeoutLayer {
+            config,
+            armed: false,
+        }
     }
 }
 
@@ -43,6 +64,7 @@ impl<S> Layer<S> for TimeoutLayer {
         Timeout {
             inner,
             config: self.config,
+            armed: self.armed,
         }
     }
 }
@@ -52,9 +74,13 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct Timeout<S> {
     inner: S,
     config: TimeoutConfig,
+    armed: bool,
 }
 
-impl<S: Inner> Service<Request> for Timeout<S> {
+impl<S> Service<Request> for Timeout<S>
+where
+    S: Inner + Service<Request, Future = BoxFuture<ProxyResult>>,
+{
     type Response = crate::body::Response;
     type Error = ProxyError;
     type Future = BoxFuture<ProxyResult>;
@@ -65,16 +91,31 @@ impl<S: Inner> Service<Request> for Timeout<S> {
 
     fn call(&mut self, request: Request) -> Self::Future {
         let TimeoutConfig { after, which } = self.config;
-        let at = tokio::time::Instant::now() + after;
-        if let Some(context) = context_of(&request) {
-            context.set_deadline(Deadline { at, after, which });
-        }
+        let own = Deadline {
+            at: tokio::time::Instant::now() + after,
+            after,
+            which,
+        };
+        let fires = match context_of(&request) {
+            Some(context) => {
+                let earliest = context.set_deadline(own);
+                if !self.armed {
+                    // Recorded: an inner timer or the retry backoff ends the request at it.
+                    return self.inner.call(request);
+                }
+                earliest
+            }
+            None => own,
+        };
         // Always ready (see the module docs): called now, no clone of the inner service.
         let future = self.inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout_at(at, future).await {
+            match tokio::time::timeout_at(fires.at, future).await {
                 Ok(result) => result,
-                Err(_) => Err(ProxyError::Timeout { after, which }),
+                Err(_) => Err(ProxyError::Timeout {
+                    after: fires.after,
+                    which: fires.which,
+                }),
             }
         })
     }
@@ -181,6 +222,40 @@ mod tests {
         assert_eq!(
             deadline.at,
             start + Duration::from_secs(2) + Duration::from_millis(10) + Duration::from_secs(1)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recorded_request_timeout_is_enforced_by_the_attempts_timer() {
+        let outer = TimeoutLayer::recorded(TimeoutConfig {
+            after: Duration::from_millis(100),
+            which: REQUEST,
+        });
+        let inner = TimeoutLayer::new(TimeoutConfig {
+            after: Duration::from_secs(1),
+            which: BACKEND_REQUEST,
+        });
+        let start = tokio::time::Instant::now();
+        let err = crate::layers::ProxyService::layered(outer.layer(
+            crate::layers::ProxyService::layered(inner.layer(slow(Duration::from_secs(5)))),
+        ))
+        .oneshot(with_context().0)
+        .await
+        .expect_err("timeout");
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        assert!(
+            matches!(err, ProxyError::Timeout { which: REQUEST, .. }),
+            "{err}"
+        );
+        // Without a context to record it in, it arms its own timer.
+        let err = outer
+            .layer(slow(Duration::from_secs(5)))
+            .oneshot(request("/"))
+            .await
+            .expect_err("timeout");
+        assert!(
+            matches!(err, ProxyError::Timeout { which: REQUEST, .. }),
+            "{err}"
         );
     }
 
