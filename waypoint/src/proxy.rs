@@ -980,20 +980,25 @@ pub async fn handle_from(
     ))
 }
 
-/// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent.
+/// Appends the client to `x-forwarded-for` and sets `x-forwarded-proto` when absent (one
+/// lookup per header).
 fn forwarded_headers(headers: &mut http::HeaderMap, peer: SocketAddr) {
     const XFF: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
     const XFP: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
-    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(previous) => http::HeaderValue::from_str(&format!("{previous}, {}", peer.ip())),
-        None => Ok(client_address_value(peer.ip())),
-    };
-    if let Ok(value) = value {
-        headers.insert(XFF, value);
+    match headers.entry(XFF) {
+        http::header::Entry::Occupied(mut entry) => {
+            let appended = entry.get().to_str().ok().and_then(|previous| {
+                http::HeaderValue::from_str(&format!("{previous}, {}", peer.ip())).ok()
+            });
+            entry.insert(appended.unwrap_or_else(|| client_address_value(peer.ip())));
+        }
+        http::header::Entry::Vacant(entry) => {
+            entry.insert(client_address_value(peer.ip()));
+        }
     }
-    if !headers.contains_key(&XFP) {
-        headers.insert(XFP, http::HeaderValue::from_static("http"));
-    }
+    headers
+        .entry(XFP)
+        .or_insert(http::HeaderValue::from_static("http"));
 }
 
 /// `ip` as a header value. The last one is kept per thread: a connection's requests (and, on
@@ -1068,4 +1073,32 @@ fn finish(
         start,
         listener.series.clone(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_appended_to_x_forwarded_for() {
+        let peer: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
+        let mut fresh = http::HeaderMap::new();
+        forwarded_headers(&mut fresh, peer);
+        assert_eq!(fresh["x-forwarded-for"], "10.0.0.1");
+        assert_eq!(fresh["x-forwarded-proto"], "http");
+        let mut forwarded = http::HeaderMap::new();
+        forwarded.insert("x-forwarded-for", http::HeaderValue::from_static("1.2.3.4"));
+        forwarded.insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
+        forwarded_headers(&mut forwarded, peer);
+        assert_eq!(forwarded["x-forwarded-for"], "1.2.3.4, 10.0.0.1");
+        assert_eq!(forwarded["x-forwarded-proto"], "https");
+        // A value that is not text is replaced by the client.
+        let mut opaque = http::HeaderMap::new();
+        opaque.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"\xff").expect("value"),
+        );
+        forwarded_headers(&mut opaque, peer);
+        assert_eq!(opaque["x-forwarded-for"], "10.0.0.1");
+    }
 }
