@@ -259,9 +259,13 @@ mod tests {
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// An HTTP/1.1 server on loopback answering `ok` after `delay`, counting connections; a
-    /// request with `x-close` is answered with `connection: close`.
-    async fn backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// An HTTP/1.1 server on loopback answering `ok` after `delay`, counting connections
+    /// opened and (with `closed`) closed; a request with `x-close` is answered with
+    /// `connection: close`.
+    async fn backend_counting(
+        delay: Duration,
+        closed: Arc<AtomicUsize>,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -271,6 +275,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
+                let closed = closed.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: http::Request<hyper::body::Incoming>| async move {
@@ -287,10 +292,45 @@ mod tests {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
         (addr, connections)
+    }
+
+    async fn backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        backend_counting(delay, Arc::default()).await
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_after_the_idle_timeout_without_further_use() {
+        let closed = Arc::new(AtomicUsize::new(0));
+        let (addr, opened) = backend_counting(Duration::ZERO, closed.clone()).await;
+        let pool = Pool::with_idle_timeout(None, Duration::from_millis(200));
+        let request = http::Request::builder()
+            .uri("/x")
+            .header(header::HOST, "backend")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let response = pool
+            .send(addr, request, |slot| {
+                connect(addr, BackendProtocol::Http1, slot)
+            })
+            .await
+            .expect("response");
+        assert_eq!(body_of(response).await, "ok");
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        assert_eq!(closed.load(Ordering::SeqCst), 0, "pooled, open");
+        // The sweeper closes it (bounded wait: 5 s).
+        for _ in 0..100 {
+            if closed.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(closed.load(Ordering::SeqCst), 1, "closed once idle");
+        drop(pool);
     }
 
     fn to(addr: SocketAddr, headers: &[&'static str]) -> Request {

@@ -14,7 +14,8 @@
 //!   taken it waits for whichever comes first, a slot or a connection coming back, for at most
 //!   [`CONNECTION_WAIT`].
 //! * A pooled connection found closed before the request went out is replaced by a new one
-//!   once; connections unused for [`IDLE_TIMEOUT`] are closed when the pool is next used.
+//!   once; connections unused for [`IDLE_TIMEOUT`] are closed (swept every 10 s, by a task
+//!   that ends with the pool).
 //!
 //! It replaces hyper-util's pooled client, whose per-request work (a task spawned per
 //! response to return the connection, SipHash of the endpoint's authority byte by byte, a
@@ -170,6 +171,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + Unpin + 'static> Key for K {}
 pub struct Pool<K> {
     shards: Box<[Mutex<Shard<K>>]>,
     slots: Option<Slots>,
+    idle_timeout: Duration,
 }
 
 impl<K> std::fmt::Debug for Pool<K> {
@@ -184,12 +186,19 @@ impl<K> std::fmt::Debug for Pool<K> {
 impl<K: Key> Pool<K> {
     /// A pool holding at most `max_connections` connections open (unbounded when `None`).
     pub fn new(max_connections: Option<usize>) -> Arc<Self> {
+        Self::with_idle_timeout(max_connections, IDLE_TIMEOUT)
+    }
+
+    /// Like [`Pool::new`], closing connections unused for `idle_timeout`: on use, and from a
+    /// task on the current runtime (when there is one) that sweeps every `idle_timeout / 2`
+    /// (at most every 10 s) for as long as the pool exists.
+    pub fn with_idle_timeout(max_connections: Option<usize>, idle_timeout: Duration) -> Arc<Self> {
         let shards = if max_connections.is_some() {
             1
         } else {
             crate::workers::count().max(1)
         };
-        Arc::new(Pool {
+        let pool = Arc::new(Pool {
             shards: (0..shards)
                 .map(|_| {
                     Mutex::new(Shard {
@@ -203,7 +212,43 @@ impl<K: Key> Pool<K> {
                 max,
                 returned: Notify::new(),
             }),
-        })
+            idle_timeout,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = Arc::downgrade(&pool);
+            let every = (idle_timeout / 2).clamp(Duration::from_millis(1), SWEEP_EVERY);
+            runtime.spawn(async move {
+                let mut ticks = tokio::time::interval_at(Instant::now() + every, every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let Some(pool) = pool.upgrade() else {
+                        return;
+                    };
+                    let now = Instant::now();
+                    for shard in &pool.shards {
+                        let mut shard = match shard.lock() {
+                            Ok(s) => s,
+                            Err(poisoned) => poisoned.into_inner(),
+                        };
+                        pool.sweep(&mut shard, now);
+                    }
+                }
+            });
+        }
+        pool
+    }
+
+    /// Drops closed connections and those unused for the idle timeout.
+    fn sweep(&self, shard: &mut Shard<K>, now: Instant) {
+        shard.swept = now;
+        for list in shard.by_key.values_mut() {
+            list.retain(|idle| {
+                !idle.sender.is_closed()
+                    && now.saturating_duration_since(idle.since) < self.idle_timeout
+            });
+        }
+        shard.by_key.retain(|_, list| !list.is_empty());
     }
 
     fn shard(&self) -> MutexGuard<'_, Shard<K>> {
@@ -219,14 +264,7 @@ impl<K: Key> Pool<K> {
         let now = Instant::now();
         let mut shard = self.shard();
         if now.saturating_duration_since(shard.swept) > SWEEP_EVERY {
-            shard.swept = now;
-            for list in shard.by_key.values_mut() {
-                list.retain(|idle| {
-                    !idle.sender.is_closed()
-                        && now.saturating_duration_since(idle.since) < IDLE_TIMEOUT
-                });
-            }
-            shard.by_key.retain(|_, list| !list.is_empty());
+            self.sweep(&mut shard, now);
         }
         let list = shard.by_key.get_mut(key)?;
         loop {
