@@ -161,6 +161,14 @@ struct Slots {
     returned: Notify,
 }
 
+/// `shard`, locked (a panic while it was held leaves nothing half-done: lists of senders).
+fn lock<K>(shard: &Mutex<Shard<K>>) -> MutexGuard<'_, Shard<K>> {
+    match shard.lock() {
+        Ok(s) => s,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
 /// What a pool's connections are keyed by.
 pub trait Key: Hash + Eq + Clone + Send + Sync + Unpin + 'static {}
 
@@ -227,11 +235,7 @@ impl<K: Key> Pool<K> {
                     };
                     let now = Instant::now();
                     for shard in &pool.shards {
-                        let mut shard = match shard.lock() {
-                            Ok(s) => s,
-                            Err(poisoned) => poisoned.into_inner(),
-                        };
-                        pool.sweep(&mut shard, now);
+                        pool.sweep(&mut lock(shard), now);
                     }
                 }
             });
@@ -251,12 +255,9 @@ impl<K: Key> Pool<K> {
         shard.by_key.retain(|_, list| !list.is_empty());
     }
 
+    /// The current worker's idle connections.
     fn shard(&self) -> MutexGuard<'_, Shard<K>> {
-        let shard = &self.shards[crate::workers::current() % self.shards.len()];
-        match shard.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        lock(&self.shards[crate::workers::current() % self.shards.len()])
     }
 
     /// A pooled connection for `key`, if one is open.

@@ -204,6 +204,17 @@ pub struct RequestFacts {
     pub selected: Option<SelectedEndpoint>,
 }
 
+impl RequestFacts {
+    /// The earliest of the timeouts the request is under.
+    fn earliest_deadline(&self) -> Option<Deadline> {
+        self.deadlines
+            .iter()
+            .flatten()
+            .min_by_key(|d| d.at)
+            .copied()
+    }
+}
+
 impl RequestContext {
     fn with<T>(&self, f: impl FnOnce(&mut RequestFacts) -> T) -> T {
         match self.facts.lock() {
@@ -232,14 +243,6 @@ impl RequestContext {
         self.with(|f| f.route = Some(route));
     }
 
-    /// Records an attempt to `endpoint`.
-    pub fn set_endpoint(&self, endpoint: SocketAddr) {
-        self.with(|f| {
-            f.endpoint = Some(endpoint);
-            f.attempts += 1;
-        });
-    }
-
     /// Records an attempt to `selected` for the forwarder ([`take_selected`]), in one lock
     /// with the earliest deadline the attempt is under, which it returns.
     pub fn select(&self, selected: SelectedEndpoint) -> Option<Deadline> {
@@ -247,7 +250,7 @@ impl RequestContext {
             f.endpoint = Some(selected.addr);
             f.attempts += 1;
             f.selected = Some(selected);
-            f.deadlines.iter().flatten().min_by_key(|d| d.at).copied()
+            f.earliest_deadline()
         })
     }
 
@@ -301,12 +304,7 @@ impl RequestContext {
         let slot = usize::from(deadline.which == timeout::BACKEND_REQUEST);
         self.with(|f| {
             f.deadlines[slot] = Some(deadline);
-            f.deadlines
-                .iter()
-                .flatten()
-                .min_by_key(|d| d.at)
-                .copied()
-                .unwrap_or(deadline)
+            f.earliest_deadline().unwrap_or(deadline)
         })
     }
 
@@ -317,7 +315,7 @@ impl RequestContext {
 
     /// The earliest timeout the request is under.
     pub fn deadline(&self) -> Option<Deadline> {
-        self.with(|f| f.deadlines.iter().flatten().min_by_key(|d| d.at).copied())
+        self.with(|f| f.earliest_deadline())
     }
 
     /// Everything recorded so far.
