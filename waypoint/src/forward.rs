@@ -66,6 +66,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 && !te {
         return;
     }
+    // Most answers: `connection: keep-alive` (or `close`) and no other hop-by-hop header.
+    if present == 1
+        && !te
+        && headers.get_all(header::CONNECTION).iter().all(|v| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+        })
+    {
+        headers.remove(header::CONNECTION);
+        return;
+    }
     // Options of `Connection` other than keep-alive and close name more headers of this hop
     // (no allocation when there are none).
     let named: Vec<HeaderName> = headers
@@ -189,10 +200,9 @@ pub(crate) fn answer(
     target: &SelectedEndpoint,
 ) -> ProxyResult {
     match sent {
-        Ok(response) => {
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(http::Response::from_parts(parts, body))
+        Ok(mut response) => {
+            strip_hop_by_hop(response.headers_mut());
+            Ok(response)
         }
         Err(PoolError::Limit(max)) => Err(ProxyError::ConnectionLimit {
             backend: target.backend.to_string(),
@@ -456,6 +466,21 @@ mod tests {
         plain.insert(header::HOST, HeaderValue::from_static("a"));
         strip_hop_by_hop(&mut plain);
         assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn a_connection_header_naming_another_header_removes_that_one_too() {
+        // Only `Connection` is a hop-by-hop name here, but one of its values names a header.
+        for value in ["x-private", "Keep-Alive, x-private", "close,x-private"] {
+            let mut headers = HeaderMap::new();
+            headers.append(header::CONNECTION, HeaderValue::from_static("CLOSE"));
+            headers.append(header::CONNECTION, HeaderValue::from_static(value));
+            headers.insert("x-private", HeaderValue::from_static("1"));
+            headers.insert(header::HOST, HeaderValue::from_static("a"));
+            strip_hop_by_hop(&mut headers);
+            assert_eq!(headers.len(), 1, "{value}: {headers:?}");
+            assert!(headers.contains_key(header::HOST));
+        }
     }
 
     #[test]

@@ -834,7 +834,12 @@ pub async fn handle_from(
     let logging = logged.is_some();
     let context = logged.unwrap_or_default();
     if let Some((service, _)) = &listener.attach {
-        context.set_destination(service.as_str().into());
+        // The listener's shared name (no allocation per request).
+        let destination = listener
+            .destination
+            .clone()
+            .unwrap_or_else(|| service.as_str().into());
+        context.set_destination(destination);
     }
     context.set_peer(peer);
     if let Some(source) = &source {
@@ -951,6 +956,10 @@ pub async fn handle_from(
                     body::text_response(http::StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
                 }
                 _ => {
+                    // Room for what the waypoint adds (x-forwarded-for, x-forwarded-proto,
+                    // x-weft-attempt): one growth of the map instead of one per header (hyper
+                    // sizes it to the headers it parsed).
+                    request.headers_mut().reserve(3);
                     forwarded_headers(request.headers_mut(), peer);
                     // Everything the layers need travels in the one context (peer, source,
                     // deadlines): one extension to insert and to copy per attempt.

@@ -157,6 +157,8 @@ pub struct RouteMatch {
 #[derive(Debug)]
 pub struct RouteTable {
     entries: Vec<Entry>,
+    /// Whether an entry matches on the host (else the host is not read per request).
+    by_host: bool,
 }
 
 impl RouteTable {
@@ -164,6 +166,7 @@ impl RouteTable {
     pub fn empty() -> RouteTable {
         RouteTable {
             entries: Vec::new(),
+            by_host: false,
         }
     }
 
@@ -207,12 +210,17 @@ impl RouteTable {
                 Reverse(e.query.len()),
             )
         });
-        Ok(RouteTable { entries })
+        let by_host = entries.iter().any(|e| !matches!(e.host, HostSpec::Any));
+        Ok(RouteTable { entries, by_host })
     }
 
     /// The highest-precedence route matching the request, if any.
     pub fn lookup(&self, request: &http::request::Parts) -> Option<RouteMatch> {
-        let host = request_host(request);
+        let host = if self.by_host {
+            request_host(request)
+        } else {
+            ""
+        };
         self.entries.iter().find_map(|entry| {
             entry.matches(host, request).map(|len| RouteMatch {
                 route: entry.route,

@@ -38,11 +38,15 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// `waypoint`: also count the user-space instructions per request of the waypoint and of
-    /// the hyper floor (one worker each) under callgrind: a number that does not move with
+    /// `waypoint`: also count the user-space instructions per request of nginx, the waypoint
+    /// and the hyper floor (one worker each) under callgrind: a number that does not move with
     /// the machine's noise, for comparing changes.
     #[arg(long)]
     pub instructions: bool,
+    /// `waypoint`: rounds of load; each round loads every proxy once (in an order rotated per
+    /// round) and the table shows the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub rounds: u32,
     #[command(flatten)]
     pub control_plane: crate::bench_control_plane::ControlPlaneArgs,
     #[command(flatten)]
@@ -185,7 +189,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Target::ControlPlane => crate::bench_control_plane::run(args.control_plane, args.json),
         Target::L4 => crate::bench_l4::run(args.l4, args.json),
         Target::Waypoint => {
-            crate::bench_waypoint::run(args.l4.seconds, args.json, args.instructions)
+            crate::bench_waypoint::run(args.l4.seconds, args.rounds, args.json, args.instructions)
         }
     }
 }

@@ -5,14 +5,21 @@
 //! (Debian package, installed on first use): 2 worker processes, an upstream keep-alive pool,
 //! access log off. Waypoint (release build): a route matching every path, request and
 //! per-attempt timeouts, retries with a budget, golden metrics recorded (as in production),
-//! access log off (as nginx's).
-//! Load: wrk -t2 -c16 for `--seconds` (default 5), each proxy in turn. Reported per proxy: req/s, p50 and
-//! p99 latency, RSS after the run (all processes), CPU cores used per 1,000 req/s.
+//! access log off (as nginx's). Reference: `waypoint/examples/hyper_floor.rs` on 1 and 2
+//! threads, the least a hyper-based proxy does per request.
 //!
-//! `--instructions`: the waypoint and the hyper floor (one worker each) run again under
-//! callgrind (Debian `valgrind`), loaded by h2load (Debian `nghttp2-client`) with a fixed
-//! number of requests after a warm-up; reported: user-space instructions per request. Unlike
-//! req/s on a shared 2-CPU machine, it is the same from run to run within ~1 %.
+//! Load: wrk -t2 -c16 for `--seconds` (default 5) per proxy. The four proxies run side by side
+//! for the whole benchmark; each of `--rounds` rounds (default 3) loads them one at a time, in
+//! an order rotated by one per round, so that drift in the shared machine's speed does not
+//! always favour the same proxy. Reported per proxy, as the median over the rounds (each round
+//! is kept in `runs`): req/s, p50 and p99 latency, RSS after the run (all processes), CPU
+//! cores used per 1,000 req/s; and the waypoint's req/s over nginx's, round by round.
+//!
+//! `--instructions`: nginx (one worker, no master), the waypoint and the hyper floor (one
+//! worker each) run again under callgrind (Debian `valgrind`), loaded by h2load (Debian
+//! `nghttp2-client`) with a fixed number of requests after a warm-up; reported: user-space
+//! instructions per request. Unlike req/s on a shared 2-CPU machine, it is the same from run
+//! to run within ~1 %.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -29,6 +36,7 @@ const NGINX_PORT: u16 = 18080;
 const WAYPOINT_PORT: u16 = 18082;
 const WAYPOINT_METRICS_PORT: u16 = 18090;
 const FLOOR_PORT: u16 = 18083;
+const FLOOR_2T_PORT: u16 = 18084;
 
 /// A child process killed (and reaped) on drop, with its children: nginx's workers outlive a
 /// killed master and would keep its port (and the CPU) otherwise.
@@ -169,9 +177,91 @@ fn instructions(command: &mut Command, port: u16, dir: &std::path::Path) -> anyh
     Ok(total / COUNTED_REQUESTS as f64)
 }
 
-/// Runs the comparison with `seconds` of load per proxy (and, with `count_instructions`, the
-/// instruction counts).
-pub fn run(seconds: u64, json_out: bool, count_instructions: bool) -> anyhow::Result<()> {
+/// The median of `values` (0 when empty).
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// The keys [`measure`] reports.
+const KEYS: [&str; 5] = ["rps", "p50_us", "p99_us", "rss_mb", "cpu_per_1k_rps"];
+
+/// One object with the median of each key over `runs`, and the runs themselves.
+fn summary(runs: Vec<Value>) -> Value {
+    let mut out = serde_json::Map::new();
+    for key in KEYS {
+        out.insert(
+            key.to_string(),
+            json!(median(
+                runs.iter().filter_map(|r| r[key].as_f64()).collect()
+            )),
+        );
+    }
+    out.insert("runs".to_string(), Value::Array(runs));
+    Value::Object(out)
+}
+
+/// A proxy under comparison, running for the whole benchmark.
+struct Contender {
+    key: &'static str,
+    port: u16,
+    process: Proc,
+    runs: Vec<Value>,
+}
+
+/// Starts `command` (listening on `port`) as the contender `key`.
+fn contender(key: &'static str, port: u16, command: &mut Command) -> anyhow::Result<Contender> {
+    let process = Proc(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {key} ({:?})", command.get_program()))?,
+    );
+    wait_port(port).with_context(|| format!("{key} did not come up"))?;
+    Ok(Contender {
+        key,
+        port,
+        process,
+        runs: Vec::new(),
+    })
+}
+
+/// The nginx config: a plain reverse proxy on `port` with an upstream keep-alive pool, no
+/// access log; `workers` worker processes (1: no master process, for callgrind).
+fn nginx_config(dir: &std::path::Path, port: u16, workers: u32) -> String {
+    let master = if workers == 1 {
+        "master_process off;\n"
+    } else {
+        ""
+    };
+    format!(
+        "worker_processes {workers};\n{master}daemon off;\npid {dir}/nginx-{port}.pid;\nerror_log {dir}/nginx-error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
+         \x20 upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 64; }}\n\
+         \x20 server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+         \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        dir = dir.display()
+    )
+}
+
+/// Runs the comparison: `rounds` rounds of `seconds` of load per proxy (and, with
+/// `count_instructions`, the instruction counts).
+pub fn run(
+    seconds: u64,
+    rounds: u32,
+    json_out: bool,
+    count_instructions: bool,
+) -> anyhow::Result<()> {
     setup::ensure_debian(&["nginx", "wrk"])?;
     if count_instructions {
         setup::ensure_debian(&["valgrind", "nghttp2-client"])?;
@@ -197,24 +287,14 @@ pub fn run(seconds: u64, json_out: bool, count_instructions: bool) -> anyhow::Re
         WAYPOINT_PORT,
         WAYPOINT_METRICS_PORT,
         FLOOR_PORT,
+        FLOOR_2T_PORT,
     ] {
         ensure_free(port)?;
     }
     let _backend = HttpServer::start(&NetNs::current()?, BACKEND_PORT)?;
 
     let nginx_conf = dir.join("nginx.conf");
-    std::fs::write(
-        &nginx_conf,
-        format!(
-            "worker_processes 2;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
-             \x20 upstream backend {{ server 127.0.0.1:{BACKEND_PORT}; keepalive 64; }}\n\
-             \x20 server {{\n    listen 127.0.0.1:{NGINX_PORT};\n    location / {{\n      proxy_pass http://backend;\n\
-             \x20     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-            dir = dir.display()
-        ),
-    )?;
+    std::fs::write(&nginx_conf, nginx_config(&dir, NGINX_PORT, 2))?;
     let waypoint_conf = dir.join("waypoint.yaml");
     std::fs::write(
         &waypoint_conf,
@@ -229,130 +309,132 @@ pub fn run(seconds: u64, json_out: bool, count_instructions: bool) -> anyhow::Re
              backends:\n  - name: backend\n    endpoints: [\"127.0.0.1:{BACKEND_PORT}\"]\n"
         ),
     )?;
+    let waypoint_command = || {
+        let mut command = Command::new(target.join("release/weft-waypoint"));
+        command
+            .arg("--config")
+            .arg(&waypoint_conf)
+            .args([
+                "--metrics-address",
+                &format!("127.0.0.1:{WAYPOINT_METRICS_PORT}"),
+            ])
+            // Like nginx's `access_log off` (the waypoint logs to stdout by default).
+            .args(["--access-log", "off"]);
+        command
+    };
+    // Reference: the least any hyper-based proxy does per request
+    // (waypoint/examples/hyper_floor.rs), on 1 and 2 threads.
+    let floor_command = |port: u16, threads: u32| {
+        let mut command = Command::new(target.join("release/examples/hyper_floor"));
+        command.args([
+            format!("127.0.0.1:{port}"),
+            format!("127.0.0.1:{BACKEND_PORT}"),
+            threads.to_string(),
+        ]);
+        command
+    };
 
-    let nginx = {
-        let p = Proc(
-            Command::new("nginx")
-                .arg("-c")
-                .arg(&nginx_conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting nginx")?,
-        );
-        wait_port(NGINX_PORT)?;
-        let r = measure("nginx", NGINX_PORT, p.0.id(), seconds)?;
-        drop(p);
-        r
-    };
-    let mut waypoint = {
-        let p = Proc(
-            Command::new(target.join("release/weft-waypoint"))
-                .arg("--config")
-                .arg(&waypoint_conf)
-                .args([
-                    "--metrics-address",
-                    &format!("127.0.0.1:{WAYPOINT_METRICS_PORT}"),
-                ])
-                // Like nginx's `access_log off` above (the waypoint logs to stdout by default).
-                .args(["--access-log", "off"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting weft-waypoint")?,
-        );
-        wait_port(WAYPOINT_PORT)?;
-        let r = measure("waypoint", WAYPOINT_PORT, p.0.id(), seconds)?;
-        drop(p);
-        r
-    };
-    // Reference: the least any hyper-based proxy does per request (waypoint/examples/hyper_floor.rs).
-    let mut floors = Vec::new();
-    for threads in [1, 2] {
-        let p = Proc(
-            Command::new(target.join("release/examples/hyper_floor"))
-                .args([
-                    format!("127.0.0.1:{FLOOR_PORT}"),
-                    format!("127.0.0.1:{BACKEND_PORT}"),
-                    threads.to_string(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting hyper_floor")?,
-        );
-        wait_port(FLOOR_PORT)?;
-        floors.push(measure("hyper_floor", FLOOR_PORT, p.0.id(), seconds)?);
-        drop(p);
-    }
-    let counted = if count_instructions {
-        let waypoint = instructions(
-            Command::new(target.join("release/weft-waypoint"))
-                .arg("--config")
-                .arg(&waypoint_conf)
-                .args(["--worker-threads", "1", "--access-log", "off"])
-                .args([
-                    "--metrics-address",
-                    &format!("127.0.0.1:{WAYPOINT_METRICS_PORT}"),
-                ]),
-            WAYPOINT_PORT,
-            &dir,
-        )?;
-        let floor = instructions(
-            Command::new(target.join("release/examples/hyper_floor")).args([
-                format!("127.0.0.1:{FLOOR_PORT}"),
-                format!("127.0.0.1:{BACKEND_PORT}"),
-                "1".to_string(),
-            ]),
+    // All four run side by side; each round loads them one at a time, in an order rotated by
+    // one per round, so that no proxy always goes first (the machine's noise drifts).
+    let mut contenders = vec![
+        contender(
+            "nginx",
+            NGINX_PORT,
+            Command::new("nginx").arg("-c").arg(&nginx_conf),
+        )?,
+        contender("waypoint", WAYPOINT_PORT, &mut waypoint_command())?,
+        contender(
+            "hyper_floor_1t",
             FLOOR_PORT,
-            &dir,
-        )?;
-        Some((waypoint, floor))
-    } else {
-        None
-    };
-    let _ = std::fs::remove_dir_all(&dir);
-    let [mut floor1, floor2] =
-        <[Value; 2]>::try_from(floors).map_err(|_| anyhow::anyhow!("two floor runs"))?;
-    if let Some((w, f)) = counted {
-        waypoint["instructions_per_request"] = json!(w);
-        floor1["instructions_per_request"] = json!(f);
+            &mut floor_command(FLOOR_PORT, 1),
+        )?,
+        contender(
+            "hyper_floor_2t",
+            FLOOR_2T_PORT,
+            &mut floor_command(FLOOR_2T_PORT, 2),
+        )?,
+    ];
+    let count = contenders.len();
+    for round in 0..rounds as usize {
+        for i in 0..count {
+            let c = &mut contenders[(round + i) % count];
+            let run = measure(c.key, c.port, c.process.0.id(), seconds)?;
+            c.runs.push(run);
+        }
     }
+    let ratios: Vec<f64> = contenders[0]
+        .runs
+        .iter()
+        .zip(&contenders[1].runs)
+        .map(|(n, w)| w["rps"].as_f64().unwrap_or(0.0) / n["rps"].as_f64().unwrap_or(0.0).max(1e-9))
+        .collect();
+    let mut results = serde_json::Map::new();
+    for c in contenders {
+        results.insert(c.key.to_string(), summary(c.runs));
+        // `c.process` is dropped here: the proxy is stopped before the callgrind runs.
+    }
+
+    if count_instructions {
+        let one_worker_nginx = dir.join("nginx-1.conf");
+        std::fs::write(&one_worker_nginx, nginx_config(&dir, NGINX_PORT, 1))?;
+        let mut nginx = Command::new("nginx");
+        nginx.arg("-c").arg(&one_worker_nginx);
+        let mut waypoint = waypoint_command();
+        waypoint.args(["--worker-threads", "1"]);
+        let counted = [
+            ("nginx", NGINX_PORT, nginx),
+            ("waypoint", WAYPOINT_PORT, waypoint),
+            ("hyper_floor_1t", FLOOR_PORT, floor_command(FLOOR_PORT, 1)),
+        ];
+        for (key, port, mut command) in counted {
+            let n = instructions(&mut command, port, &dir)?;
+            if let Some(Value::Object(entry)) = results.get_mut(key) {
+                entry.insert("instructions_per_request".to_string(), json!(n));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    results.insert("rounds".to_string(), json!(rounds));
+    results.insert("waypoint_to_nginx_rps".to_string(), json!(ratios));
+    let results = Value::Object(results);
     if json_out {
-        println!(
-            "{}",
-            json!({"nginx": nginx, "waypoint": waypoint, "hyper_floor_1t": floor1, "hyper_floor_2t": floor2})
-        );
+        println!("{results}");
         return Ok(());
     }
     println!(
-        "\nwaypoint vs nginx (reverse proxy), wrk -t2 -c16 for {} s each, loopback, same backend:",
-        seconds
+        "\nwaypoint vs nginx (reverse proxy), wrk -t2 -c16 for {seconds} s each, loopback, same backend; \
+         median of {rounds} round(s), each proxy in turn:"
     );
     println!(
         "{:<22} {:>12} {:>12} {:>14} {:>14}",
         "", "nginx", "waypoint", "hyper floor 1t", "hyper floor 2t"
     );
-    for (label, key) in [
+    let columns = ["nginx", "waypoint", "hyper_floor_1t", "hyper_floor_2t"];
+    let mut rows: Vec<(&str, &str)> = vec![
         ("req/s", "rps"),
         ("p50 (µs)", "p50_us"),
         ("p99 (µs)", "p99_us"),
         ("RSS (MB)", "rss_mb"),
         ("cores per 1k req/s", "cpu_per_1k_rps"),
-    ] {
+    ];
+    if count_instructions {
+        rows.push(("instructions/request", "instructions_per_request"));
+    }
+    for (label, key) in rows {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                results[c][key]
+                    .as_f64()
+                    .map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
+            })
+            .collect();
         println!(
-            "{label:<22} {:>12.3} {:>12.3} {:>14.3} {:>14.3}",
-            nginx[key].as_f64().unwrap_or(0.0),
-            waypoint[key].as_f64().unwrap_or(0.0),
-            floor1[key].as_f64().unwrap_or(0.0),
-            floor2[key].as_f64().unwrap_or(0.0)
+            "{label:<22} {:>12} {:>12} {:>14} {:>14}",
+            cells[0], cells[1], cells[2], cells[3]
         );
     }
-    if let Some((w, f)) = counted {
-        println!(
-            "{:<22} {:>12} {:>12.0} {:>14.0} {:>14}",
-            "instructions/request", "", w, f, ""
-        );
-    }
+    let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    println!("waypoint/nginx req/s by round: {}", ratios.join(" "));
     Ok(())
 }

@@ -36,7 +36,8 @@ fn attempt_value(attempt: u32) -> http::HeaderValue {
 pub struct RetryBudget {
     ratio: f64,
     reserve: f64,
-    slot_len: Duration,
+    /// A slot's length in nanoseconds (at least 1).
+    slot_nanos: u64,
     start: Instant,
     slots: Mutex<[(u64, u64, u64); SLOTS]>,
 }
@@ -48,14 +49,18 @@ impl RetryBudget {
         RetryBudget {
             ratio: config.ratio,
             reserve: f64::from(config.min_retries_per_second) * window.as_secs_f64(),
-            slot_len: window / SLOTS as u32,
+            slot_nanos: u64::try_from((window / SLOTS as u32).as_nanos())
+                .unwrap_or(u64::MAX)
+                .max(1),
             start: Instant::now(),
             slots: Mutex::new([(u64::MAX, 0, 0); SLOTS]),
         }
     }
 
     fn with_slots<T>(&self, f: impl FnOnce(&mut [(u64, u64, u64); SLOTS], u64) -> T) -> Option<T> {
-        let epoch = (self.start.elapsed().as_nanos() / self.slot_len.as_nanos().max(1)) as u64;
+        // u64 arithmetic: a u128 division costs a library call per request.
+        let elapsed = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let epoch = elapsed / self.slot_nanos;
         let mut slots = self.slots.lock().ok()?;
         let slot = &mut slots[(epoch % SLOTS as u64) as usize];
         if slot.0 != epoch {
@@ -234,28 +239,33 @@ impl Kept {
     }
 }
 
-/// Retries failed attempts per [`RetryConfig`], within a [`RetryBudget`].
+/// Retries failed attempts per [`RetryConfig`], within a [`RetryBudget`]. Cloning it (once
+/// per request) is one reference count.
 #[derive(Debug, Clone)]
-pub struct RetryLayer {
-    config: Arc<RetryConfig>,
-    budget: Arc<RetryBudget>,
+pub struct RetryLayer(Arc<Shared>);
+
+/// What every request of a [`RetryLayer`] shares.
+#[derive(Debug)]
+struct Shared {
+    config: RetryConfig,
+    budget: RetryBudget,
     route: Arc<str>,
 }
 
 impl RetryLayer {
     /// A layer for `route` with its own budget.
     pub fn new(config: RetryConfig, route: Arc<str>) -> Self {
-        let budget = Arc::new(RetryBudget::new(&config.budget));
-        RetryLayer {
-            config: Arc::new(config),
+        let budget = RetryBudget::new(&config.budget);
+        RetryLayer(Arc::new(Shared {
+            config,
             budget,
             route,
-        }
+        }))
     }
 
     /// The layer's budget (shared by the services it builds).
-    pub fn budget(&self) -> &Arc<RetryBudget> {
-        &self.budget
+    pub fn budget(&self) -> &RetryBudget {
+        &self.0.budget
     }
 }
 
@@ -286,13 +296,9 @@ impl<S: Inner> Service<Request> for Retry<S> {
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        let RetryLayer {
-            config,
-            budget,
-            route,
-        } = self.layer.clone();
-        budget.deposit();
-        let single = config.attempts <= 1;
+        let shared = self.layer.0.clone();
+        shared.budget.deposit();
+        let single = shared.config.attempts <= 1;
         // The first attempt is sent now (always ready, see the module docs); the request is
         // kept (and the inner service cloned) only when there can be a second.
         let (first, mut later) = if single {
@@ -302,11 +308,21 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 .insert(ATTEMPT_HEADER, attempt_value(1));
             (self.inner.call(request), None)
         } else {
-            let (mut first, kept) = Kept::split(request);
-            first.headers_mut().insert(ATTEMPT_HEADER, attempt_value(1));
+            // Set before the copy (later attempts replace it): the copy's header map has no
+            // room to spare.
+            let mut request = request;
+            request
+                .headers_mut()
+                .insert(ATTEMPT_HEADER, attempt_value(1));
+            let (first, kept) = Kept::split(request);
             (self.inner.call(first), Some((self.inner.clone(), kept)))
         };
         Box::pin(async move {
+            let Shared {
+                config,
+                budget,
+                route,
+            } = &*shared;
             let mut result = first.await;
             let mut attempt = 1;
             loop {
@@ -325,7 +341,7 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 drop(result);
                 // The backoff ends at the request's deadline: past it, the request has timed
                 // out (its timeout layer arms no timer of its own when attempts have one).
-                let wake = Instant::now() + backoff(&config, attempt);
+                let wake = Instant::now() + backoff(config, attempt);
                 match request.context().and_then(|c| c.request_deadline()) {
                     Some(deadline) if deadline.at <= wake => {
                         tokio::time::sleep_until(deadline.at).await;
