@@ -24,7 +24,7 @@ use weft_tunnel::{
 };
 use weft_waypoint::config::{Config, Mode};
 use weft_waypoint::layers::accesslog::AccessLog;
-use weft_waypoint::mesh::server::serve_hbone;
+use weft_waypoint::mesh::server::{serve_hbone, serve_hbone_until};
 use weft_waypoint::mesh::{Mesh, MeshContext, MeshView, StaticSvid, Svid};
 use weft_waypoint::proxy::Waypoint;
 
@@ -270,6 +270,45 @@ async fn waypoint_logged(
     yaml: &str,
     log: Option<AccessLog>,
 ) -> (SocketAddr, watch::Sender<Arc<MeshView>>) {
+    let (socket, waypoint, tx) = mesh_waypoint(t, pki, state, yaml, log).await;
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(serve_hbone(socket, waypoint));
+    (addr, tx)
+}
+
+/// [`waypoint`] that stops when `stop` fires and drains for up to `drain`; the handle ends
+/// when the HBONE server has.
+async fn waypoint_until(
+    t: u8,
+    pki: &Pki,
+    state: &MeshState,
+    stop: tokio::sync::oneshot::Receiver<()>,
+    drain: std::time::Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (socket, waypoint, tx) = mesh_waypoint(t, pki, state, "listeners: []\n", None).await;
+    let addr = socket.local_addr().expect("addr");
+    let served = tokio::spawn(async move {
+        let _view = tx;
+        let stop = async move {
+            let _ = stop.await;
+        };
+        serve_hbone_until(socket, waypoint, stop, drain).await;
+    });
+    (addr, served)
+}
+
+/// The mesh-mode waypoint of test `t` and its HBONE socket (127.77.<t>.1:<any port>).
+async fn mesh_waypoint(
+    t: u8,
+    pki: &Pki,
+    state: &MeshState,
+    yaml: &str,
+    log: Option<AccessLog>,
+) -> (
+    tokio::net::TcpListener,
+    Arc<Waypoint>,
+    watch::Sender<Arc<MeshView>>,
+) {
     let (tx, mesh) = Mesh::fixed(state, TD);
     let (cert, key) = pki.leaf(&spiffe("waypoint"));
     let svid = Svid::from_pem(&cert, &key, 1, Vec::new()).expect("svid");
@@ -287,9 +326,7 @@ async fn waypoint_logged(
     let socket = tokio::net::TcpListener::bind(SocketAddr::new(ip(t, 1), 0))
         .await
         .expect("bind the waypoint's HBONE");
-    let addr = socket.local_addr().expect("addr");
-    tokio::spawn(serve_hbone(socket, waypoint));
-    (addr, tx)
+    (socket, waypoint, tx)
 }
 
 /// How opening a tunnel failed.
@@ -844,6 +881,20 @@ impl std::io::Write for Lines {
 }
 
 impl Lines {
+    /// The lines written so far, once there is one (the writer thread is asynchronous: a
+    /// bounded wait).
+    async fn wait_for_some(&self) -> Vec<serde_json::Value> {
+        let mut parsed = Vec::new();
+        for _ in 0..500 {
+            parsed = self.parsed();
+            if !parsed.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        parsed
+    }
+
     fn parsed(&self) -> Vec<serde_json::Value> {
         let text = String::from_utf8(self.0.lock().expect("lines").clone()).expect("utf-8");
         text.lines()
@@ -863,15 +914,7 @@ async fn mesh_request_writes_one_json_access_log_line() -> Result<(), BoxError> 
     let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
     let a = get(&web, vip(t, 101, 9080), ip(t, 10), "reviews:9080", "/r?x=1").await;
     assert_eq!(a.status, 200, "{}", a.body);
-    // The writer thread is asynchronous: a bounded wait for the line.
-    let mut parsed = Vec::new();
-    for _ in 0..500 {
-        parsed = lines.parsed();
-        if !parsed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let parsed = lines.wait_for_some().await;
     assert_eq!(parsed.len(), 1, "{parsed:?}");
     let l = &parsed[0];
     assert_eq!(l["method"], "GET");
@@ -946,5 +989,125 @@ async fn mesh_opaque_tcp_tries_another_endpoint_and_closes_without_one() -> Resu
         .await
         .expect("the waypoint closes the tunnel");
     assert!(got.is_empty(), "{got:?} ({read:?})");
+    Ok(())
+}
+
+/// The mesh of test `t` with `shop/cache` (VIP .104, port 7000, declared `redis`) served by
+/// the TCP pod `tcp-1` (.41, target port 7001), which this starts.
+async fn cache_state(t: u8, pki: &Pki) -> MeshState {
+    tcp_pod(pki, ip(t, 41), "tcp-1", &spiffe("tcp")).await;
+    let mut state = state(t, pki);
+    let w = workload("tcp-1", "tcp", ip(t, 41));
+    state.workloads.insert(w.key(), w);
+    let mut s = service("cache", ip(t, 104), 7000, 7001, &[("tcp-1", ip(t, 41))]);
+    s.ports[0].app_protocol = "redis".into();
+    state.services.insert(s.key(), s);
+    state
+}
+
+#[tokio::test]
+async fn mesh_shutdown_lets_opaque_tcp_tunnels_run_until_they_close_or_the_drain_ends()
+-> Result<(), BoxError> {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = 23;
+    let pki = Pki::new();
+    let state = cache_state(t, &pki).await;
+    let hello = format!("hello tcp-1 dst={}:7001 for={}\n", ip(t, 41), ip(t, 10));
+
+    // A tunnel open at shutdown keeps working, and the waypoint waits for it to close.
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (wp, served) = waypoint_until(t, &pki, &state, stopped, Duration::from_secs(60)).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let mut a = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    a.write_all(b"one\n").await?;
+    assert_eq!(read_n(&mut a, hello.len()).await, hello);
+    assert_eq!(read_n(&mut a, 4).await, "one\n");
+    let _ = stop.send(());
+    // New tunnels are refused once draining (the answer is the proof that it started).
+    let refused = tunnel(&web, vip(t, 104, 7000), ip(t, 10)).await;
+    assert!(
+        matches!(&refused, Err(Failure::Refused(status, _)) if status.as_u16() == 503),
+        "{:?}",
+        refused.err()
+    );
+    a.write_all(b"two\n").await?;
+    assert_eq!(read_n(&mut a, 4).await, "two\n");
+    assert!(
+        !served.is_finished(),
+        "the waypoint stopped with an opaque TCP tunnel open"
+    );
+    // Our half-close reaches the pod, which closes: the tunnel ends, and so does the drain.
+    a.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), a.read_to_end(&mut rest))
+        .await
+        .expect("the pod closes after our half-close")?;
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the waypoint stops once its last tunnel closed")?;
+
+    // A tunnel still open when the drain time is up does not hold the waypoint any longer.
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let (wp, served) = waypoint_until(t, &pki, &state, stopped, Duration::from_millis(300)).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let mut b = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    b.write_all(b"one\n").await?;
+    assert_eq!(read_n(&mut b, hello.len()).await, hello);
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), served)
+        .await
+        .expect("the drain time bounds the wait")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn mesh_opaque_tcp_connection_writes_one_access_log_line() -> Result<(), BoxError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = 24;
+    let pki = Pki::new();
+    let state = cache_state(t, &pki).await;
+    let lines = Lines::default();
+    let log = AccessLog::to_writer(Box::new(lines.clone()), 64)?;
+    let (wp, _view) = waypoint_logged(t, &pki, &state, "listeners: []\n", Some(log)).await;
+    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
+    let hello = format!("hello tcp-1 dst={}:7001 for={}\n", ip(t, 41), ip(t, 10));
+    let mut a = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+        .await
+        .expect("tunnel");
+    a.write_all(b"PING\r\n").await?;
+    assert_eq!(read_n(&mut a, hello.len()).await, hello);
+    assert_eq!(read_n(&mut a, 6).await, "PING\r\n");
+    // No line while the connection is open.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(lines.parsed().is_empty(), "{:?}", lines.parsed());
+    a.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), a.read_to_end(&mut rest))
+        .await
+        .expect("the pod closes after our half-close")?;
+    let parsed = lines.wait_for_some().await;
+    assert_eq!(parsed.len(), 1, "{parsed:?}");
+    let l = &parsed[0];
+    assert_eq!(l["protocol"], "TCP");
+    assert_eq!(l["destination_service"], "shop/cache");
+    assert_eq!(l["destination_port"], 7000);
+    assert_eq!(l["result"], "ok");
+    assert_eq!(l["upstream"], format!("{}:7001", ip(t, 41)));
+    assert_eq!(l["received_bytes"], 6);
+    assert_eq!(l["sent_bytes"], hello.len() + 6);
+    assert_eq!(l["source_principal"], spiffe("web"));
+    assert_eq!(l["source_workload"], "shop/web");
+    assert_eq!(l["source_ip"], ip(t, 10).to_string());
+    assert!(l.get("error").is_none(), "{l}");
+    assert!(l["duration_ms"].as_f64().is_some_and(|d| d >= 100.0), "{l}");
+    assert!(
+        l["start_time"].as_str().is_some_and(|s| s.ends_with('Z')),
+        "{l}"
+    );
     Ok(())
 }

@@ -25,6 +25,12 @@
 //! | `trace_id` | the W3C trace id of the waypoint's span (with an exporter), else of the incoming `traceparent` |
 //! | `flags` | `timeout`, `rate_limited`, `fault_abort`, `no_healthy_upstream`, `overflow`, `upstream_connect_failure`, `upstream_reset`, `denied` |
 //!
+//! Opaque TCP connections (mesh mode) get one line each when they end, with `protocol: "TCP"`
+//! and their own fields: `start_time`, `duration_ms`, `destination_service`,
+//! `destination_port`, `result` (`ok`, `denied`, `no_endpoint`, `connect_failed`), `upstream`,
+//! `received_bytes` (from the client), `sent_bytes` (to it), `source_principal`,
+//! `source_workload`, `source_ip`, and `error` when the copy ended with one.
+//!
 //! Lines go through a bounded queue ([`QUEUE_LINES`]) to a writer thread; when the sink is too
 //! slow and the queue is full, the line is dropped and counted in
 //! `weft_waypoint_access_log_dropped_total`: the request path never waits for the sink.
@@ -234,6 +240,73 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The JSON line (without newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"error\":\"access log entry not serializable: {e}\"}}"))
+    }
+}
+
+/// The access log line of one opaque TCP connection (mesh mode), written when it ends.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TcpEntry {
+    /// RFC 3339: when the tunnel was accepted.
+    pub start_time: String,
+    /// Milliseconds, until both directions were done.
+    pub duration_ms: f64,
+    /// Always `TCP` (HTTP lines carry `HTTP/1.1`, `HTTP/2`, ...).
+    pub protocol: &'static str,
+    /// The Service (`namespace/name`) of the tunnel.
+    pub destination_service: String,
+    /// Its port.
+    pub destination_port: u16,
+    /// `ok`, `denied`, `no_endpoint` or `connect_failed`.
+    pub result: &'static str,
+    /// The endpoint it was proxied to.
+    pub upstream: Option<String>,
+    /// Bytes from the client.
+    pub received_bytes: u64,
+    /// Bytes to the client.
+    pub sent_bytes: u64,
+    /// Client SPIFFE ID.
+    pub source_principal: String,
+    /// Client workload.
+    pub source_workload: Option<String>,
+    /// Client address.
+    pub source_ip: String,
+    /// Why the copy ended with an error, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl TcpEntry {
+    /// The line of a connection from `source` to `service`'s `port`, accepted at `start_time`
+    /// (`start` on the monotonic clock), that went as `outcome` says.
+    pub fn new(
+        start_time: SystemTime,
+        start: Instant,
+        source: &crate::layers::Source,
+        service: String,
+        port: u16,
+        outcome: crate::mesh::tcp::TcpOutcome,
+    ) -> TcpEntry {
+        TcpEntry {
+            start_time: rfc3339(start_time),
+            duration_ms: (start.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            protocol: "TCP",
+            destination_service: service,
+            destination_port: port,
+            result: outcome.result,
+            upstream: outcome.upstream.map(|a| a.to_string()),
+            received_bytes: outcome.received_bytes,
+            sent_bytes: outcome.sent_bytes,
+            source_principal: source.principal.to_string(),
+            source_workload: source.workload.as_deref().map(str::to_string),
+            source_ip: source.ip.to_canonical().to_string(),
+            error: outcome.error,
+        }
+    }
+
     /// The JSON line (without newline).
     pub fn to_line(&self) -> String {
         serde_json::to_string(self)

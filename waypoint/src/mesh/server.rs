@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,8 +81,47 @@ struct Shared {
     ctx: Arc<MeshContext>,
     draining: AtomicBool,
     graceful: Mutex<Option<GracefulShutdown>>,
+    /// Tunnels open now that the HTTP graceful shutdown does not watch ([`Unwatched`]): opaque
+    /// TCP, and tunnels still detecting their protocol. `unwatched_closed` is notified when
+    /// one ends (or is handed to HTTP).
+    unwatched: AtomicUsize,
+    unwatched_closed: tokio::sync::Notify,
     tls: TlsCache,
     tcp: OpaqueTcp,
+}
+
+/// Counts one tunnel in [`Shared::unwatched`] while it lives (or until it is handed to the
+/// HTTP graceful shutdown), so that a drain waits for it too.
+struct Unwatched(Arc<Shared>);
+
+impl Unwatched {
+    fn open(shared: &Arc<Shared>) -> Unwatched {
+        shared.unwatched.fetch_add(1, Ordering::AcqRel);
+        Unwatched(shared.clone())
+    }
+}
+
+impl Drop for Unwatched {
+    fn drop(&mut self) {
+        self.0.unwatched.fetch_sub(1, Ordering::AcqRel);
+        self.0.unwatched_closed.notify_waiters();
+    }
+}
+
+impl Shared {
+    /// Until no unwatched tunnel is open.
+    async fn unwatched_closed(&self) {
+        loop {
+            let closed = self.unwatched_closed.notified();
+            tokio::pin!(closed);
+            // Registered before the count is read: a tunnel ending in between still wakes us.
+            closed.as_mut().enable();
+            if self.unwatched.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
 }
 
 /// The TLS server config of the last (certificate generation, trust bundle).
@@ -146,7 +185,8 @@ pub async fn serve_hbone(socket: TcpListener, waypoint: Arc<Waypoint>) {
 
 /// Serves HBONE on `socket` until `shutdown` completes; then stops accepting, refuses new
 /// tunnels (503), asks the HTTP connections in open tunnels to finish and waits up to `drain`
-/// for them. Does nothing (logs an error) if `waypoint` is not in mesh mode.
+/// for them and for the open opaque TCP tunnels to close. Does nothing (logs an error) if
+/// `waypoint` is not in mesh mode.
 pub async fn serve_hbone_until(
     socket: TcpListener,
     waypoint: Arc<Waypoint>,
@@ -163,6 +203,8 @@ pub async fn serve_hbone_until(
         ctx,
         draining: AtomicBool::new(false),
         graceful: Mutex::new(Some(GracefulShutdown::new())),
+        unwatched: AtomicUsize::new(0),
+        unwatched_closed: tokio::sync::Notify::new(),
         tls: TlsCache::default(),
     });
     tokio::pin!(shutdown);
@@ -179,18 +221,31 @@ pub async fn serve_hbone_until(
         Ok(mut g) => g.take(),
         Err(poisoned) => poisoned.into_inner().take(),
     };
-    if let Some(graceful) = graceful {
-        let open = graceful.count();
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open,
-                ?drain,
-                "tunnels still open after the drain timeout; closing them"
-            );
+    // Opaque TCP has no way to ask the client to finish: its open tunnels run until they
+    // close or the drain time is up, while HTTP connections finish their requests.
+    let http_tunnels = graceful.as_ref().map_or(0, GracefulShutdown::count);
+    // Opaque TCP, and tunnels still detecting their protocol.
+    let tcp_tunnels = shared.unwatched.load(Ordering::Acquire);
+    if http_tunnels + tcp_tunnels > 0 {
+        tracing::info!(
+            http_tunnels,
+            tcp_tunnels,
+            ?drain,
+            "draining: HTTP tunnels finish their requests, opaque TCP tunnels run until they close"
+        );
+    }
+    let drained = async {
+        if let Some(graceful) = graceful {
+            graceful.shutdown().await;
         }
+        shared.unwatched_closed().await;
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
+        tracing::warn!(
+            tcp_tunnels = shared.unwatched.load(Ordering::Acquire),
+            ?drain,
+            "tunnels still open after the drain timeout; closing them"
+        );
     }
 }
 
@@ -331,6 +386,10 @@ impl Handler for Inbound {
     }
 
     async fn run(&self, admitted: Admitted, tunnel: Tunnel) {
+        // For an opaque connection's access log line: from the tunnel's start.
+        let (start_time, start) = (std::time::SystemTime::now(), std::time::Instant::now());
+        // Counted for the drain from now: detection may wait for the client's first bytes.
+        let unwatched = Unwatched::open(&self.shared);
         let Admitted {
             service,
             port,
@@ -362,7 +421,19 @@ impl Handler for Inbound {
         )
         .increment(1);
         if protocol == Protocol::Tcp {
-            self.shared.tcp.proxy(io, &source, &service, port).await;
+            let outcome = self.shared.tcp.proxy(io, &source, &service, port).await;
+            if let Some(log) = self.shared.waypoint.access_log() {
+                let entry = crate::layers::accesslog::TcpEntry::new(
+                    start_time,
+                    start,
+                    &source,
+                    service.key(),
+                    port,
+                    outcome,
+                );
+                log.write(entry.to_line());
+            }
+            drop(unwatched);
             return;
         }
         let waypoint = self.shared.waypoint.clone();
@@ -383,8 +454,16 @@ impl Handler for Inbound {
                 .map(GracefulShutdown::watcher),
         };
         let result = match watcher {
-            Some(watcher) => watcher.watch(connection).await,
-            None => connection.await,
+            Some(watcher) => {
+                // Watched by the HTTP graceful shutdown from here on.
+                drop(unwatched);
+                watcher.watch(connection).await
+            }
+            // Draining already: the drain waits for it (up to its time), as for TCP.
+            None => {
+                let _unwatched = unwatched;
+                connection.await
+            }
         };
         if let Err(e) = result {
             tracing::debug!(peer = %self.peer, error = %e, "HTTP in a tunnel ended with an error");

@@ -88,21 +88,30 @@ impl OpaqueTcp {
     /// Proxies `client` (the tunnel, with any detection bytes replayed) to an endpoint of
     /// `service`'s port `port`. Returns when both directions are done or on failure; dropping
     /// `client` closes the tunnel.
-    pub async fn proxy<T>(&self, client: T, source: &Source, service: &ServiceInfo, port: u16)
+    pub async fn proxy<T>(
+        &self,
+        client: T,
+        source: &Source,
+        service: &ServiceInfo,
+        port: u16,
+    ) -> TcpOutcome
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
+        let mut outcome = TcpOutcome::default();
         let key = service.key();
         if let Err(reason) = self.authorize_connection(source, service, port) {
             connections(&key, "denied");
             tracing::debug!(service = %key, port, principal = %source.principal, %reason, "opaque TCP connection denied");
-            return;
+            outcome.result = "denied";
+            return outcome;
         }
         let mut endpoints = self.ctx.mesh.current().endpoints(&key, port);
         if endpoints.is_empty() {
             connections(&key, "no_endpoint");
             tracing::debug!(service = %key, port, "opaque TCP: no ready endpoint; closing the tunnel");
-            return;
+            outcome.result = "no_endpoint";
+            return outcome;
         }
         let start = rand::random_range(0..endpoints.len());
         endpoints.rotate_left(start);
@@ -111,7 +120,8 @@ impl OpaqueTcp {
             Err(e) => {
                 connections(&key, "connect_failed");
                 tracing::warn!(service = %key, error = %e, "opaque TCP: no certificate to reach endpoints with");
-                return;
+                outcome.result = "connect_failed";
+                return outcome;
             }
         };
         let mut upstream = None;
@@ -130,13 +140,18 @@ impl OpaqueTcp {
         let Some((addr, (tunnel, lease))) = upstream else {
             connections(&key, "connect_failed");
             tracing::warn!(service = %key, port, tried = endpoints.len().min(MAX_CONNECT_ATTEMPTS), "opaque TCP: no endpoint could be reached; closing the tunnel");
-            return;
+            outcome.result = "connect_failed";
+            return outcome;
         };
         connections(&key, "ok");
+        outcome.result = "ok";
+        outcome.upstream = Some(addr);
         let mut client = Counted {
             inner: client,
             received: metrics::counter!("weft_waypoint_tcp_received_bytes_total", "service" => key.clone()),
             sent: metrics::counter!("weft_waypoint_tcp_sent_bytes_total", "service" => key.clone()),
+            received_bytes: 0,
+            sent_bytes: 0,
         };
         let mut tunnel = tunnel;
         match tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
@@ -145,10 +160,29 @@ impl OpaqueTcp {
             }
             Err(e) => {
                 tracing::debug!(service = %key, endpoint = %addr, error = %e, "opaque TCP connection ended with an error");
+                outcome.error = Some(e.to_string());
             }
         }
         drop(lease);
+        outcome.received_bytes = client.received_bytes;
+        outcome.sent_bytes = client.sent_bytes;
+        outcome
     }
+}
+
+/// How an opaque TCP connection went, for the access log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TcpOutcome {
+    /// `ok` (proxied), `denied`, `no_endpoint` or `connect_failed` (as the metric's `result`).
+    pub result: &'static str,
+    /// The endpoint it was proxied to.
+    pub upstream: Option<std::net::SocketAddr>,
+    /// Bytes from the client.
+    pub received_bytes: u64,
+    /// Bytes to the client.
+    pub sent_bytes: u64,
+    /// Why the copy ended with an error (a reset, ...), when it did.
+    pub error: Option<String>,
 }
 
 /// The client side of an opaque connection, counting bytes as they pass.
@@ -156,6 +190,8 @@ struct Counted<T> {
     inner: T,
     received: Counter,
     sent: Counter,
+    received_bytes: u64,
+    sent_bytes: u64,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -169,6 +205,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let n = out.filled().len().saturating_sub(before);
         if n > 0 {
             self.received.increment(n as u64);
+            self.received_bytes += n as u64;
         }
         polled
     }
@@ -183,6 +220,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &polled {
             self.sent.increment(*n as u64);
+            self.sent_bytes += *n as u64;
         }
         polled
     }
