@@ -958,8 +958,9 @@ pub async fn handle_from(
                 _ => {
                     // Room for what the waypoint adds (x-forwarded-for, x-forwarded-proto,
                     // x-weft-attempt): one growth of the map instead of one per header (hyper
-                    // sizes it to the headers it parsed).
-                    request.headers_mut().reserve(3);
+                    // sizes it to the headers it parsed). Fails only past http's limit of
+                    // 32,768 headers, far above hyper's (then the inserts grow it as before).
+                    let _ = request.headers_mut().try_reserve(3);
                     forwarded_headers(request.headers_mut(), peer);
                     // Everything the layers need travels in the one context (peer, source,
                     // deadlines): one extension to insert and to copy per attempt.
