@@ -34,41 +34,86 @@ pub fn text_response(status: http::StatusCode, text: impl Into<Bytes>) -> Respon
     response
 }
 
-/// A response body that holds `guard` until the body ends or is dropped (e.g. a backend's
-/// concurrency slot for the whole stream, not just until the headers).
-pub struct Guarded<G> {
-    inner: Body,
-    guard: Option<G>,
+/// How a [`Watched`] body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Its last frame went out.
+    Complete,
+    /// The inner body failed (the connection to the endpoint broke).
+    Failed,
+    /// It was dropped before its end (the client went away).
+    Dropped,
 }
 
-impl<G: Send + Sync + Unpin + 'static> Guarded<G> {
-    /// `response` whose body holds `guard`.
-    pub fn wrap(response: Response, guard: G) -> Response {
-        response.map(|inner| {
-            Guarded {
-                inner,
-                guard: Some(guard),
-            }
-            .boxed()
-        })
+/// What a [`Watched`] body reports to: each frame, then its end, once.
+pub trait Watch {
+    /// A frame passing through.
+    fn frame(&mut self, _frame: &http_body::Frame<Bytes>) {}
+    /// The body ended (called once; also from `Drop`).
+    fn end(self, how: End);
+}
+
+/// A response body that passes `inner` through and tells a [`Watch`] about it: the one place
+/// that knows when a streaming body has ended (a frame that leaves it at its end, the end of
+/// the stream, an error, or a drop before the end).
+pub struct Watched<B, W: Watch> {
+    inner: B,
+    watch: Option<W>,
+}
+
+impl<B: http_body::Body, W: Watch> Watched<B, W> {
+    /// `inner` watched by `watch`.
+    pub fn new(inner: B, watch: W) -> Self {
+        Watched {
+            inner,
+            watch: Some(watch),
+        }
+    }
+
+    /// Like [`Watched::new`], but an `inner` that is already at its end (an empty body, which
+    /// hyper may never poll) ends at once.
+    pub fn ending_if_empty(inner: B, watch: W) -> Self {
+        let mut body = Watched::new(inner, watch);
+        if body.inner.is_end_stream() {
+            body.end(End::Complete);
+        }
+        body
+    }
+
+    fn end(&mut self, how: End) {
+        if let Some(watch) = self.watch.take() {
+            watch.end(how);
+        }
     }
 }
 
-impl<G: Unpin> http_body::Body for Guarded<G> {
+impl<B, W> http_body::Body for Watched<B, W>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    W: Watch + Unpin,
+{
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        use std::task::Poll;
         let this = &mut *self;
         let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(
-            polled,
-            std::task::Poll::Ready(None) | std::task::Poll::Ready(Some(Err(_)))
-        ) {
-            this.guard = None;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(watch) = this.watch.as_mut() {
+                    watch.frame(frame);
+                }
+                if this.inner.is_end_stream() {
+                    this.end(End::Complete);
+                }
+            }
+            Poll::Ready(None) => this.end(End::Complete),
+            Poll::Ready(Some(Err(_))) => this.end(End::Failed),
+            Poll::Pending => {}
         }
         polled
     }
@@ -80,6 +125,55 @@ impl<G: Unpin> http_body::Body for Guarded<G> {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+impl<B, W: Watch> Drop for Watched<B, W> {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.take() {
+            watch.end(End::Dropped);
+        }
+    }
+}
+
+/// What the golden metrics and the access log count of a response body: its data bytes and
+/// the `grpc-status` of its trailers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tally {
+    /// Data bytes so far.
+    pub bytes: u64,
+    /// `grpc-status` from the trailers, when they had one.
+    pub grpc_status: Option<Box<str>>,
+}
+
+impl Tally {
+    /// Counts `frame`.
+    pub fn frame(&mut self, frame: &http_body::Frame<Bytes>) {
+        if let Some(data) = frame.data_ref() {
+            self.bytes += data.len() as u64;
+        } else if let Some(status) = frame
+            .trailers_ref()
+            .and_then(|t| t.get(GRPC_STATUS))
+            .and_then(|v| v.to_str().ok())
+        {
+            self.grpc_status = Some(Box::from(status));
+        }
+    }
+}
+
+/// The `grpc-status` header (a gRPC response's headers, or its trailers).
+pub const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
+/// Holds a guard (e.g. a backend's concurrency slot) for the whole response stream, not just
+/// until the headers: released when the body ends or is dropped.
+struct Hold<G>(G);
+
+impl<G> Watch for Hold<G> {
+    fn end(self, _how: End) {}
+}
+
+/// `response` whose body holds `guard` until it ends or is dropped.
+pub fn guarded<G: Send + Sync + Unpin + 'static>(response: Response, guard: G) -> Response {
+    response.map(|inner| Watched::new(inner, Hold(guard)).boxed())
 }
 
 /// A copy of `request` (method, URI, version, headers, extensions, body) for a retry.
@@ -106,7 +200,7 @@ mod tests {
     #[tokio::test]
     async fn guard_lives_until_the_body_ends() {
         let guard = std::sync::Arc::new(());
-        let response = Guarded::wrap(text_response(http::StatusCode::OK, "body"), guard.clone());
+        let response = guarded(text_response(http::StatusCode::OK, "body"), guard.clone());
         assert_eq!(std::sync::Arc::strong_count(&guard), 2);
         let collected = response
             .into_body()
@@ -120,13 +214,78 @@ mod tests {
             1,
             "released at the end of the body"
         );
-        let response = Guarded::wrap(text_response(http::StatusCode::OK, "body"), guard.clone());
+        let response = guarded(text_response(http::StatusCode::OK, "body"), guard.clone());
         drop(response);
         assert_eq!(
             std::sync::Arc::strong_count(&guard),
             1,
             "released when the body is dropped"
         );
+    }
+
+    /// A body whose first frame is an error.
+    struct Failing;
+
+    impl http_body::Body for Failing {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, &'static str>>> {
+            std::task::Poll::Ready(Some(Err("broken")))
+        }
+    }
+
+    /// Records how a watched body ended.
+    struct Ends(std::sync::Arc<std::sync::Mutex<Vec<End>>>, u64);
+
+    impl Watch for Ends {
+        fn frame(&mut self, frame: &http_body::Frame<Bytes>) {
+            self.1 += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        fn end(self, how: End) {
+            self.0.lock().expect("ends").push(how);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watched_body_ends_once_and_says_how() {
+        let ends = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = || ends.lock().expect("ends").clone();
+        // Its last frame: complete at once, before the body is dropped.
+        let mut body = Watched::new(full("abc"), Ends(ends.clone(), 0));
+        let frame = body.frame().await.expect("a frame").expect("data");
+        assert_eq!(frame.data_ref().map(|d| d.len()), Some(3));
+        assert_eq!(seen(), [End::Complete]);
+        drop(body);
+        assert_eq!(seen(), [End::Complete], "once");
+        // Dropped before its end.
+        ends.lock().expect("ends").clear();
+        drop(Watched::new(full("abc"), Ends(ends.clone(), 0)));
+        assert_eq!(seen(), [End::Dropped]);
+        // An error from the inner body.
+        ends.lock().expect("ends").clear();
+        let _ = Watched::new(Failing, Ends(ends.clone(), 0)).frame().await;
+        assert_eq!(seen(), [End::Failed]);
+        // Empty: ends at once when asked to.
+        ends.lock().expect("ends").clear();
+        let empty =
+            Watched::ending_if_empty(http_body_util::Empty::<Bytes>::new(), Ends(ends.clone(), 0));
+        assert_eq!(seen(), [End::Complete]);
+        drop(empty);
+        assert_eq!(seen(), [End::Complete]);
+    }
+
+    #[test]
+    fn a_tally_counts_data_and_reads_grpc_status_from_trailers() {
+        let mut tally = Tally::default();
+        tally.frame(&http_body::Frame::data(Bytes::from_static(b"hello")));
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(GRPC_STATUS, http::HeaderValue::from_static("14"));
+        tally.frame(&http_body::Frame::trailers(trailers));
+        assert_eq!(tally.bytes, 5);
+        assert_eq!(tally.grpc_status.as_deref(), Some("14"));
     }
 
     #[test]

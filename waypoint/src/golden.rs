@@ -6,16 +6,14 @@
 //! [`Golden`] (documented in docs/metrics.md).
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use metrics::{Counter, Histogram};
 
-use crate::body::{Body, Response};
+use crate::body::{End, GRPC_STATUS, Response, Tally, Watch, Watched};
 
 /// What the metrics say about a request, known when its response starts. The label values
 /// are derived from it once per series ([`SeriesCache`]), not per request.
@@ -177,26 +175,23 @@ pub fn observe(
 ) -> Response {
     let grpc_status = response
         .headers()
-        .get("grpc-status")
+        .get(GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .map(Box::from);
     let code = response.status().as_u16();
     response.map(|inner| {
-        Observed {
-            inner,
-            state: Some(State {
-                key: SeriesKey {
-                    golden,
-                    code,
-                    grpc_status,
-                },
-                request_bytes,
-                start,
-                response_bytes: 0,
-                cache,
-            }),
-        }
-        .boxed()
+        let state = State {
+            key: SeriesKey {
+                golden,
+                code,
+                grpc_status,
+            },
+            request_bytes,
+            start,
+            tally: Tally::default(),
+            cache,
+        };
+        Watched::new(inner, state).boxed()
     })
 }
 
@@ -204,7 +199,7 @@ struct State {
     key: SeriesKey,
     request_bytes: u64,
     start: Instant,
-    response_bytes: u64,
+    tally: Tally,
     cache: Arc<SeriesCache>,
 }
 
@@ -224,70 +219,22 @@ impl State {
         series.requests.increment(1);
         series.duration.record(elapsed);
         series.request_bytes.record(self.request_bytes as f64);
-        series.response_bytes.record(self.response_bytes as f64);
+        series.response_bytes.record(self.tally.bytes as f64);
     }
 }
 
-/// A response body that counts its bytes, reads `grpc-status` from its trailers and records
-/// the request once, at its end (or when dropped before it: the client went away).
-struct Observed {
-    inner: Body,
-    state: Option<State>,
-}
+/// The request is recorded once, when its response body ends, fails or is dropped (the
+/// client went away); a `grpc-status` in the trailers names the series.
+impl Watch for State {
+    fn frame(&mut self, frame: &http_body::Frame<Bytes>) {
+        self.tally.frame(frame);
+    }
 
-impl http_body::Body for Observed {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(state) = this.state.as_mut() {
-                    if let Some(data) = frame.data_ref() {
-                        state.response_bytes += data.len() as u64;
-                    } else if let Some(status) = frame
-                        .trailers_ref()
-                        .and_then(|t| t.get("grpc-status"))
-                        .and_then(|v| v.to_str().ok())
-                    {
-                        state.key.grpc_status = Some(Box::from(status));
-                    }
-                }
-                if this.inner.is_end_stream()
-                    && let Some(state) = this.state.take()
-                {
-                    state.record();
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                if let Some(state) = this.state.take() {
-                    state.record();
-                }
-            }
-            Poll::Pending => {}
+    fn end(mut self, _how: End) {
+        if let Some(status) = self.tally.grpc_status.take() {
+            self.key.grpc_status = Some(status);
         }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        if let Some(state) = self.state.take() {
-            state.record();
-        }
+        self.record();
     }
 }
 

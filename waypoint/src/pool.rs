@@ -7,9 +7,9 @@
 //!   threads and workers never contend for a lock. Under `circuitBreaker.maxConnections` a
 //!   backend has one map for all workers: separate maps would keep connections idle that a
 //!   busy worker could not use while the limit makes it wait.
-//! * An HTTP/1.1 connection comes back when its response body has ended (its
-//!   [`PooledBody`] returns it), last in first out; an HTTP/2 connection stays in the pool
-//!   while requests share it.
+//! * An HTTP/1.1 connection comes back when its response body has ended (the body is
+//!   [`Watched`]), last in first out; an HTTP/2 connection stays in the pool while requests
+//!   share it.
 //! * A request that finds no connection opens one. Under `maxConnections`, while every slot is
 //!   taken it waits for whichever comes first, a slot or a connection coming back, for at most
 //!   [`CONNECTION_WAIT`].
@@ -24,13 +24,10 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::Body as _;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -38,6 +35,8 @@ use hyper::rt::{Read, Write};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use crate::body::{End, Watch, Watched};
 
 use crate::config::BackendProtocol;
 
@@ -350,10 +349,13 @@ impl<K: Key> Pool<K> {
                 }
             }
         };
-        connect(permit)
-            .await
-            .map(|sender| (sender, false))
-            .map_err(PoolError::Connect)
+        let sender = connect(permit).await.map_err(PoolError::Connect)?;
+        // A new HTTP/2 connection is shared at once, not after its first response: requests
+        // arriving meanwhile use it instead of opening more.
+        if let Sender::H2(s) = &sender {
+            self.checkin(key.clone(), Sender::H2(s.clone()));
+        }
+        Ok((sender, false))
     }
 
     /// Sends `request` on a connection for `key` (see the module docs), opening one with
@@ -375,15 +377,16 @@ impl<K: Key> Pool<K> {
             match sender.send(request).await {
                 Ok(response) => {
                     return Ok(match sender {
-                        Sender::H1(_) => response
-                            .map(|body| PooledBody::new(body, self.clone(), key, sender).boxed()),
-                        // A new HTTP/2 connection joins the pool; a pooled one never left.
-                        Sender::H2(_) => {
-                            if !reused {
-                                self.checkin(key, sender);
-                            }
-                            response.map(BodyExt::boxed)
-                        }
+                        Sender::H1(_) => response.map(|body| {
+                            let back = GiveBack {
+                                pool: self.clone(),
+                                key,
+                                sender,
+                            };
+                            Watched::ending_if_empty(body, back).boxed()
+                        }),
+                        // In the pool already (a new one since it connected).
+                        Sender::H2(_) => response.map(BodyExt::boxed),
                     });
                 }
                 // A pooled connection closed before the request went out: once more on a
@@ -401,66 +404,19 @@ impl<K: Key> Pool<K> {
     }
 }
 
-/// A response body that returns its HTTP/1.1 connection to the pool when it ends. Dropped
-/// before its end, the connection is dropped too (it still carries the rest of the response).
-pub struct PooledBody<K: Key> {
-    inner: Incoming,
-    back: Option<(Arc<Pool<K>>, K, Sender)>,
+/// Returns an HTTP/1.1 connection to the pool when its response body ends (see
+/// [`crate::body::Watched`]). A body that failed or was dropped before its end drops the
+/// connection (it still carries the rest of the response, or is broken).
+struct GiveBack<K: Key> {
+    pool: Arc<Pool<K>>,
+    key: K,
+    sender: Sender,
 }
 
-impl<K: Key> PooledBody<K> {
-    fn new(inner: Incoming, pool: Arc<Pool<K>>, key: K, sender: Sender) -> Self {
-        let mut body = PooledBody {
-            inner,
-            back: Some((pool, key, sender)),
-        };
-        // An empty body may never be polled.
-        if body.inner.is_end_stream() {
-            body.give_back();
-        }
-        body
-    }
-
-    fn give_back(&mut self) {
-        if let Some((pool, key, sender)) = self.back.take() {
-            pool.checkin(key, sender);
-        }
-    }
-}
-
-impl<K: Key> http_body::Body for PooledBody<K> {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            // The connection failed mid-response: never reused.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl<K: Key> Drop for PooledBody<K> {
-    fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.give_back();
+impl<K: Key> Watch for GiveBack<K> {
+    fn end(self, how: End) {
+        if how == End::Complete {
+            self.pool.checkin(self.key, self.sender);
         }
     }
 }

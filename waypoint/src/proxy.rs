@@ -833,13 +833,9 @@ pub async fn handle_from(
     let logged = crate::layers::context_of(&request).cloned();
     let logging = logged.is_some();
     let context = logged.unwrap_or_default();
-    if let Some((service, _)) = &listener.attach {
-        // The listener's shared name (no allocation per request).
-        let destination = listener
-            .destination
-            .clone()
-            .unwrap_or_else(|| service.as_str().into());
-        context.set_destination(destination);
+    // Mesh listeners (attached to a Service) have its shared name: no allocation per request.
+    if let Some(destination) = &listener.destination {
+        context.set_destination(destination.clone());
     }
     context.set_peer(peer);
     if let Some(source) = &source {

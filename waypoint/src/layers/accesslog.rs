@@ -2,9 +2,10 @@
 //!
 //! [`AccessLogLayer`] wraps the whole per-connection service (outside routing and every route
 //! layer), so it sees the final status, including the waypoint's own answers (404 without a
-//! route, 429, 503, 504, ...). The line is written when the response body is done: when hyper
-//! drops it after the last byte, or earlier when the client goes away; `duration_ms` and
-//! `response_bytes` are measured then (for a client that left, the bytes sent so far).
+//! route, 429, 503, 504, ...). The line is written when the response body is done: its last
+//! frame went out, it failed, or the client went away (the body dropped before its end);
+//! `duration_ms` and `response_bytes` are measured then (for a client that left, the bytes
+//! sent so far).
 //!
 //! Fields (snake_case; absent values are `null`, `grpc_status` only when present):
 //!
@@ -39,7 +40,6 @@ use std::convert::Infallible;
 use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::str::FromStr;
 
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -53,7 +53,7 @@ use serde::Serialize;
 use tower::{Layer, Service, ServiceExt};
 
 use super::{BoxFuture, RequestContext, RequestFacts};
-use crate::body::{Body, Response};
+use crate::body::{End, GRPC_STATUS, Response, Tally, Watch, Watched};
 
 /// Lines waiting for the writer; beyond this, lines are dropped (and counted).
 pub const QUEUE_LINES: usize = 8192;
@@ -242,8 +242,7 @@ pub struct Entry {
 impl Entry {
     /// The JSON line (without newline).
     pub fn to_line(&self) -> String {
-        serde_json::to_string(self)
-            .unwrap_or_else(|e| format!("{{\"error\":\"access log entry not serializable: {e}\"}}"))
+        json_line(self)
     }
 }
 
@@ -292,7 +291,7 @@ impl TcpEntry {
     ) -> TcpEntry {
         TcpEntry {
             start_time: rfc3339(start_time),
-            duration_ms: (start.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+            duration_ms: millis_since(start),
             protocol: "TCP",
             destination_service: service,
             destination_port: port,
@@ -309,9 +308,19 @@ impl TcpEntry {
 
     /// The JSON line (without newline).
     pub fn to_line(&self) -> String {
-        serde_json::to_string(self)
-            .unwrap_or_else(|e| format!("{{\"error\":\"access log entry not serializable: {e}\"}}"))
+        json_line(self)
     }
+}
+
+/// Milliseconds since `start`, to the microsecond.
+fn millis_since(start: Instant) -> f64 {
+    (start.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+}
+
+/// `entry` as one JSON line (without newline).
+fn json_line(entry: &impl Serialize) -> String {
+    serde_json::to_string(entry)
+        .unwrap_or_else(|e| format!("{{\"error\":\"access log entry not serializable: {e}\"}}"))
 }
 
 /// What is known when the request arrives.
@@ -345,7 +354,7 @@ fn entry(
     let source = facts.source.as_ref();
     Entry {
         start_time: rfc3339(started.start_time),
-        duration_ms: (started.start.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
+        duration_ms: millis_since(started.start),
         method: started.method.clone(),
         authority: started.authority.clone(),
         path: started.path.clone(),
@@ -539,87 +548,56 @@ where
             };
             let grpc_status = response
                 .headers()
-                .get("grpc-status")
+                .get(GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             let status = response.status().as_u16();
             Ok(response.map(|body| {
-                Logged {
-                    inner: body,
-                    bytes: 0,
+                let pending = Pending {
+                    log,
+                    started,
+                    status,
                     grpc_status,
-                    pending: Some(Pending {
-                        log,
-                        started,
-                        status,
-                        context,
-                    }),
-                }
-                .boxed()
+                    context,
+                    tally: Tally::default(),
+                };
+                Watched::new(body, pending).boxed()
             }))
         })
     }
 }
 
-/// What the line still needs when the body is done.
+/// What the line still needs when the body is done; it is written then (the last frame went
+/// out, the body failed, or the client went away and the body was dropped).
 struct Pending {
     log: AccessLog,
     started: Started,
     status: u16,
-    context: RequestContext,
-}
-
-/// A response body that counts its bytes and writes the line when it is dropped.
-struct Logged {
-    inner: Body,
-    bytes: u64,
+    /// From the response headers (trailers-only gRPC answers).
     grpc_status: Option<String>,
-    pending: Option<Pending>,
+    context: RequestContext,
+    tally: Tally,
 }
 
-impl http_body::Body for Logged {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.bytes += data.len() as u64;
-            } else if let Some(trailers) = frame.trailers_ref()
-                && let Some(status) = trailers.get("grpc-status").and_then(|v| v.to_str().ok())
-            {
-                this.grpc_status = Some(status.to_string());
-            }
-        }
-        polled
+impl Watch for Pending {
+    fn frame(&mut self, frame: &Frame<Bytes>) {
+        self.tally.frame(frame);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        if let Some(p) = self.pending.take() {
-            let entry = entry(
-                &p.started,
-                p.status,
-                self.grpc_status.take(),
-                self.bytes,
-                p.context.facts(),
-            );
-            p.log.write(entry.to_line());
-        }
+    fn end(self, _how: End) {
+        let grpc_status = self
+            .tally
+            .grpc_status
+            .map(String::from)
+            .or(self.grpc_status);
+        let entry = entry(
+            &self.started,
+            self.status,
+            grpc_status,
+            self.tally.bytes,
+            self.context.facts(),
+        );
+        self.log.write(entry.to_line());
     }
 }
 

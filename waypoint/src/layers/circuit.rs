@@ -322,7 +322,7 @@ impl<S: Inner> Service<Request> for ConcurrencyLimit<S> {
             };
             // The slot is held until the response body ends, so long streams count.
             let response = inner.oneshot(request).await?;
-            Ok(crate::body::Guarded::wrap(response, permit))
+            Ok(crate::body::guarded(response, permit))
         })
     }
 }

@@ -110,7 +110,7 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
             }
             let grpc = response
                 .headers()
-                .get("grpc-status")
+                .get(crate::body::GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u8>().ok());
             match grpc {
@@ -332,6 +332,22 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 if attempt >= config.attempts || !is_retryable(&result, &config.retry_on) {
                     return result;
                 }
+                // The backoff ends at the request's deadline: past it, the request has timed
+                // out (its timeout layer arms no timer of its own when attempts have one), and
+                // no retry happens, so none is taken from the budget or counted.
+                let wake = Instant::now() + backoff(config, attempt);
+                let late = request
+                    .context()
+                    .and_then(|c| c.request_deadline())
+                    .filter(|deadline| deadline.at <= wake);
+                if let Some(deadline) = late {
+                    drop(result);
+                    tokio::time::sleep_until(deadline.at).await;
+                    return Err(ProxyError::Timeout {
+                        after: deadline.after,
+                        which: deadline.which,
+                    });
+                }
                 if !budget.try_withdraw() {
                     metrics::counter!("weft_waypoint_retry_budget_exhausted_total", "route" => route.to_string()).increment(1);
                     return result;
@@ -339,19 +355,7 @@ impl<S: Inner> Service<Request> for Retry<S> {
                 metrics::counter!("weft_waypoint_retries_total", "route" => route.to_string())
                     .increment(1);
                 drop(result);
-                // The backoff ends at the request's deadline: past it, the request has timed
-                // out (its timeout layer arms no timer of its own when attempts have one).
-                let wake = Instant::now() + backoff(config, attempt);
-                match request.context().and_then(|c| c.request_deadline()) {
-                    Some(deadline) if deadline.at <= wake => {
-                        tokio::time::sleep_until(deadline.at).await;
-                        return Err(ProxyError::Timeout {
-                            after: deadline.after,
-                            which: deadline.which,
-                        });
-                    }
-                    _ => tokio::time::sleep_until(wake).await,
-                }
+                tokio::time::sleep_until(wake).await;
                 attempt += 1;
                 result = if attempt >= config.attempts {
                     // The last attempt takes the kept request itself.

@@ -81,8 +81,8 @@ struct Shared {
     ctx: Arc<MeshContext>,
     draining: AtomicBool,
     graceful: Mutex<Option<GracefulShutdown>>,
-    /// Tunnels open now that the HTTP graceful shutdown does not watch ([`Unwatched`]): opaque
-    /// TCP, and tunnels still detecting their protocol. `unwatched_closed` is notified when
+    /// Admitted tunnels that the HTTP graceful shutdown does not watch ([`Unwatched`]): opaque
+    /// TCP, and tunnels still opening or detecting their protocol. `unwatched_closed` is notified when
     /// one ends (or is handed to HTTP).
     unwatched: AtomicUsize,
     unwatched_closed: tokio::sync::Notify,
@@ -96,7 +96,7 @@ struct Unwatched(Arc<Shared>);
 
 impl Unwatched {
     fn open(shared: &Arc<Shared>) -> Unwatched {
-        shared.unwatched.fetch_add(1, Ordering::AcqRel);
+        shared.unwatched.fetch_add(1, Ordering::SeqCst);
         Unwatched(shared.clone())
     }
 }
@@ -215,7 +215,7 @@ pub async fn serve_hbone_until(
         };
         tokio::spawn(connection(shared.clone(), stream, peer));
     }
-    shared.draining.store(true, Ordering::Release);
+    shared.draining.store(true, Ordering::SeqCst);
     drop(socket);
     let graceful = match shared.graceful.lock() {
         Ok(mut g) => g.take(),
@@ -225,7 +225,7 @@ pub async fn serve_hbone_until(
     // close or the drain time is up, while HTTP connections finish their requests.
     let http_tunnels = graceful.as_ref().map_or(0, GracefulShutdown::count);
     // Opaque TCP, and tunnels still detecting their protocol.
-    let tcp_tunnels = shared.unwatched.load(Ordering::Acquire);
+    let tcp_tunnels = shared.unwatched.load(Ordering::SeqCst);
     if http_tunnels + tcp_tunnels > 0 {
         tracing::info!(
             http_tunnels,
@@ -318,6 +318,8 @@ struct Admitted {
     service: Arc<ServiceInfo>,
     port: u16,
     source: Source,
+    /// Counted for the drain from admission on (before the 200 goes out).
+    unwatched: Unwatched,
 }
 
 impl Handler for Inbound {
@@ -329,7 +331,10 @@ impl Handler for Inbound {
             tracing::debug!(peer = %self.peer, principal = %self.principal, dst = %req.dst, reason, "tunnel refused");
             Err(Refusal::new(status, why))
         };
-        if self.shared.draining.load(Ordering::Acquire) {
+        // Counted before `draining` is read, and the drain sets `draining` before it reads the
+        // count (both SeqCst): a tunnel admitted while the drain starts is always waited for.
+        let unwatched = Unwatched::open(&self.shared);
+        if self.shared.draining.load(Ordering::SeqCst) {
             return refuse(
                 "draining",
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -382,18 +387,18 @@ impl Handler for Inbound {
             service,
             port: dst.port(),
             source,
+            unwatched,
         })
     }
 
     async fn run(&self, admitted: Admitted, tunnel: Tunnel) {
         // For an opaque connection's access log line: from the tunnel's start.
         let (start_time, start) = (std::time::SystemTime::now(), std::time::Instant::now());
-        // Counted for the drain from now: detection may wait for the client's first bytes.
-        let unwatched = Unwatched::open(&self.shared);
         let Admitted {
             service,
             port,
             source,
+            unwatched,
         } = admitted;
         let declared = service
             .ports
@@ -459,9 +464,12 @@ impl Handler for Inbound {
                 drop(unwatched);
                 watcher.watch(connection).await
             }
-            // Draining already: the drain waits for it (up to its time), as for TCP.
+            // Draining already: asked to finish at once, and waited for (up to the drain
+            // time) like an opaque tunnel.
             None => {
                 let _unwatched = unwatched;
+                let mut connection = std::pin::pin!(connection);
+                connection.as_mut().graceful_shutdown();
                 connection.await
             }
         };
