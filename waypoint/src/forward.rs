@@ -265,6 +265,7 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::CONNECTION_WAIT;
     use bytes::Bytes;
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -415,6 +416,40 @@ mod tests {
             assert_eq!(call.await.expect("join"), "ok");
         }
         assert_eq!(connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn under_max_connections_an_idle_connection_gives_its_slot_to_another_endpoint() {
+        let closed_a = Arc::new(AtomicUsize::new(0));
+        let (a, opened_a) = backend_counting(Duration::ZERO, closed_a.clone()).await;
+        let (b, opened_b) = backend(Duration::ZERO).await;
+        let mut forwarder = Forwarder::new(BackendProtocol::Http1, Some(1));
+        let response = forwarder.call(to(a, &[])).await.expect("to a");
+        assert_eq!(body_of(response).await, "ok");
+        // The one slot is held by the idle connection to `a`; `b` gets it without waiting for
+        // the connection wait to run out (which would be a connection limit error).
+        let started = tokio::time::Instant::now();
+        let response = forwarder.call(to(b, &[])).await.expect("to b");
+        assert_eq!(body_of(response).await, "ok");
+        assert!(started.elapsed() < CONNECTION_WAIT);
+        assert_eq!(opened_a.load(Ordering::SeqCst), 1);
+        assert_eq!(opened_b.load(Ordering::SeqCst), 1);
+        // a's server sees the close a little later (bounded wait: 5 s).
+        for _ in 0..100 {
+            if closed_a.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            closed_a.load(Ordering::SeqCst),
+            1,
+            "a's idle connection closed"
+        );
+        // And back: b's idle connection gives the slot to a.
+        let response = forwarder.call(to(a, &[])).await.expect("to a again");
+        assert_eq!(body_of(response).await, "ok");
+        assert_eq!(opened_a.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,8 +11,9 @@
 //!   [`Watched`]), last in first out; an HTTP/2 connection stays in the pool while requests
 //!   share it.
 //! * A request that finds no connection opens one. Under `maxConnections`, while every slot is
-//!   taken it waits for whichever comes first, a slot or a connection coming back, for at most
-//!   [`CONNECTION_WAIT`].
+//!   taken it closes the idle HTTP/1.1 connection unused the longest (another endpoint's: one
+//!   of its own would have been used) and waits for whichever comes first, a slot or a
+//!   connection coming back, for at most [`CONNECTION_WAIT`].
 //! * A pooled connection found closed before the request went out is replaced by a new one
 //!   once; connections unused for [`IDLE_TIMEOUT`] are closed (swept every 10 s, by a task
 //!   that ends with the pool).
@@ -284,6 +285,35 @@ impl<K: Key> Pool<K> {
         }
     }
 
+    /// Closes the idle HTTP/1.1 connection unused the longest, of any key, so that its slot
+    /// goes to a request for another endpoint instead of the whole `maxConnections` staying
+    /// with idle connections. HTTP/2 connections are left alone: the pool cannot tell whether
+    /// requests still share one.
+    fn close_oldest_idle(&self) {
+        let mut shard = self.shard();
+        let oldest = shard
+            .by_key
+            .iter()
+            .filter_map(|(key, list)| {
+                let (at, idle) = list
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, idle)| matches!(idle.sender, Sender::H1(_)))
+                    .min_by_key(|(_, idle)| idle.since)?;
+                Some((idle.since, key.clone(), at))
+            })
+            .min_by_key(|(since, _, _)| *since);
+        if let Some((_, key, at)) = oldest {
+            if let Some(list) = shard.by_key.get_mut(&key) {
+                list.remove(at);
+                if list.is_empty() {
+                    shard.by_key.remove(&key);
+                }
+            }
+            tracing::debug!("maxConnections reached: closed the oldest idle connection");
+        }
+    }
+
     /// Takes back an HTTP/1.1 connection whose response has ended, or a new HTTP/2 one.
     fn checkin(&self, key: K, sender: Sender) {
         if sender.is_closed() {
@@ -338,6 +368,9 @@ impl<K: Key> Pool<K> {
                     if let Ok(permit) = slots.semaphore.clone().try_acquire_owned() {
                         break Some(permit);
                     }
+                    // Every slot is taken. An idle connection to another endpoint gives its
+                    // slot up (its task ends, freeing the slot this request waits on below).
+                    self.close_oldest_idle();
                     tokio::select! {
                         permit = slots.semaphore.clone().acquire_owned() => match permit {
                             Ok(permit) => break Some(permit),
