@@ -119,7 +119,7 @@ impl Forwarder {
     /// `max_connections` connections open (unbounded when `None`).
     pub fn new(protocol: BackendProtocol, max_connections: Option<usize>) -> Self {
         Forwarder {
-            pool: Pool::new(max_connections),
+            pool: Pool::new(protocol, max_connections),
             protocol,
         }
     }
@@ -318,7 +318,8 @@ mod tests {
     async fn idle_connections_are_closed_after_the_idle_timeout_without_further_use() {
         let closed = Arc::new(AtomicUsize::new(0));
         let (addr, opened) = backend_counting(Duration::ZERO, closed.clone()).await;
-        let pool = Pool::with_idle_timeout(None, Duration::from_millis(200));
+        let pool =
+            Pool::with_idle_timeout(BackendProtocol::Http1, None, Duration::from_millis(200));
         let request = http::Request::builder()
             .uri("/x")
             .header(header::HOST, "backend")
@@ -450,6 +451,81 @@ mod tests {
         let response = forwarder.call(to(a, &[])).await.expect("to a again");
         assert_eq!(body_of(response).await, "ok");
         assert_eq!(opened_a.load(Ordering::SeqCst), 2);
+    }
+
+    /// An HTTP/2 server on loopback answering `ok` after `delay`, counting connections.
+    async fn h2_backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |_: http::Request<hyper::body::Incoming>| async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from("ok"),
+                            )))
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    #[tokio::test]
+    async fn concurrent_http2_requests_share_the_connection_being_opened() {
+        let (addr, connections) = h2_backend(Duration::from_millis(20)).await;
+        let forwarder = Forwarder::new(BackendProtocol::Http2, None);
+        let calls: Vec<_> = (0..10)
+            .map(|_| {
+                let mut forwarder = forwarder.clone();
+                tokio::spawn(async move {
+                    let response = forwarder.call(to(addr, &[])).await.expect("response");
+                    body_of(response).await
+                })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.expect("join"), "ok");
+        }
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            1,
+            "one shared connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn http2_requests_waiting_on_a_failed_connection_attempt_fail_too() {
+        // A port nothing listens on: the first attempt fails, and each waiter then tries on
+        // its own (and fails) instead of hanging.
+        let addr = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr")
+        };
+        let forwarder = Forwarder::new(BackendProtocol::Http2, None);
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let mut forwarder = forwarder.clone();
+                tokio::spawn(async move { forwarder.call(to(addr, &[])).await })
+            })
+            .collect();
+        for call in calls {
+            let err = call.await.expect("join").expect_err("refused");
+            assert!(matches!(err, ProxyError::Connect { .. }), "{err}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

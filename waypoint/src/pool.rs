@@ -14,6 +14,9 @@
 //!   taken it closes the idle HTTP/1.1 connection unused the longest (another endpoint's: one
 //!   of its own would have been used) and waits for whichever comes first, a slot or a
 //!   connection coming back, for at most [`CONNECTION_WAIT`].
+//! * HTTP/2 requests for a key that has no connection while one is being opened for it wait
+//!   for that one (at most [`CONNECTION_WAIT`]; if it fails, each opens its own) instead of
+//!   all opening their own.
 //! * A pooled connection found closed before the request went out is replaced by a new one
 //!   once; connections unused for [`IDLE_TIMEOUT`] are closed (swept every 10 s, by a task
 //!   that ends with the pool).
@@ -150,6 +153,8 @@ struct Idle {
 
 struct Shard<K> {
     by_key: HashMap<K, Vec<Idle>, foldhash::fast::RandomState>,
+    /// HTTP/2: keys a connection is being opened for, signalled when the attempt ends.
+    connecting: HashMap<K, Arc<Notify>, foldhash::fast::RandomState>,
     swept: Instant,
 }
 
@@ -180,6 +185,9 @@ pub struct Pool<K> {
     shards: Box<[Mutex<Shard<K>>]>,
     slots: Option<Slots>,
     idle_timeout: Duration,
+    /// HTTP/2: concurrent requests share a connection, so those finding none while one is
+    /// being opened for their key wait for it instead of opening their own.
+    multiplexed: bool,
 }
 
 impl<K> std::fmt::Debug for Pool<K> {
@@ -192,15 +200,20 @@ impl<K> std::fmt::Debug for Pool<K> {
 }
 
 impl<K: Key> Pool<K> {
-    /// A pool holding at most `max_connections` connections open (unbounded when `None`).
-    pub fn new(max_connections: Option<usize>) -> Arc<Self> {
-        Self::with_idle_timeout(max_connections, IDLE_TIMEOUT)
+    /// A pool of `protocol` connections holding at most `max_connections` open (unbounded
+    /// when `None`).
+    pub fn new(protocol: BackendProtocol, max_connections: Option<usize>) -> Arc<Self> {
+        Self::with_idle_timeout(protocol, max_connections, IDLE_TIMEOUT)
     }
 
     /// Like [`Pool::new`], closing connections unused for `idle_timeout`: on use, and from a
     /// task on the current runtime (when there is one) that sweeps every `idle_timeout / 2`
     /// (at most every 10 s) for as long as the pool exists.
-    pub fn with_idle_timeout(max_connections: Option<usize>, idle_timeout: Duration) -> Arc<Self> {
+    pub fn with_idle_timeout(
+        protocol: BackendProtocol,
+        max_connections: Option<usize>,
+        idle_timeout: Duration,
+    ) -> Arc<Self> {
         let shards = if max_connections.is_some() {
             1
         } else {
@@ -211,6 +224,7 @@ impl<K: Key> Pool<K> {
                 .map(|_| {
                     Mutex::new(Shard {
                         by_key: HashMap::default(),
+                        connecting: HashMap::default(),
                         swept: Instant::now(),
                     })
                 })
@@ -221,6 +235,7 @@ impl<K: Key> Pool<K> {
                 returned: Notify::new(),
             }),
             idle_timeout,
+            multiplexed: protocol == BackendProtocol::Http2,
         });
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let pool = Arc::downgrade(&pool);
@@ -255,17 +270,26 @@ impl<K: Key> Pool<K> {
         shard.by_key.retain(|_, list| !list.is_empty());
     }
 
+    /// The current worker's shard.
+    fn shard_index(&self) -> usize {
+        crate::workers::current() % self.shards.len()
+    }
+
     /// The current worker's idle connections.
     fn shard(&self) -> MutexGuard<'_, Shard<K>> {
-        lock(&self.shards[crate::workers::current() % self.shards.len()])
+        lock(&self.shards[self.shard_index()])
     }
 
     /// A pooled connection for `key`, if one is open.
     fn checkout(&self, key: &K) -> Option<Sender> {
+        self.checkout_from(&mut self.shard(), key)
+    }
+
+    /// [`Pool::checkout`] from a shard already locked.
+    fn checkout_from(&self, shard: &mut Shard<K>, key: &K) -> Option<Sender> {
         let now = Instant::now();
-        let mut shard = self.shard();
         if now.saturating_duration_since(shard.swept) > SWEEP_EVERY {
-            self.sweep(&mut shard, now);
+            self.sweep(shard, now);
         }
         let list = shard.by_key.get_mut(key)?;
         loop {
@@ -285,15 +309,20 @@ impl<K: Key> Pool<K> {
         }
     }
 
-    /// Closes the idle HTTP/1.1 connection unused the longest, of any key, so that its slot
-    /// goes to a request for another endpoint instead of the whole `maxConnections` staying
-    /// with idle connections. HTTP/2 connections are left alone: the pool cannot tell whether
-    /// requests still share one.
-    fn close_oldest_idle(&self) {
+    /// Closes the idle HTTP/1.1 connection to another key unused the longest, so that its
+    /// slot goes to a request for `key` instead of the whole `maxConnections` staying with
+    /// idle connections; but returns a connection for `key` (unless `fresh`) if one came back
+    /// since the request looked. HTTP/2 connections are left alone: the pool cannot tell
+    /// whether requests still share one.
+    fn close_oldest_idle(&self, key: &K, fresh: bool) -> Option<Sender> {
         let mut shard = self.shard();
+        if !fresh && let Some(sender) = self.checkout_from(&mut shard, key) {
+            return Some(sender);
+        }
         let oldest = shard
             .by_key
             .iter()
+            .filter(|(other, _)| *other != key)
             .filter_map(|(key, list)| {
                 let (at, idle) = list
                     .iter()
@@ -312,6 +341,7 @@ impl<K: Key> Pool<K> {
             }
             tracing::debug!("maxConnections reached: closed the oldest idle connection");
         }
+        None
     }
 
     /// Takes back an HTTP/1.1 connection whose response has ended, or a new HTTP/2 one.
@@ -334,6 +364,40 @@ impl<K: Key> Pool<K> {
         }
     }
 
+    /// HTTP/2, no connection pooled for `key`: waits (at most [`CONNECTION_WAIT`]) for a
+    /// connection being opened for it by another request, or marks `key` as being connected
+    /// by this one.
+    async fn join_connect(&self, key: &K) -> Joined<'_, K> {
+        let index = self.shard_index();
+        let opened = {
+            let mut shard = lock(&self.shards[index]);
+            if let Some(sender) = self.checkout_from(&mut shard, key) {
+                return Joined::Pooled(sender);
+            }
+            match shard.connecting.get(key) {
+                // Made under the lock: the attempt's end cannot come in between.
+                Some(opening) => opening.clone().notified_owned(),
+                None => {
+                    shard
+                        .connecting
+                        .insert(key.clone(), Arc::new(Notify::new()));
+                    return Joined::Connecting(Connecting {
+                        pool: self,
+                        index,
+                        key: key.clone(),
+                    });
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CONNECTION_WAIT, opened).await;
+        match self.checkout(key) {
+            Some(sender) => Joined::Pooled(sender),
+            // That attempt failed (or is taking too long): this request opens its own, so
+            // that waiters do not queue behind failing attempts one after another.
+            None => Joined::Alone,
+        }
+    }
+
     /// A connection for `key` (and whether it was pooled): a pooled one unless `fresh`, else
     /// one from `connect`, given the connection's slot under `maxConnections`.
     async fn acquire<C, F>(
@@ -347,6 +411,15 @@ impl<K: Key> Pool<K> {
         F: Future<Output = Result<Sender, String>>,
     {
         let pooled = |pool: &Self| if fresh { None } else { pool.checkout(key) };
+        // Until this request's attempt ends, other HTTP/2 requests for `key` wait for it.
+        let _connecting = match self.multiplexed && !fresh {
+            true => match self.join_connect(key).await {
+                Joined::Pooled(sender) => return Ok((sender, true)),
+                Joined::Connecting(connecting) => Some(connecting),
+                Joined::Alone => None,
+            },
+            false => None,
+        };
         let permit = match &self.slots {
             None => {
                 if let Some(sender) = pooled(self) {
@@ -369,8 +442,11 @@ impl<K: Key> Pool<K> {
                         break Some(permit);
                     }
                     // Every slot is taken. An idle connection to another endpoint gives its
-                    // slot up (its task ends, freeing the slot this request waits on below).
-                    self.close_oldest_idle();
+                    // slot up (its task ends, freeing the slot this request waits on below),
+                    // unless one for `key` came back meanwhile.
+                    if let Some(sender) = self.close_oldest_idle(key, fresh) {
+                        return Ok((sender, true));
+                    }
                     tokio::select! {
                         permit = slots.semaphore.clone().acquire_owned() => match permit {
                             Ok(permit) => break Some(permit),
@@ -433,6 +509,35 @@ impl<K: Key> Pool<K> {
                     return Err(PoolError::Upstream(e));
                 }
             }
+        }
+    }
+}
+
+/// What [`Pool::join_connect`] found.
+enum Joined<'a, K: Key> {
+    /// A connection (another request's attempt succeeded).
+    Pooled(Sender),
+    /// Nothing: this request opens the connection, others wait for it.
+    Connecting(Connecting<'a, K>),
+    /// Nothing, after waiting for another request's attempt: this request opens its own.
+    Alone,
+}
+
+/// Marks a connection to `key` as being opened; when dropped (the attempt ended, or its
+/// request was), wakes the requests waiting for it.
+struct Connecting<'a, K: Key> {
+    pool: &'a Pool<K>,
+    index: usize,
+    key: K,
+}
+
+impl<K: Key> Drop for Connecting<'_, K> {
+    fn drop(&mut self) {
+        let opening = lock(&self.pool.shards[self.index])
+            .connecting
+            .remove(&self.key);
+        if let Some(opening) = opening {
+            opening.notify_waiters();
         }
     }
 }

@@ -76,7 +76,7 @@ impl MeshForwarder {
             inner: Arc::new(Inner {
                 protocol,
                 ctx,
-                pool: Pool::new(max_connections),
+                pool: Pool::new(protocol, max_connections),
             }),
         }
     }
