@@ -5,18 +5,19 @@
 //! (Debian package, installed on first use): 2 worker processes, an upstream keep-alive pool,
 //! access log off. Waypoint (release build): a route matching every path, request and
 //! per-attempt timeouts, retries with a budget, golden metrics recorded (as in production),
-//! access log off (as nginx's). Reference: `waypoint/examples/hyper_floor.rs` on 1 and 2
-//! threads, the least a hyper-based proxy does per request.
+//! access log off (as nginx's). References: `waypoint/examples/hyper_floor.rs` on 1 and 2
+//! threads, the least a hyper-based proxy does per request; `waypoint/examples/httparse_floor.rs`
+//! on 2 threads, the least a tokio-based proxy with a codec of its own (httparse) does.
 //!
-//! Load: wrk -t2 -c16 for `--seconds` (default 5) per proxy. The four proxies run side by side
+//! Load: wrk -t2 -c16 for `--seconds` (default 5) per proxy. The five proxies run side by side
 //! for the whole benchmark; each of `--rounds` rounds (default 3) loads them one at a time, in
 //! an order rotated by one per round, so that drift in the shared machine's speed does not
 //! always favour the same proxy. Reported per proxy, as the median over the rounds (each round
 //! is kept in `runs`): req/s, p50 and p99 latency, RSS after the run (all processes), CPU
 //! cores used per 1,000 req/s; and the waypoint's req/s over nginx's, round by round.
 //!
-//! `--instructions`: nginx (one worker, no master), the waypoint and the hyper floor (one
-//! worker each) run again under callgrind (Debian `valgrind`), loaded by h2load (Debian
+//! `--instructions`: nginx (one worker, no master), the waypoint and both floors (one worker
+//! or thread each; the httparse floor's count is reported under `httparse_floor_2t`) run again under callgrind (Debian `valgrind`), loaded by h2load (Debian
 //! `nghttp2-client`) with a fixed number of requests after a warm-up; reported: user-space
 //! instructions per request. Unlike req/s on a shared 2-CPU machine, it is the same from run
 //! to run within ~1 %.
@@ -37,6 +38,7 @@ const WAYPOINT_PORT: u16 = 18082;
 const WAYPOINT_METRICS_PORT: u16 = 18090;
 const FLOOR_PORT: u16 = 18083;
 const FLOOR_2T_PORT: u16 = 18084;
+const HTTPARSE_FLOOR_PORT: u16 = 18085;
 
 /// A child process killed (and reaped) on drop, with its children: nginx's workers outlive a
 /// killed master and would keep its port (and the CPU) otherwise.
@@ -274,6 +276,8 @@ pub fn run(
         "--bins",
         "--example",
         "hyper_floor",
+        "--example",
+        "httparse_floor",
     ]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
         || std::path::PathBuf::from("target"),
@@ -288,6 +292,7 @@ pub fn run(
         WAYPOINT_METRICS_PORT,
         FLOOR_PORT,
         FLOOR_2T_PORT,
+        HTTPARSE_FLOOR_PORT,
     ] {
         ensure_free(port)?;
     }
@@ -322,10 +327,11 @@ pub fn run(
             .args(["--access-log", "off"]);
         command
     };
-    // Reference: the least any hyper-based proxy does per request
-    // (waypoint/examples/hyper_floor.rs), on 1 and 2 threads.
-    let floor_command = |port: u16, threads: u32| {
-        let mut command = Command::new(target.join("release/examples/hyper_floor"));
+    // References: the least any hyper-based proxy does per request
+    // (waypoint/examples/hyper_floor.rs), on 1 and 2 threads, and the least a proxy with a
+    // codec of its own does (waypoint/examples/httparse_floor.rs).
+    let floor_command = |example: &str, port: u16, threads: u32| {
+        let mut command = Command::new(target.join("release/examples").join(example));
         command.args([
             format!("127.0.0.1:{port}"),
             format!("127.0.0.1:{BACKEND_PORT}"),
@@ -334,7 +340,7 @@ pub fn run(
         command
     };
 
-    // All four run side by side; each round loads them one at a time, in an order rotated by
+    // All five run side by side; each round loads them one at a time, in an order rotated by
     // one per round, so that no proxy always goes first (the machine's noise drifts).
     let mut contenders = vec![
         contender(
@@ -346,12 +352,17 @@ pub fn run(
         contender(
             "hyper_floor_1t",
             FLOOR_PORT,
-            &mut floor_command(FLOOR_PORT, 1),
+            &mut floor_command("hyper_floor", FLOOR_PORT, 1),
         )?,
         contender(
             "hyper_floor_2t",
             FLOOR_2T_PORT,
-            &mut floor_command(FLOOR_2T_PORT, 2),
+            &mut floor_command("hyper_floor", FLOOR_2T_PORT, 2),
+        )?,
+        contender(
+            "httparse_floor_2t",
+            HTTPARSE_FLOOR_PORT,
+            &mut floor_command("httparse_floor", HTTPARSE_FLOOR_PORT, 2),
         )?,
     ];
     let count = contenders.len();
@@ -384,7 +395,16 @@ pub fn run(
         let counted = [
             ("nginx", NGINX_PORT, nginx),
             ("waypoint", WAYPOINT_PORT, waypoint),
-            ("hyper_floor_1t", FLOOR_PORT, floor_command(FLOOR_PORT, 1)),
+            (
+                "hyper_floor_1t",
+                FLOOR_PORT,
+                floor_command("hyper_floor", FLOOR_PORT, 1),
+            ),
+            (
+                "httparse_floor_2t",
+                HTTPARSE_FLOOR_PORT,
+                floor_command("httparse_floor", HTTPARSE_FLOOR_PORT, 1),
+            ),
         ];
         for (key, port, mut command) in counted {
             let n = instructions(&mut command, port, &dir)?;
@@ -406,10 +426,16 @@ pub fn run(
          median of {rounds} round(s), each proxy in turn:"
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>14} {:>14}",
-        "", "nginx", "waypoint", "hyper floor 1t", "hyper floor 2t"
+        "{:<22} {:>12} {:>12} {:>14} {:>14} {:>17}",
+        "", "nginx", "waypoint", "hyper floor 1t", "hyper floor 2t", "httparse floor 2t"
     );
-    let columns = ["nginx", "waypoint", "hyper_floor_1t", "hyper_floor_2t"];
+    let columns = [
+        "nginx",
+        "waypoint",
+        "hyper_floor_1t",
+        "hyper_floor_2t",
+        "httparse_floor_2t",
+    ];
     let mut rows: Vec<(&str, &str)> = vec![
         ("req/s", "rps"),
         ("p50 (µs)", "p50_us"),
@@ -430,8 +456,8 @@ pub fn run(
             })
             .collect();
         println!(
-            "{label:<22} {:>12} {:>12} {:>14} {:>14}",
-            cells[0], cells[1], cells[2], cells[3]
+            "{label:<22} {:>12} {:>12} {:>14} {:>14} {:>17}",
+            cells[0], cells[1], cells[2], cells[3], cells[4]
         );
     }
     let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
