@@ -488,6 +488,7 @@ mod tests {
     async fn concurrent_http2_requests_share_the_connection_being_opened() {
         let (addr, connections) = h2_backend(Duration::from_millis(20)).await;
         let forwarder = Forwarder::new(BackendProtocol::Http2, None);
+        let started = tokio::time::Instant::now();
         let calls: Vec<_> = (0..10)
             .map(|_| {
                 let mut forwarder = forwarder.clone();
@@ -505,6 +506,53 @@ mod tests {
             1,
             "one shared connection"
         );
+        // Woken when the connection came up, not when their wait ran out.
+        assert!(started.elapsed() < CONNECTION_WAIT);
+    }
+
+    #[tokio::test]
+    async fn when_the_request_opening_an_http2_connection_goes_away_one_waiter_takes_over() {
+        let (addr, connections) = h2_backend(Duration::ZERO).await;
+        let pool = Pool::new(BackendProtocol::Http2, None);
+        let attempts = Arc::new(AtomicUsize::new(0));
+        // The first attempt never ends; the others connect.
+        let send = |pool: Arc<Pool<SocketAddr>>, attempts: Arc<AtomicUsize>| async move {
+            let request = http::Request::builder()
+                .uri(format!("http://{addr}/x"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let connect = |slot| {
+                let first = attempts.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        std::future::pending::<()>().await;
+                    }
+                    connect(addr, BackendProtocol::Http2, slot).await
+                }
+            };
+            pool.send(addr, request, connect).await
+        };
+        let stuck = tokio::spawn(send(pool.clone(), attempts.clone()));
+        for _ in 0..100 {
+            if attempts.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let waiters: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(send(pool.clone(), attempts.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(attempts.load(Ordering::SeqCst), 1, "the others wait");
+        let started = tokio::time::Instant::now();
+        stuck.abort();
+        for waiter in waiters {
+            let response = waiter.await.expect("join").expect("response");
+            assert_eq!(body_of(response).await, "ok");
+        }
+        assert!(started.elapsed() < CONNECTION_WAIT);
+        assert_eq!(attempts.load(Ordering::SeqCst), 2, "one waiter took over");
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -516,6 +564,7 @@ mod tests {
             listener.local_addr().expect("addr")
         };
         let forwarder = Forwarder::new(BackendProtocol::Http2, None);
+        let started = tokio::time::Instant::now();
         let calls: Vec<_> = (0..5)
             .map(|_| {
                 let mut forwarder = forwarder.clone();
@@ -526,6 +575,8 @@ mod tests {
             let err = call.await.expect("join").expect_err("refused");
             assert!(matches!(err, ProxyError::Connect { .. }), "{err}");
         }
+        // Woken when the attempt failed, not when their wait ran out.
+        assert!(started.elapsed() < CONNECTION_WAIT);
     }
 
     #[tokio::test(start_paused = true)]

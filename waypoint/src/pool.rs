@@ -15,8 +15,9 @@
 //!   of its own would have been used) and waits for whichever comes first, a slot or a
 //!   connection coming back, for at most [`CONNECTION_WAIT`].
 //! * HTTP/2 requests for a key that has no connection while one is being opened for it wait
-//!   for that one (at most [`CONNECTION_WAIT`]; if it fails, each opens its own) instead of
-//!   all opening their own.
+//!   for that one instead of all opening their own (if it fails, each then tries on its own;
+//!   if its request goes away, one of them takes over). All waiting for a connection, here
+//!   and under `maxConnections`, ends within [`CONNECTION_WAIT`].
 //! * A pooled connection found closed before the request went out is replaced by a new one
 //!   once; connections unused for [`IDLE_TIMEOUT`] are closed (swept every 10 s, by a task
 //!   that ends with the pool).
@@ -28,6 +29,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -153,9 +155,19 @@ struct Idle {
 
 struct Shard<K> {
     by_key: HashMap<K, Vec<Idle>, foldhash::fast::RandomState>,
-    /// HTTP/2: keys a connection is being opened for, signalled when the attempt ends.
-    connecting: HashMap<K, Arc<Notify>, foldhash::fast::RandomState>,
+    /// HTTP/2: keys a connection is being opened for.
+    connecting: HashMap<K, Arc<Opening>, foldhash::fast::RandomState>,
     swept: Instant,
+}
+
+/// An HTTP/2 connection being opened by one request, waited for by others.
+#[derive(Default)]
+struct Opening {
+    /// Signalled when the attempt ends.
+    ended: Arc<Notify>,
+    /// Whether it failed (set before `ended` is signalled); not set when its request went
+    /// away before the end.
+    failed: AtomicBool,
 }
 
 /// The `maxConnections` bound: a slot per open connection.
@@ -319,6 +331,8 @@ impl<K: Key> Pool<K> {
         if !fresh && let Some(sender) = self.checkout_from(&mut shard, key) {
             return Some(sender);
         }
+        // Closed connections hold no slot: not candidates.
+        self.sweep(&mut shard, Instant::now());
         let oldest = shard
             .by_key
             .iter()
@@ -364,37 +378,44 @@ impl<K: Key> Pool<K> {
         }
     }
 
-    /// HTTP/2, no connection pooled for `key`: waits (at most [`CONNECTION_WAIT`]) for a
-    /// connection being opened for it by another request, or marks `key` as being connected
-    /// by this one.
-    async fn join_connect(&self, key: &K) -> Joined<'_, K> {
+    /// HTTP/2, no connection pooled for `key`: waits (until `deadline`) for a connection
+    /// being opened for it by another request, or marks `key` as being connected by this one.
+    async fn join_connect(&self, key: &K, deadline: Instant) -> Joined<'_, K> {
         let index = self.shard_index();
-        let opened = {
-            let mut shard = lock(&self.shards[index]);
-            if let Some(sender) = self.checkout_from(&mut shard, key) {
-                return Joined::Pooled(sender);
-            }
-            match shard.connecting.get(key) {
-                // Made under the lock: the attempt's end cannot come in between.
-                Some(opening) => opening.clone().notified_owned(),
-                None => {
-                    shard
-                        .connecting
-                        .insert(key.clone(), Arc::new(Notify::new()));
-                    return Joined::Connecting(Connecting {
-                        pool: self,
-                        index,
-                        key: key.clone(),
-                    });
+        loop {
+            let (opening, ended) = {
+                let mut shard = lock(&self.shards[index]);
+                if let Some(sender) = self.checkout_from(&mut shard, key) {
+                    return Joined::Pooled(sender);
                 }
+                match shard.connecting.get(key) {
+                    // Made under the lock: the attempt's end cannot come in between.
+                    Some(opening) => (opening.clone(), opening.ended.clone().notified_owned()),
+                    None => {
+                        shard.connecting.insert(key.clone(), Arc::default());
+                        return Joined::Connecting(Connecting {
+                            pool: self,
+                            index,
+                            key: key.clone(),
+                            failed: false,
+                        });
+                    }
+                }
+            };
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                // Taking too long: this request tries on its own (a slot wait ends at once).
+                return Joined::Alone;
             }
-        };
-        let _ = tokio::time::timeout(CONNECTION_WAIT, opened).await;
-        match self.checkout(key) {
-            Some(sender) => Joined::Pooled(sender),
-            // That attempt failed (or is taking too long): this request opens its own, so
-            // that waiters do not queue behind failing attempts one after another.
-            None => Joined::Alone,
+            if opening.failed.load(Ordering::Acquire) {
+                // That attempt failed: each waiter tries on its own rather than queueing
+                // behind failing attempts one after another.
+                return match self.checkout(key) {
+                    Some(sender) => Joined::Pooled(sender),
+                    None => Joined::Alone,
+                };
+            }
+            // It succeeded (the connection is pooled) or its request went away (one of the
+            // waiters takes over): look again.
         }
     }
 
@@ -411,9 +432,11 @@ impl<K: Key> Pool<K> {
         F: Future<Output = Result<Sender, String>>,
     {
         let pooled = |pool: &Self| if fresh { None } else { pool.checkout(key) };
+        // One bound for all the waiting below.
+        let deadline = Instant::now() + CONNECTION_WAIT;
         // Until this request's attempt ends, other HTTP/2 requests for `key` wait for it.
-        let _connecting = match self.multiplexed && !fresh {
-            true => match self.join_connect(key).await {
+        let mut connecting = match self.multiplexed && !fresh {
+            true => match self.join_connect(key, deadline).await {
                 Joined::Pooled(sender) => return Ok((sender, true)),
                 Joined::Connecting(connecting) => Some(connecting),
                 Joined::Alone => None,
@@ -428,7 +451,6 @@ impl<K: Key> Pool<K> {
                 None
             }
             Some(slots) => {
-                let deadline = Instant::now() + CONNECTION_WAIT;
                 loop {
                     // Registered before looking, so a connection coming back in between is
                     // not missed.
@@ -458,7 +480,15 @@ impl<K: Key> Pool<K> {
                 }
             }
         };
-        let sender = connect(permit).await.map_err(PoolError::Connect)?;
+        let sender = match connect(permit).await {
+            Ok(sender) => sender,
+            Err(e) => {
+                if let Some(connecting) = &mut connecting {
+                    connecting.failed = true;
+                }
+                return Err(PoolError::Connect(e));
+            }
+        };
         // A new HTTP/2 connection is shared at once, not after its first response: requests
         // arriving meanwhile use it instead of opening more.
         if let Sender::H2(s) = &sender {
@@ -529,6 +559,8 @@ struct Connecting<'a, K: Key> {
     pool: &'a Pool<K>,
     index: usize,
     key: K,
+    /// The attempt failed.
+    failed: bool,
 }
 
 impl<K: Key> Drop for Connecting<'_, K> {
@@ -537,7 +569,8 @@ impl<K: Key> Drop for Connecting<'_, K> {
             .connecting
             .remove(&self.key);
         if let Some(opening) = opening {
-            opening.notify_waiters();
+            opening.failed.store(self.failed, Ordering::Release);
+            opening.ended.notify_waiters();
         }
     }
 }
