@@ -432,24 +432,22 @@ impl<K: Key> Pool<K> {
         F: Future<Output = Result<Sender, String>>,
     {
         let pooled = |pool: &Self| if fresh { None } else { pool.checkout(key) };
+        if let Some(sender) = pooled(self) {
+            return Ok((sender, true));
+        }
         // One bound for all the waiting below.
         let deadline = Instant::now() + CONNECTION_WAIT;
         // Until this request's attempt ends, other HTTP/2 requests for `key` wait for it.
-        let mut connecting = match self.multiplexed && !fresh {
-            true => match self.join_connect(key, deadline).await {
+        let mut connecting = None;
+        if self.multiplexed && !fresh {
+            match self.join_connect(key, deadline).await {
                 Joined::Pooled(sender) => return Ok((sender, true)),
-                Joined::Connecting(connecting) => Some(connecting),
-                Joined::Alone => None,
-            },
-            false => None,
-        };
-        let permit = match &self.slots {
-            None => {
-                if let Some(sender) = pooled(self) {
-                    return Ok((sender, true));
-                }
-                None
+                Joined::Connecting(marker) => connecting = Some(marker),
+                Joined::Alone => {}
             }
+        }
+        let permit = match &self.slots {
+            None => None,
             Some(slots) => {
                 loop {
                     // Registered before looking, so a connection coming back in between is
