@@ -8,6 +8,7 @@ use std::time::Duration;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{HeaderValue, Uri, Version};
 use http_body_util::Full;
@@ -165,25 +166,7 @@ impl Service<Request> for Forwarder {
                     "the forwarder ran without a selected endpoint",
                 ));
             };
-            let (mut parts, body) = request.into_parts();
-            // HTTP/2 clients send the host as :authority; HTTP/1.1 endpoints need a Host header.
-            if !parts.headers.contains_key(header::HOST) {
-                let value = match parts.uri.authority() {
-                    Some(authority) => HeaderValue::from_str(authority.as_str()),
-                    None => HeaderValue::from_str(&target.addr.to_string()),
-                };
-                if let Ok(value) = value {
-                    parts.headers.insert(header::HOST, value);
-                }
-            }
-            strip_hop_by_hop(&mut parts.headers);
-            // HTTP/1.1: the origin form (`/path?query`). HTTP/2: the endpoint as :authority
-            // (the original host travels in the Host header, which HTTP/2 allows).
-            (parts.uri, parts.version) = match protocol {
-                BackendProtocol::Http1 => (origin_form(&parts.uri), Version::HTTP_11),
-                BackendProtocol::Http2 => (upstream_uri(&target, &parts.uri)?, Version::HTTP_2),
-            };
-            let upstream = http::Request::from_parts(parts, Full::new(body));
+            let upstream = upstream_request(request, &target, protocol, H2Authority::Endpoint)?;
             let addr = target.addr;
             let sent = pool
                 .send(addr, upstream, |slot| connect(addr, protocol, slot))
@@ -221,6 +204,54 @@ pub(crate) fn answer(
     }
 }
 
+/// What an HTTP/2 request to an endpoint names as its `:authority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum H2Authority {
+    /// The endpoint's address (the original host travels in the Host header, which HTTP/2
+    /// allows): plain endpoints.
+    Endpoint,
+    /// The request's host (the endpoint's address when it has none, or an invalid one): mesh
+    /// endpoints, whose servers see the service's name as a sidecarless client would send it.
+    Host,
+}
+
+/// `request` as it goes to `target` speaking `protocol` (both forwarders): a Host header
+/// (HTTP/2 clients send the host as `:authority`; HTTP/1.1 endpoints need one), no hop-by-hop
+/// headers, the origin form (`/path?query`) for HTTP/1.1 or an absolute URI whose authority is
+/// chosen by `h2` for HTTP/2. The body is sent in one piece.
+pub(crate) fn upstream_request(
+    request: Request,
+    target: &SelectedEndpoint,
+    protocol: BackendProtocol,
+    h2: H2Authority,
+) -> Result<http::Request<Full<Bytes>>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    if !parts.headers.contains_key(header::HOST) {
+        let value = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()),
+            None => HeaderValue::from_str(&target.addr.to_string()),
+        };
+        if let Ok(value) = value {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    (parts.uri, parts.version) = match protocol {
+        BackendProtocol::Http1 => (origin_form(&parts.uri), Version::HTTP_11),
+        BackendProtocol::Http2 => {
+            let host = match h2 {
+                H2Authority::Endpoint => None,
+                H2Authority::Host => parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok()),
+            };
+            (upstream_uri(target, host, &parts.uri)?, Version::HTTP_2)
+        }
+    };
+    Ok(http::Request::from_parts(parts, Full::new(body)))
+}
+
 /// The origin form of `uri`: its path and query (`/` when it has none).
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
@@ -230,12 +261,18 @@ fn origin_form(uri: &Uri) -> Uri {
     }
 }
 
-/// `http://<endpoint><path and query of original>`, from parts (no formatting, no parsing).
-fn upstream_uri(target: &SelectedEndpoint, original: &Uri) -> Result<Uri, ProxyError> {
+/// `http://<authority><path and query of original>`, from parts (no formatting, no
+/// parsing); the authority is `host`, else the endpoint's.
+fn upstream_uri(
+    target: &SelectedEndpoint,
+    host: Option<http::uri::Authority>,
+    original: &Uri,
+) -> Result<Uri, ProxyError> {
     const BAD: ProxyError = ProxyError::Internal("could not build the upstream URI");
-    let authority = match &target.authority {
-        Some(authority) => authority.clone(),
-        None => {
+    let authority = match (host, &target.authority) {
+        (Some(host), _) => host,
+        (None, Some(authority)) => authority.clone(),
+        (None, None) => {
             http::uri::Authority::try_from(target.addr.to_string().as_str()).map_err(|_| BAD)?
         }
     };
@@ -678,13 +715,79 @@ mod tests {
                 identity: None,
                 authority,
             };
-            let uri = upstream_uri(&target, &Uri::from_static("/a/b?c=d")).expect("uri");
+            let uri = upstream_uri(&target, None, &Uri::from_static("/a/b?c=d")).expect("uri");
             assert_eq!(uri, "http://10.1.2.3:8080/a/b?c=d");
-            let uri =
-                upstream_uri(&target, &Uri::from_static("http://shop.example/x")).expect("uri");
+            let uri = upstream_uri(&target, None, &Uri::from_static("http://shop.example/x"))
+                .expect("uri");
             assert_eq!(uri, "http://10.1.2.3:8080/x");
-            let uri = upstream_uri(&target, &Uri::from_static("*")).expect("uri");
+            let uri = upstream_uri(&target, None, &Uri::from_static("*")).expect("uri");
             assert_eq!(uri.path(), "*");
+        }
+    }
+
+    #[test]
+    fn upstream_requests_per_protocol_and_authority() {
+        let target = SelectedEndpoint {
+            backend: "b".into(),
+            addr: "10.1.2.3:8080".parse().expect("addr"),
+            identity: None,
+            authority: None,
+        };
+        let request = |host: Option<&'static str>| {
+            let mut request = http::Request::builder()
+                .uri("/a?b=c")
+                .header(header::CONNECTION, "keep-alive")
+                .body(Bytes::new())
+                .expect("request");
+            if let Some(host) = host {
+                request
+                    .headers_mut()
+                    .insert(header::HOST, HeaderValue::from_static(host));
+            }
+            request
+        };
+        // HTTP/1.1: origin form, Host kept or made from the endpoint, no hop-by-hop headers.
+        let up = upstream_request(
+            request(Some("shop.example")),
+            &target,
+            BackendProtocol::Http1,
+            H2Authority::Host,
+        )
+        .expect("h1");
+        assert_eq!(
+            (up.uri().to_string().as_str(), up.version()),
+            ("/a?b=c", Version::HTTP_11)
+        );
+        assert_eq!(up.headers()[header::HOST], "shop.example");
+        assert!(!up.headers().contains_key(header::CONNECTION));
+        let up = upstream_request(
+            request(None),
+            &target,
+            BackendProtocol::Http1,
+            H2Authority::Host,
+        )
+        .expect("h1 without host");
+        assert_eq!(up.headers()[header::HOST], "10.1.2.3:8080");
+        // HTTP/2: the endpoint or the host as the authority.
+        for (h2, host, authority) in [
+            (H2Authority::Endpoint, Some("shop.example"), "10.1.2.3:8080"),
+            (
+                H2Authority::Host,
+                Some("shop.example:81"),
+                "shop.example:81",
+            ),
+            (H2Authority::Host, None, "10.1.2.3:8080"),
+            // Not a valid authority: the endpoint instead.
+            (H2Authority::Host, Some("shop example"), "10.1.2.3:8080"),
+        ] {
+            let up =
+                upstream_request(request(host), &target, BackendProtocol::Http2, h2).expect("h2");
+            assert_eq!(up.version(), Version::HTTP_2);
+            assert_eq!(
+                up.uri().to_string(),
+                format!("http://{authority}/a?b=c"),
+                "{h2:?} {host:?}"
+            );
         }
     }
 

@@ -15,9 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header;
-use http::{HeaderValue, Uri, Version};
-use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -31,7 +28,7 @@ use super::{MeshContext, MeshView, Svid};
 use crate::body::Request;
 use crate::config::BackendProtocol;
 use crate::error::ProxyError;
-use crate::forward::strip_hop_by_hop;
+use crate::forward::{H2Authority, upstream_request};
 use crate::layers::{BoxFuture, ProxyResult, RequestContext, context_of};
 use crate::pool::{self, Pool, Sender};
 
@@ -229,39 +226,14 @@ impl Service<Request> for MeshForwarder {
                 endpoint: target.addr,
                 reason,
             };
-            let (mut parts, body) = request.into_parts();
-            let traceparent = parts
-                .headers
+            let traceparent = request
+                .headers()
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            if !parts.headers.contains_key(header::HOST)
-                && let Some(authority) = parts.uri.authority()
-                && let Ok(value) = HeaderValue::from_str(authority.as_str())
-            {
-                parts.headers.insert(header::HOST, value);
-            }
-            strip_hop_by_hop(&mut parts.headers);
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let (uri, version) = match inner.protocol {
-                BackendProtocol::Http1 => (Uri::try_from(path), Version::HTTP_11),
-                BackendProtocol::Http2 => {
-                    let authority = parts
-                        .headers
-                        .get(header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .map_or_else(|| target.addr.to_string(), str::to_string);
-                    let uri = Uri::try_from(format!("http://{authority}{path}"))
-                        .or_else(|_| Uri::try_from(format!("http://{}{path}", target.addr)));
-                    (uri, Version::HTTP_2)
-                }
-            };
-            parts.uri =
-                uri.map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
-            parts.version = version;
             // Sent as is; a pooled connection found closed gives it back for a new one (no
             // copy of the headers per request).
-            let upstream = http::Request::from_parts(parts, Full::new(body));
+            let upstream = upstream_request(request, &target, inner.protocol, H2Authority::Host)?;
             let svid = inner
                 .ctx
                 .svid
