@@ -20,7 +20,9 @@ use std::net::SocketAddr;
 use anyhow::{Context as _, bail};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+mod floor;
 
 const MAX_HEADERS: usize = 64;
 
@@ -170,45 +172,27 @@ async fn connection(mut down: TcpStream, upstream: SocketAddr) -> anyhow::Result
     }
 }
 
-fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    Ok(socket.listen(1024)?)
-}
-
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: httparse_floor LISTEN UPSTREAM [THREADS [http]]";
-    let listen: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
-    let upstream: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
-    let threads: usize = args.next().map_or(Ok(1), |t| t.parse()).context(usage)?;
-    if args.next().as_deref() == Some("http") {
+    let floor::Args {
+        listen,
+        upstream,
+        threads,
+        option,
+    } = floor::args("usage: httparse_floor LISTEN UPSTREAM [THREADS [http]]")?;
+    if option.as_deref() == Some("http") {
         THROUGH_HTTP.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async move {
-                    let listener = reuseport_listener(listen)?;
-                    loop {
-                        let (stream, _) = listener.accept().await?;
-                        tokio::spawn(async move {
-                            if let Err(e) = connection(stream, upstream).await {
-                                eprintln!("{e:#}");
-                            }
-                        });
+    floor::on_threads(threads, move || {
+        floor::runtime()?.block_on(async move {
+            let listener = floor::reuseport_listener(listen)?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, upstream).await {
+                        eprintln!("{e:#}");
                     }
-                })
-            })
+                });
+            }
         })
-        .collect();
-    for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
-    }
-    Ok(())
+    })
 }

@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+
+mod floor;
 
 /// Like [`connection`], through hyper-util's pooled client (shared by the thread's connections).
 async fn pooled(
@@ -69,56 +71,38 @@ async fn connection(downstream: TcpStream, upstream: SocketAddr) -> anyhow::Resu
     Ok(())
 }
 
-fn reuseport_listener(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    Ok(socket.listen(1024)?)
-}
-
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let usage = "usage: hyper_floor LISTEN UPSTREAM [THREADS [pool]]";
-    let listen: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
-    let upstream: SocketAddr = args.next().context(usage)?.parse().context(usage)?;
-    let threads: usize = args.next().map_or(Ok(1), |t| t.parse()).context(usage)?;
-    let pool = args.next().as_deref() == Some("pool");
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            std::thread::spawn(move || -> anyhow::Result<()> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                let local = tokio::task::LocalSet::new();
-                local.block_on(&runtime, async move {
-                    let listener = reuseport_listener(listen)?;
-                    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-                    http.set_nodelay(true);
-                    let client = hyper_util::client::legacy::Client::builder(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
+    let floor::Args {
+        listen,
+        upstream,
+        threads,
+        option,
+    } = floor::args("usage: hyper_floor LISTEN UPSTREAM [THREADS [pool]]")?;
+    let pool = option.as_deref() == Some("pool");
+    floor::on_threads(threads, move || {
+        let runtime = floor::runtime()?;
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
+            let listener = floor::reuseport_listener(listen)?;
+            let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+            http.set_nodelay(true);
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                     .build(http);
-                    loop {
-                        let (stream, _) = listener.accept().await?;
-                        let client = client.clone();
-                        tokio::task::spawn_local(async move {
-                            let r = if pool {
-                                pooled(stream, upstream, client).await
-                            } else {
-                                connection(stream, upstream).await
-                            };
-                            if let Err(e) = r {
-                                eprintln!("{e:#}");
-                            }
-                        });
+            loop {
+                let (stream, _) = listener.accept().await?;
+                let client = client.clone();
+                tokio::task::spawn_local(async move {
+                    let r = if pool {
+                        pooled(stream, upstream, client).await
+                    } else {
+                        connection(stream, upstream).await
+                    };
+                    if let Err(e) = r {
+                        eprintln!("{e:#}");
                     }
-                })
-            })
+                });
+            }
         })
-        .collect();
-    for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("worker panicked"))??;
-    }
-    Ok(())
+    })
 }

@@ -307,13 +307,12 @@ mod tests {
     use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// An HTTP/1.1 server on loopback answering `ok` after `delay`, counting connections
-    /// opened and (with `closed`) closed; a request with `x-close` is answered with
-    /// `connection: close`.
-    async fn backend_counting(
-        delay: Duration,
-        closed: Arc<AtomicUsize>,
-    ) -> (SocketAddr, Arc<AtomicUsize>) {
+    /// A loopback listener counting the connections it accepts, each served by `serve`.
+    async fn counting_server<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -323,28 +322,41 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counted.fetch_add(1, Ordering::SeqCst);
-                let closed = closed.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |request: http::Request<hyper::body::Incoming>| async move {
-                            tokio::time::sleep(delay).await;
-                            let mut response = http::Response::new(Full::new(Bytes::from("ok")));
-                            if request.headers().contains_key("x-close") {
-                                response
-                                    .headers_mut()
-                                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                            }
-                            Ok::<_, std::convert::Infallible>(response)
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                    closed.fetch_add(1, Ordering::SeqCst);
-                });
+                tokio::spawn(serve(stream));
             }
         });
         (addr, connections)
+    }
+
+    /// An HTTP/1.1 server on loopback answering `ok` after `delay`, counting connections
+    /// opened and (with `closed`) closed; a request with `x-close` is answered with
+    /// `connection: close`.
+    async fn backend_counting(
+        delay: Duration,
+        closed: Arc<AtomicUsize>,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        counting_server(move |stream| {
+            let closed = closed.clone();
+            async move {
+                let service = hyper::service::service_fn(
+                    move |request: http::Request<hyper::body::Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        let mut response = http::Response::new(Full::new(Bytes::from("ok")));
+                        if request.headers().contains_key("x-close") {
+                            response
+                                .headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .await
     }
 
     async fn backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
@@ -410,6 +422,22 @@ mod tests {
             .to_bytes()
     }
 
+    /// `n` concurrent requests to `addr` through `forwarder`, each answered `ok`.
+    async fn all_ok(forwarder: &Forwarder, addr: SocketAddr, n: usize) {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let mut forwarder = forwarder.clone();
+                tokio::spawn(async move {
+                    let response = forwarder.call(to(addr, &[])).await.expect("response");
+                    body_of(response).await
+                })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.expect("join"), "ok");
+        }
+    }
+
     #[tokio::test]
     async fn connections_are_reused_once_their_response_has_ended() {
         let (addr, connections) = backend(Duration::ZERO).await;
@@ -441,18 +469,7 @@ mod tests {
     async fn under_max_connections_a_request_waits_for_a_connection_to_come_back() {
         let (addr, connections) = backend(Duration::from_millis(100)).await;
         let forwarder = Forwarder::new(BackendProtocol::Http1, Some(1));
-        let calls: Vec<_> = (0..3)
-            .map(|_| {
-                let mut forwarder = forwarder.clone();
-                tokio::spawn(async move {
-                    let response = forwarder.call(to(addr, &[])).await.expect("response");
-                    body_of(response).await
-                })
-            })
-            .collect();
-        for call in calls {
-            assert_eq!(call.await.expect("join"), "ok");
-        }
+        all_ok(&forwarder, addr, 3).await;
         assert_eq!(connections.load(Ordering::SeqCst), 1);
     }
 
@@ -492,33 +509,20 @@ mod tests {
 
     /// An HTTP/2 server on loopback answering `ok` after `delay`, counting connections.
     async fn h2_backend(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counted = connections.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |_: http::Request<hyper::body::Incoming>| async move {
-                            tokio::time::sleep(delay).await;
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::from("ok"),
-                            )))
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    )
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-                });
-            }
-        });
-        (addr, connections)
+        counting_server(move |stream| async move {
+            let service = hyper::service::service_fn(
+                move |_: http::Request<hyper::body::Incoming>| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        "ok",
+                    ))))
+                },
+            );
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        })
+        .await
     }
 
     #[tokio::test]
@@ -526,18 +530,7 @@ mod tests {
         let (addr, connections) = h2_backend(Duration::from_millis(20)).await;
         let forwarder = Forwarder::new(BackendProtocol::Http2, None);
         let started = tokio::time::Instant::now();
-        let calls: Vec<_> = (0..10)
-            .map(|_| {
-                let mut forwarder = forwarder.clone();
-                tokio::spawn(async move {
-                    let response = forwarder.call(to(addr, &[])).await.expect("response");
-                    body_of(response).await
-                })
-            })
-            .collect();
-        for call in calls {
-            assert_eq!(call.await.expect("join"), "ok");
-        }
+        all_ok(&forwarder, addr, 10).await;
         assert_eq!(
             connections.load(Ordering::SeqCst),
             1,
