@@ -3,7 +3,7 @@
 //!
 //! Each downstream connection gets one upstream connection of its own (no pool, no routing,
 //! no timeouts, no metrics, no headers touched): hyper's server codec in, hyper's client codec
-//! out, both driven by the same task. `threads` current-thread runtimes each accept on their
+//! out, the client connection in a task of its own on the same thread. `threads` current-thread runtimes each accept on their
 //! own `SO_REUSEPORT` listener (thread per core, nothing shared).
 //!
 //! `cargo run --release -p weft-waypoint --example hyper_floor -- LISTEN UPSTREAM [THREADS [pool]]`
@@ -61,13 +61,18 @@ async fn connection(downstream: TcpStream, upstream: SocketAddr) -> anyhow::Resu
             sender.send_request(request).await
         }
     });
-    let server = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(downstream), service);
-    // Both codecs in this task: no hop between tasks per request.
-    tokio::select! {
-        r = server => r.context("downstream")?,
-        r = conn => r.context("upstream")?,
-    }
+    // The upstream connection runs as a task of its own, as the waypoint's do: one task
+    // driving both codecs (a `select!`) polls both on every wake-up, 3,300 instructions per
+    // request more (callgrind).
+    tokio::task::spawn_local(async move {
+        if let Err(e) = conn.await {
+            eprintln!("upstream: {e:#}");
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(downstream), service)
+        .await
+        .context("downstream")?;
     Ok(())
 }
 
