@@ -541,6 +541,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn under_max_connections_concurrent_http2_requests_share_one_connection() {
+        let (addr, connections) = h2_backend(Duration::from_millis(20)).await;
+        let forwarder = Forwarder::new(BackendProtocol::Http2, Some(1));
+        let started = tokio::time::Instant::now();
+        all_ok(&forwarder, addr, 10).await;
+        all_ok(&forwarder, addr, 10).await;
+        assert_eq!(connections.load(Ordering::SeqCst), 1);
+        assert!(started.elapsed() < CONNECTION_WAIT);
+    }
+
+    #[tokio::test]
     async fn when_the_request_opening_an_http2_connection_goes_away_one_waiter_takes_over() {
         let (addr, connections) = h2_backend(Duration::ZERO).await;
         let pool = Pool::new(BackendProtocol::Http2, None);
