@@ -166,7 +166,7 @@ impl Service<Request> for Forwarder {
                     "the forwarder ran without a selected endpoint",
                 ));
             };
-            let upstream = upstream_request(request, &target, protocol, H2Authority::Endpoint)?;
+            let upstream = upstream_request(request, &target, protocol)?;
             let addr = target.addr;
             let sent = pool
                 .send(addr, upstream, |slot| connect(addr, protocol, slot))
@@ -204,47 +204,38 @@ pub(crate) fn answer(
     }
 }
 
-/// What an HTTP/2 request to an endpoint names as its `:authority`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum H2Authority {
-    /// The endpoint's address (the original host travels in the Host header, which HTTP/2
-    /// allows): plain endpoints.
-    Endpoint,
-    /// The request's host (the endpoint's address when it has none, or an invalid one): mesh
-    /// endpoints, whose servers see the service's name as a sidecarless client would send it.
-    Host,
-}
-
-/// `request` as it goes to `target` speaking `protocol` (both forwarders): a Host header
-/// (HTTP/2 clients send the host as `:authority`; HTTP/1.1 endpoints need one), no hop-by-hop
-/// headers, the origin form (`/path?query`) for HTTP/1.1 or an absolute URI whose authority is
-/// chosen by `h2` for HTTP/2. The body is sent in one piece.
+/// `request` as it goes to `target` speaking `protocol` (both forwarders), its body in one
+/// piece and without hop-by-hop headers:
+/// * HTTP/1.1: the origin form (`/path?query`) and a Host header (from an HTTP/2 client's
+///   `:authority`, else the endpoint's address);
+/// * HTTP/2: an absolute URI whose authority (`:authority`) is the request's host (its Host
+///   header or `:authority`; the endpoint's address when it has none or an invalid one), and
+///   no Host header (RFC 9113 section 8.3.1: a server may refuse a Host that differs from
+///   `:authority`).
 pub(crate) fn upstream_request(
     request: Request,
     target: &SelectedEndpoint,
     protocol: BackendProtocol,
-    h2: H2Authority,
 ) -> Result<http::Request<Full<Bytes>>, ProxyError> {
     let (mut parts, body) = request.into_parts();
-    if !parts.headers.contains_key(header::HOST) {
-        let value = match parts.uri.authority() {
-            Some(authority) => HeaderValue::from_str(authority.as_str()),
-            None => HeaderValue::from_str(&target.addr.to_string()),
-        };
-        if let Ok(value) = value {
-            parts.headers.insert(header::HOST, value);
-        }
-    }
     strip_hop_by_hop(&mut parts.headers);
     (parts.uri, parts.version) = match protocol {
-        BackendProtocol::Http1 => (origin_form(&parts.uri), Version::HTTP_11),
+        BackendProtocol::Http1 => {
+            if !parts.headers.contains_key(header::HOST) {
+                let value = match parts.uri.authority() {
+                    Some(authority) => HeaderValue::from_str(authority.as_str()),
+                    None => HeaderValue::from_str(&target.addr.to_string()),
+                };
+                if let Ok(value) = value {
+                    parts.headers.insert(header::HOST, value);
+                }
+            }
+            (origin_form(&parts.uri), Version::HTTP_11)
+        }
         BackendProtocol::Http2 => {
-            let host = match h2 {
-                H2Authority::Endpoint => None,
-                H2Authority::Host => parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok()),
+            let host = match parts.headers.remove(header::HOST) {
+                Some(host) => http::uri::Authority::try_from(host.as_bytes()).ok(),
+                None => parts.uri.authority().cloned(),
             };
             (upstream_uri(target, host, &parts.uri)?, Version::HTTP_2)
         }
@@ -252,13 +243,23 @@ pub(crate) fn upstream_request(
     Ok(http::Request::from_parts(parts, Full::new(body)))
 }
 
-/// The origin form of `uri`: its path and query (`/` when it has none).
-fn origin_form(uri: &Uri) -> Uri {
+/// The path and query of `uri` as a request target: as they are when they start with `/` (or
+/// are `*`), after a `/` when only a query is there (`http://host?q`), else `/`.
+fn target_path(uri: &Uri) -> http::uri::PathAndQuery {
+    use http::uri::PathAndQuery;
     match uri.path_and_query() {
-        Some(path) if path.as_str().starts_with('/') => Uri::from(path.clone()),
-        Some(path) if path.as_str() == "*" => Uri::from(path.clone()),
-        _ => Uri::from_static("/"),
+        Some(path) if path.as_str().starts_with('/') || path.as_str() == "*" => path.clone(),
+        Some(path) if path.as_str().starts_with('?') => {
+            PathAndQuery::try_from(format!("/{}", path.as_str()))
+                .unwrap_or_else(|_| PathAndQuery::from_static("/"))
+        }
+        _ => PathAndQuery::from_static("/"),
     }
+}
+
+/// The origin form of `uri`: its path and query ([`target_path`]).
+fn origin_form(uri: &Uri) -> Uri {
+    Uri::from(target_path(uri))
 }
 
 /// `http://<authority><path and query of original>`, from parts (no formatting, no
@@ -279,12 +280,7 @@ fn upstream_uri(
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTP);
     parts.authority = Some(authority);
-    parts.path_and_query = Some(
-        original
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
+    parts.path_and_query = Some(target_path(original));
     Uri::from_parts(parts).map_err(|_| BAD)
 }
 
@@ -541,7 +537,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn under_max_connections_concurrent_http2_requests_share_one_connection() {
+    async fn under_max_connections_http2_requests_neither_open_more_nor_wait_out_the_bound() {
         let (addr, connections) = h2_backend(Duration::from_millis(20)).await;
         let forwarder = Forwarder::new(BackendProtocol::Http2, Some(1));
         let started = tokio::time::Instant::now();
@@ -642,6 +638,12 @@ mod tests {
         );
         assert_eq!(origin_form(&Uri::from_static("/p")), "/p");
         assert_eq!(origin_form(&Uri::from_static("http://a.example")), "/");
+        // Only a query: it is kept, after a `/`.
+        assert_eq!(
+            origin_form(&Uri::from_static("http://a.example?y=1")),
+            "/?y=1"
+        );
+        assert_eq!(origin_form(&Uri::from_static("*")), "*");
     }
 
     #[test]
@@ -726,20 +728,23 @@ mod tests {
             assert_eq!(uri, "http://10.1.2.3:8080/x");
             let uri = upstream_uri(&target, None, &Uri::from_static("*")).expect("uri");
             assert_eq!(uri.path(), "*");
+            let uri = upstream_uri(&target, None, &Uri::from_static("http://shop.example?q=1"))
+                .expect("uri");
+            assert_eq!(uri, "http://10.1.2.3:8080/?q=1");
         }
     }
 
     #[test]
-    fn upstream_requests_per_protocol_and_authority() {
+    fn upstream_requests_per_protocol() {
         let target = SelectedEndpoint {
             backend: "b".into(),
             addr: "10.1.2.3:8080".parse().expect("addr"),
             identity: None,
             authority: None,
         };
-        let request = |host: Option<&'static str>| {
+        let request = |uri: &'static str, host: Option<&'static str>| {
             let mut request = http::Request::builder()
-                .uri("/a?b=c")
+                .uri(uri)
                 .header(header::CONNECTION, "keep-alive")
                 .body(Bytes::new())
                 .expect("request");
@@ -750,48 +755,37 @@ mod tests {
             }
             request
         };
-        // HTTP/1.1: origin form, Host kept or made from the endpoint, no hop-by-hop headers.
-        let up = upstream_request(
-            request(Some("shop.example")),
-            &target,
-            BackendProtocol::Http1,
-            H2Authority::Host,
-        )
-        .expect("h1");
-        assert_eq!(
-            (up.uri().to_string().as_str(), up.version()),
-            ("/a?b=c", Version::HTTP_11)
-        );
-        assert_eq!(up.headers()[header::HOST], "shop.example");
-        assert!(!up.headers().contains_key(header::CONNECTION));
-        let up = upstream_request(
-            request(None),
-            &target,
-            BackendProtocol::Http1,
-            H2Authority::Host,
-        )
-        .expect("h1 without host");
-        assert_eq!(up.headers()[header::HOST], "10.1.2.3:8080");
-        // HTTP/2: the endpoint or the host as the authority.
-        for (h2, host, authority) in [
-            (H2Authority::Endpoint, Some("shop.example"), "10.1.2.3:8080"),
-            (
-                H2Authority::Host,
-                Some("shop.example:81"),
-                "shop.example:81",
-            ),
-            (H2Authority::Host, None, "10.1.2.3:8080"),
-            // Not a valid authority: the endpoint instead.
-            (H2Authority::Host, Some("shop example"), "10.1.2.3:8080"),
+        // HTTP/1.1: origin form, a Host header (kept, from the URI's authority, or the
+        // endpoint's), no hop-by-hop headers.
+        for (uri, host, sent_host) in [
+            ("/a?b=c", Some("shop.example"), "shop.example"),
+            ("http://shop.example:81/a?b=c", None, "shop.example:81"),
+            ("/a?b=c", None, "10.1.2.3:8080"),
         ] {
             let up =
-                upstream_request(request(host), &target, BackendProtocol::Http2, h2).expect("h2");
+                upstream_request(request(uri, host), &target, BackendProtocol::Http1).expect("h1");
+            assert_eq!(up.uri(), "/a?b=c");
+            assert_eq!(up.version(), Version::HTTP_11);
+            assert_eq!(up.headers()[header::HOST], sent_host, "{uri} {host:?}");
+            assert!(!up.headers().contains_key(header::CONNECTION));
+        }
+        // HTTP/2: the request's host as :authority, no Host header.
+        for (uri, host, authority) in [
+            ("/a?b=c", Some("shop.example:81"), "shop.example:81"),
+            ("http://shop.example/a?b=c", None, "shop.example"),
+            ("/a?b=c", None, "10.1.2.3:8080"),
+            // Not a valid authority: the endpoint's instead.
+            ("/a?b=c", Some("shop example"), "10.1.2.3:8080"),
+        ] {
+            let up =
+                upstream_request(request(uri, host), &target, BackendProtocol::Http2).expect("h2");
             assert_eq!(up.version(), Version::HTTP_2);
             assert_eq!(
                 up.uri().to_string(),
                 format!("http://{authority}/a?b=c"),
-                "{h2:?} {host:?}"
+                "{uri} {host:?}"
             );
+            assert!(!up.headers().contains_key(header::HOST));
         }
     }
 

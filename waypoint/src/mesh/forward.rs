@@ -28,7 +28,7 @@ use super::{MeshContext, MeshView, Svid};
 use crate::body::Request;
 use crate::config::BackendProtocol;
 use crate::error::ProxyError;
-use crate::forward::{H2Authority, upstream_request};
+use crate::forward::upstream_request;
 use crate::layers::{BoxFuture, ProxyResult, RequestContext, context_of};
 use crate::pool::{self, Pool, Sender};
 
@@ -233,7 +233,7 @@ impl Service<Request> for MeshForwarder {
                 .map(str::to_string);
             // Sent as is; a pooled connection found closed gives it back for a new one (no
             // copy of the headers per request).
-            let upstream = upstream_request(request, &target, inner.protocol, H2Authority::Host)?;
+            let upstream = upstream_request(request, &target, inner.protocol)?;
             let svid = inner
                 .ctx
                 .svid

@@ -99,8 +99,11 @@ pub async fn backend(name: &'static str) -> Backend {
                                     .header("grpc-status", code)
                                     .header("content-type", "application/grpc");
                             }
+                            // Host, or HTTP/2's :authority.
                             if let Some(host) = request.headers().get("host") {
                                 response = response.header("x-host", host);
+                            } else if let Some(authority) = request.uri().authority() {
+                                response = response.header("x-host", authority.as_str());
                             }
                             for (key, value) in request.headers() {
                                 if key.as_str().starts_with("x-") {
