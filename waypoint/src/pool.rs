@@ -12,8 +12,8 @@
 //!   share it.
 //! * A request that finds no connection opens one. Under `maxConnections`, while every slot is
 //!   taken it closes the idle HTTP/1.1 connection unused the longest (another endpoint's: one
-//!   of its own would have been used) and waits for whichever comes first, a slot or a
-//!   connection coming back, for at most [`CONNECTION_WAIT`].
+//!   of its own would have been used; at most one per request) and waits for whichever comes
+//!   first, a slot or a connection coming back, for at most [`CONNECTION_WAIT`].
 //! * HTTP/2 requests for a key that has no connection while one is being opened for it wait
 //!   for that one instead of all opening their own (if it fails, each then tries on its own;
 //!   if its request goes away, one of them takes over). All waiting for a connection, here
@@ -326,13 +326,11 @@ impl<K: Key> Pool<K> {
     /// idle connections; but returns a connection for `key` (unless `fresh`) if one came back
     /// since the request looked. HTTP/2 connections are left alone: the pool cannot tell
     /// whether requests still share one.
-    fn close_oldest_idle(&self, key: &K, fresh: bool) -> Option<Sender> {
+    fn close_oldest_idle(&self, key: &K, fresh: bool) -> Evicted {
         let mut shard = self.shard();
         if !fresh && let Some(sender) = self.checkout_from(&mut shard, key) {
-            return Some(sender);
+            return Evicted::Reused(sender);
         }
-        // Closed connections hold no slot: not candidates.
-        self.sweep(&mut shard, Instant::now());
         let oldest = shard
             .by_key
             .iter()
@@ -341,21 +339,25 @@ impl<K: Key> Pool<K> {
                 let (at, idle) = list
                     .iter()
                     .enumerate()
-                    .filter(|(_, idle)| matches!(idle.sender, Sender::H1(_)))
+                    // Closed connections hold no slot: not candidates.
+                    .filter(|(_, idle)| {
+                        matches!(idle.sender, Sender::H1(_)) && !idle.sender.is_closed()
+                    })
                     .min_by_key(|(_, idle)| idle.since)?;
                 Some((idle.since, key.clone(), at))
             })
             .min_by_key(|(since, _, _)| *since);
-        if let Some((_, key, at)) = oldest {
-            if let Some(list) = shard.by_key.get_mut(&key) {
-                list.remove(at);
-                if list.is_empty() {
-                    shard.by_key.remove(&key);
-                }
+        let Some((_, key, at)) = oldest else {
+            return Evicted::Nothing;
+        };
+        if let Some(list) = shard.by_key.get_mut(&key) {
+            list.remove(at);
+            if list.is_empty() {
+                shard.by_key.remove(&key);
             }
-            tracing::debug!("maxConnections reached: closed the oldest idle connection");
         }
-        None
+        tracing::debug!("maxConnections reached: closed the oldest idle connection");
+        Evicted::Closed
     }
 
     /// Takes back an HTTP/1.1 connection whose response has ended, or a new HTTP/2 one.
@@ -449,6 +451,9 @@ impl<K: Key> Pool<K> {
         let permit = match &self.slots {
             None => None,
             Some(slots) => {
+                // At most one idle connection closed per request: one slot is all it needs
+                // (another closed before that one's slot is free would be churn).
+                let mut closed_one = false;
                 loop {
                     // Registered before looking, so a connection coming back in between is
                     // not missed.
@@ -464,8 +469,12 @@ impl<K: Key> Pool<K> {
                     // Every slot is taken. An idle connection to another endpoint gives its
                     // slot up (its task ends, freeing the slot this request waits on below),
                     // unless one for `key` came back meanwhile.
-                    if let Some(sender) = self.close_oldest_idle(key, fresh) {
-                        return Ok((sender, true));
+                    if !closed_one {
+                        match self.close_oldest_idle(key, fresh) {
+                            Evicted::Reused(sender) => return Ok((sender, true)),
+                            Evicted::Closed => closed_one = true,
+                            Evicted::Nothing => {}
+                        }
                     }
                     tokio::select! {
                         permit = slots.semaphore.clone().acquire_owned() => match permit {
@@ -539,6 +548,16 @@ impl<K: Key> Pool<K> {
             }
         }
     }
+}
+
+/// What [`Pool::close_oldest_idle`] did.
+enum Evicted {
+    /// Found a connection for the request's own key instead.
+    Reused(Sender),
+    /// Closed another key's idle connection: its slot comes free when its task ends.
+    Closed,
+    /// Found nothing idle to close.
+    Nothing,
 }
 
 /// What [`Pool::join_connect`] found.
