@@ -1015,15 +1015,25 @@ async fn mesh_shutdown_lets_opaque_tcp_tunnels_run_until_they_close_or_the_drain
     let state = cache_state(t, &pki).await;
     let hello = format!("hello tcp-1 dst={}:7001 for={}\n", ip(t, 41), ip(t, 10));
 
+    // A waypoint draining for `drain` once stopped, and an opaque TCP tunnel through it to the
+    // echo pod, greeted and sent "one".
+    let open = |drain: Duration| {
+        let (pki, state, hello) = (&pki, &state, &hello);
+        async move {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (wp, served) = waypoint_until(t, pki, state, stopped, drain).await;
+            let web = connect(wp, pki, pki, &spiffe("web")).await.expect("mTLS");
+            let mut tcp = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
+                .await
+                .expect("tunnel");
+            tcp.write_all(b"one\n").await.expect("write");
+            assert_eq!(read_n(&mut tcp, hello.len()).await, *hello);
+            (stop, served, web, tcp)
+        }
+    };
+
     // A tunnel open at shutdown keeps working, and the waypoint waits for it to close.
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    let (wp, served) = waypoint_until(t, &pki, &state, stopped, Duration::from_secs(60)).await;
-    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
-    let mut a = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
-        .await
-        .expect("tunnel");
-    a.write_all(b"one\n").await?;
-    assert_eq!(read_n(&mut a, hello.len()).await, hello);
+    let (stop, served, web, mut a) = open(Duration::from_secs(60)).await;
     assert_eq!(read_n(&mut a, 4).await, "one\n");
     let _ = stop.send(());
     // New tunnels are refused once draining (the answer is the proof that it started).
@@ -1050,14 +1060,7 @@ async fn mesh_shutdown_lets_opaque_tcp_tunnels_run_until_they_close_or_the_drain
         .expect("the waypoint stops once its last tunnel closed")?;
 
     // A tunnel still open when the drain time is up does not hold the waypoint any longer.
-    let (stop, stopped) = tokio::sync::oneshot::channel();
-    let (wp, served) = waypoint_until(t, &pki, &state, stopped, Duration::from_millis(300)).await;
-    let web = connect(wp, &pki, &pki, &spiffe("web")).await.expect("mTLS");
-    let mut b = tunnel(&web, vip(t, 104, 7000), ip(t, 10))
-        .await
-        .expect("tunnel");
-    b.write_all(b"one\n").await?;
-    assert_eq!(read_n(&mut b, hello.len()).await, hello);
+    let (stop, served, _web, _b) = open(Duration::from_millis(300)).await;
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), served)
         .await

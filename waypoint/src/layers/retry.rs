@@ -298,22 +298,17 @@ impl<S: Inner> Service<Request> for Retry<S> {
     fn call(&mut self, request: Request) -> Self::Future {
         let shared = self.layer.0.clone();
         shared.budget.deposit();
-        let single = shared.config.attempts <= 1;
+        // Set before any copy (later attempts replace it): the copy's header map has no room
+        // to spare.
+        let mut request = request;
+        request
+            .headers_mut()
+            .insert(ATTEMPT_HEADER, attempt_value(1));
         // The first attempt is sent now (always ready, see the module docs); the request is
         // kept (and the inner service cloned) only when there can be a second.
-        let (first, mut later) = if single {
-            let mut request = request;
-            request
-                .headers_mut()
-                .insert(ATTEMPT_HEADER, attempt_value(1));
+        let (first, mut later) = if shared.config.attempts <= 1 {
             (self.inner.call(request), None)
         } else {
-            // Set before the copy (later attempts replace it): the copy's header map has no
-            // room to spare.
-            let mut request = request;
-            request
-                .headers_mut()
-                .insert(ATTEMPT_HEADER, attempt_value(1));
             let (first, kept) = Kept::split(request);
             (self.inner.call(first), Some((self.inner.clone(), kept)))
         };
