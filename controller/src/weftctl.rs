@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
@@ -56,6 +57,15 @@ pub const HBONE_PORT: u16 = 15008;
 pub const METRICS_PORT: u16 = 15090;
 /// Most replicas `--replicas` accepts.
 pub const MAX_REPLICAS: u32 = 100;
+/// How long a waypoint pod goes on serving after SIGTERM while not ready
+/// (`--shutdown-delay-seconds`): the time the node agents take to learn, through the
+/// controller, that the pod is leaving the Service's endpoints.
+pub const SHUTDOWN_DELAY_SECONDS: u64 = 5;
+/// How long a waypoint pod's open connections may then take to finish (`--drain-seconds`).
+pub const DRAIN_SECONDS: u64 = 10;
+/// The pod's `terminationGracePeriodSeconds`: the delay, the drain and 5 s for the last spans
+/// to be exported, so the kubelet never kills a draining waypoint.
+pub const TERMINATION_GRACE_SECONDS: u64 = SHUTDOWN_DELAY_SECONDS + DRAIN_SECONDS + 5;
 
 const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 const NAME_LABEL: &str = "app.kubernetes.io/name";
@@ -328,8 +338,8 @@ impl Waypoint {
         })
     }
 
-    /// The ServiceAccount, Deployment and Service of the waypoint, in that order, after its
-    /// config ConfigMap when it has a config file.
+    /// The ServiceAccount, Deployment, PodDisruptionBudget and Service of the waypoint, in that
+    /// order, after its config ConfigMap when it has a config file.
     pub fn objects(&self) -> Vec<Value> {
         let meta = json!({"name": self.name, "namespace": self.namespace, "labels": self.labels()});
         let service_account = json!({
@@ -347,6 +357,8 @@ impl Waypoint {
                 "--controller-ca", format!("{CONTROLLER_CA_DIR}/{CONTROLLER_CA_KEY}"),
                 "--metrics-address", format!("0.0.0.0:{METRICS_PORT}"),
                 "--state-dir", STATE_DIR,
+                "--shutdown-delay-seconds", SHUTDOWN_DELAY_SECONDS.to_string(),
+                "--drain-seconds", DRAIN_SECONDS.to_string(),
             ],
             "env": [
                 {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -356,9 +368,11 @@ impl Waypoint {
                 {"name": "hbone", "containerPort": HBONE_PORT, "protocol": "TCP"},
                 {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             ],
+            // Ready once the waypoint has its certificate and the mesh view; not ready from
+            // SIGTERM on.
             "readinessProbe": {
-                "httpGet": {"path": "/metrics", "port": METRICS_PORT},
-                "periodSeconds": 5,
+                "httpGet": {"path": "/ready", "port": METRICS_PORT},
+                "periodSeconds": 2,
             },
             "resources": {
                 "requests": {"cpu": "50m", "memory": "32Mi"},
@@ -407,20 +421,49 @@ impl Waypoint {
             }
             volumes.push(json!({"name": "config", "configMap": {"name": self.config_map_name()}}));
         }
+        let selector = json!({"matchLabels": {labels::WAYPOINT: self.name}});
         let deployment = json!({
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
             "spec": {
                 "replicas": self.replicas,
-                "selector": {"matchLabels": {labels::WAYPOINT: self.name}},
+                "selector": selector,
+                // A rollout starts a new pod and waits for it to be ready before stopping an
+                // old one: the waypoint's capacity never drops.
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+                },
                 "template": {
-                    "metadata": {"labels": self.labels()},
+                    "metadata": {
+                        "labels": self.labels(),
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": METRICS_PORT.to_string(),
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
                     "spec": {
                         "serviceAccountName": self.name,
+                        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+                        // Replicas on different nodes where the cluster allows it: one node
+                        // going down does not take the whole waypoint with it.
+                        "topologySpreadConstraints": [{
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": selector,
+                        }],
                         "containers": [container],
                         "volumes": volumes,
                     },
                 },
             },
+        });
+        // Voluntary disruptions (node drains) take one replica at a time; with one replica
+        // the drain still proceeds (never blocked).
+        let disruption_budget = json!({
+            "apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta,
+            "spec": {"maxUnavailable": 1, "selector": selector},
         });
         let service = json!({
             "apiVersion": "v1", "kind": "Service", "metadata": meta,
@@ -435,7 +478,7 @@ impl Waypoint {
                 }],
             },
         });
-        objects.extend([service_account, deployment, service]);
+        objects.extend([service_account, deployment, disruption_budget, service]);
         objects
     }
 
@@ -589,6 +632,12 @@ pub async fn deploy(client: &Client, w: &Waypoint) -> Result<Deployed, CtlError>
                     .await
                     .map_err(api_err(action))?;
             }
+            "PodDisruptionBudget" => {
+                Api::<PodDisruptionBudget>::namespaced(client.clone(), ns_name)
+                    .patch(&w.name, &pp, &patch)
+                    .await
+                    .map_err(api_err(action))?;
+            }
             _ => {
                 services
                     .patch(&w.name, &pp, &patch)
@@ -629,9 +678,11 @@ pub struct Deleted {
     pub kept: Vec<String>,
 }
 
-/// Removes the waypoint's Deployment, Service and ServiceAccount (only those labelled
-/// `app.kubernetes.io/managed-by: weftctl`) and every binding to it in its namespace: the
-/// namespace label and the Service labels naming it (JSON merge patch to null).
+/// Removes the waypoint's Deployment, PodDisruptionBudget, Service and ServiceAccount (only
+/// those labelled
+/// `app.kubernetes.io/managed-by: weftctl`), its config ConfigMap, and every binding to it in
+/// its namespace: the namespace label and the Service labels naming it (JSON merge patch to
+/// null).
 pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Deleted, CtlError> {
     check_name(namespace, "namespace")?;
     check_name(name, "waypoint")?;
@@ -661,6 +712,7 @@ pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Dele
         }};
     }
     delete_managed!(Deployment, "deployment", name);
+    delete_managed!(PodDisruptionBudget, "poddisruptionbudget", name);
     delete_managed!(Service, "service", name);
     delete_managed!(ServiceAccount, "serviceaccount", name);
     delete_managed!(ConfigMap, "configmap", &format!("{name}-config"));
@@ -842,7 +894,7 @@ mod tests {
     fn a_config_file_ships_as_a_configmap_mounted_and_passed() {
         assert_eq!(
             wp(Binding::Namespace).objects().len(),
-            3,
+            4,
             "no config: no ConfigMap"
         );
         let w = Waypoint {
@@ -850,7 +902,7 @@ mod tests {
             ..wp(Binding::Namespace)
         };
         let objs = w.objects();
-        assert_eq!(objs.len(), 4);
+        assert_eq!(objs.len(), 5);
         assert_eq!(objs[0]["kind"], "ConfigMap");
         assert_eq!(objs[0]["metadata"]["name"], "waypoint-config");
         assert_eq!(objs[0]["data"][CONFIG_KEY], "listeners: []\n");
@@ -912,7 +964,15 @@ mod tests {
     fn objects_carry_the_waypoint_label_selector_and_port() {
         let objs = wp(Binding::Namespace).objects();
         let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
-        assert_eq!(kinds, ["ServiceAccount", "Deployment", "Service"]);
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "Deployment",
+                "PodDisruptionBudget",
+                "Service"
+            ]
+        );
         let d = &objs[1];
         assert_eq!(
             d["spec"]["template"]["metadata"]["labels"]["weft.dev/waypoint"],
@@ -923,10 +983,49 @@ mod tests {
             .as_array()
             .expect("args");
         assert!(args.iter().any(|a| a == "--service-account"));
-        let s = &objs[2];
+        let s = &objs[3];
         assert_eq!(s["metadata"]["labels"]["weft.dev/waypoint"], "waypoint");
         assert_eq!(s["spec"]["selector"]["weft.dev/waypoint"], "waypoint");
         assert_eq!(s["spec"]["ports"][0]["port"], 15008);
+    }
+
+    #[test]
+    fn pods_leave_without_failing_requests_and_spread_over_nodes() {
+        let objs = wp(Binding::Namespace).objects();
+        let d = &objs[1];
+        let pod = &d["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        // Ready only with certificate and mesh view; still serving for 5 s after SIGTERM,
+        // then 10 s of drain, all within the grace period.
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/ready");
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            args.windows(2)
+                .any(|w| w == ["--shutdown-delay-seconds", "5"])
+        );
+        assert!(args.windows(2).any(|w| w == ["--drain-seconds", "10"]));
+        assert_eq!(pod["terminationGracePeriodSeconds"], 20);
+        // A rollout never lowers the ready replicas.
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+        let spread = &pod["topologySpreadConstraints"][0];
+        assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+        assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway");
+        assert_eq!(spread["labelSelector"], d["spec"]["selector"]);
+        let annotations = &d["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(annotations["prometheus.io/port"], "15090");
+        // One replica at a time in a node drain.
+        let pdb = &objs[2];
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        assert_eq!(pdb["spec"]["selector"], d["spec"]["selector"]);
+        assert_eq!(
+            pdb["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "weftctl"
+        );
     }
 
     #[test]

@@ -145,7 +145,7 @@ async fn weftctl_deploy_creates_the_three_objects_and_labels_the_namespace() {
     assert_eq!(ports, [("hbone", 15008), ("metrics", 15090)]);
     assert_eq!(
         c["readinessProbe"]["httpGet"],
-        json!({"path": "/metrics", "port": 15090})
+        json!({"path": "/ready", "port": 15090})
     );
     assert_eq!(
         c["resources"],
@@ -184,6 +184,15 @@ async fn weftctl_deploy_creates_the_three_objects_and_labels_the_namespace() {
     assert_eq!(ports[0]["protocol"], "TCP");
     assert_eq!(ports[0]["appProtocol"], "weft.dev/hbone");
 
+    let pdb = s
+        .get("policy/v1", "PodDisruptionBudget", "shop", "waypoint")
+        .expect("pod disruption budget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"],
+        json!({"matchLabels": {"weft.dev/waypoint": "waypoint"}})
+    );
+
     let ns = s.get("v1", "Namespace", "", "shop");
     assert_eq!(
         label(&ns, "weft.dev/use-waypoint").as_deref(),
@@ -205,7 +214,7 @@ async fn weftctl_deploy_creates_the_three_objects_and_labels_the_namespace() {
         .into_iter()
         .filter(|r| r.method == "PATCH" && r.path.ends_with("/waypoint"))
         .collect();
-    assert_eq!(applies.len(), 3, "{applies:?}");
+    assert_eq!(applies.len(), 4, "{applies:?}");
     for r in &applies {
         assert_eq!(
             r.query.get("fieldManager").map(String::as_str),
@@ -230,6 +239,7 @@ async fn weftctl_deploy_twice_is_idempotent_and_applies_changes() {
         [
             s.get("v1", "ServiceAccount", "shop", "waypoint"),
             s.get("apps/v1", "Deployment", "shop", "waypoint"),
+            s.get("policy/v1", "PodDisruptionBudget", "shop", "waypoint"),
             s.get("v1", "Service", "shop", "waypoint"),
             s.get("v1", "Namespace", "", "shop"),
         ]
@@ -439,6 +449,7 @@ async fn weftctl_delete_removes_the_objects_and_the_bindings_and_keeps_foreign_o
         done.removed,
         [
             "deployment shop/waypoint",
+            "poddisruptionbudget shop/waypoint",
             "service shop/waypoint",
             "label weft.dev/use-waypoint from namespace shop",
             "label weft.dev/use-waypoint from service shop/web",
@@ -446,6 +457,10 @@ async fn weftctl_delete_removes_the_objects_and_the_bindings_and_keeps_foreign_o
     );
     assert_eq!(done.kept, ["serviceaccount shop/waypoint"]);
     assert!(s.get("apps/v1", "Deployment", "shop", "waypoint").is_none());
+    assert!(
+        s.get("policy/v1", "PodDisruptionBudget", "shop", "waypoint")
+            .is_none()
+    );
     assert!(s.get("v1", "Service", "shop", "waypoint").is_none());
     assert!(s.get("v1", "ServiceAccount", "shop", "waypoint").is_some());
     let ns = s.get("v1", "Namespace", "", "shop");
@@ -591,7 +606,15 @@ fn weftctl_renders_json_as_a_list() {
         .iter()
         .filter_map(|o| o["kind"].as_str())
         .collect();
-    assert_eq!(kinds, ["ServiceAccount", "Deployment", "Service"]);
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Service"
+        ]
+    );
 }
 
 // --- the binary ---
@@ -668,7 +691,16 @@ async fn weftctl_binary_dry_run_prints_yaml_documents_without_any_request() {
         .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
         .collect();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(kinds, ["ServiceAccount", "Deployment", "Service"], "{text}");
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Service"
+        ],
+        "{text}"
+    );
     let d = &docs[1];
     assert_eq!(
         d["metadata"]["labels"]["weft.dev/waypoint"].as_str(),

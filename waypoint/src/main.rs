@@ -59,6 +59,16 @@ struct Args {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, env = "WEFT_WAYPOINT_DRAIN_SECONDS", default_value_t = 10)]
     drain_seconds: u64,
+    /// On SIGTERM, how long (seconds) the waypoint goes on accepting connections and serving
+    /// requests while `/ready` answers 503, before it stops accepting and drains: the time
+    /// its clients (node agents, through the controller's view of the endpoints) take to stop
+    /// sending to it. `weftctl waypoint deploy` sets 5. A second SIGTERM ends it early.
+    #[arg(
+        long,
+        env = "WEFT_WAYPOINT_SHUTDOWN_DELAY_SECONDS",
+        default_value_t = 0
+    )]
+    shutdown_delay_seconds: u64,
     /// Only validate the config and exit (in mesh mode when --controller is given; nothing
     /// is contacted).
     #[arg(long)]
@@ -493,7 +503,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 args.metrics_address
             )
         })?;
-    tokio::spawn(serve_metrics(metrics_socket, prometheus, ready.clone()));
+    // Set on SIGTERM: `/ready` answers 503 from then on, whatever `ready` says (a new mesh
+    // view while draining sets `ready` again).
+    let draining = Arc::new(AtomicBool::new(false));
+    tokio::spawn(serve_metrics(
+        metrics_socket,
+        prometheus,
+        ready.clone(),
+        draining.clone(),
+    ));
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
@@ -529,11 +547,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    draining.store(true, Ordering::Release);
+    let delay = std::time::Duration::from_secs(args.shutdown_delay_seconds);
+    if !delay.is_zero() {
+        tracing::info!(
+            ?delay,
+            "SIGTERM: not ready; still serving while clients stop sending here"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = terminate.recv() => tracing::info!("second SIGTERM: shutdown delay cut short"),
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
     tracing::info!(
         ?drain,
         "shutting down: no new connections, draining open ones"
     );
-    ready.store(false, Ordering::Release);
     let _ = stop.send(true);
     for server in servers {
         let _ = server.await;
@@ -641,6 +671,7 @@ async fn serve_metrics(
     socket: tokio::net::TcpListener,
     prometheus: PrometheusHandle,
     ready: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
 ) {
     loop {
         let Ok((stream, _)) = socket.accept().await else {
@@ -648,18 +679,24 @@ async fn serve_metrics(
         };
         let prometheus = prometheus.clone();
         let ready = ready.clone();
+        let draining = draining.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(
                 move |request: http::Request<hyper::body::Incoming>| {
                     let prometheus = prometheus.clone();
                     let ready = ready.load(Ordering::Acquire);
+                    let draining = draining.load(Ordering::Acquire);
                     async move {
                         let (status, text) = match request.uri().path() {
                             "/metrics" => (http::StatusCode::OK, prometheus.render()),
+                            "/ready" if draining => (
+                                http::StatusCode::SERVICE_UNAVAILABLE,
+                                "not ready: shutting down (SIGTERM)\n".to_string(),
+                            ),
                             "/ready" if ready => (http::StatusCode::OK, "ready\n".to_string()),
                             "/ready" => (
                                 http::StatusCode::SERVICE_UNAVAILABLE,
-                                "not ready: waiting for the mesh view and the workload certificate (mesh mode), or draining\n".to_string(),
+                                "not ready: waiting for the mesh view and the workload certificate (mesh mode)\n".to_string(),
                             ),
                             _ => (
                                 http::StatusCode::NOT_FOUND,

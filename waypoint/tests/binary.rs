@@ -49,6 +49,19 @@ async fn thirty_connections(listen: std::net::SocketAddr, path: &str) -> Vec<com
     answers
 }
 
+/// Waits (at most 5 s) until the binary accepts connections on `listen` and `metrics`.
+async fn wait_listening(listen: std::net::SocketAddr, metrics: std::net::SocketAddr) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(listen).await.is_ok()
+            && tokio::net::TcpStream::connect(metrics).await.is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the binary did not listen within 5 s");
+}
+
 fn write_config(name: &str, text: &str) -> std::path::PathBuf {
     let path =
         std::env::temp_dir().join(format!("weft-waypoint-{}-{name}.yaml", std::process::id()));
@@ -92,6 +105,19 @@ listeners:
 
 struct Child(std::process::Child);
 
+impl Child {
+    /// The exit status, if the process exits within 5 s.
+    async fn exit_within_5s(&mut self) -> Option<std::process::ExitStatus> {
+        for _ in 0..100 {
+            if let Some(status) = self.0.try_wait().expect("wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -134,17 +160,7 @@ backends:
             .spawn()
             .expect("start the binary"),
     );
-    let mut ready = false;
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(listen).await.is_ok()
-            && tokio::net::TcpStream::connect(metrics).await.is_ok()
-        {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "the binary did not listen within 5 s");
+    wait_listening(listen, metrics).await;
     // Every worker answers (the kernel spreads new connections over their sockets: one that
     // nobody accepted on would hang about a third of these).
     for answer in thirty_connections(listen, "/hello").await {
@@ -227,17 +243,79 @@ backends:
 
     // SIGTERM: drain and exit cleanly.
     signal("TERM", &pid);
-    let mut exited = None;
-    for _ in 0..100 {
-        if let Some(status) = child.0.try_wait().expect("wait") {
-            exited = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let exited = child.exit_within_5s().await;
     assert!(
         exited.is_some_and(|s| s.success()),
         "exit after SIGTERM: {exited:?}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn sigterm_keeps_serving_through_the_shutdown_delay_while_not_ready() {
+    let a = backend("a").await;
+    let (listen, metrics) = (free_port(), free_port());
+    let path = write_config(
+        "delay",
+        &format!(
+            r#"
+listeners:
+  - name: web
+    address: {listen}
+    routes:
+      - backendRefs: [{{ name: a }}]
+backends:
+  - name: a
+    endpoints: ["{}"]
+"#,
+            a.addr
+        ),
+    );
+    let mut child = Child(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .arg("--metrics-address")
+            .arg(metrics.to_string())
+            .args(["--worker-threads", "2"])
+            // Far longer than the test: only the second SIGTERM ends it.
+            .args(["--shutdown-delay-seconds", "60"])
+            .args(["--drain-seconds", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the binary"),
+    );
+    wait_listening(listen, metrics).await;
+    assert_eq!(get(metrics, "/ready").await.status, 200);
+    assert_eq!(get(listen, "/hello").await.body, "a");
+
+    let pid = child.0.id().to_string();
+    signal("TERM", &pid);
+    // Not ready at once, so that Kubernetes takes the pod out of the Service's endpoints...
+    assert!(
+        answers_within_5s(metrics, "/ready", 503).await,
+        "/ready still answers 200 after SIGTERM"
+    );
+    let why = get(metrics, "/ready").await.body;
+    assert!(why.contains("shutting down"), "{why}");
+    // ... while new connections (clients that have not yet seen the change) are still served,
+    // on every worker.
+    for answer in thirty_connections(listen, "/hello").await {
+        assert_eq!(answer.body, "a");
+    }
+    assert!(child.0.try_wait().expect("wait").is_none(), "exited early");
+
+    // A second SIGTERM cuts the delay short: drain (1 s) and exit.
+    signal("TERM", &pid);
+    let exited = child.exit_within_5s().await;
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "exit within 5 s of the second SIGTERM: {exited:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "the listener is closed"
     );
     let _ = std::fs::remove_file(path);
 }
