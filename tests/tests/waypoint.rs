@@ -5,7 +5,8 @@
 //!
 //! World (controller mode, namespace `shop` meshed and bound to waypoint `waypoint`):
 //! - n1p1 `web` (the client), n1p2 `waypoint-1` (the waypoint pod, running `weft-waypoint`),
-//!   n1p3 `batch` (namespace `legacy`, not meshed);
+//!   n1p3 `batch` (namespace `legacy`, not meshed; a second waypoint pod `waypoint-2` in
+//!   `waypoint_pod_replaced_under_load_fails_no_request`);
 //! - n2p1 `api-v1`, n2p2 `api-v2`, n2p3 `other`: HTTP servers on 8080 answering their name.
 //!
 //! Services: `api` (→ api-v1), `api-v2`, `other` (label `weft.dev/use-waypoint: none`),
@@ -222,10 +223,22 @@ struct WaypointProcess {
 impl WaypointProcess {
     /// Starts it with `config_text` and `extra` arguments.
     fn start(mesh: &MeshLab, pod: &Pod, config_text: &str, extra: &[&str]) -> Self {
+        Self::start_named(mesh, pod, "waypoint", config_text, extra)
+    }
+
+    /// [`WaypointProcess::start`] with its files (config, log, state) named after `name`, so
+    /// that two can run side by side.
+    fn start_named(
+        mesh: &MeshLab,
+        pod: &Pod,
+        name: &str,
+        config_text: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = mesh.dir();
-        let config = dir.join("waypoint.yaml");
+        let config = dir.join(format!("{name}.yaml"));
         std::fs::write(&config, config_text).expect("write waypoint config");
-        let log = dir.join("waypoint.log");
+        let log = dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -254,7 +267,7 @@ impl WaypointProcess {
             .arg("--metrics-address")
             .arg(WAYPOINT_METRICS)
             .arg("--state-dir")
-            .arg(dir.join("waypoint-state"))
+            .arg(dir.join(format!("{name}-state")))
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -310,6 +323,19 @@ impl WaypointProcess {
 
     fn requests(&self) -> f64 {
         metric_sum(&self.metrics(), "weft_waypoint_requests_total", &[])
+    }
+
+    /// Its `/ready` status code.
+    fn ready(&self) -> u16 {
+        let ns = self.pod.netns().expect("netns");
+        let addr: SocketAddr = WAYPOINT_METRICS.parse().expect("addr");
+        http(&ns, addr, "GET", "/ready", "localhost").map_or(0, |(code, _)| code)
+    }
+
+    /// Sends SIGTERM and returns at once.
+    fn terminate(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
     }
 
     fn stop(&mut self) {
@@ -1699,4 +1725,92 @@ fn waypoint_writes_a_json_access_log_line_per_request() {
     assert_eq!(line["route"], "greeter", "{line}");
     assert_eq!(line["retries"], 3, "{line}");
     assert_eq!(line["destination_service"], "shop/greeter", "{line}");
+}
+
+#[test]
+fn waypoint_pod_replaced_under_load_fails_no_request() {
+    let _g = serial();
+    // As `weftctl waypoint deploy` runs it: still serving for a while after SIGTERM.
+    let Some(mut w) = world_with(
+        "waypoint_pod_replaced_under_load_fails_no_request",
+        ROUTING,
+        &["--shutdown-delay-seconds", "3", "--drain-seconds", "2"],
+    ) else {
+        return;
+    };
+    // A second waypoint pod (a rollout's new pod): n1p3 leaves `legacy` and joins `shop` as
+    // `waypoint-2`.
+    let second_pod = w.pod(0, 2);
+    w.change(|c| {
+        c.workloads.retain(|x| x.name != "batch");
+        let mut second = WorkloadSpec::new("waypoint-2", "shop", &second_pod)
+            .label(weft_api::labels::WAYPOINT, "waypoint");
+        second.service_account = "waypoint".into();
+        c.workloads.push(second);
+    });
+    let second = WaypointProcess::start_named(
+        &w.mesh,
+        &second_pod,
+        "waypoint-2",
+        &waypoint_config(ROUTING),
+        &[],
+    );
+    wait_for(T, "waypoint-2 ready", || {
+        (second.ready() == 200).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.log_text()));
+
+    // Steady load from `web`: one request after another, each on a new connection (a new
+    // choice of waypoint endpoint each time), for at most 60 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let ns = w.web().netns().expect("netns");
+        let addr = SocketAddr::new(API_VIP.parse().expect("vip"), 80);
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let start = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(60)
+            {
+                match http(&ns, addr, "GET", "/roll", &format!("{API_VIP}:80")) {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{:?}: {other:?}", start.elapsed())),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The old pod is deleted: at the same moment it gets SIGTERM and its endpoint leaves the
+    // Service (the controller's directory changes; the agents learn it moments later).
+    let mut first = w.waypoint.take().expect("waypoint-1");
+    first.terminate();
+    wait_for(T, "waypoint-1 not ready after SIGTERM", || {
+        (first.ready() == 503).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", first.log_text()));
+    w.change(|c| c.workloads.retain(|x| x.name != "waypoint-1"));
+    // It exits by itself: the delay (3 s), then the drain (at most 2 s).
+    let exited = wait_for(Duration::from_secs(15), "waypoint-1 to exit", || {
+        first.child.try_wait().ok().flatten()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", first.log_text()));
+    assert!(exited.success(), "{exited}\n{}", first.log_text());
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("load thread");
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed while the waypoint pod was replaced: {failed:?}\nwaypoint-1:\n{}\nwaypoint-2:\n{}\n{}",
+        failed.len(),
+        ok as usize + failed.len(),
+        first.log_text(),
+        second.log_text(),
+        w.logs()
+    );
+    assert!(ok >= 20, "only {ok} requests in the run");
+    assert!(second.requests() >= 1.0, "waypoint-2 served nothing");
 }
