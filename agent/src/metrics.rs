@@ -41,6 +41,10 @@ pub fn describe() {
         "Connections refused or failed before forwarding, with the traffic labels and a reason label."
     );
     describe_counter!(
+        "weft_waypoint_failovers_total",
+        "Connections to a waypoint whose first pod could not be reached or was draining, handed to another pod of the waypoint, by the first failure's reason."
+    );
+    describe_counter!(
         "weft_tcp_connections_closed_by_policy_total",
         "Live connections closed because a policy change no longer allows them."
     );

@@ -583,20 +583,30 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
     }
     let reg = ctx.conns.register(None);
     let connect_start = Instant::now();
-    let connected = match dst_peer.filter(|_| tunnelled) {
+    let mut connected = match dst_peer.filter(|_| tunnelled) {
         Some(dst_peer) => open_tunnel(pod, ctx, &view, &dst_peer, hbone_ip, dst, peer.ip())
             .await
             .map(|(tunnel, lease)| Upstream::Tunnel(tunnel, lease)),
         None => connect_from(pod, ctx, dst).await.map(Upstream::Plain),
     };
-    if let Some(p) = &pick {
-        match &connected {
-            Ok(_) => p.observe(connect_start.elapsed()),
-            // A refusal by the destination's agent (policy, draining) says nothing about the
-            // endpoint's health.
-            Err(RejectReason::Refused { .. }) => {}
-            Err(_) => p.observe(lb::FAILURE_PENALTY),
-        }
+    observe_connect(pick.as_ref(), &connected, connect_start);
+    // A waypoint pod that cannot be reached (it crashed, or left its Service before this
+    // agent's view says so) or that is draining hands the connection to another pod of the
+    // same waypoint, once: nothing has been forwarded yet, and every pod of a waypoint is the
+    // same proxy. A refusal by policy is final (any pod would refuse).
+    if let (Some(failed), Err(e)) = (waypoint, &connected)
+        && waypoint_may_fail_over(e)
+        && let Some((next, next_peer)) = other_waypoint_pod(&view, ctx, orig, failed)
+    {
+        tracing::debug!(pod = %pod.name, %failed, next = %next.ip, error = %e, "waypoint pod unreachable; trying another pod of the waypoint");
+        metrics::counter!("weft_waypoint_failovers_total", "reason" => e.label()).increment(1);
+        parties.set_dst_peer(Some(&next_peer), true);
+        let start = Instant::now();
+        connected = open_tunnel(pod, ctx, &view, &next_peer, next.ip, dst, peer.ip())
+            .await
+            .map(|(tunnel, lease)| Upstream::Tunnel(tunnel, lease));
+        observe_connect(Some(&next), &connected, start);
+        pick = Some(next);
     }
     let upstream = match connected {
         Ok(u) => u,
@@ -624,6 +634,56 @@ async fn outbound(client: TcpStream, peer: SocketAddr, pod: &PodMeta, ctx: &Prox
         Upstream::Plain(stream) => flow.run(client, stream, reg, (BUF_TCP, BUF_TCP)).await,
     }
     drop(pick);
+}
+
+/// Feeds the outcome of a connection attempt to the endpoint's latency estimate.
+fn observe_connect(
+    pick: Option<&lb::Pick>,
+    connected: &Result<Upstream, RejectReason>,
+    started: Instant,
+) {
+    if let Some(p) = pick {
+        match connected {
+            Ok(_) => p.observe(started.elapsed()),
+            // A refusal by the destination's agent (policy, draining) says nothing about the
+            // endpoint's health.
+            Err(RejectReason::Refused { .. }) => {}
+            Err(_) => p.observe(lb::FAILURE_PENALTY),
+        }
+    }
+}
+
+/// Whether a failure to reach a waypoint pod lets the connection try another pod of the
+/// waypoint: the pod did not answer or broke off (connect, TLS, tunnel), or it is draining or
+/// not ready yet (503). Refusals by policy (403) and this agent's own problems are final.
+fn waypoint_may_fail_over(e: &RejectReason) -> bool {
+    match e {
+        RejectReason::Connect { .. }
+        | RejectReason::ConnectTimeout { .. }
+        | RejectReason::Tunnel { .. } => true,
+        RejectReason::Tls { kind, .. } => *kind == "tls_failed",
+        RejectReason::Refused { status, .. } => *status == 503,
+        _ => false,
+    }
+}
+
+/// Another ready pod (not `failed`) of the waypoint the service at `orig` is bound to, picked by
+/// the balancer, with its peer entry.
+fn other_waypoint_pod(
+    view: &View,
+    ctx: &ProxyContext,
+    orig: SocketAddr,
+    failed: IpAddr,
+) -> Option<(lb::Pick, Arc<Peer>)> {
+    let waypoint = view.service_target(orig)?.waypoint?;
+    let others: Vec<IpAddr> = waypoint
+        .candidates
+        .into_iter()
+        .filter(|ip| *ip != failed)
+        .collect();
+    let next = ctx.lb.pick(&others)?;
+    let peer = view.peer(next.ip)?.clone();
+    Some((next, peer))
 }
 
 /// Where an outbound connection goes: a tunnel (holding its pooled connection) or plain TCP.

@@ -1727,6 +1727,65 @@ fn waypoint_writes_a_json_access_log_line_per_request() {
     assert_eq!(line["destination_service"], "shop/greeter", "{line}");
 }
 
+/// A second pod of the waypoint, `waypoint-2`, serving `ROUTING`: n1p3 leaves `legacy` and
+/// joins `shop` with the waypoint's label and ServiceAccount. Returns once it is ready.
+fn second_waypoint_pod(w: &mut World) -> WaypointProcess {
+    let pod = w.pod(0, 2);
+    w.change(|c| {
+        c.workloads.retain(|x| x.name != "batch");
+        let mut second = WorkloadSpec::new("waypoint-2", "shop", &pod)
+            .label(weft_api::labels::WAYPOINT, "waypoint");
+        second.service_account = "waypoint".into();
+        c.workloads.push(second);
+    });
+    let second =
+        WaypointProcess::start_named(&w.mesh, &pod, "waypoint-2", &waypoint_config(ROUTING), &[]);
+    wait_for(T, "waypoint-2 ready", || {
+        (second.ready() == 200).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.log_text()));
+    second
+}
+
+#[test]
+fn waypoint_crashed_pod_hands_connections_to_another_pod_of_the_waypoint() {
+    let _g = serial();
+    let Some(mut w) = world(
+        "waypoint_crashed_pod_hands_connections_to_another_pod_of_the_waypoint",
+        ROUTING,
+    ) else {
+        return;
+    };
+    let second = second_waypoint_pod(&mut w);
+    // waypoint-1 crashes: nothing listens on its 15008, but its pod is still an endpoint of the
+    // waypoint (Kubernetes has not noticed yet).
+    if let Some(mut p) = w.waypoint.take() {
+        p.stop();
+    }
+    for i in 0..20 {
+        let (code, body) = w
+            .get(API_VIP, &format!("/crash/{i}"))
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", w.logs()));
+        assert_eq!(code, 200, "request {i}: {body}");
+        assert!(body.starts_with("api-v1 "), "request {i}: {body}");
+    }
+    assert!(second.requests() >= 20.0, "waypoint-2 served them all");
+    // The agent picked the dead pod for some of them (the balancer sends a share of new
+    // connections to every endpoint) and moved each to waypoint-2.
+    let failovers = w.mesh.agent(0).metric(
+        "weft_waypoint_failovers_total",
+        &[("reason", "connect_failed")],
+    );
+    assert!(failovers >= 1.0, "no failover counted\n{}", w.logs());
+    // Nothing was refused.
+    let m = w.mesh.agent(0).metrics_text();
+    assert_eq!(
+        metric_sum(&m, "weft_tcp_connection_failures_total", &[]),
+        0.0,
+        "{m}"
+    );
+}
+
 #[test]
 fn waypoint_pod_replaced_under_load_fails_no_request() {
     let _g = serial();
@@ -1738,27 +1797,8 @@ fn waypoint_pod_replaced_under_load_fails_no_request() {
     ) else {
         return;
     };
-    // A second waypoint pod (a rollout's new pod): n1p3 leaves `legacy` and joins `shop` as
-    // `waypoint-2`.
-    let second_pod = w.pod(0, 2);
-    w.change(|c| {
-        c.workloads.retain(|x| x.name != "batch");
-        let mut second = WorkloadSpec::new("waypoint-2", "shop", &second_pod)
-            .label(weft_api::labels::WAYPOINT, "waypoint");
-        second.service_account = "waypoint".into();
-        c.workloads.push(second);
-    });
-    let second = WaypointProcess::start_named(
-        &w.mesh,
-        &second_pod,
-        "waypoint-2",
-        &waypoint_config(ROUTING),
-        &[],
-    );
-    wait_for(T, "waypoint-2 ready", || {
-        (second.ready() == 200).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{}", second.log_text()));
+    // A rollout's new pod.
+    let second = second_waypoint_pod(&mut w);
 
     // Steady load from `web`: one request after another, each on a new connection (a new
     // choice of waypoint endpoint each time), for at most 60 s.
