@@ -63,9 +63,9 @@ pub const MAX_REPLICAS: u32 = 100;
 pub const SHUTDOWN_DELAY_SECONDS: u64 = 5;
 /// How long a waypoint pod's open connections may then take to finish (`--drain-seconds`).
 pub const DRAIN_SECONDS: u64 = 10;
-/// The pod's `terminationGracePeriodSeconds`: the delay, the drain and 5 s for the last spans
-/// to be exported, so the kubelet never kills a draining waypoint.
-pub const TERMINATION_GRACE_SECONDS: u64 = SHUTDOWN_DELAY_SECONDS + DRAIN_SECONDS + 5;
+/// The pod's `terminationGracePeriodSeconds`: the delay, the drain, at most 5 s for the last
+/// spans to be exported and 5 s to spare, so the kubelet never kills a draining waypoint.
+pub const TERMINATION_GRACE_SECONDS: u64 = SHUTDOWN_DELAY_SECONDS + DRAIN_SECONDS + 10;
 
 const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 const NAME_LABEL: &str = "app.kubernetes.io/name";
@@ -1009,7 +1009,7 @@ mod tests {
                 .any(|w| w == ["--shutdown-delay-seconds", "5"])
         );
         assert!(args.windows(2).any(|w| w == ["--drain-seconds", "10"]));
-        assert_eq!(pod["terminationGracePeriodSeconds"], 20);
+        assert_eq!(pod["terminationGracePeriodSeconds"], 25);
         // A rollout never lowers the ready replicas.
         assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
         let spread = &pod["topologySpreadConstraints"][0];

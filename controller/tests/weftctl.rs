@@ -68,7 +68,7 @@ fn stable(mut v: Value) -> Value {
 }
 
 #[tokio::test]
-async fn weftctl_deploy_creates_the_three_objects_and_labels_the_namespace() {
+async fn weftctl_deploy_creates_the_objects_and_labels_the_namespace() {
     let s = server().await;
     let done = weftctl::deploy(&s.client(), &waypoint(Binding::Namespace))
         .await

@@ -1727,14 +1727,16 @@ fn waypoint_writes_a_json_access_log_line_per_request() {
     assert_eq!(line["destination_service"], "shop/greeter", "{line}");
 }
 
-/// A second pod of the waypoint, `waypoint-2`, serving `ROUTING`: n1p3 leaves `legacy` and
-/// joins `shop` with the waypoint's label and ServiceAccount. Returns once it is ready.
-fn second_waypoint_pod(w: &mut World) -> WaypointProcess {
+/// A second waypoint pod, `waypoint-2`, serving `ROUTING`: n1p3 leaves `legacy` and joins
+/// `shop` with the waypoint's ServiceAccount and the label `weft.dev/waypoint: <label>` (with
+/// `waypoint`, a pod of the waypoint's Service; with another value, not yet). Returns once it
+/// is ready.
+fn second_waypoint_pod(w: &mut World, label: &str) -> WaypointProcess {
     let pod = w.pod(0, 2);
     w.change(|c| {
         c.workloads.retain(|x| x.name != "batch");
-        let mut second = WorkloadSpec::new("waypoint-2", "shop", &pod)
-            .label(weft_api::labels::WAYPOINT, "waypoint");
+        let mut second =
+            WorkloadSpec::new("waypoint-2", "shop", &pod).label(weft_api::labels::WAYPOINT, label);
         second.service_account = "waypoint".into();
         c.workloads.push(second);
     });
@@ -1756,12 +1758,21 @@ fn waypoint_crashed_pod_hands_connections_to_another_pod_of_the_waypoint() {
     ) else {
         return;
     };
-    let second = second_waypoint_pod(&mut w);
-    // waypoint-1 crashes: nothing listens on its 15008, but its pod is still an endpoint of the
-    // waypoint (Kubernetes has not noticed yet).
-    if let Some(mut p) = w.waypoint.take() {
-        p.stop();
-    }
+    let mut second = second_waypoint_pod(&mut w, "waypoint");
+    let failures = |w: &World| {
+        metric_sum(
+            &w.mesh.agent(0).metrics_text(),
+            "weft_tcp_connection_failures_total",
+            &[],
+        )
+    };
+    let failed_before = failures(&w);
+    let served_before = w.waypoint().requests();
+    // waypoint-2 crashes before it served anything: nothing listens on its 15008, but its pod
+    // is still an endpoint of the waypoint (Kubernetes has not noticed yet). Never measured,
+    // it is the balancer's first choice (an endpoint never measured costs nothing): the first
+    // request goes to it and must move to waypoint-1.
+    second.stop();
     for i in 0..20 {
         let (code, body) = w
             .get(API_VIP, &format!("/crash/{i}"))
@@ -1769,21 +1780,18 @@ fn waypoint_crashed_pod_hands_connections_to_another_pod_of_the_waypoint() {
         assert_eq!(code, 200, "request {i}: {body}");
         assert!(body.starts_with("api-v1 "), "request {i}: {body}");
     }
-    assert!(second.requests() >= 20.0, "waypoint-2 served them all");
-    // The agent picked the dead pod for some of them (the balancer sends a share of new
-    // connections to every endpoint) and moved each to waypoint-2.
+    assert_eq!(
+        w.waypoint().requests() - served_before,
+        20.0,
+        "waypoint-1 served them all"
+    );
     let failovers = w.mesh.agent(0).metric(
         "weft_waypoint_failovers_total",
         &[("reason", "connect_failed")],
     );
     assert!(failovers >= 1.0, "no failover counted\n{}", w.logs());
     // Nothing was refused.
-    let m = w.mesh.agent(0).metrics_text();
-    assert_eq!(
-        metric_sum(&m, "weft_tcp_connection_failures_total", &[]),
-        0.0,
-        "{m}"
-    );
+    assert_eq!(failures(&w), failed_before, "{}", w.logs());
 }
 
 #[test]
@@ -1793,12 +1801,12 @@ fn waypoint_pod_replaced_under_load_fails_no_request() {
     let Some(mut w) = world_with(
         "waypoint_pod_replaced_under_load_fails_no_request",
         ROUTING,
-        &["--shutdown-delay-seconds", "3", "--drain-seconds", "2"],
+        &["--shutdown-delay-seconds", "5", "--drain-seconds", "2"],
     ) else {
         return;
     };
-    // A rollout's new pod.
-    let second = second_waypoint_pod(&mut w);
+    // A rollout's new pod, ready but not yet in the agents' view of the waypoint's Service.
+    let second = second_waypoint_pod(&mut w, "waypoint-next");
 
     // Steady load from `web`: one request after another, each on a new connection (a new
     // choice of waypoint endpoint each time), for at most 60 s.
@@ -1824,16 +1832,28 @@ fn waypoint_pod_replaced_under_load_fails_no_request() {
     };
     std::thread::sleep(Duration::from_millis(500));
 
-    // The old pod is deleted: at the same moment it gets SIGTERM and its endpoint leaves the
-    // Service (the controller's directory changes; the agents learn it moments later).
+    // The old pod is deleted: it gets SIGTERM at once, while the agents learn the new set of
+    // waypoint pods a second later (the control plane's lag). Meanwhile waypoint-1 is the only
+    // pod they know: it must go on serving (no other pod to fail over to).
     let mut first = w.waypoint.take().expect("waypoint-1");
     first.terminate();
     wait_for(T, "waypoint-1 not ready after SIGTERM", || {
         (first.ready() == 503).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", first.log_text()));
-    w.change(|c| c.workloads.retain(|x| x.name != "waypoint-1"));
-    // It exits by itself: the delay (3 s), then the drain (at most 2 s).
+    std::thread::sleep(Duration::from_secs(1));
+    w.change(|c| {
+        c.workloads.retain(|x| x.name != "waypoint-1");
+        for x in &mut c.workloads {
+            if x.name == "waypoint-2" {
+                x.labels
+                    .insert(weft_api::labels::WAYPOINT.into(), "waypoint".into());
+            }
+        }
+    });
+    // A new mesh view reached the draining waypoint: it stays not ready.
+    assert_eq!(first.ready(), 503, "ready again while draining");
+    // It exits by itself: the delay (5 s), then the drain (at most 2 s).
     let exited = wait_for(Duration::from_secs(15), "waypoint-1 to exit", || {
         first.child.try_wait().ok().flatten()
     })

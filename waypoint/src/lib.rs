@@ -52,7 +52,8 @@
 //!   buckets, budgets) of what did not change; graceful drain
 //!   ([`proxy::serve_until`], SIGTERM in the binary).
 //! * **Binary** `weft-waypoint --config waypoint.yaml [--metrics-address 127.0.0.1:15090]
-//!   [--drain-seconds 10] [--check]`: serves the listeners, Prometheus metrics on `/metrics`.
+//!   [--shutdown-delay-seconds 0] [--drain-seconds 10] [--check]`: serves the listeners,
+//!   Prometheus metrics on `/metrics`, readiness on `/ready`.
 //!   `waypoint.example.yaml` shows every field.
 //!
 //! Tests: unit tests next to each module (layers against `tower::service_fn`, paused time);

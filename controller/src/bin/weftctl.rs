@@ -38,7 +38,8 @@ enum WaypointCmd {
         /// Namespace of the waypoint (must exist).
         #[arg(short = 'n', long, value_name = "NS")]
         namespace: String,
-        /// Name of the waypoint: its Deployment, Service and ServiceAccount.
+        /// Name of the waypoint: its Deployment, PodDisruptionBudget, Service and
+        /// ServiceAccount.
         #[arg(long, default_value = "waypoint")]
         name: String,
         /// Container image of weft-waypoint.
