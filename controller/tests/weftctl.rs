@@ -17,6 +17,14 @@ fn waypoint(binding: Binding) -> Waypoint {
     }
 }
 
+/// The kinds of a waypoint's objects without a config file, in the order they are applied.
+const KINDS: [&str; 4] = [
+    "ServiceAccount",
+    "Deployment",
+    "PodDisruptionBudget",
+    "Service",
+];
+
 const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
 /// A fake API server with namespace `shop` (meshed) and its Services `web` and `api`, and the
@@ -606,15 +614,7 @@ fn weftctl_renders_json_as_a_list() {
         .iter()
         .filter_map(|o| o["kind"].as_str())
         .collect();
-    assert_eq!(
-        kinds,
-        [
-            "ServiceAccount",
-            "Deployment",
-            "PodDisruptionBudget",
-            "Service"
-        ]
-    );
+    assert_eq!(kinds, KINDS);
 }
 
 // --- the binary ---
@@ -691,16 +691,7 @@ async fn weftctl_binary_dry_run_prints_yaml_documents_without_any_request() {
         .map(|d| serde::Deserialize::deserialize(d).expect("YAML document"))
         .collect();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    assert_eq!(
-        kinds,
-        [
-            "ServiceAccount",
-            "Deployment",
-            "PodDisruptionBudget",
-            "Service"
-        ],
-        "{text}"
-    );
+    assert_eq!(kinds, KINDS, "{text}");
     let d = &docs[1];
     assert_eq!(
         d["metadata"]["labels"]["weft.dev/waypoint"].as_str(),

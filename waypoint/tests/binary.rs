@@ -106,6 +106,22 @@ listeners:
 struct Child(std::process::Child);
 
 impl Child {
+    /// The binary serving the config file `path`, metrics on `metrics`, with `extra` flags.
+    fn start(path: &std::path::Path, metrics: std::net::SocketAddr, extra: &[&str]) -> Self {
+        Child(
+            Command::new(BIN)
+                .arg("--config")
+                .arg(path)
+                .arg("--metrics-address")
+                .arg(metrics.to_string())
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the binary"),
+        )
+    }
+
     /// The exit status, if the process exits within 5 s.
     async fn exit_within_5s(&mut self) -> Option<std::process::ExitStatus> {
         for _ in 0..100 {
@@ -146,19 +162,11 @@ backends:
             a.addr
         ),
     );
-    let mut child = Child(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .arg("--metrics-address")
-            .arg(metrics.to_string())
-            // Thread per core: three SO_REUSEPORT sockets on one address.
-            .args(["--worker-threads", "3"])
-            .args(["--config-check-seconds", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the binary"),
+    let mut child = Child::start(
+        &path,
+        metrics,
+        // Thread per core: three SO_REUSEPORT sockets on one address.
+        &["--worker-threads", "3", "--config-check-seconds", "1"],
     );
     wait_listening(listen, metrics).await;
     // Every worker answers (the kernel spreads new connections over their sockets: one that
@@ -271,20 +279,18 @@ backends:
             a.addr
         ),
     );
-    let mut child = Child(
-        Command::new(BIN)
-            .arg("--config")
-            .arg(&path)
-            .arg("--metrics-address")
-            .arg(metrics.to_string())
-            .args(["--worker-threads", "2"])
-            // Far longer than the test: only the second SIGTERM ends it.
-            .args(["--shutdown-delay-seconds", "60"])
-            .args(["--drain-seconds", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the binary"),
+    let mut child = Child::start(
+        &path,
+        metrics,
+        // A delay far longer than the test: only the second SIGTERM ends it.
+        &[
+            "--worker-threads",
+            "2",
+            "--shutdown-delay-seconds",
+            "60",
+            "--drain-seconds",
+            "1",
+        ],
     );
     wait_listening(listen, metrics).await;
     assert_eq!(get(metrics, "/ready").await.status, 200);
