@@ -678,11 +678,10 @@ pub struct Deleted {
     pub kept: Vec<String>,
 }
 
-/// Removes the waypoint's Deployment, PodDisruptionBudget, Service and ServiceAccount (only
-/// those labelled
-/// `app.kubernetes.io/managed-by: weftctl`), its config ConfigMap, and every binding to it in
-/// its namespace: the namespace label and the Service labels naming it (JSON merge patch to
-/// null).
+/// Removes the waypoint's Deployment, PodDisruptionBudget, Service, ServiceAccount and config
+/// ConfigMap (only those labelled `app.kubernetes.io/managed-by: weftctl`) and every binding to
+/// it in its namespace: the namespace label and the Service labels naming it (JSON merge patch
+/// to null).
 pub async fn delete(client: &Client, namespace: &str, name: &str) -> Result<Deleted, CtlError> {
     check_name(namespace, "namespace")?;
     check_name(name, "waypoint")?;

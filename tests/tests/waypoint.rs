@@ -5,8 +5,8 @@
 //!
 //! World (controller mode, namespace `shop` meshed and bound to waypoint `waypoint`):
 //! - n1p1 `web` (the client), n1p2 `waypoint-1` (the waypoint pod, running `weft-waypoint`),
-//!   n1p3 `batch` (namespace `legacy`, not meshed; a second waypoint pod `waypoint-2` in
-//!   `waypoint_pod_replaced_under_load_fails_no_request`);
+//!   n1p3 `batch` (namespace `legacy`, not meshed; a second waypoint pod `waypoint-2` in the
+//!   tests of a crashed and of a replaced waypoint pod);
 //! - n2p1 `api-v1`, n2p2 `api-v2`, n2p3 `other`: HTTP servers on 8080 answering their name.
 //!
 //! Services: `api` (→ api-v1), `api-v2`, `other` (label `weft.dev/use-waypoint: none`),

@@ -552,7 +552,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !delay.is_zero() {
         tracing::info!(
             ?delay,
-            "SIGTERM: not ready; still serving while clients stop sending here"
+            "signal received: not ready; still serving while clients stop sending here"
         );
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -691,7 +691,7 @@ async fn serve_metrics(
                             "/metrics" => (http::StatusCode::OK, prometheus.render()),
                             "/ready" if draining => (
                                 http::StatusCode::SERVICE_UNAVAILABLE,
-                                "not ready: shutting down (SIGTERM)\n".to_string(),
+                                "not ready: shutting down (SIGTERM or SIGINT)\n".to_string(),
                             ),
                             "/ready" if ready => (http::StatusCode::OK, "ready\n".to_string()),
                             "/ready" => (
