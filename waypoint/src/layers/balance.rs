@@ -18,6 +18,9 @@ use crate::body::Request;
 use crate::config::{LoadBalancerConfig, OutlierDetectionConfig};
 use crate::error::ProxyError;
 
+/// What a failed connect counts as in an endpoint's latency average.
+pub const CONNECT_FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 struct Ewma {
     nanos: f64,
@@ -483,9 +486,16 @@ impl<S: Inner> Service<Request> for Balance<S> {
                 Err(ProxyError::ConnectionLimit { .. }) => Outcome::Cancelled,
                 Err(_) => Outcome::Failure5xx,
             };
-            if outcome != Outcome::ConnectFailure {
-                endpoint.observe(guard.start.elapsed(), decay);
-            }
+            // A failed connect is fast: counted as its latency, a dead endpoint would look
+            // like the best one and draw most requests (without outlier detection, until the
+            // endpoint leaves the backend). It counts as a slow answer instead, and the decay
+            // brings the endpoint back to be tried again later.
+            let latency = if outcome == Outcome::ConnectFailure {
+                CONNECT_FAILURE_PENALTY
+            } else {
+                guard.start.elapsed()
+            };
+            endpoint.observe(latency, decay);
             guard.finish(outcome);
             result
         })
@@ -555,6 +565,51 @@ mod tests {
         // p2c picks the fast endpoint whenever it is one of the two candidates: 2/3 of the
         // time, 200 expected (sigma ~8), against 100 for a random choice.
         assert!(fast > 160, "fast endpoint got {fast} of 300: {calls:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_refusing_connections_is_avoided_not_preferred() {
+        let set = Arc::new(EndpointSet::new(
+            "b".into(),
+            &[addr(1), addr(2)],
+            LoadBalancerConfig::default(),
+            None,
+        ));
+        // Endpoint 1 refuses every connection at once; endpoint 2 answers in 5 ms.
+        let service = {
+            ProxyService::new(tower::service_fn(move |mut request: Request| {
+                let endpoint = crate::layers::take_selected(&mut request).map(|e| e.addr);
+                let port = endpoint.map_or(0, |a| a.port());
+                async move {
+                    match endpoint {
+                        Some(endpoint) if port == 1 => Err(ProxyError::Connect {
+                            backend: "b".into(),
+                            endpoint,
+                            reason: "connection refused".into(),
+                        }),
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            Ok(crate::body::text_response(http::StatusCode::OK, "x"))
+                        }
+                    }
+                }
+            }))
+        };
+        let service = BalanceLayer::new(set).layer(service);
+        let mut failed = 0;
+        for _ in 0..100 {
+            if service.clone().oneshot(request("/")).await.is_err() {
+                failed += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // One refusal makes endpoint 1 cost as much as a 1 s answer: over the next second of
+        // requests it loses every pairing with the 5 ms endpoint (its cost decays for ~70 s
+        // before it is tried again). Counted as its near-zero latency, it won them all.
+        assert!(
+            failed <= 2,
+            "{failed} of 100 requests went to the refusing endpoint"
+        );
     }
 
     #[tokio::test(start_paused = true)]
