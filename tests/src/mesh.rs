@@ -438,8 +438,7 @@ impl AgentProcess {
 
     /// Sends SIGTERM and returns at once (graceful drain).
     pub fn terminate(&self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        sigterm(&self.child);
     }
 
     /// The Prometheus text from `/metrics`.
@@ -454,8 +453,7 @@ impl AgentProcess {
 
     /// SIGTERM, then wait (SIGKILL after `grace`).
     pub fn stop(&mut self, grace: Duration) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        sigterm(&self.child);
         let start = Instant::now();
         while start.elapsed() < grace {
             if !self.is_running() {
@@ -482,6 +480,12 @@ impl Drop for AgentProcess {
 }
 
 /// Polls `f` until it returns `Some`, or fails with `what` after `timeout`.
+/// Sends SIGTERM to `child` and returns at once.
+pub fn sigterm(child: &std::process::Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+}
+
 pub fn wait_for<T>(
     timeout: Duration,
     what: &str,

@@ -334,8 +334,7 @@ impl WaypointProcess {
 
     /// Sends SIGTERM and returns at once.
     fn terminate(&self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        weft_tests::mesh::sigterm(&self.child);
     }
 
     fn stop(&mut self) {

@@ -173,16 +173,12 @@ async fn connection(mut down: TcpStream, upstream: SocketAddr) -> anyhow::Result
 }
 
 fn main() -> anyhow::Result<()> {
-    let floor::Args {
-        listen,
-        upstream,
-        threads,
-        option,
-    } = floor::args("usage: httparse_floor LISTEN UPSTREAM [THREADS [http]]")?;
-    if option.as_deref() == Some("http") {
+    let args = floor::args("usage: httparse_floor LISTEN UPSTREAM [THREADS [http]]")?;
+    if args.option.as_deref() == Some("http") {
         THROUGH_HTTP.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    floor::on_threads(threads, move || {
+    let (listen, upstream) = (args.listen, args.upstream);
+    floor::on_threads(args.threads, move || {
         floor::runtime()?.block_on(async move {
             let listener = floor::reuseport_listener(listen)?;
             loop {

@@ -77,14 +77,10 @@ async fn connection(downstream: TcpStream, upstream: SocketAddr) -> anyhow::Resu
 }
 
 fn main() -> anyhow::Result<()> {
-    let floor::Args {
-        listen,
-        upstream,
-        threads,
-        option,
-    } = floor::args("usage: hyper_floor LISTEN UPSTREAM [THREADS [pool]]")?;
-    let pool = option.as_deref() == Some("pool");
-    floor::on_threads(threads, move || {
+    let args = floor::args("usage: hyper_floor LISTEN UPSTREAM [THREADS [pool]]")?;
+    let pool = args.option.as_deref() == Some("pool");
+    let (listen, upstream) = (args.listen, args.upstream);
+    floor::on_threads(args.threads, move || {
         let runtime = floor::runtime()?;
         let local = tokio::task::LocalSet::new();
         local.block_on(&runtime, async move {

@@ -62,6 +62,23 @@ async fn wait_listening(listen: std::net::SocketAddr, metrics: std::net::SocketA
     panic!("the binary did not listen within 5 s");
 }
 
+/// A listener on `listen` with one route, `all`, to backend `a` at `a`.
+fn one_route(listen: std::net::SocketAddr, a: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+listeners:
+  - name: web
+    address: {listen}
+    routes:
+      - name: all
+        backendRefs: [{{ name: a }}]
+backends:
+  - name: a
+    endpoints: ["{a}"]
+"#
+    )
+}
+
 fn write_config(name: &str, text: &str) -> std::path::PathBuf {
     let path =
         std::env::temp_dir().join(format!("weft-waypoint-{}-{name}.yaml", std::process::id()));
@@ -145,23 +162,7 @@ impl Drop for Child {
 async fn serves_the_config_and_exports_metrics() {
     let a = backend("a").await;
     let (listen, metrics) = (free_port(), free_port());
-    let path = write_config(
-        "good",
-        &format!(
-            r#"
-listeners:
-  - name: web
-    address: {listen}
-    routes:
-      - name: all
-        backendRefs: [{{ name: a }}]
-backends:
-  - name: a
-    endpoints: ["{}"]
-"#,
-            a.addr
-        ),
-    );
+    let path = write_config("good", &one_route(listen, a.addr));
     let mut child = Child::start(
         &path,
         metrics,
@@ -263,22 +264,7 @@ backends:
 async fn sigterm_keeps_serving_through_the_shutdown_delay_while_not_ready() {
     let a = backend("a").await;
     let (listen, metrics) = (free_port(), free_port());
-    let path = write_config(
-        "delay",
-        &format!(
-            r#"
-listeners:
-  - name: web
-    address: {listen}
-    routes:
-      - backendRefs: [{{ name: a }}]
-backends:
-  - name: a
-    endpoints: ["{}"]
-"#,
-            a.addr
-        ),
-    );
+    let path = write_config("delay", &one_route(listen, a.addr));
     let mut child = Child::start(
         &path,
         metrics,
