@@ -1873,3 +1873,73 @@ fn waypoint_pod_replaced_under_load_fails_no_request() {
     assert!(ok >= 20, "only {ok} requests in the run");
     assert!(second.requests() >= 1.0, "waypoint-2 served nothing");
 }
+
+#[test]
+fn waypoint_sends_a_request_its_dead_endpoint_refused_to_another_without_a_retry_policy() {
+    let _g = serial();
+    // Backend `pool`: api-v1 and other. No retry policy on the route.
+    let routes = r#"      - name: pool
+        backendRefs:
+          - name: pool
+"#;
+    let Some(mut w) = world(
+        "waypoint_sends_a_request_its_dead_endpoint_refused_to_another_without_a_retry_policy",
+        routes,
+    ) else {
+        return;
+    };
+    // Both endpoints serve at first.
+    wait_for(T, "both endpoints of `pool` to answer", || {
+        let bodies: Vec<String> = (0..20)
+            .filter_map(|_| w.get(API_VIP, "/x").ok().map(|(_, body)| body))
+            .collect();
+        (bodies.iter().any(|b| b.starts_with("api-v1"))
+            && bodies.iter().any(|b| b.starts_with("other")))
+        .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+
+    // `other`'s server dies; its pod stays in the Service's endpoints (the control plane has
+    // not noticed yet). Its node agent now answers the waypoint's tunnels with 503.
+    drop(w.servers.remove(2));
+    // Concurrent requests first, so the dead endpoint is chosen before the balancer has
+    // seen it fail, then one after another.
+    let ns = w.web().netns().expect("netns");
+    let addr = SocketAddr::new(API_VIP.parse().expect("vip"), 80);
+    let host = format!("{API_VIP}:80");
+    let mut answers: Vec<std::io::Result<(u16, String)>> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..12)
+            .map(|i| {
+                let (ns, host) = (&ns, &host);
+                s.spawn(move || http(ns, addr, "GET", &format!("/c{i}"), host))
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("request thread"))
+            .collect()
+    });
+    for i in 0..20 {
+        answers.push(http(&ns, addr, "GET", &format!("/s{i}"), &host));
+    }
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|a| !matches!(a, Ok((200, body)) if body.starts_with("api-v1")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests not served by api-v1: {failed:?}\n{}",
+        failed.len(),
+        answers.len(),
+        w.logs()
+    );
+    let failovers = w.wp_metric(
+        "weft_waypoint_connect_failovers_total",
+        &[("backend", "pool")],
+    );
+    assert!(
+        failovers >= 1.0,
+        "no request went to the dead endpoint first: {failovers}\n{}",
+        w.waypoint().metrics()
+    );
+}

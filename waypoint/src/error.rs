@@ -22,6 +22,8 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         /// The connector's error.
         reason: String,
+        /// The request, when it never left: the balancer hands it to another endpoint.
+        unsent: Option<Unsent>,
     },
     /// The connection broke, or the endpoint answered with something that is not HTTP.
     #[error(
@@ -111,6 +113,17 @@ pub enum ProxyError {
     /// A bug: a layer below the backend choice ran without the data it needs.
     #[error("internal error: {0}; this is a waypoint bug, please report it")]
     Internal(&'static str),
+}
+
+/// A request that never left the waypoint because no connection to its endpoint could be
+/// opened; sending it elsewhere is safe whatever its method
+/// ([`crate::layers::balance`]'s connect failover).
+pub struct Unsent(pub Box<body::Request>);
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Unsent({} {})", self.0.method(), self.0.uri())
+    }
 }
 
 impl ProxyError {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{HeaderValue, Uri, Version};
 use http_body_util::Full;
+use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -19,7 +20,7 @@ use tower::Service;
 
 use crate::body::Request;
 use crate::config::BackendProtocol;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Unsent};
 use crate::layers::{BoxFuture, ProxyResult, SelectedEndpoint};
 use crate::pool::{self, Pool, PoolError, Sender};
 
@@ -191,10 +192,11 @@ pub(crate) fn answer(
             backend: target.backend.to_string(),
             max,
         }),
-        Err(PoolError::Connect(reason)) => Err(ProxyError::Connect {
+        Err(PoolError::Connect(reason, unsent)) => Err(ProxyError::Connect {
             backend: target.backend.to_string(),
             endpoint: target.addr,
             reason,
+            unsent: unsent.map(|request| unsent_request(*request)),
         }),
         Err(PoolError::Upstream(e)) => Err(ProxyError::Upstream {
             backend: target.backend.to_string(),
@@ -224,7 +226,10 @@ pub(crate) fn upstream_request(
             if !parts.headers.contains_key(header::HOST) {
                 let value = match parts.uri.authority() {
                     Some(authority) => HeaderValue::from_str(authority.as_str()),
-                    None => HeaderValue::from_str(&target.addr.to_string()),
+                    None => {
+                        parts.extensions.insert(HostOfEndpoint);
+                        HeaderValue::from_str(&target.addr.to_string())
+                    }
                 };
                 if let Ok(value) = value {
                     parts.headers.insert(header::HOST, value);
@@ -237,10 +242,37 @@ pub(crate) fn upstream_request(
                 Some(host) => http::uri::Authority::try_from(host.as_bytes()).ok(),
                 None => parts.uri.authority().cloned(),
             };
+            if host.is_none() {
+                parts.extensions.insert(HostOfEndpoint);
+            }
             (upstream_uri(target, host, &parts.uri)?, Version::HTTP_2)
         }
     };
     Ok(http::Request::from_parts(parts, Full::new(body)))
+}
+
+/// Request extension: the request had no host, so [`upstream_request`] gave it its
+/// endpoint's address (Host or `:authority`), which [`unsent_request`] takes back.
+#[derive(Clone, Copy, Debug)]
+struct HostOfEndpoint;
+
+/// An upstream request that never left ([`PoolError::Connect`]) as the layers take it, for
+/// another endpoint: its body back in one piece, and without the host it got from the failed
+/// endpoint's address. (Hop-by-hop headers stay removed; [`upstream_request`] does the rest
+/// again for the next endpoint.)
+fn unsent_request(request: http::Request<Full<Bytes>>) -> Unsent {
+    let (mut parts, mut full) = request.into_parts();
+    // `Full` yields its one frame at once, without a waker to call.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let body = match std::pin::Pin::new(&mut full).poll_frame(&mut cx) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    };
+    if parts.extensions.remove::<HostOfEndpoint>().is_some() {
+        parts.headers.remove(header::HOST);
+        parts.uri = origin_form(&parts.uri);
+    }
+    Unsent(Box::new(http::Request::from_parts(parts, body)))
 }
 
 /// The path and query of `uri` as a request target: as they are when they start with `/` (or
@@ -431,6 +463,63 @@ mod tests {
             .collect();
         for call in calls {
             assert_eq!(call.await.expect("join"), "ok");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_could_not_connect_comes_back_for_another_endpoint() {
+        // A port nobody listens on.
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("addr")
+        };
+        let other = SocketAddr::from(([127, 0, 0, 9], 8080));
+        let target = |addr| SelectedEndpoint {
+            backend: "b".into(),
+            addr,
+            authority: None,
+            identity: None,
+        };
+        for protocol in [BackendProtocol::Http1, BackendProtocol::Http2] {
+            for host in [Some("api.shop"), None] {
+                let mut request = to(closed, &[]);
+                *request.method_mut() = http::Method::POST;
+                *request.uri_mut() = Uri::from_static("/p?q=1");
+                *request.body_mut() = Bytes::from_static(b"payload");
+                if let Some(host) = host {
+                    request
+                        .headers_mut()
+                        .insert(header::HOST, HeaderValue::from_static(host));
+                }
+                let mut forwarder = Forwarder::new(protocol, None);
+                let error = forwarder.call(request).await.expect_err("refused");
+                let ProxyError::Connect {
+                    unsent: Some(Unsent(back)),
+                    ..
+                } = error
+                else {
+                    panic!("{protocol:?} {host:?}: not handed back: {error:?}");
+                };
+                assert_eq!(back.method(), http::Method::POST);
+                assert_eq!(back.body(), "payload", "{protocol:?} {host:?}");
+                // Sent on to another endpoint: the client's host, else that endpoint's address
+                // (not the failed one's).
+                let again = upstream_request(*back, &target(other), protocol).expect("upstream");
+                let expected = host.map_or(other.to_string(), str::to_string);
+                let sent_host = match protocol {
+                    BackendProtocol::Http1 => again
+                        .headers()
+                        .get(header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string),
+                    BackendProtocol::Http2 => again.uri().authority().map(|a| a.to_string()),
+                };
+                assert_eq!(sent_host, Some(expected), "{protocol:?} {host:?}");
+                assert_eq!(
+                    again.uri().path_and_query().map(|p| p.as_str()),
+                    Some("/p?q=1")
+                );
+            }
         }
     }
 

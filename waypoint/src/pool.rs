@@ -108,8 +108,9 @@ pub enum PoolError {
     /// `circuitBreaker.maxConnections` connections stayed open and busy for
     /// [`CONNECTION_WAIT`].
     Limit(usize),
-    /// No connection could be opened: what failed, for the operator.
-    Connect(String),
+    /// No connection could be opened: what failed, for the operator, and (from
+    /// [`Pool::send`]) the request, which never left, so another endpoint may take it.
+    Connect(String, Option<Box<http::Request<Full<Bytes>>>>),
     /// The request failed on its connection (reset, closed, malformed response).
     Upstream(hyper::Error),
 }
@@ -493,7 +494,7 @@ impl<K: Key> Pool<K> {
                 if let Some(connecting) = &mut connecting {
                     connecting.failed = true;
                 }
-                return Err(PoolError::Connect(e));
+                return Err(PoolError::Connect(e, None));
             }
         };
         // A new HTTP/2 connection is shared at once, not after its first response: requests
@@ -519,7 +520,13 @@ impl<K: Key> Pool<K> {
     {
         let mut fresh = false;
         loop {
-            let (mut sender, reused) = self.acquire(&key, fresh, &connect).await?;
+            let (mut sender, reused) = match self.acquire(&key, fresh, &connect).await {
+                Ok(acquired) => acquired,
+                Err(PoolError::Connect(reason, _)) => {
+                    return Err(PoolError::Connect(reason, Some(Box::new(request))));
+                }
+                Err(e) => return Err(e),
+            };
             match sender.send(request).await {
                 Ok(response) => {
                     return Ok(match sender {

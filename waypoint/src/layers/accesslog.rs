@@ -20,7 +20,7 @@
 //! | `request_bytes` | body bytes buffered by the waypoint (bodies are read whole before routing; 0 when refused earlier) |
 //! | `response_bytes` | body bytes sent to the client, counted until the line is written |
 //! | `route`, `backend`, `upstream` | matched route, backend chosen last, endpoint picked last |
-//! | `retries` | endpoint attempts minus one (0 without retries) |
+//! | `retries` | endpoint attempts minus one: retries and connect failovers (0 without either) |
 //! | `source_principal`, `source_workload`, `source_ip` | mesh mode: the client's SPIFFE ID, workload and address; standalone: `source_ip` only |
 //! | `destination_service` | mesh mode: the Service (`namespace/name`) of the tunnel |
 //! | `trace_id` | the W3C trace id of the waypoint's span (with an exporter), else of the incoming `traceparent` |

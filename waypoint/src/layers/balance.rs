@@ -1,6 +1,9 @@
 //! Endpoint choice within a backend: power of two choices over a peak-sensitive EWMA of
 //! latency, weighted by requests in flight (cost = ewma x (in_flight + 1)). Endpoints ejected by
 //! outlier detection ([`super::circuit::EndpointCircuit`]) are skipped; their outcomes feed it.
+//! A request the forwarder hands back because no connection to its endpoint could be opened
+//! ([`ProxyError::Connect`] with `unsent`) goes to another endpoint not tried yet, at most
+//! [`MAX_CONNECT_FAILOVERS`] times.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +23,11 @@ use crate::error::ProxyError;
 
 /// What a failed connect counts as in an endpoint's latency average.
 pub const CONNECT_FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+/// How many other endpoints a request tries when no connection to its endpoint could be
+/// opened (it never left, so this is safe for any method), before the connect failure is the
+/// answer.
+pub const MAX_CONNECT_FAILOVERS: usize = 2;
 
 #[derive(Debug)]
 struct Ewma {
@@ -267,13 +275,19 @@ impl EndpointSet {
             .is_none_or(|c| c.lock().map(|c| c.is_available(now)).unwrap_or(false))
     }
 
-    /// Picks an endpoint with p2c and admits the request through its circuit.
-    fn choose(&self, endpoints: &[Arc<Endpoint>]) -> Option<(usize, Option<Ticket>)> {
+    /// Picks an endpoint with p2c, other than those in `skip` (tried already), and admits the
+    /// request through its circuit.
+    fn choose(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        skip: &[usize],
+    ) -> Option<(usize, Option<Ticket>)> {
         let now = Instant::now();
         // An endpoint whose ejection expired gets the next request as its probe: left to p2c,
         // its stale latency could keep it from ever being tried, and so ejected for good.
         for (index, endpoint) in endpoints.iter().enumerate() {
-            if let Some(circuit) = &endpoint.circuit
+            if !skip.contains(&index)
+                && let Some(circuit) = &endpoint.circuit
                 && let Ok(mut circuit) = circuit.lock()
                 && circuit.wants_probe(now)
                 && let Some(ticket) = circuit.try_acquire(now)
@@ -282,7 +296,8 @@ impl EndpointSet {
             }
         }
         // Without allocating: count the endpoints in service, then find the two drawn.
-        let available = |i: &usize| Self::available(&endpoints[*i], now);
+        let untried = |i: &usize| !skip.contains(i);
+        let available = |i: &usize| untried(i) && Self::available(&endpoints[*i], now);
         let in_service = (0..endpoints.len()).filter(available).count();
         // Panic mode (as in Envoy): with too few endpoints in service, ejections would overload
         // the rest or refuse everything (a single-endpoint backend); spread over all instead.
@@ -290,11 +305,15 @@ impl EndpointSet {
         if panic {
             metrics::counter!("weft_waypoint_panic_routing_total", "backend" => self.backend.to_string()).increment(1);
         }
-        let n = if panic { endpoints.len() } else { in_service };
-        // The `k`th candidate (in service, or any in panic mode).
+        let n = if panic {
+            (0..endpoints.len()).filter(untried).count()
+        } else {
+            in_service
+        };
+        // The `k`th candidate (in service, or any untried in panic mode).
         let nth = |k: usize| {
             if panic {
-                Some(k)
+                (0..endpoints.len()).filter(untried).nth(k)
             } else {
                 (0..endpoints.len()).filter(available).nth(k)
             }
@@ -387,11 +406,6 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn finish(mut self, outcome: Outcome) {
-        self.finished = true;
-        self.record(outcome);
-    }
-
     fn record(&mut self, outcome: Outcome) {
         if let Some(ticket) = self.ticket.take()
             && let Some(circuit) = &self.endpoints[self.index].circuit
@@ -437,7 +451,7 @@ impl<S: Inner> Service<Request> for Balance<S> {
     fn call(&mut self, mut request: Request) -> Self::Future {
         let set = self.set.clone();
         let endpoints = set.endpoints();
-        let Some((index, ticket)) = set.choose(&endpoints) else {
+        let Some((index, ticket)) = set.choose(&endpoints, &[]) else {
             let backend = set.backend.to_string();
             let none = endpoints.is_empty();
             return Box::pin(async move {
@@ -448,7 +462,62 @@ impl<S: Inner> Service<Request> for Balance<S> {
                 })
             });
         };
-        let endpoint = endpoints[index].clone();
+        let mut guard = InFlight::start(&set, &endpoints, index, ticket, &mut request);
+        // Always ready (see the module docs): called now, no clone of the inner service.
+        let mut future = self.inner.call(request);
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            // The endpoints tried, in order; `tried[..=failovers]` are taken.
+            let mut tried = [index; MAX_CONNECT_FAILOVERS + 1];
+            let mut failovers = 0;
+            loop {
+                let result = future.await;
+                guard.finish(&result);
+                let (backend, endpoint, reason, unsent) = match result {
+                    Err(ProxyError::Connect {
+                        backend,
+                        endpoint,
+                        reason,
+                        unsent: Some(unsent),
+                    }) => (backend, endpoint, reason, unsent),
+                    other => return other,
+                };
+                // The request never left: another endpoint may take it, whatever its method.
+                let next = (failovers < MAX_CONNECT_FAILOVERS)
+                    .then(|| set.choose(&endpoints, &tried[..=failovers]))
+                    .flatten();
+                let Some((index, ticket)) = next else {
+                    return Err(ProxyError::Connect {
+                        backend,
+                        endpoint,
+                        reason,
+                        unsent: None,
+                    });
+                };
+                failovers += 1;
+                tried[failovers] = index;
+                tracing::debug!(%backend, %endpoint, %reason, next = %endpoints[index].addr, "could not connect; the request goes to another endpoint");
+                metrics::counter!("weft_waypoint_connect_failovers_total", "backend" => backend)
+                    .increment(1);
+                let mut request = *unsent.0;
+                guard = InFlight::start(&set, &endpoints, index, ticket, &mut request);
+                future = inner.call(request);
+            }
+        })
+    }
+}
+
+impl InFlight {
+    /// Counts an attempt to `endpoints[index]` in flight and records the choice for the
+    /// forwarder ([`SelectedEndpoint`]).
+    fn start(
+        set: &Arc<EndpointSet>,
+        endpoints: &Endpoints,
+        index: usize,
+        ticket: Option<Ticket>,
+        request: &mut Request,
+    ) -> InFlight {
+        let endpoint = &endpoints[index];
         endpoint.in_flight.fetch_add(1, Ordering::SeqCst);
         let selected = SelectedEndpoint {
             backend: set.backend.clone(),
@@ -457,48 +526,46 @@ impl<S: Inner> Service<Request> for Balance<S> {
             identity: endpoint.identity.clone(),
         };
         // In the context when there is one: no extension to insert (and remove) per attempt.
-        let deadline = match context_of(&request) {
+        let deadline = match context_of(request) {
             Some(context) => context.select(selected).map(|d| d.at),
             None => {
                 request.extensions_mut().insert(selected);
                 None
             }
         };
-        // Always ready (see the module docs): called now, no clone of the inner service.
-        let future = self.inner.call(request);
-        let decay = set.decay;
-        let guard = InFlight {
-            set,
-            endpoints,
+        InFlight {
+            set: set.clone(),
+            endpoints: endpoints.clone(),
             index,
             ticket,
             start: Instant::now(),
             deadline,
             finished: false,
+        }
+    }
+
+    /// Records the attempt's `result` in the endpoint's latency average and circuit.
+    fn finish(&mut self, result: &ProxyResult) {
+        let outcome = match result {
+            Ok(response) if response.status().is_server_error() => Outcome::Failure5xx,
+            Ok(_) => Outcome::Success,
+            Err(ProxyError::Connect { .. }) => Outcome::ConnectFailure,
+            // Our own limit, not the endpoint's fault.
+            Err(ProxyError::ConnectionLimit { .. }) => Outcome::Cancelled,
+            Err(_) => Outcome::Failure5xx,
         };
-        Box::pin(async move {
-            let result = future.await;
-            let outcome = match &result {
-                Ok(response) if response.status().is_server_error() => Outcome::Failure5xx,
-                Ok(_) => Outcome::Success,
-                Err(ProxyError::Connect { .. }) => Outcome::ConnectFailure,
-                // Our own limit, not the endpoint's fault.
-                Err(ProxyError::ConnectionLimit { .. }) => Outcome::Cancelled,
-                Err(_) => Outcome::Failure5xx,
-            };
-            // A failed connect is fast: counted as its latency, a dead endpoint would look
-            // like the best one and draw most requests (without outlier detection, until the
-            // endpoint leaves the backend). It counts as a slow answer instead, and the decay
-            // brings the endpoint back to be tried again later.
-            let latency = if outcome == Outcome::ConnectFailure {
-                CONNECT_FAILURE_PENALTY
-            } else {
-                guard.start.elapsed()
-            };
-            endpoint.observe(latency, decay);
-            guard.finish(outcome);
-            result
-        })
+        // A failed connect is fast: counted as its latency, a dead endpoint would look like
+        // the best one and draw most requests (without outlier detection, until the endpoint
+        // leaves the backend). It counts as a slow answer instead, and the decay brings the
+        // endpoint back to be tried again later.
+        let latency = if outcome == Outcome::ConnectFailure {
+            CONNECT_FAILURE_PENALTY
+        } else {
+            self.start.elapsed()
+        };
+        self.endpoints[self.index].observe(latency, self.set.decay);
+        self.finished = true;
+        self.record(outcome);
     }
 }
 
@@ -507,7 +574,7 @@ mod tests {
     use super::*;
     use crate::duration::GatewayDuration;
     use crate::layers::ProxyService;
-    use crate::layers::testing::request;
+    use crate::layers::testing::{request, request_in_context};
     use std::collections::HashMap;
     use tower::ServiceExt;
 
@@ -567,6 +634,136 @@ mod tests {
         assert!(fast > 160, "fast endpoint got {fast} of 300: {calls:?}");
     }
 
+    /// Endpoints whose port is in `refusing` fail to connect (handing the request back when
+    /// `hand_back`); the others answer `ok` in 1 ms. Every attempt is logged as (request path,
+    /// port).
+    fn refusing(
+        refusing: &'static [u16],
+        hand_back: bool,
+        log: Arc<Mutex<Vec<(String, u16)>>>,
+    ) -> ProxyService {
+        ProxyService::new(tower::service_fn(move |mut request: Request| {
+            let endpoint = crate::layers::take_selected(&mut request).map(|e| e.addr);
+            let port = endpoint.map_or(0, |a| a.port());
+            log.lock()
+                .expect("lock")
+                .push((request.uri().path().to_string(), port));
+            async move {
+                match endpoint {
+                    Some(endpoint) if refusing.contains(&port) => Err(ProxyError::Connect {
+                        backend: "b".into(),
+                        endpoint,
+                        reason: "connection refused".into(),
+                        unsent: hand_back.then(|| crate::error::Unsent(Box::new(request))),
+                    }),
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        Ok(crate::body::text_response(http::StatusCode::OK, "ok"))
+                    }
+                }
+            }
+        }))
+    }
+
+    fn set_of(ports: &[u16]) -> Arc<EndpointSet> {
+        let addrs: Vec<_> = ports.iter().map(|p| addr(*p)).collect();
+        Arc::new(EndpointSet::new(
+            "b".into(),
+            &addrs,
+            LoadBalancerConfig::default(),
+            None,
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_could_not_connect_goes_to_another_endpoint() {
+        // Two of three endpoints refuse connections: at most two failovers reach the third.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let service =
+            BalanceLayer::new(set_of(&[1, 2, 3])).layer(refusing(&[1, 2], true, log.clone()));
+        // Concurrent, so the refusing endpoints are chosen before any failure is observed.
+        let answers: Vec<_> = (0..30)
+            .map(|i| {
+                tokio::spawn(
+                    service
+                        .clone()
+                        .oneshot(request_in_context(&format!("/{i}"))),
+                )
+            })
+            .collect();
+        for (i, answer) in answers.into_iter().enumerate() {
+            let response = answer
+                .await
+                .expect("task")
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(response.status(), 200, "request {i}");
+        }
+        let log = log.lock().expect("lock");
+        let failed = log.iter().filter(|(_, port)| *port != 3).count();
+        assert!(
+            failed >= 10,
+            "the refusing endpoints drew {failed} of 30 first attempts"
+        );
+        // Each request reached endpoint 3 once, and no endpoint twice.
+        for i in 0..30 {
+            let path = format!("/{i}");
+            let mut ports: Vec<u16> = log
+                .iter()
+                .filter(|(p, _)| *p == path)
+                .map(|(_, port)| *port)
+                .collect();
+            assert_eq!(ports.last(), Some(&3), "{path}: {ports:?}");
+            ports.sort_unstable();
+            ports.dedup();
+            assert_eq!(
+                ports.len(),
+                log.iter().filter(|(p, _)| *p == path).count(),
+                "{path} went to an endpoint twice"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failover_tries_at_most_two_more_endpoints_then_answers_the_failure() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let service = BalanceLayer::new(set_of(&[1, 2, 3, 4])).layer(refusing(
+            &[1, 2, 3, 4],
+            true,
+            log.clone(),
+        ));
+        let error = service
+            .oneshot(request_in_context("/x"))
+            .await
+            .expect_err("every endpoint refuses");
+        assert!(
+            matches!(error, ProxyError::Connect { unsent: None, .. }),
+            "{error:?}"
+        );
+        assert_eq!(log.lock().expect("lock").len(), 1 + MAX_CONNECT_FAILOVERS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_failover_for_a_request_that_may_have_left_or_without_another_endpoint() {
+        // The forwarder did not hand the request back (it may have gone out): one attempt.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let service =
+            BalanceLayer::new(set_of(&[1, 2])).layer(refusing(&[1, 2], false, log.clone()));
+        service
+            .oneshot(request_in_context("/x"))
+            .await
+            .expect_err("refused");
+        assert_eq!(log.lock().expect("lock").len(), 1);
+        // A single endpoint: nothing else to try.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let service = BalanceLayer::new(set_of(&[1])).layer(refusing(&[1], true, log.clone()));
+        let error = service
+            .oneshot(request_in_context("/x"))
+            .await
+            .expect_err("refused");
+        assert!(matches!(error, ProxyError::Connect { .. }), "{error:?}");
+        assert_eq!(log.lock().expect("lock").len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_refusing_connections_is_avoided_not_preferred() {
         let set = Arc::new(EndpointSet::new(
@@ -586,6 +783,7 @@ mod tests {
                             backend: "b".into(),
                             endpoint,
                             reason: "connection refused".into(),
+                            unsent: None,
                         }),
                         _ => {
                             tokio::time::sleep(Duration::from_millis(5)).await;

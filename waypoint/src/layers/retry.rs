@@ -550,6 +550,7 @@ mod tests {
                     backend: "b".into(),
                     endpoint: SocketAddr::from(([127, 0, 0, 1], 1)),
                     reason: "refused".into(),
+                    unsent: None,
                 })
             }
         }));
@@ -667,6 +668,7 @@ mod tests {
             backend: "b".into(),
             endpoint: "127.0.0.1:1".parse().expect("addr"),
             reason: "refused".into(),
+            unsent: None,
         };
         assert!(!is_retryable(&Err(refused()), &on));
         assert!(is_retryable(&Err(refused()), &[RetryOn::Status(503)]));

@@ -225,6 +225,7 @@ impl Service<Request> for MeshForwarder {
                 backend: target.backend.to_string(),
                 endpoint: target.addr,
                 reason,
+                unsent: None,
             };
             let traceparent = request
                 .headers()
