@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// round) and the table shows the median.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub rounds: u32,
+    /// `waypoint`: the rate (req/s) of the fixed-rate latency runs that follow the wrk rounds
+    /// (open loop, 16 connections, as many rounds); 0 skips them. Default: half of nginx's
+    /// median req/s in the same run, so that every proxy runs below saturation.
+    #[arg(long)]
+    pub fixed_rate: Option<u32>,
     #[command(flatten)]
     pub control_plane: crate::bench_control_plane::ControlPlaneArgs,
     #[command(flatten)]
@@ -188,9 +193,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Target::Capture => capture(args),
         Target::ControlPlane => crate::bench_control_plane::run(args.control_plane, args.json),
         Target::L4 => crate::bench_l4::run(args.l4, args.json),
-        Target::Waypoint => {
-            crate::bench_waypoint::run(args.l4.seconds, args.rounds, args.json, args.instructions)
-        }
+        Target::Waypoint => crate::bench_waypoint::run(
+            args.l4.seconds,
+            args.rounds,
+            args.json,
+            args.instructions,
+            args.fixed_rate,
+        ),
     }
 }
 

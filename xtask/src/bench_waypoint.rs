@@ -228,6 +228,8 @@ struct Contender {
     port: u16,
     process: Proc,
     runs: Vec<Value>,
+    /// The fixed-rate runs ([`fixed_rate`]).
+    fixed: Vec<Value>,
 }
 
 /// Starts `command` (listening on `port`) as the contender `key`.
@@ -245,6 +247,7 @@ fn contender(key: &'static str, port: u16, command: &mut Command) -> anyhow::Res
         port,
         process,
         runs: Vec::new(),
+        fixed: Vec::new(),
     })
 }
 
@@ -267,13 +270,48 @@ fn nginx_config(dir: &std::path::Path, port: u16, workers: u32) -> String {
     )
 }
 
-/// Runs the comparison: `rounds` rounds of `seconds` of load per proxy (and, with
-/// `count_instructions`, the instruction counts).
+/// Connections of the fixed-rate runs, as many as wrk's.
+const FIXED_RATE_CONNECTIONS: usize = 16;
+
+/// The latency of the proxy at `port` under `rate` requests per second, open loop
+/// ([`crate::openloop`]), for `secs`.
+fn fixed_rate(name: &str, port: u16, rate: u32, secs: u64) -> anyhow::Result<Value> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let m = crate::openloop::run(
+        addr,
+        "/api/items",
+        rate,
+        FIXED_RATE_CONNECTIONS,
+        std::time::Duration::from_secs(secs),
+    )
+    .with_context(|| format!("{name} at {rate} req/s"))?;
+    if m.errors > 0 {
+        bail!(
+            "{name} answered {} request(s) with errors at {rate} req/s: its latency would be \
+             meaningless; check its output or run it by hand on port {port}",
+            m.errors
+        );
+    }
+    Ok(json!({
+        "achieved_rps": m.achieved_rps,
+        "p50_us": m.p50_us,
+        "p99_us": m.p99_us,
+        "p999_us": m.p999_us,
+    }))
+}
+
+/// The keys [`fixed_rate`] reports.
+const FIXED_KEYS: [&str; 4] = ["achieved_rps", "p50_us", "p99_us", "p999_us"];
+
+/// Runs the comparison: `rounds` rounds of `seconds` of load per proxy, then as many rounds at
+/// `fixed_rate` req/s (`None`: half of nginx's median req/s; `Some(0)`: none) and, with
+/// `count_instructions`, the instruction counts.
 pub fn run(
     seconds: u64,
     rounds: u32,
     json_out: bool,
     count_instructions: bool,
+    fixed_rate_rps: Option<u32>,
 ) -> anyhow::Result<()> {
     setup::ensure_debian(&["nginx", "wrk"])?;
     if count_instructions {
@@ -384,6 +422,26 @@ pub fn run(
             c.runs.push(run);
         }
     }
+    // Below saturation: latency of the proxy rather than of a machine at full load, open loop.
+    let rate = fixed_rate_rps.unwrap_or_else(|| {
+        let nginx = median(
+            contenders[0]
+                .runs
+                .iter()
+                .filter_map(|r| r["rps"].as_f64())
+                .collect(),
+        );
+        ((nginx / 2.0 / 1000.0).floor() * 1000.0).max(1000.0) as u32
+    });
+    if rate > 0 {
+        for round in 0..rounds as usize {
+            for i in 0..count {
+                let c = &mut contenders[(round + i) % count];
+                let run = fixed_rate(c.key, c.port, rate, seconds)?;
+                c.fixed.push(run);
+            }
+        }
+    }
     let ratios: Vec<f64> = contenders[0]
         .runs
         .iter()
@@ -392,7 +450,20 @@ pub fn run(
         .collect();
     let mut results = serde_json::Map::new();
     for c in contenders {
-        results.insert(c.key.to_string(), summary(c.runs));
+        let mut entry = summary(c.runs);
+        if rate > 0
+            && let Value::Object(entry) = &mut entry
+        {
+            let mut fixed = serde_json::Map::new();
+            fixed.insert("rps".to_string(), json!(rate));
+            for key in FIXED_KEYS {
+                let values = c.fixed.iter().filter_map(|r| r[key].as_f64()).collect();
+                fixed.insert(key.to_string(), json!(median(values)));
+            }
+            fixed.insert("runs".to_string(), Value::Array(c.fixed));
+            entry.insert("fixed_rate".to_string(), Value::Object(fixed));
+        }
+        results.insert(c.key.to_string(), entry);
         // `c.process` is dropped here: the proxy is stopped before the callgrind runs.
     }
 
@@ -457,11 +528,30 @@ pub fn run(
     if count_instructions {
         rows.push(("instructions/request", "instructions_per_request"));
     }
-    for (label, key) in rows {
+    let fixed_rows = [
+        ("p50 (µs) at rate", "p50_us"),
+        ("p99 (µs) at rate", "p99_us"),
+        ("p99.9 (µs) at rate", "p999_us"),
+        ("req/s answered", "achieved_rps"),
+    ];
+    let fixed_rows = if rate > 0 { &fixed_rows[..] } else { &[] };
+    let rows = rows
+        .into_iter()
+        .map(|(label, key)| (label, None, key))
+        .chain(
+            fixed_rows
+                .iter()
+                .map(|(label, key)| (*label, Some("fixed_rate"), *key)),
+        );
+    for (label, within, key) in rows {
         let cells: Vec<String> = columns
             .iter()
             .map(|c| {
-                results[c][key]
+                let value = match within {
+                    Some(group) => &results[c][group][key],
+                    None => &results[c][key],
+                };
+                value
                     .as_f64()
                     .map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
             })
@@ -473,5 +563,11 @@ pub fn run(
     }
     let ratios: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
     println!("waypoint/nginx req/s by round: {}", ratios.join(" "));
+    if rate > 0 {
+        println!(
+            "\"at rate\": {rate} req/s open loop over {FIXED_RATE_CONNECTIONS} connections for {seconds} s \
+             each (latency from its release by the pacer, queueing on its connection included), median of {rounds} round(s)"
+        );
+    }
     Ok(())
 }

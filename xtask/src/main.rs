@@ -13,6 +13,7 @@ mod codegen;
 mod dashboards;
 mod demo;
 mod lab;
+mod openloop;
 mod setup;
 
 use clap::{Parser, Subcommand};
