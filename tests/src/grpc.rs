@@ -4,8 +4,10 @@
 //!
 //! [`GrpcServer`] answers every call to `/<service>/<method>` with one message
 //! `<name> /<service>/<method>` and `grpc-status: 0` in trailers, except methods named `Fail`
-//! (a trailers-only answer with `grpc-status: 14`, UNAVAILABLE). [`grpc_call`] makes one call
-//! from inside a namespace.
+//! (a trailers-only answer with `grpc-status: 14`, UNAVAILABLE), and methods named `Chat`: a
+//! bidirectional stream answering each message `<name> echo <message>` as it arrives, then
+//! `grpc-status: 0` when the client ends its side. [`grpc_call`] makes one unary call and
+//! [`grpc_chat`] a bidirectional stream, from inside a namespace.
 
 use std::convert::Infallible;
 use std::io;
@@ -146,23 +148,44 @@ impl GrpcServer {
     }
 }
 
+/// A response: unary ([`GrpcBody`]) or a bidirectional stream ([`ChatBody`]).
+type Answer = http_body_util::Either<GrpcBody, ChatBody>;
+
 async fn answer(
     req: Request<Incoming>,
     name: Arc<str>,
     calls: Arc<AtomicUsize>,
-) -> Result<Response<GrpcBody>, Infallible> {
+) -> Result<Response<Answer>, Infallible> {
     calls.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_string();
+    if path.ends_with("/Chat") {
+        let body = ChatBody {
+            incoming: req.into_body(),
+            pending: BytesMut::new(),
+            name,
+            ended: false,
+        };
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(http_body_util::Either::Right(body))
+            .unwrap_or_else(|_| Response::new(http_body_util::Either::Left(GrpcBody::default()))));
+    }
+    Ok(unary(req, name, &path)
+        .await
+        .map(http_body_util::Either::Left))
+}
+
+async fn unary(req: Request<Incoming>, name: Arc<str>, path: &str) -> Response<GrpcBody> {
     // Read the request to its end, as a real server does.
     let _ = req.into_body().collect().await;
     if path.ends_with("/Fail") {
         // Trailers-only, as gRPC servers answer errors before any message.
-        return Ok(Response::builder()
+        return Response::builder()
             .header("content-type", "application/grpc")
             .header("grpc-status", "14")
             .header("grpc-message", format!("{name} fails on purpose"))
             .body(GrpcBody::default())
-            .unwrap_or_else(|_| Response::new(GrpcBody::default())));
+            .unwrap_or_else(|_| Response::new(GrpcBody::default()));
     }
     let message = frame(format!("{name} {path}").as_bytes());
     let mut trailers = http::HeaderMap::new();
@@ -171,10 +194,67 @@ async fn answer(
         data: Some(message),
         trailers: Some(trailers),
     };
-    Ok(Response::builder()
+    Response::builder()
         .header("content-type", "application/grpc")
         .body(body)
-        .unwrap_or_else(|_| Response::new(GrpcBody::default())))
+        .unwrap_or_else(|_| Response::new(GrpcBody::default()))
+}
+
+/// The answer of a `Chat` call: `<name> echo <message>` for each request message as soon as it
+/// is complete, then `grpc-status: 0` in trailers after the request's end.
+pub struct ChatBody {
+    incoming: Incoming,
+    pending: BytesMut,
+    name: Arc<str>,
+    ended: bool,
+}
+
+impl hyper::body::Body for ChatBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        loop {
+            if this.pending.len() >= 5 {
+                let len = u32::from_be_bytes([
+                    this.pending[1],
+                    this.pending[2],
+                    this.pending[3],
+                    this.pending[4],
+                ]) as usize;
+                if this.pending.len() >= 5 + len {
+                    let message = this.pending.split_to(5 + len).freeze().slice(5..);
+                    let reply = format!("{} echo {}", this.name, String::from_utf8_lossy(&message));
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(frame(
+                        reply.as_bytes(),
+                    )))));
+                }
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            match std::pin::Pin::new(&mut this.incoming).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Ok(data) = f.into_data() {
+                        this.pending.extend_from_slice(&data);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))));
+                }
+            }
+        }
+    }
 }
 
 /// A response body: one data frame, then trailers.
@@ -273,6 +353,103 @@ pub fn grpc_call(
         tokio::time::timeout(timeout, call)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "gRPC call timed out"))?
+    })
+}
+
+/// What a bidirectional stream got back: one reply per message sent, and the final status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatReply {
+    /// The replies, in order, as text.
+    pub replies: Vec<String>,
+    /// `grpc-status` from the trailers.
+    pub grpc_status: Option<String>,
+}
+
+/// A bidirectional stream to `path` (a `Chat` method) at `addr` from inside `ns`: sends each of
+/// `messages` only after the reply to the one before has come back (so a proxy that waited for
+/// the end of the request would stall it), then ends its side; gives up after `timeout`.
+pub fn grpc_chat(
+    ns: &NetNs,
+    addr: SocketAddr,
+    authority: &str,
+    path: &str,
+    messages: &[&str],
+    timeout: Duration,
+) -> io::Result<ChatReply> {
+    let stream = tcp_connect_in(ns, addr, timeout)?;
+    stream.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let uri = format!("http://{authority}{path}");
+    let messages: Vec<Bytes> = messages.iter().map(|m| frame(m.as_bytes())).collect();
+    rt.block_on(async move {
+        let call = async {
+            let stream = tokio::net::TcpStream::from_std(stream)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(io::Error::other)?;
+            tokio::spawn(conn);
+            let (frames, body) =
+                tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
+            let body =
+                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+            let req = Request::post(uri)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(body)
+                .map_err(io::Error::other)?;
+            let mut messages = messages.into_iter();
+            // Dropped after the last message: the end of our side.
+            let mut frames = match messages.next() {
+                Some(first) => {
+                    let _ = frames.send(Ok(hyper::body::Frame::data(first))).await;
+                    Some(frames)
+                }
+                None => None,
+            };
+            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+            let mut body = resp.into_body();
+            let mut replies = Vec::new();
+            let mut grpc_status = None;
+            let mut pending = BytesMut::new();
+            loop {
+                // The reply to the last message sent, then the next message.
+                while let Some(message) = unframe(pending.clone().freeze()) {
+                    pending.advance(5 + message.len());
+                    replies.push(String::from_utf8_lossy(&message).to_string());
+                    match (messages.next(), &frames) {
+                        (Some(next), Some(frames)) => {
+                            let _ = frames.send(Ok(hyper::body::Frame::data(next))).await;
+                        }
+                        // Our side ends; the server's follows.
+                        _ => frames = None,
+                    }
+                }
+                match body.frame().await {
+                    None => break,
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(data) => pending.extend_from_slice(&data),
+                        Err(f) => {
+                            grpc_status = f
+                                .trailers_ref()
+                                .and_then(|t| t.get("grpc-status"))
+                                .and_then(|v| v.to_str().ok())
+                                .map(String::from);
+                        }
+                    },
+                }
+            }
+            Ok(ChatReply {
+                replies,
+                grpc_status,
+            })
+        };
+        tokio::time::timeout(timeout, call)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "gRPC stream timed out"))?
     })
 }
 

@@ -1943,3 +1943,51 @@ fn waypoint_sends_a_request_its_dead_endpoint_refused_to_another_without_a_retry
         w.waypoint().metrics()
     );
 }
+
+#[test]
+fn waypoint_carries_a_grpc_bidirectional_stream_message_by_message() {
+    let _g = serial();
+    let Some(w) = world(
+        "waypoint_carries_a_grpc_bidirectional_stream_message_by_message",
+        ROUTING,
+    ) else {
+        return;
+    };
+    // Each message is sent only once the reply to the one before came back: a waypoint that
+    // waited for the end of the request would stall the stream until the timeout.
+    let ns = w.web().netns().expect("netns");
+    let addr = SocketAddr::new(GREETER_VIP.parse().expect("vip"), GRPC_PORT);
+    let started = Instant::now();
+    let chat = weft_tests::grpc::grpc_chat(
+        &ns,
+        addr,
+        &format!("greeter.shop:{GRPC_PORT}"),
+        "/shop.Greeter/Chat",
+        &["one", "two", "three"],
+        T,
+    )
+    .unwrap_or_else(|e| panic!("stream through the waypoint: {e}\n{}", w.logs()));
+    assert_eq!(
+        chat.replies,
+        [
+            "greeter-v1 echo one",
+            "greeter-v1 echo two",
+            "greeter-v1 echo three"
+        ],
+        "{}",
+        w.logs()
+    );
+    assert_eq!(chat.grpc_status.as_deref(), Some("0"));
+    // Streamed (the first message waits 20 ms at most for more), not held for a timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Counted once in the golden metrics, with its gRPC status.
+    let calls = w.wp_metric(
+        "weft_waypoint_requests_total",
+        &[("route", "greeter"), ("grpc_status", "0")],
+    );
+    assert!(calls >= 1.0, "{}", w.waypoint().metrics());
+}

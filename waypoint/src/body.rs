@@ -1,7 +1,11 @@
 //! The body types the proxy moves around.
 //!
-//! Requests are buffered ([`Bytes`]) so that retries can resend them; responses stream
-//! ([`Body`]) from the endpoint to the client.
+//! Requests are buffered ([`Bytes`]) so that retries can resend them, unless their body goes
+//! on arriving (a gRPC client or bidirectional stream, a slow or large upload): then the bytes
+//! buffered so far travel as the body and the rest follows as it arrives ([`Streaming`]);
+//! responses stream ([`Body`]) from the endpoint to the client.
+
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -15,6 +19,104 @@ pub type Request = http::Request<Bytes>;
 
 /// A response as the L7 layers see it.
 pub type Response = http::Response<Body>;
+
+/// Request extension: the rest of a request body still arriving from the client, for a request
+/// forwarded before its body ended (see `crate::proxy`). The forwarder takes it when the
+/// request goes out (and puts it back when the request never left); such a request is not
+/// retried, as the rest can be sent only once.
+#[derive(Clone)]
+pub struct Streaming(Arc<Mutex<Option<hyper::body::Incoming>>>);
+
+impl Streaming {
+    /// The rest of the body, `rest`.
+    pub fn new(rest: hyper::body::Incoming) -> Self {
+        Streaming(Arc::new(Mutex::new(Some(rest))))
+    }
+
+    /// Takes the rest (once).
+    pub fn take(&self) -> Option<hyper::body::Incoming> {
+        match self.0.lock() {
+            Ok(mut rest) => rest.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+
+    /// Puts back a rest taken by [`Streaming::take`] and not polled (the request never left).
+    pub fn put_back(&self, rest: hyper::body::Incoming) {
+        match self.0.lock() {
+            Ok(mut slot) => *slot = Some(rest),
+            Err(poisoned) => *poisoned.into_inner() = Some(rest),
+        }
+    }
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Streaming")
+    }
+}
+
+/// The body of a request to an endpoint: the bytes the waypoint buffered, then, for a streamed
+/// request ([`Streaming`]), the rest as the client sends it.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    buffered: Option<Bytes>,
+    rest: Option<hyper::body::Incoming>,
+}
+
+impl UpstreamBody {
+    /// `buffered`, then `rest` if any.
+    pub fn new(buffered: Bytes, rest: Option<hyper::body::Incoming>) -> Self {
+        UpstreamBody {
+            buffered: (!buffered.is_empty()).then_some(buffered),
+            rest,
+        }
+    }
+
+    /// The buffered bytes not sent yet and the rest, untouched when the body was never polled.
+    pub fn into_parts(self) -> (Bytes, Option<hyper::body::Incoming>) {
+        (self.buffered.unwrap_or_default(), self.rest)
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        if let Some(bytes) = self.buffered.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let buffered = self.buffered.as_ref().map_or(0, |b| b.len() as u64);
+        match &self.rest {
+            None => http_body::SizeHint::with_exact(buffered),
+            Some(rest) => {
+                let rest = rest.size_hint();
+                let mut hint = http_body::SizeHint::new();
+                hint.set_lower(buffered + rest.lower());
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(buffered + upper);
+                }
+                hint
+            }
+        }
+    }
+}
 
 /// A body holding `bytes`.
 pub fn full(bytes: impl Into<Bytes>) -> Body {

@@ -42,7 +42,8 @@ pub struct Config {
     /// The backends routes send traffic to.
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
-    /// Largest request body buffered (bodies are buffered so that retries can resend them).
+    /// Largest request body buffered (so that retries can resend it); a larger body is
+    /// forwarded as it arrives, without retries.
     #[serde(default = "default_max_body")]
     pub max_request_body_bytes: usize,
 }

@@ -86,14 +86,6 @@ pub enum ProxyError {
         /// circuitBreaker.maxConnections.
         max: usize,
     },
-    /// The request body exceeds the waypoint's buffering limit.
-    #[error(
-        "request body larger than {limit} bytes; the waypoint buffers bodies to retry them, raise maxRequestBodyBytes in the config or send a smaller body"
-    )]
-    BodyTooLarge {
-        /// The limit.
-        limit: usize,
-    },
     /// The request body could not be read from the client.
     #[error(
         "could not read the request body from the client: {reason}; the client closed or broke the stream"
@@ -101,14 +93,6 @@ pub enum ProxyError {
     ClientBody {
         /// The underlying error.
         reason: String,
-    },
-    /// The client did not send its request body in time.
-    #[error(
-        "the client did not send the request body within {after:?}; send the body promptly (slow uploads are cut off)"
-    )]
-    ClientTimeout {
-        /// The limit.
-        after: Duration,
     },
     /// A bug: a layer below the backend choice ran without the data it needs.
     #[error("internal error: {0}; this is a waypoint bug, please report it")]
@@ -137,9 +121,7 @@ impl ProxyError {
             | ProxyError::ConnectionLimit { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
-            ProxyError::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -155,10 +137,7 @@ impl ProxyError {
             ProxyError::Overflow { .. } | ProxyError::ConnectionLimit { .. } => Some("overflow"),
             ProxyError::Connect { .. } => Some("upstream_connect_failure"),
             ProxyError::Upstream { .. } => Some("upstream_reset"),
-            ProxyError::BodyTooLarge { .. }
-            | ProxyError::ClientBody { .. }
-            | ProxyError::ClientTimeout { .. }
-            | ProxyError::Internal(_) => None,
+            ProxyError::ClientBody { .. } | ProxyError::Internal(_) => None,
         }
     }
 

@@ -8,17 +8,14 @@ use std::time::Duration;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{HeaderValue, Uri, Version};
-use http_body_util::Full;
-use hyper::body::Body as _;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tower::Service;
 
-use crate::body::Request;
+use crate::body::{Request, Streaming, UpstreamBody};
 use crate::config::BackendProtocol;
 use crate::error::{ProxyError, Unsent};
 use crate::layers::{BoxFuture, ProxyResult, SelectedEndpoint};
@@ -218,8 +215,13 @@ pub(crate) fn upstream_request(
     request: Request,
     target: &SelectedEndpoint,
     protocol: BackendProtocol,
-) -> Result<http::Request<Full<Bytes>>, ProxyError> {
+) -> Result<http::Request<UpstreamBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
+    // A streamed request's rest goes with it (and comes back if it never leaves).
+    let rest = parts
+        .extensions
+        .get::<Streaming>()
+        .and_then(Streaming::take);
     strip_hop_by_hop(&mut parts.headers);
     (parts.uri, parts.version) = match protocol {
         BackendProtocol::Http1 => {
@@ -248,7 +250,10 @@ pub(crate) fn upstream_request(
             (upstream_uri(target, host, &parts.uri)?, Version::HTTP_2)
         }
     };
-    Ok(http::Request::from_parts(parts, Full::new(body)))
+    Ok(http::Request::from_parts(
+        parts,
+        UpstreamBody::new(body, rest),
+    ))
 }
 
 /// Request extension: the request had no host, so [`upstream_request`] gave it its
@@ -257,17 +262,15 @@ pub(crate) fn upstream_request(
 struct HostOfEndpoint;
 
 /// An upstream request that never left ([`PoolError::Connect`]) as the layers take it, for
-/// another endpoint: its body back in one piece, and without the host it got from the failed
-/// endpoint's address. (Hop-by-hop headers stay removed; [`upstream_request`] does the rest
-/// again for the next endpoint.)
-fn unsent_request(request: http::Request<Full<Bytes>>) -> Unsent {
-    let (mut parts, mut full) = request.into_parts();
-    // `Full` yields its one frame at once, without a waker to call.
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    let body = match std::pin::Pin::new(&mut full).poll_frame(&mut cx) {
-        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
-        _ => Bytes::new(),
-    };
+/// another endpoint: its buffered body, the rest of a streamed body back in its [`Streaming`],
+/// and without the host it got from the failed endpoint's address. (Hop-by-hop headers stay
+/// removed; [`upstream_request`] does the rest again for the next endpoint.)
+fn unsent_request(request: http::Request<UpstreamBody>) -> Unsent {
+    let (mut parts, body) = request.into_parts();
+    let (body, rest) = body.into_parts();
+    if let (Some(rest), Some(streaming)) = (rest, parts.extensions.get::<Streaming>()) {
+        streaming.put_back(rest);
+    }
     if parts.extensions.remove::<HostOfEndpoint>().is_some() {
         parts.headers.remove(header::HOST);
         parts.uri = origin_form(&parts.uri);
@@ -332,7 +335,7 @@ mod tests {
     use super::*;
     use crate::pool::CONNECTION_WAIT;
     use bytes::Bytes;
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Full};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A loopback listener counting the connections it accepts, each served by `serve`.
@@ -400,7 +403,7 @@ mod tests {
         let request = http::Request::builder()
             .uri("/x")
             .header(header::HOST, "backend")
-            .body(Full::new(Bytes::new()))
+            .body(UpstreamBody::new(Bytes::new(), None))
             .expect("request");
         let response = pool
             .send(addr, request, |slot| {
@@ -645,7 +648,7 @@ mod tests {
         let send = |pool: Arc<Pool<SocketAddr>>, attempts: Arc<AtomicUsize>| async move {
             let request = http::Request::builder()
                 .uri(format!("http://{addr}/x"))
-                .body(Full::new(Bytes::new()))
+                .body(UpstreamBody::new(Bytes::new(), None))
                 .expect("request");
             let connect = |slot| {
                 let first = attempts.fetch_add(1, Ordering::SeqCst) == 0;

@@ -66,9 +66,10 @@
 //! ## What does not exist yet
 //!
 //! * Success-rate (statistical) outlier ejection; only consecutive failures eject.
-//! * Streaming request bodies: requests are buffered (up to `maxRequestBodyBytes`, default
-//!   4 MiB) so that retries can resend them; responses stream. Timeouts cover the time to the
-//!   response headers, not the response body. Upgrades (WebSocket) and CONNECT are answered 501.
+//! * Retries of streamed requests: a request body that goes on arriving (pauses for
+//!   [`proxy::STREAM_AFTER`]) or outgrows `maxRequestBodyBytes` is forwarded as it comes and
+//!   not retried (only its connect failure goes to another endpoint). Timeouts cover the time
+//!   to the response headers, not the bodies. Upgrades (WebSocket) and CONNECT are answered 501.
 //! * Header/query matches other than `Exact` (query parameters are percent-decoded first);
 //!   `RequestMirror`; DNS names as endpoints (only `ip:port`).
 

@@ -33,8 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, Write};
@@ -42,7 +41,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::body::{End, Watch, Watched};
+use crate::body::{End, UpstreamBody, Watch, Watched};
 
 use crate::config::BackendProtocol;
 
@@ -58,9 +57,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(10);
 /// The sending half of an HTTP connection.
 pub enum Sender {
     /// HTTP/1.1: one request at a time.
-    H1(http1::SendRequest<Full<Bytes>>),
+    H1(http1::SendRequest<UpstreamBody>),
     /// HTTP/2: shared by concurrent requests.
-    H2(http2::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
 impl Sender {
@@ -75,7 +74,7 @@ impl Sender {
     /// the error gives the request back for another connection.
     async fn send(
         &mut self,
-        request: http::Request<Full<Bytes>>,
+        request: http::Request<UpstreamBody>,
     ) -> Result<http::Response<Incoming>, SendError> {
         let sent = match self {
             Sender::H1(s) => match s.ready().await {
@@ -97,7 +96,7 @@ impl Sender {
 /// Why [`Sender::send`] failed.
 enum SendError {
     /// The connection was closed before the request went out: the request, untouched.
-    NotSent(Box<http::Request<Full<Bytes>>>, hyper::Error),
+    NotSent(Box<http::Request<UpstreamBody>>, hyper::Error),
     /// The request was (maybe partly) sent and failed.
     Failed(hyper::Error),
 }
@@ -110,7 +109,7 @@ pub enum PoolError {
     Limit(usize),
     /// No connection could be opened: what failed, for the operator, and (from
     /// [`Pool::send`]) the request, which never left, so another endpoint may take it.
-    Connect(String, Option<Box<http::Request<Full<Bytes>>>>),
+    Connect(String, Option<Box<http::Request<UpstreamBody>>>),
     /// The request failed on its connection (reset, closed, malformed response).
     Upstream(hyper::Error),
 }
@@ -511,7 +510,7 @@ impl<K: Key> Pool<K> {
     pub async fn send<C, F>(
         self: &Arc<Self>,
         key: K,
-        mut request: http::Request<Full<Bytes>>,
+        mut request: http::Request<UpstreamBody>,
         connect: C,
     ) -> Result<http::Response<crate::body::Body>, PoolError>
     where

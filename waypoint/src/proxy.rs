@@ -25,7 +25,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Limited};
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -33,7 +34,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::Layer;
 
-use crate::body::{self, Response};
+use crate::body::{self, Response, Streaming};
 use crate::config::{
     BackendConfig, BackendProtocol, Config, FilterConfig, LoadBalancerConfig, Mode,
     RateLimitConfig, RedirectConfig, RetryConfig, RouteConfig, UrlRewriteConfig,
@@ -57,8 +58,65 @@ use crate::mesh::{MeshContext, ServiceEndpoints};
 use crate::route::{RouteError, RouteTable};
 use weft_api::model::ServiceInfo;
 
-/// Longest time a client may take to send its request body.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the waypoint waits for more of a request body before it forwards the request
+/// with what it has and streams the rest: the body of a unary request comes with its headers
+/// or right after them, while a gRPC client or bidirectional stream, or a slow upload, goes on.
+pub const STREAM_AFTER: Duration = Duration::from_millis(20);
+
+/// The longest the waypoint reads a request body before forwarding it: a client trickling its
+/// body in (one byte every 10 ms) is streamed to the endpoint after this, not held.
+pub const BUFFER_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Reads `incoming` to its end, so that retries can resend the request; or, when the body
+/// pauses for [`STREAM_AFTER`], outgrows `max` bytes (`maxRequestBodyBytes`) or takes longer
+/// than [`BUFFER_AT_MOST`], stops there: the bytes so far, and the rest to stream
+/// ([`Streaming`]; such a request is not retried).
+async fn read_body<B>(mut incoming: B, max: usize) -> Result<(Bytes, Option<B>), ProxyError>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    // One frame (most bodies) is kept as it is; more are copied together.
+    let mut first: Option<Bytes> = None;
+    let mut more = bytes::BytesMut::new();
+    let take = |first: Option<Bytes>, more: bytes::BytesMut| match first {
+        Some(first) if more.is_empty() => first,
+        _ => more.freeze(),
+    };
+    let deadline = tokio::time::Instant::now() + BUFFER_AT_MOST;
+    loop {
+        let wait = (tokio::time::Instant::now() + STREAM_AFTER).min(deadline);
+        let frame = match tokio::time::timeout_at(wait, incoming.frame()).await {
+            Err(_) => return Ok((take(first, more), Some(incoming))),
+            Ok(None) => return Ok((take(first, more), None)),
+            Ok(Some(Err(e))) => {
+                return Err(ProxyError::ClientBody {
+                    reason: e.to_string(),
+                });
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        // Request trailers are not forwarded (as before the body streamed).
+        if let Ok(data) = frame.into_data() {
+            match first.take() {
+                None if more.is_empty() => first = Some(data),
+                kept => {
+                    if let Some(kept) = kept {
+                        more.extend_from_slice(&kept);
+                    }
+                    more.extend_from_slice(&data);
+                }
+            }
+        }
+        if incoming.is_end_stream() {
+            return Ok((take(first, more), None));
+        }
+        let len = first.as_ref().map_or(0, Bytes::len) + more.len();
+        if len > max {
+            return Ok((take(first, more), Some(incoming)));
+        }
+    }
+}
 
 /// A config that validated but could not be compiled, or a listener that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -909,40 +967,20 @@ pub async fn handle_from(
     }
     // No body (most GETs): nothing to wait for, no timer to arm.
     let body = if http_body::Body::is_end_stream(&incoming) {
-        Ok(Ok(http_body_util::Collected::default()))
+        Ok((Bytes::new(), None))
     } else {
-        tokio::time::timeout(
-            BODY_READ_TIMEOUT,
-            Limited::new(incoming, listener.max_body).collect(),
-        )
-        .await
+        read_body(incoming, listener.max_body).await
     };
     let mut request_bytes = 0;
     let response = match body {
-        Err(_) => ProxyError::ClientTimeout {
-            after: BODY_READ_TIMEOUT,
-        }
-        .into_response(),
-        Ok(Err(e)) => {
-            let error = if e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ProxyError::BodyTooLarge {
-                    limit: listener.max_body,
-                }
-            } else {
-                ProxyError::ClientBody {
-                    reason: e.to_string(),
-                }
-            };
-            error.into_response()
-        }
-        Ok(Ok(collected)) => {
-            let bytes = collected.to_bytes();
+        Err(error) => error.into_response(),
+        Ok((bytes, rest)) => {
             request_bytes = bytes.len() as u64;
             context.set_request_bytes(request_bytes);
             let mut request = http::Request::from_parts(parts, bytes);
+            if let Some(rest) = rest {
+                request.extensions_mut().insert(Streaming::new(rest));
+            }
             match route
                 .rewrite
                 .as_ref()
@@ -1084,6 +1122,86 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Item = Result<http_body::Frame<Bytes>, String>;
+    type Frames = tokio::sync::mpsc::Sender<Item>;
+    type Fed = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Item>>;
+
+    /// A request body fed frame by frame through the returned sender.
+    fn body() -> (Frames, Fed) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        (tx, http_body_util::StreamBody::new(stream))
+    }
+
+    async fn feed(frames: &Frames, text: &'static str) {
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::from_static(
+                text.as_bytes(),
+            ))))
+            .await
+            .expect("send");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_ends_is_buffered_whole() {
+        let (frames, incoming) = body();
+        feed(&frames, "one ").await;
+        feed(&frames, "two").await;
+        drop(frames);
+        let (bytes, rest) = read_body(incoming, 1024).await.expect("read");
+        assert_eq!(bytes, "one two");
+        assert!(rest.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_pauses_outgrows_the_buffer_or_trickles_streams_the_rest() {
+        // Pauses: what came so far, and the rest to stream.
+        let (frames, incoming) = body();
+        feed(&frames, "first message").await;
+        let (bytes, rest) = read_body(incoming, 1024).await.expect("read");
+        assert_eq!(bytes, "first message");
+        let mut rest = rest.expect("the rest streams");
+        feed(&frames, "second").await;
+        let frame = rest.frame().await.expect("frame").expect("data");
+        assert_eq!(frame.into_data().expect("data"), "second");
+        // Larger than the buffer (8 bytes): forwarded once it is exceeded.
+        let (frames, incoming) = body();
+        feed(&frames, "0123").await;
+        feed(&frames, "45678").await;
+        feed(&frames, "9").await;
+        let (bytes, rest) = read_body(incoming, 8).await.expect("read");
+        assert_eq!(bytes, "012345678");
+        assert!(rest.is_some());
+        // A byte every 10 ms: never a 20 ms pause, streamed after a second.
+        let (frames, incoming) = body();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..500 {
+                feed(&frames, "x").await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let (bytes, rest) = read_body(incoming, 1024).await.expect("read");
+        assert!(rest.is_some());
+        let took = started.elapsed();
+        assert!(
+            took >= BUFFER_AT_MOST && took < BUFFER_AT_MOST + STREAM_AFTER,
+            "{took:?}"
+        );
+        assert!((90..=110).contains(&bytes.len()), "{}", bytes.len());
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_the_client_breaks_off_is_a_client_error() {
+        let (frames, incoming) = body();
+        feed(&frames, "part").await;
+        frames.send(Err("reset".into())).await.expect("send");
+        let error = read_body(incoming, 1024).await.expect_err("broken");
+        assert!(matches!(error, ProxyError::ClientBody { .. }), "{error:?}");
+        assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn the_client_is_appended_to_x_forwarded_for() {

@@ -371,13 +371,167 @@ listeners:
         http.request(post("small")).await.expect("answer").status(),
         200
     );
+    // Larger than the buffer: forwarded all the same, the rest streamed (not retried).
     assert_eq!(
         http.request(post("far more than sixteen bytes"))
             .await
             .expect("answer")
             .status(),
-        413
+        200
     );
+}
+
+/// A backend answering each request with its own body, streamed back as it arrives
+/// (HTTP/1.1 and HTTP/2).
+async fn echo_backend() -> std::net::SocketAddr {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(request.into_body()))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_body_that_goes_on_streams_both_ways_through_the_waypoint() {
+    use http_body_util::BodyExt;
+    // A bidirectional stream (as gRPC's): each message is answered before the client sends
+    // the next, so a waypoint waiting for the end of the request body would never answer.
+    let echo = echo_backend().await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: echo }}]
+        retry: {{ attempts: 3, retryOn: [connect-failure, "503"] }}
+backends:
+  - name: echo
+    endpoints: ["{echo}"]
+    protocol: http2
+"#
+    );
+    let proxy = proxy(&yaml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let (frames, body) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+    let request = http::Request::post(format!("http://{proxy}/chat"))
+        .body(body)
+        .expect("request");
+    let step = Duration::from_secs(5);
+    frames
+        .send(Ok(http_body::Frame::data(bytes::Bytes::from("ping 1"))))
+        .await
+        .expect("send");
+    let response = tokio::time::timeout(step, sender.send_request(request))
+        .await
+        .expect("response headers before the request body ended")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let mut answer = response.into_body();
+    let mut next = async || -> String {
+        let frame = tokio::time::timeout(step, answer.frame())
+            .await
+            .expect("an echo before the request body ended")
+            .expect("a frame")
+            .expect("no error");
+        String::from_utf8(frame.into_data().expect("data").to_vec()).expect("utf-8")
+    };
+    assert_eq!(next().await, "ping 1");
+    for i in 2..=3 {
+        let text = format!("ping {i}");
+        frames
+            .send(Ok(http_body::Frame::data(bytes::Bytes::from(text.clone()))))
+            .await
+            .expect("send");
+        assert_eq!(next().await, text);
+    }
+    // The client ends its side: so does the answer (perhaps after an empty frame carrying the
+    // end of the stream).
+    drop(frames);
+    let rest = tokio::time::timeout(step, answer.collect())
+        .await
+        .expect("the end of the answer")
+        .expect("no error");
+    assert!(rest.to_bytes().is_empty());
+}
+
+#[tokio::test]
+async fn an_upload_larger_than_the_buffer_arrives_whole() {
+    use http_body_util::BodyExt;
+    let echo = echo_backend().await;
+    let yaml = format!(
+        r#"
+maxRequestBodyBytes: 1024
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: echo }}]
+backends:
+  - name: echo
+    endpoints: ["{echo}"]
+"#
+    );
+    let proxy = proxy(&yaml).await;
+    // 1 MiB in 64 KiB pieces, over HTTP/1.1 (chunked), against a 1 KiB buffer.
+    let piece: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>> = (0..16)
+        .map(|_| Ok(http_body::Frame::data(bytes::Bytes::from(piece.clone()))))
+        .collect();
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(chunks));
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post("/upload")
+        .header("host", "upload")
+        .body(body)
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
+        .await
+        .expect("answered")
+        .expect("response");
+    assert_eq!(response.status(), 200);
+    let echoed = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(echoed.len(), 16 * 65_536);
+    assert!(echoed.chunks(65_536).all(|c| c == piece.as_slice()));
 }
 
 #[tokio::test]
@@ -880,4 +1034,63 @@ listeners:
     assert_eq!(missed["status"], 404);
     assert!(missed["route"].is_null());
     assert!(missed["response_bytes"].as_u64().is_some_and(|n| n > 0));
+}
+
+#[tokio::test]
+async fn a_streamed_request_is_not_retried_but_a_whole_one_is() {
+    let a = backend("a").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - backendRefs: [{{ name: a }}]
+        retry: {{ attempts: 3, retryOn: ["503"], backoff: {{ base: 1ms, max: 2ms }} }}
+{}"#,
+        backends_yaml(&[("a", vec![a.addr])])
+    );
+    let proxy = proxy(&yaml).await;
+    // `/flaky/N` answers 503 N times (counted per path).
+    let post = async |path: &str, pause: Option<Duration>| {
+        let (frames, body) = tokio::sync::mpsc::channel::<
+            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+        >(4);
+        let body =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect");
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .expect("handshake");
+        tokio::spawn(connection);
+        let request = http::Request::post(path)
+            .header("host", "a")
+            .body(body)
+            .expect("request");
+        // The second part may find the request gone: the backend answers 503 without
+        // reading the body, which ends the exchange.
+        let feeder = tokio::spawn(async move {
+            let piece = || Ok(http_body::Frame::data(bytes::Bytes::from_static(b"part")));
+            let _ = frames.send(piece()).await;
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+            let _ = frames.send(piece()).await;
+        });
+        let response = sender.send_request(request).await.expect("response");
+        feeder.await.expect("feeder");
+        response.status()
+    };
+    let before = a.calls.load(Ordering::SeqCst);
+    // Whole (both parts at once): three attempts, all 503.
+    assert_eq!(post("/flaky/7", None).await, 503);
+    assert_eq!(a.calls.load(Ordering::SeqCst) - before, 3);
+    // A pause longer than STREAM_AFTER: forwarded as it comes, one attempt.
+    let before = a.calls.load(Ordering::SeqCst);
+    let pause = weft_waypoint::proxy::STREAM_AFTER * 5;
+    assert_eq!(post("/flaky/9", Some(pause)).await, 503);
+    assert_eq!(a.calls.load(Ordering::SeqCst) - before, 1);
 }

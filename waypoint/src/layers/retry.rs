@@ -147,12 +147,7 @@ pub fn is_retryable(result: &ProxyResult, retry_on: &[RetryOn]) -> bool {
             | ProxyError::Overflow { .. }
             | ProxyError::ConnectionLimit { .. },
         ) => retry_on.contains(&RetryOn::Status5xx),
-        Err(
-            ProxyError::BodyTooLarge { .. }
-            | ProxyError::ClientBody { .. }
-            | ProxyError::ClientTimeout { .. }
-            | ProxyError::Internal(_),
-        ) => false,
+        Err(ProxyError::ClientBody { .. } | ProxyError::Internal(_)) => false,
     }
 }
 
@@ -305,8 +300,13 @@ impl<S: Inner> Service<Request> for Retry<S> {
             .headers_mut()
             .insert(ATTEMPT_HEADER, attempt_value(1));
         // The first attempt is sent now (always ready, see the module docs); the request is
-        // kept (and the inner service cloned) only when there can be a second.
-        let (first, mut later) = if shared.config.attempts <= 1 {
+        // kept (and the inner service cloned) only when there can be a second: not for a
+        // streamed request, whose body's rest can be sent only once.
+        let streamed = request
+            .extensions()
+            .get::<crate::body::Streaming>()
+            .is_some();
+        let (first, mut later) = if shared.config.attempts <= 1 || streamed {
             (self.inner.call(request), None)
         } else {
             let (first, kept) = Kept::split(request);
@@ -673,8 +673,10 @@ mod tests {
         assert!(!is_retryable(&Err(refused()), &on));
         assert!(is_retryable(&Err(refused()), &[RetryOn::Status(503)]));
         // Client-side failures never are.
-        let client = ProxyError::BodyTooLarge { limit: 1 };
-        assert!(!is_retryable(&Err(client), &[RetryOn::Status(413)]));
+        let client = ProxyError::ClientBody {
+            reason: "reset".into(),
+        };
+        assert!(!is_retryable(&Err(client), &[RetryOn::Status(400)]));
     }
 
     #[test]
