@@ -305,54 +305,74 @@ pub fn grpc_call(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> io::Result<GrpcReply> {
+    let uri = format!("http://{authority}{path}");
+    on_h2_connection(ns, addr, timeout, "gRPC call", async move |mut sender| {
+        let mut req = Request::post(uri)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(frame(b"ping")))
+            .map_err(io::Error::other)?;
+        let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+        let http_status = resp.status().as_u16();
+        let header_status = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let collected = resp.into_body().collect().await.map_err(io::Error::other)?;
+        let trailer_status = collected
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let message = unframe(collected.to_bytes())
+            .map(|m| String::from_utf8_lossy(&m).to_string())
+            .unwrap_or_default();
+        Ok(GrpcReply {
+            http_status,
+            grpc_status: trailer_status.or(header_status),
+            message,
+        })
+    })
+}
+
+/// Runs `call` with a new HTTP/2 connection (prior knowledge) to `addr` from inside `ns`, on a
+/// runtime of its own; `what` names it when `timeout` runs out.
+fn on_h2_connection<B, T, F>(
+    ns: &NetNs,
+    addr: SocketAddr,
+    timeout: Duration,
+    what: &str,
+    call: F,
+) -> io::Result<T>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: AsyncFnOnce(hyper::client::conn::http2::SendRequest<B>) -> io::Result<T>,
+{
     let stream = tcp_connect_in(ns, addr, timeout)?;
     stream.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let uri = format!("http://{authority}{path}");
     rt.block_on(async move {
-        let call = async {
+        let run = async {
             let stream = tokio::net::TcpStream::from_std(stream)?;
-            let (mut sender, conn) =
+            let (sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                     .await
                     .map_err(io::Error::other)?;
             tokio::spawn(conn);
-            let mut req = Request::post(uri)
-                .header("content-type", "application/grpc")
-                .header("te", "trailers");
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let req = req
-                .body(Full::new(frame(b"ping")))
-                .map_err(io::Error::other)?;
-            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
-            let http_status = resp.status().as_u16();
-            let header_status = resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .map(String::from);
-            let collected = resp.into_body().collect().await.map_err(io::Error::other)?;
-            let trailer_status = collected
-                .trailers()
-                .and_then(|t| t.get("grpc-status"))
-                .and_then(|v| v.to_str().ok())
-                .map(String::from);
-            let message = unframe(collected.to_bytes())
-                .map(|m| String::from_utf8_lossy(&m).to_string())
-                .unwrap_or_default();
-            Ok(GrpcReply {
-                http_status,
-                grpc_status: trailer_status.or(header_status),
-                message,
-            })
+            call(sender).await
         };
-        tokio::time::timeout(timeout, call)
+        tokio::time::timeout(timeout, run)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "gRPC call timed out"))?
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("{what} timed out")))?
     })
 }
 
@@ -376,80 +396,64 @@ pub fn grpc_chat(
     messages: &[&str],
     timeout: Duration,
 ) -> io::Result<ChatReply> {
-    let stream = tcp_connect_in(ns, addr, timeout)?;
-    stream.set_nonblocking(true)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let uri = format!("http://{authority}{path}");
     let messages: Vec<Bytes> = messages.iter().map(|m| frame(m.as_bytes())).collect();
-    rt.block_on(async move {
-        let call = async {
-            let stream = tokio::net::TcpStream::from_std(stream)?;
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                    .await
-                    .map_err(io::Error::other)?;
-            tokio::spawn(conn);
-            let (frames, body) =
-                tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
-            let body =
-                http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
-            let req = Request::post(uri)
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(body)
-                .map_err(io::Error::other)?;
-            let mut messages = messages.into_iter();
-            // Dropped after the last message: the end of our side.
-            let mut frames = match messages.next() {
-                Some(first) => {
-                    let _ = frames.send(Ok(hyper::body::Frame::data(first))).await;
-                    Some(frames)
-                }
-                None => None,
-            };
-            let resp = sender.send_request(req).await.map_err(io::Error::other)?;
-            let mut body = resp.into_body();
-            let mut replies = Vec::new();
-            let mut grpc_status = None;
-            let mut pending = BytesMut::new();
-            loop {
-                // The reply to the last message sent, then the next message.
-                while let Some(message) = unframe(pending.clone().freeze()) {
-                    pending.advance(5 + message.len());
-                    replies.push(String::from_utf8_lossy(&message).to_string());
-                    match (messages.next(), &frames) {
-                        (Some(next), Some(frames)) => {
-                            let _ = frames.send(Ok(hyper::body::Frame::data(next))).await;
-                        }
-                        // Our side ends; the server's follows.
-                        _ => frames = None,
+    on_h2_connection(ns, addr, timeout, "gRPC stream", async move |mut sender| {
+        let (frames, body) =
+            tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(4);
+        let body =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+        let req = Request::post(uri)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .map_err(io::Error::other)?;
+        let mut messages = messages.into_iter();
+        // Dropped after the last message: the end of our side.
+        let mut frames = match messages.next() {
+            Some(first) => {
+                let _ = frames.send(Ok(hyper::body::Frame::data(first))).await;
+                Some(frames)
+            }
+            None => None,
+        };
+        let resp = sender.send_request(req).await.map_err(io::Error::other)?;
+        let mut body = resp.into_body();
+        let mut replies = Vec::new();
+        let mut grpc_status = None;
+        let mut pending = BytesMut::new();
+        loop {
+            // The reply to the last message sent, then the next message.
+            while let Some(message) = unframe(pending.clone().freeze()) {
+                pending.advance(5 + message.len());
+                replies.push(String::from_utf8_lossy(&message).to_string());
+                match (messages.next(), &frames) {
+                    (Some(next), Some(frames)) => {
+                        let _ = frames.send(Ok(hyper::body::Frame::data(next))).await;
                     }
-                }
-                match body.frame().await {
-                    None => break,
-                    Some(Err(e)) => return Err(io::Error::other(e)),
-                    Some(Ok(f)) => match f.into_data() {
-                        Ok(data) => pending.extend_from_slice(&data),
-                        Err(f) => {
-                            grpc_status = f
-                                .trailers_ref()
-                                .and_then(|t| t.get("grpc-status"))
-                                .and_then(|v| v.to_str().ok())
-                                .map(String::from);
-                        }
-                    },
+                    // Our side ends; the server's follows.
+                    _ => frames = None,
                 }
             }
-            Ok(ChatReply {
-                replies,
-                grpc_status,
-            })
-        };
-        tokio::time::timeout(timeout, call)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "gRPC stream timed out"))?
+            match body.frame().await {
+                None => break,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(data) => pending.extend_from_slice(&data),
+                    Err(f) => {
+                        grpc_status = f
+                            .trailers_ref()
+                            .and_then(|t| t.get("grpc-status"))
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from);
+                    }
+                },
+            }
+        }
+        Ok(ChatReply {
+            replies,
+            grpc_status,
+        })
     })
 }
 

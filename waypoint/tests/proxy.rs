@@ -381,6 +381,39 @@ listeners:
     );
 }
 
+type Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>;
+type Fed = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Item>>;
+
+/// A request body fed frame by frame through the returned sender.
+fn fed_body() -> (tokio::sync::mpsc::Sender<Item>, Fed) {
+    let (frames, body) = tokio::sync::mpsc::channel::<Item>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+    (frames, body)
+}
+
+/// A data frame holding `text`.
+fn data(text: impl Into<bytes::Bytes>) -> Item {
+    Ok(http_body::Frame::data(text.into()))
+}
+
+/// A new HTTP/1.1 connection to `proxy`, for requests with a body `B`.
+async fn h1_connection<B>(proxy: std::net::SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 /// A backend answering each request with its own body, streamed back as it arrives
 /// (HTTP/1.1 and HTTP/2).
 async fn echo_backend() -> std::net::SocketAddr {
@@ -438,18 +471,12 @@ backends:
     .await
     .expect("HTTP/2 handshake");
     tokio::spawn(connection);
-    let (frames, body) = tokio::sync::mpsc::channel::<
-        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-    >(4);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+    let (frames, body) = fed_body();
     let request = http::Request::post(format!("http://{proxy}/chat"))
         .body(body)
         .expect("request");
     let step = Duration::from_secs(5);
-    frames
-        .send(Ok(http_body::Frame::data(bytes::Bytes::from("ping 1"))))
-        .await
-        .expect("send");
+    frames.send(data("ping 1")).await.expect("send");
     let response = tokio::time::timeout(step, sender.send_request(request))
         .await
         .expect("response headers before the request body ended")
@@ -467,10 +494,7 @@ backends:
     assert_eq!(next().await, "ping 1");
     for i in 2..=3 {
         let text = format!("ping {i}");
-        frames
-            .send(Ok(http_body::Frame::data(bytes::Bytes::from(text.clone()))))
-            .await
-            .expect("send");
+        frames.send(data(text.clone())).await.expect("send");
         assert_eq!(next().await, text);
     }
     // The client ends its side: so does the answer (perhaps after an empty frame carrying the
@@ -503,18 +527,9 @@ backends:
     let proxy = proxy(&yaml).await;
     // 1 MiB in 64 KiB pieces, over HTTP/1.1 (chunked), against a 1 KiB buffer.
     let piece: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
-    let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>> = (0..16)
-        .map(|_| Ok(http_body::Frame::data(bytes::Bytes::from(piece.clone()))))
-        .collect();
+    let chunks: Vec<Item> = (0..16).map(|_| data(piece.clone())).collect();
     let body = http_body_util::StreamBody::new(tokio_stream::iter(chunks));
-    let tcp = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-    tokio::spawn(connection);
+    let mut sender = h1_connection(proxy).await;
     let request = http::Request::post("/upload")
         .header("host", "upload")
         .body(body)
@@ -1053,19 +1068,8 @@ listeners:
     let proxy = proxy(&yaml).await;
     // `/flaky/N` answers 503 N times (counted per path).
     let post = async |path: &str, pause: Option<Duration>| {
-        let (frames, body) = tokio::sync::mpsc::channel::<
-            Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-        >(4);
-        let body =
-            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
-        let tcp = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect");
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-                .await
-                .expect("handshake");
-        tokio::spawn(connection);
+        let (frames, body) = fed_body();
+        let mut sender = h1_connection(proxy).await;
         let request = http::Request::post(path)
             .header("host", "a")
             .body(body)
@@ -1073,12 +1077,11 @@ listeners:
         // The second part may find the request gone: the backend answers 503 without
         // reading the body, which ends the exchange.
         let feeder = tokio::spawn(async move {
-            let piece = || Ok(http_body::Frame::data(bytes::Bytes::from_static(b"part")));
-            let _ = frames.send(piece()).await;
+            let _ = frames.send(data("part")).await;
             if let Some(pause) = pause {
                 tokio::time::sleep(pause).await;
             }
-            let _ = frames.send(piece()).await;
+            let _ = frames.send(data("part")).await;
         });
         let response = sender.send_request(request).await.expect("response");
         feeder.await.expect("feeder");
