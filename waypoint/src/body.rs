@@ -73,6 +73,11 @@ impl UpstreamBody {
         }
     }
 
+    /// Whether the body streams (has a rest still arriving from the client).
+    pub fn is_streamed(&self) -> bool {
+        self.rest.is_some()
+    }
+
     /// The buffered bytes not sent yet and the rest, untouched when the body was never polled.
     pub fn into_parts(self) -> (Bytes, Option<hyper::body::Incoming>) {
         (self.buffered.unwrap_or_default(), self.rest)

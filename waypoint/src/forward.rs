@@ -250,6 +250,17 @@ pub(crate) fn upstream_request(
             (upstream_uri(target, host, &parts.uri)?, Version::HTTP_2)
         }
     };
+    // A streamed body of unknown length goes to an HTTP/1.1 endpoint chunked: hyper would
+    // otherwise send a GET or HEAD without it (length 0).
+    if rest.is_some()
+        && protocol == BackendProtocol::Http1
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     Ok(http::Request::from_parts(
         parts,
         UpstreamBody::new(body, rest),

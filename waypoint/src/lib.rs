@@ -45,7 +45,8 @@
 //! * **Proxy** ([`proxy`]): hyper server (HTTP/1.1 and HTTP/2 prior knowledge through the
 //!   hyper-util auto builder) per listener; a pooled hyper client per backend (HTTP/1.1 or h2c);
 //!   404 naming the request when no route matches; `x-forwarded-for` / `x-forwarded-proto`;
-//!   30 s limits on reading request headers and body; golden metrics
+//!   a 30 s limit on reading request headers; request bodies buffered, or streamed when they
+//!   go on ([`proxy::STREAM_AFTER`]); golden metrics
 //!   `weft_waypoint_requests_total` and `weft_waypoint_request_duration_seconds` by listener,
 //!   route, backend and code ([`metrics`]); config reload (`Waypoint::reload`, SIGHUP in the
 //!   binary) that swaps compiled routes atomically and keeps the state (pools, circuits,
@@ -68,8 +69,9 @@
 //! * Success-rate (statistical) outlier ejection; only consecutive failures eject.
 //! * Retries of streamed requests: a request body that goes on arriving (pauses for
 //!   [`proxy::STREAM_AFTER`]) or outgrows `maxRequestBodyBytes` is forwarded as it comes and
-//!   not retried (only its connect failure goes to another endpoint). Timeouts cover the time
-//!   to the response headers, not the bodies. Upgrades (WebSocket) and CONNECT are answered 501.
+//!   not retried (only its connect failure goes to another endpoint), and the rest of its body
+//!   has no idle limit of its own. Timeouts cover the time to the response headers, not the
+//!   bodies. Upgrades (WebSocket) and CONNECT are answered 501.
 //! * Header/query matches other than `Exact` (query parameters are percent-decoded first);
 //!   `RequestMirror`; DNS names as endpoints (only `ip:port`).
 

@@ -517,6 +517,10 @@ impl<K: Key> Pool<K> {
         C: Fn(Option<OwnedSemaphorePermit>) -> F,
         F: Future<Output = Result<Sender, String>>,
     {
+        // A streamed body may still be going out when the response has ended (an endpoint
+        // that answers before reading the whole upload): its HTTP/1.1 connection is not given
+        // back to the pool, where the next request would wait behind the upload.
+        let streamed = request.body().is_streamed();
         let mut fresh = false;
         loop {
             let (mut sender, reused) = match self.acquire(&key, fresh, &connect).await {
@@ -529,6 +533,7 @@ impl<K: Key> Pool<K> {
             match sender.send(request).await {
                 Ok(response) => {
                     return Ok(match sender {
+                        Sender::H1(_) if streamed => response.map(BodyExt::boxed),
                         Sender::H1(_) => response.map(|body| {
                             let back = GiveBack {
                                 pool: self.clone(),

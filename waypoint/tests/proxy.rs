@@ -1067,7 +1067,7 @@ listeners:
     );
     let proxy = proxy(&yaml).await;
     // `/flaky/N` answers 503 N times (counted per path).
-    let post = async |path: &str, pause: Option<Duration>| {
+    let streamed = async |path: &str, pause: Duration| {
         let (frames, body) = fed_body();
         let mut sender = h1_connection(proxy).await;
         let request = http::Request::post(path)
@@ -1078,9 +1078,7 @@ listeners:
         // reading the body, which ends the exchange.
         let feeder = tokio::spawn(async move {
             let _ = frames.send(data("part")).await;
-            if let Some(pause) = pause {
-                tokio::time::sleep(pause).await;
-            }
+            tokio::time::sleep(pause).await;
             let _ = frames.send(data("part")).await;
         });
         let response = sender.send_request(request).await.expect("response");
@@ -1088,12 +1086,107 @@ listeners:
         response.status()
     };
     let before = a.calls.load(Ordering::SeqCst);
-    // Whole (both parts at once): three attempts, all 503.
-    assert_eq!(post("/flaky/7", None).await, 503);
+    // Whole (Content-Length, sent at once): three attempts, all 503.
+    let whole = http::Request::post(format!("http://{proxy}/flaky/7"))
+        .body(http_body_util::Full::new(bytes::Bytes::from("part part")))
+        .expect("request");
+    let answer = client().request(whole).await.expect("answer");
+    assert_eq!(answer.status(), 503);
     assert_eq!(a.calls.load(Ordering::SeqCst) - before, 3);
     // A pause longer than STREAM_AFTER: forwarded as it comes, one attempt.
     let before = a.calls.load(Ordering::SeqCst);
-    let pause = weft_waypoint::proxy::STREAM_AFTER * 5;
-    assert_eq!(post("/flaky/9", Some(pause)).await, 503);
+    let pause = weft_waypoint::proxy::STREAM_AFTER * 25;
+    assert_eq!(streamed("/flaky/9", pause).await, 503);
     assert_eq!(a.calls.load(Ordering::SeqCst) - before, 1);
+}
+
+#[tokio::test]
+async fn a_streamed_get_keeps_its_body_and_an_early_answer_does_not_hold_the_pool() {
+    use http_body_util::BodyExt;
+    let echo = echo_backend().await;
+    // Answers at once and reads the request body afterwards, keeping the connection open.
+    let early = {
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = socket.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |request: http::Request<hyper::body::Incoming>| async move {
+                            tokio::spawn(request.into_body().collect());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from("early")),
+                            ))
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: echo
+        matches: [{{ path: {{ type: PathPrefix, value: /echo }} }}]
+        backendRefs: [{{ name: echo }}]
+      - backendRefs: [{{ name: early }}]
+backends:
+  - name: echo
+    endpoints: ["{echo}"]
+  - name: early
+    endpoints: ["{early}"]
+"#
+    );
+    let proxy = proxy(&yaml).await;
+    let pause = weft_waypoint::proxy::STREAM_AFTER * 5;
+    // A GET whose body streams (no Content-Length): it reaches the endpoint whole, chunked
+    // (hyper would send a GET of unknown length without its body).
+    let (frames, body) = fed_body();
+    let mut sender = h1_connection(proxy).await;
+    let request = http::Request::get("/echo")
+        .header("host", "echo")
+        .header("transfer-encoding", "chunked")
+        .body(body)
+        .expect("request");
+    let feeder = tokio::spawn(async move {
+        frames.send(data("first ")).await.expect("send");
+        tokio::time::sleep(pause).await;
+        frames.send(data("second")).await.expect("send");
+    });
+    let response = sender.send_request(request).await.expect("response");
+    let echoed = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    feeder.await.expect("feeder");
+    assert_eq!(echoed, "first second");
+
+    // An upload the endpoint answers at once, without reading it, and that goes on: its
+    // connection to the endpoint must not serve the next request meanwhile.
+    let (frames, body) = fed_body();
+    let mut sender = h1_connection(proxy).await;
+    let request = http::Request::post("/upload")
+        .header("host", "early")
+        .body(body)
+        .expect("request");
+    frames.send(data("start")).await.expect("send");
+    let response = sender.send_request(request).await.expect("response");
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.expect("body");
+    let next = tokio::time::timeout(Duration::from_secs(3), get(proxy, "/next"))
+        .await
+        .expect("the next request is not held behind the unfinished upload");
+    assert_eq!(next.status, 200);
+    drop(frames);
 }

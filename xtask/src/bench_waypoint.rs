@@ -292,6 +292,13 @@ fn fixed_rate(name: &str, port: u16, rate: u32, secs: u64) -> anyhow::Result<Val
             m.errors
         );
     }
+    if m.achieved_rps < f64::from(rate) * 0.95 {
+        eprintln!(
+            "warning: {name} answered {:.0} of {rate} req/s: saturated at this rate, so its \
+             latency here includes queueing; choose a lower --fixed-rate",
+            m.achieved_rps
+        );
+    }
     Ok(json!({
         "achieved_rps": m.achieved_rps,
         "p50_us": m.p50_us,

@@ -31,7 +31,7 @@ pub struct Measured {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// Responses that were not 2xx, plus connections that failed.
+    /// Responses that were not 2xx (a connection that fails fails the whole run).
     pub errors: u64,
 }
 
@@ -80,8 +80,9 @@ pub fn run(
                 }
                 for (c, due) in next.iter_mut().enumerate() {
                     while *due <= now && *due < end {
-                        // A closed channel: that connection failed; its error is counted.
-                        let _ = senders[c].send(*due);
+                        // Released now (the pacer's own lateness is not the proxy's); a closed
+                        // channel means that connection failed, which fails the run.
+                        let _ = senders[c].send(now);
                         *due += interval;
                     }
                 }
