@@ -62,14 +62,22 @@ impl std::fmt::Debug for Streaming {
 pub struct UpstreamBody {
     buffered: Option<Bytes>,
     rest: Option<hyper::body::Incoming>,
+    /// Where the rest's bytes are counted as they go out (the golden metrics and the access
+    /// log read the request's size there).
+    counted: Option<crate::layers::RequestContext>,
 }
 
 impl UpstreamBody {
-    /// `buffered`, then `rest` if any.
-    pub fn new(buffered: Bytes, rest: Option<hyper::body::Incoming>) -> Self {
+    /// `buffered`, then `rest` if any, its bytes counted in `counted`.
+    pub fn new(
+        buffered: Bytes,
+        rest: Option<hyper::body::Incoming>,
+        counted: Option<crate::layers::RequestContext>,
+    ) -> Self {
         UpstreamBody {
             buffered: (!buffered.is_empty()).then_some(buffered),
             rest,
+            counted,
         }
     }
 
@@ -96,10 +104,17 @@ impl http_body::Body for UpstreamBody {
         if let Some(bytes) = self.buffered.take() {
             return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
         }
-        match self.rest.as_mut() {
-            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
+        let this = &mut *self;
+        let Some(rest) = this.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = std::pin::Pin::new(rest).poll_frame(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(counted)) = (&polled, &this.counted)
+            && let Some(data) = frame.data_ref()
+        {
+            counted.add_request_bytes(data.len() as u64);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -261,9 +261,15 @@ pub(crate) fn upstream_request(
             HeaderValue::from_static("chunked"),
         );
     }
+    let counted = rest.as_ref().and_then(|_| {
+        parts
+            .extensions
+            .get::<crate::layers::RequestContext>()
+            .cloned()
+    });
     Ok(http::Request::from_parts(
         parts,
-        UpstreamBody::new(body, rest),
+        UpstreamBody::new(body, rest, counted),
     ))
 }
 
@@ -414,7 +420,7 @@ mod tests {
         let request = http::Request::builder()
             .uri("/x")
             .header(header::HOST, "backend")
-            .body(UpstreamBody::new(Bytes::new(), None))
+            .body(UpstreamBody::new(Bytes::new(), None, None))
             .expect("request");
         let response = pool
             .send(addr, request, |slot| {
@@ -659,7 +665,7 @@ mod tests {
         let send = |pool: Arc<Pool<SocketAddr>>, attempts: Arc<AtomicUsize>| async move {
             let request = http::Request::builder()
                 .uri(format!("http://{addr}/x"))
-                .body(UpstreamBody::new(Bytes::new(), None))
+                .body(UpstreamBody::new(Bytes::new(), None, None))
                 .expect("request");
             let connect = |slot| {
                 let first = attempts.fetch_add(1, Ordering::SeqCst) == 0;

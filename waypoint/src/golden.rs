@@ -164,12 +164,30 @@ impl SeriesCache {
     }
 }
 
+/// The size of a request's body, as the golden metrics record it.
+#[derive(Debug, Clone)]
+pub enum RequestBytes {
+    /// Read whole before forwarding.
+    Known(u64),
+    /// Streamed: counted in the request's context as it goes out, read when the response ends.
+    Counted(crate::layers::RequestContext),
+}
+
+impl RequestBytes {
+    fn now(&self) -> u64 {
+        match self {
+            RequestBytes::Known(n) => *n,
+            RequestBytes::Counted(context) => context.request_bytes(),
+        }
+    }
+}
+
 /// `response` whose body records the request's golden signals (in `cache`'s series) when it
 /// ends or is dropped.
 pub fn observe(
     response: Response,
     golden: Golden,
-    request_bytes: u64,
+    request_bytes: RequestBytes,
     start: Instant,
     cache: Arc<SeriesCache>,
 ) -> Response {
@@ -197,7 +215,7 @@ pub fn observe(
 
 struct State {
     key: SeriesKey,
-    request_bytes: u64,
+    request_bytes: RequestBytes,
     start: Instant,
     tally: Tally,
     cache: Arc<SeriesCache>,
@@ -218,7 +236,7 @@ impl State {
         let series = self.cache.series(self.key);
         series.requests.increment(1);
         series.duration.record(elapsed);
-        series.request_bytes.record(self.request_bytes as f64);
+        series.request_bytes.record(self.request_bytes.now() as f64);
         series.response_bytes.record(self.tally.bytes as f64);
     }
 }
@@ -285,7 +303,7 @@ mod tests {
                 let response = observe(
                     http::Response::new(body),
                     golden(),
-                    3,
+                    RequestBytes::Known(3),
                     Instant::now(),
                     cache(),
                 );
@@ -333,7 +351,7 @@ mod tests {
             let response = observe(
                 crate::body::text_response(http::StatusCode::NOT_FOUND, "nope"),
                 golden(),
-                0,
+                RequestBytes::Known(0),
                 Instant::now(),
                 cache(),
             );

@@ -42,7 +42,7 @@ use crate::config::{
 use crate::error::ProxyError;
 use crate::filters;
 use crate::forward::Forwarder;
-use crate::golden::{self, Golden};
+use crate::golden::{self, Golden, RequestBytes};
 use crate::layers::accesslog::{AccessLog, HttpService};
 use crate::layers::balance::{BalanceLayer, EndpointSet};
 use crate::layers::circuit::ConcurrencyLimitLayer;
@@ -913,7 +913,13 @@ pub async fn handle_from(
             "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
         );
         return Ok(finish(
-            &listener, &NO_ROUTE, &context, response, start, &who, 0,
+            &listener,
+            &NO_ROUTE,
+            &context,
+            response,
+            start,
+            &who,
+            RequestBytes::Known(0),
         ));
     }
     // L7 authorization, before routing: a policy is about the Service, whichever route.
@@ -929,7 +935,13 @@ pub async fn handle_from(
             context.flag("denied");
             let response = crate::layers::authz::forbidden(&decision);
             return Ok(finish(
-                &listener, &NO_ROUTE, &context, response, start, &who, 0,
+                &listener,
+                &NO_ROUTE,
+                &context,
+                response,
+                start,
+                &who,
+                RequestBytes::Known(0),
             ));
         }
     }
@@ -945,7 +957,13 @@ pub async fn handle_from(
             ),
         );
         return Ok(finish(
-            &listener, &NO_ROUTE, &context, response, start, &who, 0,
+            &listener,
+            &NO_ROUTE,
+            &context,
+            response,
+            start,
+            &who,
+            RequestBytes::Known(0),
         ));
     };
     let route = &listener.routes[matched.route];
@@ -962,7 +980,7 @@ pub async fn handle_from(
             response,
             start,
             &who,
-            0,
+            RequestBytes::Known(0),
         ));
     }
     // No body (most GETs): nothing to wait for, no timer to arm.
@@ -971,14 +989,16 @@ pub async fn handle_from(
     } else {
         read_body(incoming, listener.max_body).await
     };
-    let mut request_bytes = 0;
+    let mut request_bytes = RequestBytes::Known(0);
     let response = match body {
         Err(error) => error.into_response(),
         Ok((bytes, rest)) => {
-            request_bytes = bytes.len() as u64;
-            context.set_request_bytes(request_bytes);
+            context.set_request_bytes(bytes.len() as u64);
+            request_bytes = RequestBytes::Known(bytes.len() as u64);
             let mut request = http::Request::from_parts(parts, bytes);
             if let Some(rest) = rest {
+                // Counted in the context as the rest goes out (`body::UpstreamBody`).
+                request_bytes = RequestBytes::Counted(context.clone());
                 request.extensions_mut().insert(Streaming::new(rest));
             }
             match route
@@ -1095,7 +1115,7 @@ fn finish(
     response: Response,
     start: Instant,
     who: &Who,
-    request_bytes: u64,
+    request_bytes: RequestBytes,
 ) -> Response {
     let destination_workload = match (&listener.mesh, context.endpoint()) {
         (Some(mesh), Some(endpoint)) => mesh.current().workload_at(endpoint.ip()).cloned(),

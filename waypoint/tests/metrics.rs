@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{backend, get, proxy};
+use common::{backend, echo_backend, get, proxy};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 type Series = Vec<(String, HashMap<String, String>, DebugValue)>;
@@ -42,12 +42,16 @@ async fn requests_are_counted_by_code_route_and_backend() {
         .expect("the only recorder of this test binary");
 
     let a = backend("a").await;
+    let echo = echo_backend().await;
     let yaml = format!(
         r#"
 listeners:
   - name: web
     address: 127.0.0.1:0
     routes:
+      - name: upload
+        matches: [{{ path: {{ type: PathPrefix, value: /upload }} }}]
+        backendRefs: [{{ name: echo }}]
       - name: api
         matches: [{{ path: {{ type: PathPrefix, value: /api }} }}]
         backendRefs: [{{ name: a }}]
@@ -58,6 +62,8 @@ listeners:
 backends:
   - name: a
     endpoints: ["{}"]
+  - name: echo
+    endpoints: ["{echo}"]
 "#,
         a.addr
     );
@@ -67,6 +73,8 @@ backends:
     }
     assert_eq!(get(proxy, "/broken").await.status, 500);
     assert_eq!(get(proxy, "/nowhere").await.status, 404);
+    // A streamed upload (it pauses): all of it is counted, not only what came before the pause.
+    streamed_upload(proxy, &["first-", "second-", "third"]).await;
 
     let all = snapshot(&snapshotter);
     let counters = series(&all, "weft_waypoint_requests_total");
@@ -116,4 +124,57 @@ backends:
         }
         other => panic!("expected a histogram, got {other:?}"),
     }
+    let sizes = series(&all, "weft_waypoint_request_bytes");
+    let upload = sizes
+        .iter()
+        .find(|(labels, _)| labels["route"] == "upload")
+        .map(|(_, value)| *value);
+    match upload {
+        Some(DebugValue::Histogram(samples)) => {
+            let sizes: Vec<f64> = samples.iter().map(|s| s.into_inner()).collect();
+            assert_eq!(sizes, [18.0], "the whole streamed body");
+        }
+        other => panic!("expected a histogram, got {other:?}"),
+    }
+}
+
+/// POSTs `parts` to `/upload`, pausing longer than `STREAM_AFTER` after each, and reads the
+/// echo to its end.
+async fn streamed_upload(proxy: std::net::SocketAddr, parts: &[&'static str]) {
+    use http_body_util::BodyExt;
+    let (frames, body) = tokio::sync::mpsc::channel::<
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+    let request = http::Request::post("/upload")
+        .header("host", "upload")
+        .body(body)
+        .expect("request");
+    let parts = parts.to_vec();
+    let feeder = tokio::spawn(async move {
+        for part in parts {
+            frames
+                .send(Ok(http_body::Frame::data(bytes::Bytes::from(part))))
+                .await
+                .expect("send");
+            tokio::time::sleep(weft_waypoint::proxy::STREAM_AFTER * 3).await;
+        }
+    });
+    let response = sender.send_request(request).await.expect("response");
+    let echoed = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    feeder.await.expect("feeder");
+    assert_eq!(echoed, "first-second-third");
 }

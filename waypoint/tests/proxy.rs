@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{backend, client, get, h2_client, proxy, send};
+use common::{backend, client, echo_backend, get, h2_client, proxy, send};
 
 fn backends_yaml(list: &[(&str, Vec<std::net::SocketAddr>)]) -> String {
     let mut yaml = String::from("backends:\n");
@@ -412,32 +412,6 @@ where
             .expect("HTTP/1.1 handshake");
     tokio::spawn(connection);
     sender
-}
-
-/// A backend answering each request with its own body, streamed back as it arrives
-/// (HTTP/1.1 and HTTP/2).
-async fn echo_backend() -> std::net::SocketAddr {
-    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = socket.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = socket.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |request: http::Request<hyper::body::Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(request.into_body()))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
-        }
-    });
-    addr
 }
 
 #[tokio::test]

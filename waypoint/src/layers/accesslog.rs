@@ -17,7 +17,7 @@
 //! | `protocol` | `HTTP/1.0`, `HTTP/1.1` or `HTTP/2` |
 //! | `status` | the status sent to the client |
 //! | `grpc_status` | from the response headers (trailers-only) or trailers |
-//! | `request_bytes` | body bytes buffered by the waypoint (the whole body, or for a streamed request what arrived before it was forwarded; 0 when refused earlier) |
+//! | `request_bytes` | body bytes: the whole body, or for a streamed request those sent by the time the response ended (0 when refused earlier) |
 //! | `response_bytes` | body bytes sent to the client, counted until the line is written |
 //! | `route`, `backend`, `upstream` | matched route, backend chosen last, endpoint picked last |
 //! | `retries` | endpoint attempts minus one: retries and connect failovers (0 without either) |

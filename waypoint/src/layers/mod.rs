@@ -188,7 +188,7 @@ pub struct RequestFacts {
     pub flags: Vec<&'static str>,
     /// The W3C trace id of the request's span.
     pub trace_id: Option<String>,
-    /// Bytes of the request body as buffered by the waypoint.
+    /// Bytes of the request body: buffered, plus those of a streamed rest sent so far.
     pub request_bytes: u64,
     /// Who sent it (mesh mode).
     pub source: Option<Source>,
@@ -271,6 +271,16 @@ impl RequestContext {
     /// Records the request body's size.
     pub fn set_request_bytes(&self, bytes: u64) {
         self.with(|f| f.request_bytes = bytes);
+    }
+
+    /// Adds `bytes` of a streamed request body as they go out.
+    pub fn add_request_bytes(&self, bytes: u64) {
+        self.with(|f| f.request_bytes += bytes);
+    }
+
+    /// The request body bytes counted so far.
+    pub fn request_bytes(&self) -> u64 {
+        self.with(|f| f.request_bytes)
     }
 
     /// Records the sender.

@@ -131,6 +131,32 @@ pub async fn backend(name: &'static str) -> Backend {
     }
 }
 
+/// A backend answering each request with its own body, streamed back as it arrives
+/// (HTTP/1.1 and HTTP/2).
+pub async fn echo_backend() -> std::net::SocketAddr {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: http::Request<hyper::body::Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(request.into_body()))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
 /// Starts the proxy with `yaml` (its single listener on 127.0.0.1:0) and returns its address.
 pub async fn proxy(yaml: &str) -> SocketAddr {
     let config = Config::from_yaml(yaml).expect("valid config");
