@@ -58,6 +58,9 @@ use crate::mesh::{MeshContext, ServiceEndpoints};
 use crate::route::{RouteError, RouteTable};
 use weft_api::model::ServiceInfo;
 
+/// The size of a request answered before its body was read.
+const NO_BODY: RequestBytes = RequestBytes::Known(0);
+
 /// How long the waypoint waits for more of a request body before it forwards the request
 /// with what it has and streams the rest: the body of a unary request comes with its headers
 /// or right after them, while a gRPC client or bidirectional stream, or a slow upload, goes on.
@@ -913,13 +916,7 @@ pub async fn handle_from(
             "the waypoint does not proxy CONNECT or protocol upgrades (WebSocket) yet; send this traffic around the waypoint (L4)\n",
         );
         return Ok(finish(
-            &listener,
-            &NO_ROUTE,
-            &context,
-            response,
-            start,
-            &who,
-            RequestBytes::Known(0),
+            &listener, &NO_ROUTE, &context, response, start, &who, NO_BODY,
         ));
     }
     // L7 authorization, before routing: a policy is about the Service, whichever route.
@@ -935,13 +932,7 @@ pub async fn handle_from(
             context.flag("denied");
             let response = crate::layers::authz::forbidden(&decision);
             return Ok(finish(
-                &listener,
-                &NO_ROUTE,
-                &context,
-                response,
-                start,
-                &who,
-                RequestBytes::Known(0),
+                &listener, &NO_ROUTE, &context, response, start, &who, NO_BODY,
             ));
         }
     }
@@ -957,13 +948,7 @@ pub async fn handle_from(
             ),
         );
         return Ok(finish(
-            &listener,
-            &NO_ROUTE,
-            &context,
-            response,
-            start,
-            &who,
-            RequestBytes::Known(0),
+            &listener, &NO_ROUTE, &context, response, start, &who, NO_BODY,
         ));
     };
     let route = &listener.routes[matched.route];
@@ -980,7 +965,7 @@ pub async fn handle_from(
             response,
             start,
             &who,
-            RequestBytes::Known(0),
+            NO_BODY,
         ));
     }
     // No body (most GETs): nothing to wait for, no timer to arm.
@@ -989,7 +974,7 @@ pub async fn handle_from(
     } else {
         read_body(incoming, listener.max_body).await
     };
-    let mut request_bytes = RequestBytes::Known(0);
+    let mut request_bytes = NO_BODY;
     let response = match body {
         Err(error) => error.into_response(),
         Ok((bytes, rest)) => {

@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{backend, echo_backend, get, proxy};
+use common::{backend, data, echo_backend, fed_body, get, h1_connection, proxy};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 type Series = Vec<(String, HashMap<String, String>, DebugValue)>;
@@ -142,18 +142,8 @@ backends:
 /// echo to its end.
 async fn streamed_upload(proxy: std::net::SocketAddr, parts: &[&'static str]) {
     use http_body_util::BodyExt;
-    let (frames, body) = tokio::sync::mpsc::channel::<
-        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
-    >(4);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
-    let tcp = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-    tokio::spawn(connection);
+    let (frames, body) = fed_body();
+    let mut sender = h1_connection(proxy).await;
     let request = http::Request::post("/upload")
         .header("host", "upload")
         .body(body)
@@ -161,10 +151,7 @@ async fn streamed_upload(proxy: std::net::SocketAddr, parts: &[&'static str]) {
     let parts = parts.to_vec();
     let feeder = tokio::spawn(async move {
         for part in parts {
-            frames
-                .send(Ok(http_body::Frame::data(bytes::Bytes::from(part))))
-                .await
-                .expect("send");
+            frames.send(data(part)).await.expect("send");
             tokio::time::sleep(weft_waypoint::proxy::STREAM_AFTER * 3).await;
         }
     });

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{backend, client, echo_backend, get, h2_client, proxy, send};
+use common::{
+    Item, backend, client, data, echo_backend, fed_body, get, h1_connection, h2_client, proxy, send,
+};
 
 fn backends_yaml(list: &[(&str, Vec<std::net::SocketAddr>)]) -> String {
     let mut yaml = String::from("backends:\n");
@@ -379,39 +381,6 @@ listeners:
             .status(),
         200
     );
-}
-
-type Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>;
-type Fed = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Item>>;
-
-/// A request body fed frame by frame through the returned sender.
-fn fed_body() -> (tokio::sync::mpsc::Sender<Item>, Fed) {
-    let (frames, body) = tokio::sync::mpsc::channel::<Item>(4);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
-    (frames, body)
-}
-
-/// A data frame holding `text`.
-fn data(text: impl Into<bytes::Bytes>) -> Item {
-    Ok(http_body::Frame::data(text.into()))
-}
-
-/// A new HTTP/1.1 connection to `proxy`, for requests with a body `B`.
-async fn h1_connection<B>(proxy: std::net::SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
-where
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tcp = tokio::net::TcpStream::connect(proxy)
-        .await
-        .expect("connect");
-    let (sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("HTTP/1.1 handshake");
-    tokio::spawn(connection);
-    sender
 }
 
 #[tokio::test]

@@ -157,6 +157,41 @@ pub async fn echo_backend() -> std::net::SocketAddr {
     addr
 }
 
+pub type Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>;
+pub type Fed = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Item>>;
+
+/// A request body fed frame by frame through the returned sender.
+pub fn fed_body() -> (tokio::sync::mpsc::Sender<Item>, Fed) {
+    let (frames, body) = tokio::sync::mpsc::channel::<Item>(4);
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(body));
+    (frames, body)
+}
+
+/// A data frame holding `text`.
+pub fn data(text: impl Into<bytes::Bytes>) -> Item {
+    Ok(http_body::Frame::data(text.into()))
+}
+
+/// A new HTTP/1.1 connection to `proxy`, for requests with a body `B`.
+pub async fn h1_connection<B>(
+    proxy: std::net::SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("HTTP/1.1 handshake");
+    tokio::spawn(connection);
+    sender
+}
+
 /// Starts the proxy with `yaml` (its single listener on 127.0.0.1:0) and returns its address.
 pub async fn proxy(yaml: &str) -> SocketAddr {
     let config = Config::from_yaml(yaml).expect("valid config");
