@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{backend, data, echo_backend, fed_body, get, h1_connection, proxy};
+use common::{backend, data, echo_backend, exchange, fed_body, get, h1_connection, proxy};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 
 type Series = Vec<(String, HashMap<String, String>, DebugValue)>;
@@ -141,7 +141,6 @@ backends:
 /// POSTs `parts` to `/upload`, pausing longer than `STREAM_AFTER` after each, and reads the
 /// echo to its end.
 async fn streamed_upload(proxy: std::net::SocketAddr, parts: &[&'static str]) {
-    use http_body_util::BodyExt;
     let (frames, body) = fed_body();
     let mut sender = h1_connection(proxy).await;
     let request = http::Request::post("/upload")
@@ -155,13 +154,7 @@ async fn streamed_upload(proxy: std::net::SocketAddr, parts: &[&'static str]) {
             tokio::time::sleep(weft_waypoint::proxy::STREAM_AFTER * 3).await;
         }
     });
-    let response = sender.send_request(request).await.expect("response");
-    let echoed = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let (_, echoed) = exchange(&mut sender, request).await;
     feeder.await.expect("feeder");
     assert_eq!(echoed, "first-second-third");
 }

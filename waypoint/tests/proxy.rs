@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{
-    Item, backend, client, data, echo_backend, fed_body, get, h1_connection, h2_client, proxy, send,
+    Item, backend, client, data, echo_backend, exchange, fed_body, get, h1_connection, h2_client,
+    loopback_server, proxy, send,
 };
 
 fn backends_yaml(list: &[(&str, Vec<std::net::SocketAddr>)]) -> String {
@@ -452,7 +453,6 @@ backends:
 
 #[tokio::test]
 async fn an_upload_larger_than_the_buffer_arrives_whole() {
-    use http_body_util::BodyExt;
     let echo = echo_backend().await;
     let yaml = format!(
         r#"
@@ -477,17 +477,11 @@ backends:
         .header("host", "upload")
         .body(body)
         .expect("request");
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
-        .await
-        .expect("answered")
-        .expect("response");
-    assert_eq!(response.status(), 200);
-    let echoed = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let (status, echoed) =
+        tokio::time::timeout(Duration::from_secs(10), exchange(&mut sender, request))
+            .await
+            .expect("answered");
+    assert_eq!(status, 200);
     assert_eq!(echoed.len(), 16 * 65_536);
     assert!(echoed.chunks(65_536).all(|c| c == piece.as_slice()));
 }
@@ -1048,30 +1042,20 @@ async fn a_streamed_get_keeps_its_body_and_an_early_answer_does_not_hold_the_poo
     use http_body_util::BodyExt;
     let echo = echo_backend().await;
     // Answers at once and reads the request body afterwards, keeping the connection open.
-    let early = {
-        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = socket.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = socket.accept().await {
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |request: http::Request<hyper::body::Incoming>| async move {
-                            tokio::spawn(request.into_body().collect());
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from("early")),
-                            ))
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        addr
-    };
+    let early = loopback_server(|stream| async move {
+        let service = hyper::service::service_fn(
+            |request: http::Request<hyper::body::Incoming>| async move {
+                tokio::spawn(request.into_body().collect());
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from("early"),
+                )))
+            },
+        );
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await;
     let yaml = format!(
         r#"
 listeners:
@@ -1105,13 +1089,7 @@ backends:
         tokio::time::sleep(pause).await;
         frames.send(data("second")).await.expect("send");
     });
-    let response = sender.send_request(request).await.expect("response");
-    let echoed = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let (_, echoed) = exchange(&mut sender, request).await;
     feeder.await.expect("feeder");
     assert_eq!(echoed, "first second");
 
@@ -1124,9 +1102,7 @@ backends:
         .body(body)
         .expect("request");
     frames.send(data("start")).await.expect("send");
-    let response = sender.send_request(request).await.expect("response");
-    assert_eq!(response.status(), 200);
-    response.into_body().collect().await.expect("body");
+    assert_eq!(exchange(&mut sender, request).await.0, 200);
     let next = tokio::time::timeout(Duration::from_secs(3), get(proxy, "/next"))
         .await
         .expect("the next request is not held behind the unfinished upload");

@@ -302,11 +302,12 @@ impl<S: Inner> Service<Request> for Retry<S> {
         // The first attempt is sent now (always ready, see the module docs); the request is
         // kept (and the inner service cloned) only when there can be a second: not for a
         // streamed request, whose body's rest can be sent only once.
-        let streamed = request
-            .extensions()
-            .get::<crate::body::Streaming>()
-            .is_some();
-        let (first, mut later) = if shared.config.attempts <= 1 || streamed {
+        let once = shared.config.attempts <= 1
+            || request
+                .extensions()
+                .get::<crate::body::Streaming>()
+                .is_some();
+        let (first, mut later) = if once {
             (self.inner.call(request), None)
         } else {
             let (first, kept) = Kept::split(request);

@@ -131,30 +131,57 @@ pub async fn backend(name: &'static str) -> Backend {
     }
 }
 
-/// A backend answering each request with its own body, streamed back as it arrives
-/// (HTTP/1.1 and HTTP/2).
-pub async fn echo_backend() -> std::net::SocketAddr {
+/// A loopback listener handing each connection it accepts to `serve`, on a task of its own.
+pub async fn loopback_server<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = socket.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((stream, _)) = socket.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    |request: http::Request<hyper::body::Incoming>| async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(request.into_body()))
-                    },
-                );
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await;
-            });
+            tokio::spawn(serve(stream));
         }
     });
     addr
+}
+
+/// A backend answering each request with its own body, streamed back as it arrives
+/// (HTTP/1.1 and HTTP/2).
+pub async fn echo_backend() -> std::net::SocketAddr {
+    loopback_server(|stream| async move {
+        let service = hyper::service::service_fn(
+            |request: http::Request<hyper::body::Incoming>| async move {
+                Ok::<_, std::convert::Infallible>(http::Response::new(request.into_body()))
+            },
+        );
+        let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+    })
+    .await
+}
+
+/// Sends `request` on `sender` and reads the answer to its end: its status and body.
+pub async fn exchange<B>(
+    sender: &mut hyper::client::conn::http1::SendRequest<B>,
+    request: http::Request<B>,
+) -> (u16, Bytes)
+where
+    B: http_body::Body + Send + 'static,
+{
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, body)
 }
 
 pub type Item = Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>;
